@@ -1,0 +1,58 @@
+"""The ``treepo`` command line (also ``python -m cluster``).
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported when their subcommand is parsed so ``treepo --help`` stays fast and needs no
+torch, ray or vllm import. Errors of the project's own hierarchy print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from common.errors import TreepoError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("cluster.train_cmd", "Run RL training (no arguments: the CPU demo on the embedded defaults)."),
+    "sample": ("cluster.sample_cmd", "Inference-only tree sampling over a dataset with an existing model."),
+    "eval": ("cluster.eval_cmd", "Score a model or checkpoint on benchmark files (mean@k, pass@k, maj@k)."),
+    "bench": ("cluster.bench_cmd", "Benchmarks: sampling, learner, pipeline, queue, sync, eval."),
+    "make-tiny-model": ("cluster.tiny_cmd", "Build a tiny Qwen2 model and tokenizer offline, optionally warm-started on a task."),
+    "make-data": ("cluster.data_cmd", "Write a synthetic task's train and held-out splits as jsonl."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="treepo",
+        description="Asynchronous TreePO post-training: segment-tree sampling, a durable replay queue, tree advantages.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except TreepoError as e:
+        print(f"treepo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"treepo {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

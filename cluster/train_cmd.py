@@ -1,0 +1,31 @@
+"""``treepo train``: resolve the config (defaults <- preset <- key=value overrides), write it into the
+run directory, then run training. With no arguments it runs the CPU demo on the embedded defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help="Preset YAML: a path or a name in configs/ (e.g. demo).")
+    p.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
+    p.add_argument("--help-config", action="store_true", help="List every config key with its default and meaning.")
+    p.add_argument("--resume", action="store_true", help="Continue the run directory's last checkpoint (= resume=true).")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Config overrides, e.g. tree.w=16 learner.lr=1e-6.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.config import help_table, load_config, to_yaml
+
+    if args.help_config:
+        for key, default, text in help_table():
+            print(f"{key} = {default}\n    {text}")
+        return 0
+    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from cluster.train import train
+
+    return train(cfg)

@@ -1,0 +1,267 @@
+"""The Tree wire type: one finished segment tree per prompt, as it crosses process boundaries.
+
+A tree is a set of segment nodes (node id, parent id, depth, token ids, behavior logprobs, the
+policy version each segment was sampled under) plus the leaves (the last node of each trajectory,
+its finish reason, its response length and a reward slot). The prompt is the implicit root, node
+id 0; root children have ``parent_id == 0`` and ``depth == 1``.
+
+Two leaves share a subtree at depth ``j`` iff their first ``j`` path nodes are the same nodes,
+which is all the tree advantage needs (see :meth:`Tree.leaf_paths`).
+
+Serialization is msgpack with raw little-endian array bytes and a schema version. Never pickle:
+the replay queue is an input boundary, so :func:`decode_tree` validates every size, type and id and
+raises :class:`WireError` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from common.errors import WireError
+
+SCHEMA_VERSION = 1
+ROOT_ID = 0
+FINISH_REASONS = ("finished", "eos", "max_tokens", "max_depth", "repetition")
+_META_TYPES = (str, int, float, bool, type(None))
+
+
+@dataclass
+class Segment:
+    node_id: int
+    parent_id: int
+    depth: int
+    token_ids: np.ndarray  # int32 [T]
+    logprobs: np.ndarray  # float32 [T], behavior logprob of each sampled token
+    version: int  # policy version the segment was sampled under
+
+    def __post_init__(self) -> None:
+        self.token_ids = np.asarray(self.token_ids, dtype=np.int32)
+        self.logprobs = np.asarray(self.logprobs, dtype=np.float32)
+
+
+@dataclass
+class Leaf:
+    node_id: int  # last segment node of the trajectory
+    finish_reason: str
+    length: int  # response tokens (sum of the path's segment lengths)
+    reward: float = math.nan  # filled by the generator's reward step
+    answer: str | None = None  # extracted final answer (majority vote, metrics)
+
+
+@dataclass
+class Tree:
+    tree_id: str
+    prompt_id: str
+    prompt_ids: np.ndarray  # int32 [P]
+    segments: list[Segment]
+    leaves: list[Leaf]
+    generator_id: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)  # flat str -> scalar (answer, task, epoch, ...)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prompt_ids = np.asarray(self.prompt_ids, dtype=np.int32)
+
+    # ---------------------------------------------------------------- structure
+    def nodes(self) -> dict[int, Segment]:
+        return {s.node_id: s for s in self.segments}
+
+    def path(self, node_id: int) -> list[Segment]:
+        """Segments from the root's child down to ``node_id`` (inclusive)."""
+        nodes = self.nodes()
+        out: list[Segment] = []
+        while node_id != ROOT_ID:
+            seg = nodes[node_id]
+            out.append(seg)
+            node_id = seg.parent_id
+        out.reverse()
+        return out
+
+    def leaf_paths(self) -> list[list[int]]:
+        """Node ids root→leaf for every leaf (the subgroup structure of the advantage)."""
+        return [[s.node_id for s in self.path(leaf.node_id)] for leaf in self.leaves]
+
+    def response_ids(self, leaf: Leaf) -> np.ndarray:
+        return np.concatenate([s.token_ids for s in self.path(leaf.node_id)]) if leaf.length else _EMPTY_I
+
+    def response_logprobs(self, leaf: Leaf) -> np.ndarray:
+        return np.concatenate([s.logprobs for s in self.path(leaf.node_id)]) if leaf.length else _EMPTY_F
+
+    def response_versions(self, leaf: Leaf) -> np.ndarray:
+        """Policy version of every response token (a path may span weight updates)."""
+        segs = self.path(leaf.node_id)
+        if not segs:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.full(len(s.token_ids), s.version, dtype=np.int64) for s in segs])
+
+    def oldest_version(self, leaf: Leaf) -> int:
+        return min(s.version for s in self.path(leaf.node_id))
+
+    @property
+    def rewards_L(self) -> np.ndarray:
+        return np.array([lf.reward for lf in self.leaves], dtype=np.float64)
+
+    def num_tokens(self) -> int:
+        """Distinct response tokens decoded for this tree (shared prefixes counted once)."""
+        return int(sum(len(s.token_ids) for s in self.segments))
+
+    # ---------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Raise WireError if the structure is inconsistent (ids, depths, lengths, values)."""
+        _check(isinstance(self.tree_id, str) and self.tree_id, "tree_id must be a non-empty string")
+        _check(isinstance(self.prompt_id, str) and self.prompt_id, "prompt_id must be a non-empty string")
+        _check(self.prompt_ids.ndim == 1 and len(self.prompt_ids) > 0, "prompt_ids must be a non-empty 1-D array")
+        _check(bool((self.prompt_ids >= 0).all()), "prompt_ids has negative token ids")
+        _check(len(self.leaves) > 0, "a tree needs at least one leaf")
+        nodes: dict[int, Segment] = {}
+        for s in self.segments:
+            _check(isinstance(s.node_id, int) and s.node_id > ROOT_ID, f"node id {s.node_id!r} must be an int > 0")
+            _check(s.node_id not in nodes, f"duplicate node id {s.node_id}")
+            _check(s.token_ids.ndim == 1 and s.logprobs.ndim == 1, f"node {s.node_id}: arrays must be 1-D")
+            _check(
+                len(s.token_ids) == len(s.logprobs),
+                f"node {s.node_id}: {len(s.token_ids)} tokens but {len(s.logprobs)} logprobs",
+            )
+            _check(bool((s.token_ids >= 0).all()), f"node {s.node_id}: negative token id")
+            _check(bool(np.isfinite(s.logprobs).all()), f"node {s.node_id}: non-finite logprob")
+            _check(bool((s.logprobs <= 1e-3).all()), f"node {s.node_id}: logprob > 0")
+            _check(isinstance(s.version, int) and s.version >= 0, f"node {s.node_id}: bad version {s.version!r}")
+            nodes[s.node_id] = s
+        for s in self.segments:
+            if s.parent_id == ROOT_ID:
+                _check(s.depth == 1, f"node {s.node_id}: a root child must have depth 1, not {s.depth}")
+            else:
+                _check(s.parent_id in nodes, f"node {s.node_id}: unknown parent {s.parent_id}")
+                _check(
+                    s.depth == nodes[s.parent_id].depth + 1,
+                    f"node {s.node_id}: depth {s.depth} != parent depth + 1",
+                )
+        seen: set[int] = set()
+        for leaf in self.leaves:
+            _check(leaf.finish_reason in FINISH_REASONS, f"leaf {leaf.node_id}: bad finish reason {leaf.finish_reason!r}")
+            _check(leaf.node_id in nodes, f"leaf refers to unknown node {leaf.node_id}")
+            _check(leaf.node_id not in seen, f"two leaves end at node {leaf.node_id}")
+            seen.add(leaf.node_id)
+            length = sum(len(s.token_ids) for s in self.path(leaf.node_id))
+            _check(leaf.length == length, f"leaf {leaf.node_id}: length {leaf.length} != path tokens {length}")
+            _check(isinstance(leaf.reward, float), f"leaf {leaf.node_id}: reward must be a float")
+        for key, value in {**self.metadata, **self.timings}.items():
+            _check(isinstance(key, str) and isinstance(value, _META_TYPES), f"metadata {key!r} must be a scalar")
+
+
+_EMPTY_I = np.zeros(0, dtype=np.int32)
+_EMPTY_F = np.zeros(0, dtype=np.float32)
+
+
+def _check(ok: bool, reason: str) -> None:
+    if not ok:
+        raise WireError(reason)
+
+
+# -------------------------------------------------------------------- serialization
+
+
+def encode_tree(tree: Tree) -> bytes:
+    """Serialize a (valid) tree: msgpack map, arrays as raw little-endian bytes, schema version."""
+    tree.validate()
+    seg = tree.segments
+    payload = {
+        "schema": SCHEMA_VERSION,
+        "tree_id": tree.tree_id,
+        "prompt_id": tree.prompt_id,
+        "prompt_ids": tree.prompt_ids.astype("<i4").tobytes(),
+        "generator_id": int(tree.generator_id),
+        "metadata": dict(tree.metadata),
+        "timings": {k: float(v) for k, v in tree.timings.items()},
+        "nodes": {
+            "id": np.array([s.node_id for s in seg], dtype="<i4").tobytes(),
+            "parent": np.array([s.parent_id for s in seg], dtype="<i4").tobytes(),
+            "depth": np.array([s.depth for s in seg], dtype="<i4").tobytes(),
+            "version": np.array([s.version for s in seg], dtype="<i8").tobytes(),
+            "len": np.array([len(s.token_ids) for s in seg], dtype="<i4").tobytes(),
+            "tokens": (np.concatenate([s.token_ids for s in seg]) if seg else _EMPTY_I).astype("<i4").tobytes(),
+            "logprobs": (np.concatenate([s.logprobs for s in seg]) if seg else _EMPTY_F).astype("<f4").tobytes(),
+        },
+        "leaves": [[lf.node_id, lf.finish_reason, lf.length, float(lf.reward), lf.answer] for lf in tree.leaves],
+    }
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def _array(raw: Any, dtype: str, name: str, count: int | None = None) -> np.ndarray:
+    _check(isinstance(raw, bytes), f"{name} must be bytes")
+    size = np.dtype(dtype).itemsize
+    _check(len(raw) % size == 0, f"{name}: {len(raw)} bytes is not a whole number of {dtype} items")
+    arr = np.frombuffer(raw, dtype=dtype)
+    if count is not None:
+        _check(len(arr) == count, f"{name}: {len(arr)} items, expected {count}")
+    return arr
+
+
+def decode_tree(data: bytes, *, max_bytes: int | None = None) -> Tree:
+    """Parse and validate one serialized tree; raise WireError with the reason if malformed."""
+    _check(isinstance(data, (bytes, bytearray, memoryview)), "entry must be bytes")
+    if max_bytes is not None:
+        _check(len(data) <= max_bytes, f"entry of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise WireError(f"not a msgpack entry: {type(e).__name__}: {e}") from None
+    _check(isinstance(obj, dict), "entry is not a map")
+    _check(obj.get("schema") == SCHEMA_VERSION, f"schema version {obj.get('schema')!r}, expected {SCHEMA_VERSION}")
+    required = ("tree_id", "prompt_id", "prompt_ids", "generator_id", "metadata", "timings", "nodes", "leaves")
+    missing = [k for k in required if k not in obj]
+    _check(not missing, f"missing fields {missing}")
+    nodes = obj["nodes"]
+    _check(isinstance(nodes, dict), "nodes must be a map")
+    ids = _array(nodes.get("id"), "<i4", "nodes.id")
+    n = len(ids)
+    parents = _array(nodes.get("parent"), "<i4", "nodes.parent", n)
+    depths = _array(nodes.get("depth"), "<i4", "nodes.depth", n)
+    versions = _array(nodes.get("version"), "<i8", "nodes.version", n)
+    lens = _array(nodes.get("len"), "<i4", "nodes.len", n)
+    _check(bool((lens >= 0).all()), "nodes.len has negative lengths")
+    total = int(lens.sum())
+    tokens = _array(nodes.get("tokens"), "<i4", "nodes.tokens", total)
+    logprobs = _array(nodes.get("logprobs"), "<f4", "nodes.logprobs", total)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    segments = [
+        Segment(
+            node_id=int(ids[i]),
+            parent_id=int(parents[i]),
+            depth=int(depths[i]),
+            token_ids=tokens[offsets[i] : offsets[i + 1]].astype(np.int32),
+            logprobs=logprobs[offsets[i] : offsets[i + 1]].astype(np.float32),
+            version=int(versions[i]),
+        )
+        for i in range(n)
+    ]
+    leaves_raw = obj["leaves"]
+    _check(isinstance(leaves_raw, list), "leaves must be a list")
+    leaves = []
+    for item in leaves_raw:
+        _check(isinstance(item, list) and len(item) == 5, "each leaf must be [node_id, reason, length, reward, answer]")
+        node_id, reason, length, reward, answer = item
+        _check(isinstance(node_id, int) and isinstance(length, int), "leaf node_id and length must be ints")
+        _check(isinstance(reward, (int, float)), "leaf reward must be a number")
+        _check(answer is None or isinstance(answer, str), "leaf answer must be a string or null")
+        leaves.append(Leaf(node_id, reason, length, float(reward), answer))
+    for name in ("metadata", "timings"):
+        _check(isinstance(obj[name], dict), f"{name} must be a map")
+    _check(isinstance(obj["generator_id"], int), "generator_id must be an int")
+    tree = Tree(
+        tree_id=obj["tree_id"],
+        prompt_id=obj["prompt_id"],
+        prompt_ids=_array(obj["prompt_ids"], "<i4", "prompt_ids").astype(np.int32),
+        segments=segments,
+        leaves=leaves,
+        generator_id=obj["generator_id"],
+        metadata=obj["metadata"],
+        timings=obj["timings"],
+    )
+    tree.validate()
+    return tree

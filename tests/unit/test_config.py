@@ -1,0 +1,143 @@
+"""Config: strict loading, one-line errors naming the key, presets, the resolved config on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from common import config as C
+from common.config import ConfigError, TrainConfig, from_yaml_text, help_table, load_config, save_resolved, to_yaml
+
+
+def test_defaults_validate_and_equal_demo_preset():
+    assert load_config() == load_config("demo")
+    assert load_config("configs/demo.yaml") == TrainConfig()
+
+
+def test_every_field_has_a_default_and_help():
+    rows = help_table()
+    assert len(rows) > 80
+    for key, _default, text in rows:
+        assert text and len(text) > 10, f"{key} has no help text"
+
+
+def test_every_dataclass_field_documented_recursively():
+    def walk(cls):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} lacks help"
+            assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
+                walk(type(f.default_factory()))
+
+    walk(TrainConfig)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["tree.w=16", "tree.d=8", "learner.lr=1e-6", "algo.whiten=false", "learner.betas=[0.9,0.95]"])
+    assert cfg.tree.w == 16 and isinstance(cfg.tree.w, int)
+    assert cfg.learner.lr == 1e-6
+    assert cfg.algo.whiten is False
+    assert list(cfg.learner.betas) == [0.9, 0.95]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("tree.w=abc", "tree.w"),
+        ("no.such.key=1", "no"),
+        ("tree.nope=1", "tree.nope"),
+        ("learner.lr=fast", "learner.lr"),
+        ("algo.whiten=maybe", "algo.whiten"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert key in msg
+
+
+@pytest.mark.parametrize(
+    "overrides, key, fix",
+    [
+        (["tree.root_divergence_max=9"], "tree.root_divergence_max", "<= 8"),
+        (["tree.root_divergence_min=3", "tree.root_divergence_max=2"], "root_divergence_min", "min <= max"),
+        (["tree.max_response_tokens=200"], "tree.max_response_tokens", "<= 128"),
+        (["learner.mini_batch_prompts=16"], "learner.mini_batch_prompts", "<= 8"),
+        (["learner.mini_batch_prompts=3"], "learner.mini_batch_prompts", "divisor"),
+        (["tree.l=40"], "tree.l", "multiple of 32"),
+        (["tree.mode=bushy"], "tree.mode", "tree, flat"),
+        (["tree.w=0"], "tree.w", ">= 1"),
+        (["algo.dual_clip=0.5"], "algo.dual_clip", "> 1"),
+        (["learner.fsdp=true"], "learner.fsdp", "gpus_per_worker"),
+        (["reward.fn=nonsense"], "reward.fn", "package.module:function"),
+        (["sampling.top_p=1.5"], "sampling.top_p", "(0, 1]"),
+        (["learner.num_workers=3"], "learner.num_workers", "multiple"),
+    ],
+)
+def test_inconsistent_values_fail_with_key_and_fix(overrides, key, fix):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert key in msg and fix in msg, msg
+
+
+def test_flat_mode_allows_any_root_divergence_setting():
+    cfg = load_config(None, ["tree.mode=flat", "tree.root_divergence_max=9", "tree.root_divergence_min=9"])
+    assert cfg.tree.mode == "flat"
+
+
+def test_preset_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("no-such-preset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tree:\n  w: [1, 2\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("tree:\n  width: 4\n")
+    with pytest.raises(ConfigError, match="tree.width"):
+        load_config(unknown)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["tree.w"])
+
+
+def test_preset_then_override_precedence(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("tree:\n  w: 4\n  root_divergence_max: 2\nlearner:\n  lr: 0.5\n")
+    cfg = load_config(p, ["learner.lr=0.25"])
+    assert cfg.tree.w == 4 and cfg.learner.lr == 0.25
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["tree.w=16", "run_dir=" + str(tmp_path / "run")])
+    path = save_resolved(cfg, cfg.run_dir)
+    assert path.read_text() == to_yaml(cfg)
+    assert from_yaml_text(path.read_text()) == cfg
+
+
+def test_config_module_imports_no_heavy_packages():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import common.config; "
+        "bad = [m for m in ('torch', 'ray', 'vllm', 'redis') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_all_presets_load():
+    for preset in sorted(C.PRESET_DIR.glob("*.yaml")):
+        load_config(preset)
