@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("cluster.sample_cmd", "Inference-only tree sampling over a dataset with an existing model."),
     "eval": ("cluster.eval_cmd", "Score a model or checkpoint on benchmark files (mean@k, pass@k, maj@k)."),
     "bench": ("cluster.bench_cmd", "Benchmarks: sampling, learner, pipeline, queue, sync, eval."),
-    "make-tiny-model": ("cluster.tiny_cmd", "Build a tiny Qwen2 model and tokenizer offline, optionally warm-started on a task."),
+    "make-tiny-model": (
+        "cluster.tiny_cmd",
+        "Build a tiny Qwen2 model and tokenizer offline, optionally warm-started on a task.",
+    ),
     "make-data": ("cluster.data_cmd", "Write a synthetic task's train and held-out splits as jsonl."),
 }
 

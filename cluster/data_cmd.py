@@ -8,7 +8,9 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="arith", help="Synthetic task name.")
-    p.add_argument("--out", required=True, help="Output directory: train.jsonl and eval.jsonl are written there.")
+    p.add_argument(
+        "--out", required=True, help="Output directory: train.jsonl and eval.jsonl are written there."
+    )
     p.add_argument("--train-size", type=int, default=2000, help="Rows in the train split.")
     p.add_argument("--eval-size", type=int, default=200, help="Rows in the held-out split.")
     p.add_argument("--seed", type=int, default=1234, help="Generation seed (same seed, same rows).")

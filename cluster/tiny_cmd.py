@@ -8,9 +8,18 @@ import json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="Output directory (Hugging Face format; written atomically).")
-    p.add_argument("--task", default="arith", help="Task whose vocabulary the tokenizer uses ('none' = byte-level).")
-    p.add_argument("--size", default="s", choices=("xs", "s", "m"), help="Model size (head_dim 64 everywhere).")
-    p.add_argument("--warmup-steps", type=int, default=0, help="Supervised warm-start steps on the task (0 = random init).")
+    p.add_argument(
+        "--task", default="arith", help="Task whose vocabulary the tokenizer uses ('none' = byte-level)."
+    )
+    p.add_argument(
+        "--size", default="s", choices=("xs", "s", "m"), help="Model size (head_dim 64 everywhere)."
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=0,
+        help="Supervised warm-start steps on the task (0 = random init).",
+    )
     p.add_argument("--seed", type=int, default=0, help="Seed of the initialisation and the warm-start data.")
 
 

@@ -7,11 +7,19 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default=None, help="Preset YAML: a path or a name in configs/ (e.g. demo).")
+    p.add_argument(
+        "--config", "-c", default=None, help="Preset YAML: a path or a name in configs/ (e.g. demo)."
+    )
     p.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
-    p.add_argument("--help-config", action="store_true", help="List every config key with its default and meaning.")
-    p.add_argument("--resume", action="store_true", help="Continue the run directory's last checkpoint (= resume=true).")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Config overrides, e.g. tree.w=16 learner.lr=1e-6.")
+    p.add_argument(
+        "--help-config", action="store_true", help="List every config key with its default and meaning."
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="Continue the run directory's last checkpoint (= resume=true)."
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="Config overrides, e.g. tree.w=16 learner.lr=1e-6."
+    )
 
 
 def run(args: argparse.Namespace) -> int:

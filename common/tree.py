@@ -115,12 +115,17 @@ class Tree:
         """Raise WireError if the structure is inconsistent (ids, depths, lengths, values)."""
         _check(isinstance(self.tree_id, str) and self.tree_id, "tree_id must be a non-empty string")
         _check(isinstance(self.prompt_id, str) and self.prompt_id, "prompt_id must be a non-empty string")
-        _check(self.prompt_ids.ndim == 1 and len(self.prompt_ids) > 0, "prompt_ids must be a non-empty 1-D array")
+        _check(
+            self.prompt_ids.ndim == 1 and len(self.prompt_ids) > 0, "prompt_ids must be a non-empty 1-D array"
+        )
         _check(bool((self.prompt_ids >= 0).all()), "prompt_ids has negative token ids")
         _check(len(self.leaves) > 0, "a tree needs at least one leaf")
         nodes: dict[int, Segment] = {}
         for s in self.segments:
-            _check(isinstance(s.node_id, int) and s.node_id > ROOT_ID, f"node id {s.node_id!r} must be an int > 0")
+            _check(
+                isinstance(s.node_id, int) and s.node_id > ROOT_ID,
+                f"node id {s.node_id!r} must be an int > 0",
+            )
             _check(s.node_id not in nodes, f"duplicate node id {s.node_id}")
             _check(s.token_ids.ndim == 1 and s.logprobs.ndim == 1, f"node {s.node_id}: arrays must be 1-D")
             _check(
@@ -130,7 +135,9 @@ class Tree:
             _check(bool((s.token_ids >= 0).all()), f"node {s.node_id}: negative token id")
             _check(bool(np.isfinite(s.logprobs).all()), f"node {s.node_id}: non-finite logprob")
             _check(bool((s.logprobs <= 1e-3).all()), f"node {s.node_id}: logprob > 0")
-            _check(isinstance(s.version, int) and s.version >= 0, f"node {s.node_id}: bad version {s.version!r}")
+            _check(
+                isinstance(s.version, int) and s.version >= 0, f"node {s.node_id}: bad version {s.version!r}"
+            )
             nodes[s.node_id] = s
         for s in self.segments:
             if s.parent_id == ROOT_ID:
@@ -143,15 +150,22 @@ class Tree:
                 )
         seen: set[int] = set()
         for leaf in self.leaves:
-            _check(leaf.finish_reason in FINISH_REASONS, f"leaf {leaf.node_id}: bad finish reason {leaf.finish_reason!r}")
+            _check(
+                leaf.finish_reason in FINISH_REASONS,
+                f"leaf {leaf.node_id}: bad finish reason {leaf.finish_reason!r}",
+            )
             _check(leaf.node_id in nodes, f"leaf refers to unknown node {leaf.node_id}")
             _check(leaf.node_id not in seen, f"two leaves end at node {leaf.node_id}")
             seen.add(leaf.node_id)
             length = sum(len(s.token_ids) for s in self.path(leaf.node_id))
-            _check(leaf.length == length, f"leaf {leaf.node_id}: length {leaf.length} != path tokens {length}")
+            _check(
+                leaf.length == length, f"leaf {leaf.node_id}: length {leaf.length} != path tokens {length}"
+            )
             _check(isinstance(leaf.reward, float), f"leaf {leaf.node_id}: reward must be a float")
         for key, value in {**self.metadata, **self.timings}.items():
-            _check(isinstance(key, str) and isinstance(value, _META_TYPES), f"metadata {key!r} must be a scalar")
+            _check(
+                isinstance(key, str) and isinstance(value, _META_TYPES), f"metadata {key!r} must be a scalar"
+            )
 
 
 _EMPTY_I = np.zeros(0, dtype=np.int32)
@@ -184,10 +198,16 @@ def encode_tree(tree: Tree) -> bytes:
             "depth": np.array([s.depth for s in seg], dtype="<i4").tobytes(),
             "version": np.array([s.version for s in seg], dtype="<i8").tobytes(),
             "len": np.array([len(s.token_ids) for s in seg], dtype="<i4").tobytes(),
-            "tokens": (np.concatenate([s.token_ids for s in seg]) if seg else _EMPTY_I).astype("<i4").tobytes(),
-            "logprobs": (np.concatenate([s.logprobs for s in seg]) if seg else _EMPTY_F).astype("<f4").tobytes(),
+            "tokens": (np.concatenate([s.token_ids for s in seg]) if seg else _EMPTY_I)
+            .astype("<i4")
+            .tobytes(),
+            "logprobs": (np.concatenate([s.logprobs for s in seg]) if seg else _EMPTY_F)
+            .astype("<f4")
+            .tobytes(),
         },
-        "leaves": [[lf.node_id, lf.finish_reason, lf.length, float(lf.reward), lf.answer] for lf in tree.leaves],
+        "leaves": [
+            [lf.node_id, lf.finish_reason, lf.length, float(lf.reward), lf.answer] for lf in tree.leaves
+        ],
     }
     return msgpack.packb(payload, use_bin_type=True)
 
@@ -212,8 +232,20 @@ def decode_tree(data: bytes, *, max_bytes: int | None = None) -> Tree:
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise WireError(f"not a msgpack entry: {type(e).__name__}: {e}") from None
     _check(isinstance(obj, dict), "entry is not a map")
-    _check(obj.get("schema") == SCHEMA_VERSION, f"schema version {obj.get('schema')!r}, expected {SCHEMA_VERSION}")
-    required = ("tree_id", "prompt_id", "prompt_ids", "generator_id", "metadata", "timings", "nodes", "leaves")
+    _check(
+        obj.get("schema") == SCHEMA_VERSION,
+        f"schema version {obj.get('schema')!r}, expected {SCHEMA_VERSION}",
+    )
+    required = (
+        "tree_id",
+        "prompt_id",
+        "prompt_ids",
+        "generator_id",
+        "metadata",
+        "timings",
+        "nodes",
+        "leaves",
+    )
     missing = [k for k in required if k not in obj]
     _check(not missing, f"missing fields {missing}")
     nodes = obj["nodes"]
@@ -244,7 +276,10 @@ def decode_tree(data: bytes, *, max_bytes: int | None = None) -> Tree:
     _check(isinstance(leaves_raw, list), "leaves must be a list")
     leaves = []
     for item in leaves_raw:
-        _check(isinstance(item, list) and len(item) == 5, "each leaf must be [node_id, reason, length, reward, answer]")
+        _check(
+            isinstance(item, list) and len(item) == 5,
+            "each leaf must be [node_id, reason, length, reward, answer]",
+        )
         node_id, reason, length, reward, answer = item
         _check(isinstance(node_id, int) and isinstance(length, int), "leaf node_id and length must be ints")
         _check(isinstance(reward, (int, float)), "leaf reward must be a number")

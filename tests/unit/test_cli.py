@@ -11,7 +11,9 @@ from cluster.cli import COMMANDS, main
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_help_everywhere(capsys):
@@ -46,8 +48,7 @@ def test_help_config_lists_keys(capsys):
 
 
 def test_console_script_is_declared():
-    import tomllib
     from pathlib import Path
 
-    data = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
-    assert data["project"]["scripts"]["treepo"] == "cluster.cli:main"
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert 'treepo = "cluster.cli:main"' in text

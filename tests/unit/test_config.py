@@ -7,7 +7,15 @@ import dataclasses
 import pytest
 
 from common import config as C
-from common.config import ConfigError, TrainConfig, from_yaml_text, help_table, load_config, save_resolved, to_yaml
+from common.config import (
+    ConfigError,
+    TrainConfig,
+    from_yaml_text,
+    help_table,
+    load_config,
+    save_resolved,
+    to_yaml,
+)
 
 
 def test_defaults_validate_and_equal_demo_preset():
@@ -34,7 +42,9 @@ def test_every_dataclass_field_documented_recursively():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["tree.w=16", "tree.d=8", "learner.lr=1e-6", "algo.whiten=false", "learner.betas=[0.9,0.95]"])
+    cfg = load_config(
+        None, ["tree.w=16", "tree.d=8", "learner.lr=1e-6", "algo.whiten=false", "learner.betas=[0.9,0.95]"]
+    )
     assert cfg.tree.w == 16 and isinstance(cfg.tree.w, int)
     assert cfg.learner.lr == 1e-6
     assert cfg.algo.whiten is False

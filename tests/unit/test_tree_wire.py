@@ -21,7 +21,16 @@ def make_tree() -> Tree:
         Segment(4, 0, 1, [16], [-2.0], 0),
     ]
     leaves = [Leaf(2, "eos", 3, 1.0, "7"), Leaf(3, "max_depth", 5, -1.0), Leaf(4, "finished", 1, 1.0, "7")]
-    return Tree("t-1", "p-1", [1, 2, 3], segs, leaves, generator_id=2, metadata={"answer": "7", "epoch": 0}, timings={"gen_s": 0.5})
+    return Tree(
+        "t-1",
+        "p-1",
+        [1, 2, 3],
+        segs,
+        leaves,
+        generator_id=2,
+        metadata={"answer": "7", "epoch": 0},
+        timings={"gen_s": 0.5},
+    )
 
 
 def test_paths_and_responses():
