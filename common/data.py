@@ -329,6 +329,22 @@ def encode_rows(
     return out
 
 
+def resolve_data_path(spec: str, split: str, cfg: Any) -> tuple[Path, str | None]:
+    """``(file, task)`` for a data spec: a jsonl/parquet path (task None) or ``synthetic:<task>``
+    (the task's ``split`` written once into the cache, sized and seeded by the DataConfig ``cfg``)."""
+    if spec.startswith("synthetic:"):
+        from common.tasks import get_task, synthetic_path
+
+        task = spec.split(":", 1)[1]
+        get_task(task)  # DataError naming the known tasks
+        n = cfg.synthetic_train_size if split == "train" else cfg.synthetic_eval_size
+        return synthetic_path(task, split, n, cfg.synthetic_seed), task
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist: pass a .jsonl/.parquet file or synthetic:<task>")
+    return path, None
+
+
 def load_prompts(path: str | os.PathLike, tokenizer: Any, cfg: Any) -> EncodedRows:
     """``load_rows`` + ``encode_rows`` with a :class:`common.config.DataConfig`."""
     rows = load_rows(path, bad_rows=cfg.bad_rows)
@@ -346,4 +362,5 @@ __all__ = [
     "format_prompt",
     "load_prompts",
     "load_rows",
+    "resolve_data_path",
 ]

@@ -1,0 +1,135 @@
+"""Held-out evaluation: k answers per problem (flat or tree sampling), scored the paper's way.
+
+Per problem: mean@k (share of correct answers), pass@k (unbiased estimator; with exactly k samples
+it is "any correct"), maj@k (bootstrap majority vote, 1000 draws, seed 42). Per file and overall
+(weighted by problem count). A sample is correct when its reward is above the midpoint of the
+reward's correct and wrong values; evaluation rewards carry no overlong penalty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.backends.base import GenerationBackend
+from actors.sampler import TreeSampler
+from actors.scoring import leaf_texts, score_trees
+from common.config import SamplingConfig, TreeConfig
+from common.eval_metrics import maj_at_k, majority_vote, pass_at_k
+from common.rewards import RewardFn
+from common.sampling_metrics import SamplingStats
+
+
+@dataclass
+class ProblemResult:
+    prompt_id: str
+    answer: str
+    answers: list[str | None]
+    correct: list[bool]
+    majority: str | None
+    mean_at_k: float
+    pass_at_k: float
+    maj_at_k: float
+    texts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalResult:
+    problems: list[ProblemResult]
+    k: int
+    sampling: str
+    wall_s: float
+    decoded_tokens: int
+    trajectories: int
+
+    def summary(self) -> dict[str, float]:
+        n = len(self.problems)
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        return {
+            "problems": float(n),
+            f"mean@{self.k}": mean([p.mean_at_k for p in self.problems]),
+            f"pass@{self.k}": mean([p.pass_at_k for p in self.problems]),
+            f"maj@{self.k}": mean([p.maj_at_k for p in self.problems]),
+            "decoded_tokens": float(self.decoded_tokens),
+            "wall_s": self.wall_s,
+            "trajectories_per_s": self.trajectories / self.wall_s if self.wall_s else 0.0,
+        }
+
+
+def eval_tree_config(tree_cfg: TreeConfig, k: int, sampling: str) -> TreeConfig:
+    """The sampler shape for k answers per problem: flat = k independent samples; tree = w=k leaves."""
+    if sampling == "flat":
+        return dataclasses.replace(tree_cfg, mode="flat", w=k)
+    rd_max = min(tree_cfg.root_divergence_max, k)
+    return dataclasses.replace(
+        tree_cfg,
+        mode="tree",
+        w=k,
+        root_divergence_max=rd_max,
+        root_divergence_min=min(tree_cfg.root_divergence_min, rd_max),
+    )
+
+
+def evaluate(
+    backend: GenerationBackend,
+    prompts: Sequence[Any],
+    reward: RewardFn,
+    *,
+    tree_cfg: TreeConfig,
+    sampling_cfg: SamplingConfig,
+    eos_ids: Sequence[int],
+    decode: Callable[[Sequence[int]], str],
+    k: int,
+    sampling: str = "flat",
+    max_in_flight: int = 16,
+    keep_texts: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Sample and score k answers for each ``EncodedPrompt`` (``.row`` with id/answer, ``.prompt_ids``)."""
+    stats = SamplingStats()
+    sampler = TreeSampler(
+        backend,
+        eval_tree_config(tree_cfg, k, sampling),
+        sampling_cfg,
+        eos_ids,
+        decode,
+        stats=stats,
+        generator_id=-1,
+    )
+    eos = frozenset(int(i) for i in eos_ids)
+    items = [(p.row.id, p.prompt_ids, {"answer": p.row.answer, **_scalars(p.row.metadata)}) for p in prompts]
+    threshold = (reward_bounds(reward)[0] + reward_bounds(reward)[1]) / 2
+    t0 = time.perf_counter()
+    results: dict[str, ProblemResult] = {}
+    for tree in sampler.run(items, max_in_flight):
+        score_trees([tree], reward, decode, eos)
+        correct = [lf.reward > threshold for lf in tree.leaves]
+        answers = [lf.answer for lf in tree.leaves]
+        results[tree.prompt_id] = ProblemResult(
+            prompt_id=tree.prompt_id,
+            answer=str(tree.metadata.get("answer", "")),
+            answers=answers,
+            correct=correct,
+            majority=majority_vote(answers),
+            mean_at_k=sum(correct) / len(correct),
+            pass_at_k=pass_at_k(len(correct), sum(correct), k),
+            maj_at_k=maj_at_k(answers, correct, k),
+            texts=leaf_texts(tree, decode, eos) if keep_texts else [],
+        )
+        if progress:
+            progress(1)
+    wall = time.perf_counter() - t0
+    ordered = [results[str(p.row.id)] for p in prompts]
+    return EvalResult(ordered, k, sampling, wall, stats.decoded_tokens, stats.leaves)
+
+
+def reward_bounds(reward: RewardFn) -> tuple[float, float]:
+    """(correct, wrong) values of a reward (defaults +1/-1 for user functions without them)."""
+    return float(getattr(reward, "correct", 1.0)), float(getattr(reward, "wrong", -1.0))
+
+
+def _scalars(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None}

@@ -1,0 +1,272 @@
+"""The training driver, synchronous mode in one process: sample → score → filter → advantages →
+learner step → weight update → checkpoint → evaluate, with every piece the real one (vLLM or hf
+backend, the segment-tree sampler, isolated reward workers, the learner rank, atomic checkpoints).
+
+The loop (one screen, :func:`train`):
+
+- ``collect``: keeps up to ``generators.trees_in_flight`` trees growing on the engine, takes prompts
+  from the seeded per-epoch cursor, scores finished trees, drops trees whose leaves all agree
+  (dynamic sampling; counted) and returns ``learner.prompts_per_step`` trees. Every tree of a step is
+  sampled under the current policy version (staleness 0): nothing stays in flight across an update.
+- ``learner.train_step``: π_prox recompute, mini-batch PPO epochs, optimizer steps.
+- ``push weights``: every ``sync.every_steps`` the learner's weights go into the engine (layerwise
+  reload on vLLM), then the prefix cache is reset (or kept, per ``generators.reset_prefix_cache_on_update``).
+- ``checkpoint`` every ``checkpoint.every_steps`` with the prompt cursor in ``extra``; ``--resume``
+  restores weights, optimizer, RNG and cursor, so no prompt is skipped or repeated.
+- ``evaluate`` every ``eval.every_steps`` on the held-out split (flat sampling, k answers).
+
+At the end: reward-curve and eval-accuracy PNGs in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.config import TrainConfig, save_resolved
+from common.errors import ConfigError
+from common.metrics import MetricsLog, plot_histogram, plot_series, read_metrics
+
+log = logging.getLogger("treepo.train")
+
+
+class EpochCursor:
+    """Deterministic prompt order: epoch ``e`` visits a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, seed: int, epochs: int, state: dict | None = None) -> None:
+        self.n, self.seed, self.epochs = n, seed, epochs
+        self.epoch, self.index = (int(state["epoch"]), int(state["index"])) if state else (0, 0)
+        self._perm = self._permutation(self.epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def next(self) -> tuple[int, int] | None:
+        """``(epoch, prompt index)`` or None when every epoch is used up."""
+        if self.index >= self.n:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._perm = self._permutation(self.epoch)
+        if self.epoch >= self.epochs:
+            return None
+        item = (self.epoch, int(self._perm[self.index]))
+        self.index += 1
+        return item
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+def _check_run_dir(cfg: TrainConfig, ckpt_dir: Path) -> None:
+    has_ckpt = ckpt_dir.exists() and any(ckpt_dir.glob("ckpt-*"))
+    if has_ckpt and not cfg.resume:
+        raise ConfigError(
+            f"run_dir={cfg.run_dir} already holds checkpoints: pass --resume to continue it, or choose another run_dir"
+        )
+
+
+def train(cfg: TrainConfig) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from actors.backends import make_backend
+    from actors.evaluator import evaluate
+    from actors.sampler import TreeSampler
+    from actors.scoring import score_trees
+    from common.data import load_prompts, resolve_data_path
+    from common.models import eos_token_ids, load_tokenizer, resolve_model_path
+    from common.rewards import resolve_reward
+    from common.sampling_metrics import SamplingStats
+    from learner.advantages import dynamic_sampling_keep, tree_advantages
+    from learner.rank import LearnerRank
+
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    _check_run_dir(cfg, ckpt_dir)
+    save_resolved(cfg, run_dir)
+    torch.manual_seed(cfg.seed)
+
+    model_path = resolve_model_path(
+        cfg.model.path, tiny_size=cfg.model.tiny_size, tiny_warmup_steps=cfg.model.tiny_warmup_steps
+    )
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    eos = eos_token_ids(model_path)
+    eos_set = frozenset(eos)
+
+    def decode(ids):
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    train_path, task = resolve_data_path(cfg.data.train, "train", cfg.data)
+    prompts = load_prompts(train_path, tokenizer, cfg.data)
+    eval_prompts = []
+    if cfg.eval.every_steps:
+        eval_path, eval_task = resolve_data_path(cfg.data.eval, "eval", cfg.data)
+        eval_prompts = list(load_prompts(eval_path, tokenizer, cfg.data))
+        if cfg.eval.max_problems:
+            eval_prompts = eval_prompts[: cfg.eval.max_problems]
+    reward = resolve_reward(
+        cfg.reward.fn, task, cfg=cfg.reward, max_response_tokens=cfg.tree.max_response_tokens
+    )
+    eval_reward = resolve_reward(cfg.reward.fn, task, cfg=dataclasses.replace(cfg.reward, overlong_buffer=0))
+
+    learner = LearnerRank(
+        dataclasses.replace(cfg.model, path=model_path),
+        cfg.algo,
+        cfg.learner,
+        seed=cfg.seed,
+        temperature=cfg.sampling.temperature,
+    )
+    extra = learner.load(ckpt_dir, required=True) if cfg.resume else None
+    start_step = int(extra["step"]) if extra else 0
+    cursor = EpochCursor(
+        len(prompts), cfg.data.shuffle_seed, cfg.data.epochs, extra.get("cursor") if extra else None
+    )
+
+    max_len = max(len(p.prompt_ids) for p in [*prompts, *eval_prompts]) + cfg.tree.max_response_tokens + 8
+    backend = make_backend(
+        None,
+        model_path,
+        cfg.generators,
+        cfg.sampling,
+        dtype=cfg.model.dtype,
+        eos_ids=eos,
+        seed=cfg.seed,
+        max_model_len=max_len,
+    )
+    if learner.version:  # resumed: the engine starts from the checkpoint's weights
+        backend.update_weights(learner.weights_for_sync(), learner.version)
+        backend.reset_prefix_cache()
+    stats = SamplingStats()
+    sampler = TreeSampler(backend, cfg.tree, cfg.sampling, eos, decode, stats=stats)
+    metrics_log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard)
+    staleness_hist: dict[int, int] = {}
+
+    def run_eval(step: int) -> dict[str, float]:
+        res = evaluate(
+            backend, eval_prompts, eval_reward, tree_cfg=cfg.tree, sampling_cfg=cfg.sampling, eos_ids=eos,
+            decode=decode, k=cfg.eval.k, sampling="flat", max_in_flight=cfg.generators.trees_in_flight,
+        )  # fmt: skip
+        s = res.summary()
+        out = {f"eval/{k}": v for k, v in s.items() if "@" in k}
+        out["eval/accuracy"] = s[f"mean@{cfg.eval.k}"]
+        print(f"[eval] step {step}: " + "  ".join(f"{k}={v:.3f}" for k, v in out.items()), flush=True)
+        return out
+
+    def collect(need: int) -> tuple[list, dict[str, float]] | None:
+        kept, dropped, sampled = [], 0, 0
+        data_left = True
+        while len(kept) < need:
+            while data_left and sampler.in_flight + len(kept) < need:
+                item = cursor.next()
+                if item is None:
+                    data_left = False
+                    break
+                epoch, idx = item
+                p = prompts[idx]
+                meta = {
+                    "answer": p.row.answer,
+                    "epoch": epoch,
+                    **{k: v for k, v in p.row.metadata.items() if isinstance(v, (str, int, float, bool))},
+                }
+                sampler.submit(p.row.id, p.prompt_ids, meta, tree_id=f"{p.row.id}@e{epoch}")
+            if not sampler.in_flight:
+                break
+            done = sampler.step()
+            score_trees(done, reward, decode, eos_set)
+            for tree in done:
+                sampled += 1
+                if cfg.algo.dynamic_sampling and not dynamic_sampling_keep(tree.rewards_L):
+                    dropped += 1
+                else:
+                    kept.append(tree)
+        if not kept:
+            return None
+        return kept, {"rollout/trees_sampled": sampled, "rollout/trees_dropped_uniform": dropped}
+
+    progress = tqdm(
+        total=cfg.learner.total_steps,
+        initial=start_step,
+        desc="train",
+        disable=not cfg.log.progress,
+        dynamic_ncols=True,
+    )
+    if eval_prompts and start_step == 0:
+        metrics_log.log(0, run_eval(0))
+    step = start_step
+    try:
+        while step < cfg.learner.total_steps:
+            t0 = time.perf_counter()
+            got = collect(cfg.learner.prompts_per_step)
+            if got is None:
+                print(
+                    f"[train] prompts exhausted after {cfg.data.epochs} epoch(s) at step {step}", flush=True
+                )
+                break
+            trees, m = got
+            t_gen = time.perf_counter() - t0
+            advantages = tree_advantages(trees, cfg.algo)
+            for t in trees:  # versions behind the policy being trained, per leaf
+                for lf in t.leaves:
+                    s = learner.version - t.oldest_version(lf)
+                    staleness_hist[s] = staleness_hist.get(s, 0) + 1
+            t1 = time.perf_counter()
+            m.update(learner.train_step(trees, advantages))
+            t_train = time.perf_counter() - t1
+            step += 1
+            if step % cfg.sync.every_steps == 0:
+                t2 = time.perf_counter()
+                backend.update_weights(learner.weights_for_sync(), learner.version)
+                if cfg.generators.reset_prefix_cache_on_update:
+                    backend.reset_prefix_cache()
+                m["timing/sync_s"] = time.perf_counter() - t2
+            rewards = np.concatenate([t.rewards_L for t in trees])
+            lengths = [lf.length for t in trees for lf in t.leaves]
+            m.update(
+                {
+                    "rollout/reward": float(rewards.mean()),
+                    "rollout/accuracy": float((rewards > 0).mean()),
+                    "rollout/response_len": float(np.mean(lengths)),
+                    "tree/leaves_per_tree": float(np.mean([len(t.leaves) for t in trees])),
+                    "timing/generate_s": t_gen,
+                    "timing/train_s": t_train,
+                    "timing/step_s": time.perf_counter() - t0,
+                    **{k: v.value for k, v in stats.metrics().items() if isinstance(v.value, (int, float))},
+                    **reward.stats.as_metrics(),
+                }
+            )
+            if eval_prompts and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                m.update(run_eval(step))
+            if step % cfg.checkpoint.every_steps == 0 or step == cfg.learner.total_steps:
+                learner.save(
+                    ckpt_dir,
+                    extra={"step": step, "cursor": cursor.state()},
+                    step=step,
+                    keep_last=cfg.checkpoint.keep_last,
+                )
+            metrics_log.log(step, m)
+            progress.update(1)
+            progress.set_postfix(
+                reward=f"{m['rollout/reward']:+.3f}", acc=f"{m['rollout/accuracy']:.2f}", v=learner.version
+            )
+    finally:
+        progress.close()
+        metrics_log.close()
+        backend.close()
+        learner.close()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    plot_series(
+        rows,
+        ["rollout/reward", "rollout/accuracy", "eval/accuracy"],
+        run_dir / "reward_curve.png",
+        "reward and accuracy",
+    )
+    plot_histogram(
+        staleness_hist, run_dir / "staleness.png", "leaf staleness at training time", "policy versions behind"
+    )
+    print(
+        f"[train] done: {step} steps, metrics in {run_dir / 'metrics.jsonl'}, plots in {run_dir}", flush=True
+    )
+    return 0
