@@ -21,6 +21,7 @@ At the end: reward-curve and eval-accuracy PNGs in the run directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -66,6 +67,22 @@ def _check_run_dir(cfg: TrainConfig, ckpt_dir: Path) -> None:
         raise ConfigError(
             f"run_dir={cfg.run_dir} already holds checkpoints: pass --resume to continue it, or choose another run_dir"
         )
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop log rows past ``step`` (a resumed run redoes the steps after its checkpoint)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a torn last line from the killed run
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    tmp.replace(path)
 
 
 def train(cfg: TrainConfig) -> int:
@@ -121,6 +138,8 @@ def train(cfg: TrainConfig) -> int:
     )
     extra = learner.load(ckpt_dir, required=True) if cfg.resume else None
     start_step = int(extra["step"]) if extra else 0
+    for name in ("metrics.jsonl", "trained_trees.jsonl"):
+        _truncate_after(run_dir / name, start_step)
     cursor = EpochCursor(
         len(prompts), cfg.data.shuffle_seed, cfg.data.epochs, extra.get("cursor") if extra else None
     )
@@ -247,6 +266,13 @@ def train(cfg: TrainConfig) -> int:
                     keep_last=cfg.checkpoint.keep_last,
                 )
             metrics_log.log(step, m)
+            with open(run_dir / "trained_trees.jsonl", "a") as fh:  # the exactly-once audit trail
+                fh.write(
+                    json.dumps(
+                        {"step": step, "version": learner.version, "trees": [t.tree_id for t in trees]}
+                    )
+                    + "\n"
+                )
             progress.update(1)
             progress.set_postfix(
                 reward=f"{m['rollout/reward']:+.3f}", acc=f"{m['rollout/accuracy']:.2f}", v=learner.version
