@@ -98,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
         tok = load_tokenizer(model)
         true_eos = eos_token_ids(model)
         eos = true_eos if args.stop_at_eos else []
-        rows = generate("arith", args.prompts + 2, seed=args.seed, split="eval")
+        rows = generate("arith", 2 * args.prompts, seed=args.seed, split="eval")
         encoded = [(r["id"], tok.encode(r["prompt"], add_special_tokens=False)) for r in rows]
-        warm, prompts = encoded[:2], encoded[2:]
+        # distinct warm-up prompts (no cache reuse) with the same batch-size ladder, one block per segment
+        warm, prompts = encoded[: args.prompts], encoded[args.prompts :]
         gen = GeneratorConfig(
             backend=args.backend, block_size=args.block_size, kv_cache_gib=args.kv_cache_gib
         )
@@ -135,8 +136,18 @@ def run(args: argparse.Namespace) -> int:
             return tok.decode(ids)
 
         try:
-            for cfg in (flat_cfg, tree_cfg):  # warm-up, not timed
-                _run_mode(TreeSampler, backend, cfg, sampling, eos, decode, warm, SamplingStats)
+            short = dict(base, l=bs, max_response_tokens=args.d * bs)
+            for mode in ("flat", "tree"):  # warm-up, not timed
+                _run_mode(
+                    TreeSampler,
+                    backend,
+                    TreeConfig(mode=mode, **short),
+                    sampling,
+                    eos,
+                    decode,
+                    warm,
+                    SamplingStats,
+                )
             flat, flat_wall, _ = _run_mode(
                 TreeSampler, backend, flat_cfg, sampling, eos, decode, prompts, SamplingStats
             )

@@ -22,6 +22,7 @@ crash, nothing on a process crash) or ``always``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -31,9 +32,12 @@ import socket
 import subprocess
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from common.errors import QueueError
 
@@ -51,6 +55,18 @@ def _free_port() -> int:
     raise QueueError("could not find a free TCP port on 127.0.0.1 for the embedded Redis")
 
 
+def _direct_client(url: str, password: str, timeout_s: float) -> redis.Redis:
+    """A client that fails at once (no retries): for probing and shutting down our own server."""
+    return redis.Redis.from_url(
+        url,
+        password=password,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=min(timeout_s, 2.0),
+        retry=Retry(NoBackoff(), 0),
+        protocol=2,
+    )
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -58,11 +74,18 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists but not ours
         return True
-    # A zombie child still "exists": reap it if it is ours.
+    # A zombie still "exists": reap it if it is our child; otherwise ask /proc (an orphan's zombie
+    # lingers where the init process does not reap, e.g. in some containers).
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
+        if done:
+            return False
     except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
         return True
 
 
@@ -96,7 +119,7 @@ def find_running(run_dir: str | os.PathLike) -> tuple[str, str] | None:
         return None
     url, password = f"redis://127.0.0.1:{port}/0", _read_password(pw_path)
     try:
-        client = redis.Redis.from_url(url, password=password, socket_timeout=2, socket_connect_timeout=2)
+        client = _direct_client(url, password, 2.0)
         client.ping()
         client.close()
     except redis.RedisError:
@@ -121,11 +144,14 @@ class EmbeddedRedis:
         startup_timeout_s: float = 30.0,
         stop_timeout_s: float = 30.0,
         executable: str = "redis-server",
+        adopt: bool = True,
     ) -> None:
         if appendfsync not in _APPENDFSYNC:
             raise QueueError(f"appendfsync must be one of {_APPENDFSYNC}, not {appendfsync!r}")
         if port == RAY_REDIS_PORT:
-            raise QueueError(f"port {RAY_REDIS_PORT} is the Ray head's Redis port; choose another or leave it unset")
+            raise QueueError(
+                f"port {RAY_REDIS_PORT} is the Ray head's Redis port; choose another or leave it unset"
+            )
         if maxmemory_mb <= 0:
             raise QueueError(f"maxmemory_mb must be > 0, not {maxmemory_mb}")
         self.dir = Path(run_dir).resolve() / "redis"
@@ -135,7 +161,9 @@ class EmbeddedRedis:
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.executable = executable
+        self.adopt = adopt
         self._proc: subprocess.Popen | None = None
+        self._adopted_pid: int | None = None  # a server left running by a process that died
         self._finalizer: weakref.finalize | None = None
         self.password = ""
 
@@ -148,7 +176,7 @@ class EmbeddedRedis:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._proc.pid if self._proc is not None else self._adopted_pid
 
     @property
     def log_path(self) -> Path:
@@ -159,12 +187,15 @@ class EmbeddedRedis:
         return self.dir / "appendonlydir"
 
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self._adopted_pid is not None and _pid_alive(self._adopted_pid)
 
     def client(self, **kwargs) -> redis.Redis:
         """A new redis-py client for this server (binary responses)."""
         kwargs.setdefault("socket_timeout", 10)
         kwargs.setdefault("socket_connect_timeout", 5)
+        kwargs.setdefault("protocol", 2)
         return redis.Redis.from_url(self.url, password=self.password, decode_responses=False, **kwargs)
 
     # ------------------------------------------------------------------ lifecycle
@@ -181,26 +212,41 @@ class EmbeddedRedis:
         self.dir.mkdir(parents=True, exist_ok=True)
         other = find_running(self.dir.parent)
         if other is not None:
-            raise QueueError(
-                f"an embedded Redis for {self.dir.parent} is already running at {other[0]} "
-                f"(see {self.dir / 'endpoint.json'}); stop it (`redis-cli -p PORT -a PASSWORD shutdown`) "
-                "before starting another on the same data"
-            )
+            if not self.adopt:
+                raise QueueError(
+                    f"an embedded Redis for {self.dir.parent} is already running at {other[0]} "
+                    f"(see {self.dir / 'endpoint.json'}); stop it (`redis-cli -p PORT -a PASSWORD shutdown`) "
+                    "before starting another on the same data"
+                )
+            return self._adopt(other[1])
         self.password = _read_password(self.dir / "password")
         fixed_port = self.port is not None
-        last_error = ""
+        reason, log = "", ""
         for _attempt in range(1 if fixed_port else 5):
             port = self.port if fixed_port else _free_port()
-            ok, last_error = self._launch(exe, port)
-            if ok:
+            reason, log = self._launch(exe, port)
+            if not reason:
                 return self
-            if "Address already in use" not in last_error:
-                break
-        self.port = self.port if fixed_port else None
+            if "Address already in use" not in log:
+                break  # a lost race for a free port is retried; anything else is reported
+        if not fixed_port:
+            self.port = None
         raise QueueError(
-            f"redis-server did not start in {self.dir} ({last_error.strip().splitlines()[0] if last_error else ''}); "
-            f"last lines of {self.log_path}:\n{self._log_tail()}"
+            f"redis-server did not start in {self.dir} ({reason}); last lines of {self.log_path}:\n{log}"
         )
+
+    def _adopt(self, password: str) -> EmbeddedRedis:
+        """Take over the run directory's server left running by a process that died (e.g. a killed
+        controller: the server runs in its own session, so it outlives it with all its data)."""
+        info = json.loads((self.dir / "endpoint.json").read_text())
+        self.port, self._adopted_pid, self.password = int(info["port"]), int(info["pid"]), password
+        client = _direct_client(self.url, password, 5.0)
+        try:  # apply this launcher's settings; the data and AOF stay as they are
+            client.config_set("appendfsync", self.appendfsync)
+            client.config_set("maxmemory", f"{self.maxmemory_mb}mb")
+        finally:
+            client.close()
+        return self
 
     def _write_config(self, port: int) -> Path:
         conf = "\n".join(
@@ -230,7 +276,8 @@ class EmbeddedRedis:
         os.chmod(path, 0o600)
         return path
 
-    def _launch(self, exe: str, port: int) -> tuple[bool, str]:
+    def _launch(self, exe: str, port: int) -> tuple[str, str]:
+        """Start on ``port`` and wait for PING; returns ``("", "")`` or (failure reason, log tail)."""
         conf = self._write_config(port)
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         # Own session: a Ctrl-C in the terminal reaches us, and we shut Redis down cleanly (AOF flushed).
@@ -243,16 +290,17 @@ class EmbeddedRedis:
         )
         self._proc, self.port = proc, port
         deadline = time.monotonic() + self.startup_timeout_s
-        client = redis.Redis(
-            host="127.0.0.1", port=port, password=self.password, socket_timeout=2, socket_connect_timeout=1
-        )
+        client = _direct_client(f"redis://127.0.0.1:{port}/0", self.password, 1.0)
+        reason = ""
         try:
-            while time.monotonic() < deadline:
+            while True:
                 if proc.poll() is not None:
-                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                    err += self._log_tail(since=log_offset)
-                    self._proc = None
-                    return False, err
+                    reason = f"exited with code {proc.returncode}"
+                    break
+                if time.monotonic() > deadline:
+                    reason = f"no PING answer within {self.startup_timeout_s:.0f} s"
+                    self._kill(proc)
+                    break
                 try:
                     client.ping()
                     break
@@ -261,18 +309,18 @@ class EmbeddedRedis:
                 except (redis.ConnectionError, redis.TimeoutError):
                     pass
                 time.sleep(0.02)
-            else:
-                self._kill(proc)
-                self._proc = None
-                return False, f"no PING answer within {self.startup_timeout_s:.0f} s"
         finally:
             client.close()
+        if reason:
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            self._proc = None
+            return reason, "\n".join(x for x in (err, self._log_tail(since=log_offset)) if x)
         if proc.stderr is not None:
             proc.stderr.close()
         (self.dir / "endpoint.json").write_text(json.dumps({"port": port, "pid": proc.pid}))
         # Safety net for a forgotten stop(): the server must not outlive the interpreter.
         self._finalizer = weakref.finalize(self, EmbeddedRedis._finalize, proc)
-        return True, ""
+        return "", ""
 
     @staticmethod
     def _finalize(proc: subprocess.Popen) -> None:
@@ -297,35 +345,45 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """SHUTDOWN (the AOF is fsynced), then SIGTERM, then SIGKILL, each with a timeout."""
-        proc = self._proc
-        if proc is None:
+        proc, pid = self._proc, self.pid
+        if pid is None:
             return
-        if proc.poll() is None:
-            try:
-                c = redis.Redis(
-                    host="127.0.0.1",
-                    port=self.port,
-                    password=self.password,
-                    socket_timeout=self.stop_timeout_s,
-                    socket_connect_timeout=2,
-                )
-                c.shutdown()
-            except redis.RedisError:
-                pass  # the signals below finish the job
-            try:
-                proc.wait(self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                self._kill(proc)
+        if self.running():
+            with contextlib.suppress(redis.RedisError):  # the signals below finish the job
+                _direct_client(self.url, self.password, self.stop_timeout_s).shutdown()
+            if proc is not None:
+                try:
+                    proc.wait(self.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    self._kill(proc)
+            else:
+                self._kill_pid(pid)
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        self._proc = None
+        self._proc, self._adopted_pid = None, None
         endpoint = self.dir / "endpoint.json"
         try:
-            if json.loads(endpoint.read_text()).get("pid") == proc.pid:
+            if json.loads(endpoint.read_text()).get("pid") == pid:
                 endpoint.unlink()
         except (OSError, ValueError):
             pass
+
+    def _kill_pid(self, pid: int) -> None:
+        """Wait for an adopted (not our child) server to exit; TERM then KILL it on timeout."""
+        for sig, wait_s in (
+            (None, self.stop_timeout_s),
+            (signal.SIGTERM, self.stop_timeout_s),
+            (signal.SIGKILL, 10.0),
+        ):
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if not _pid_alive(pid):
+                    return
+                time.sleep(0.02)
 
     def restart(self) -> None:
         """Stop and start again on the same port with the same password and AOF."""
@@ -349,3 +407,20 @@ class EmbeddedRedis:
 
     def __repr__(self) -> str:
         return f"EmbeddedRedis({self.dir}, port={self.port}, pid={self.pid}, appendfsync={self.appendfsync})"
+
+
+@contextlib.contextmanager
+def queue_endpoint(queue_cfg, run_dir: str | os.PathLike) -> Iterator[tuple[str, str | None]]:
+    """``(url, password)`` of a run's Redis from a :class:`common.config.QueueConfig`.
+
+    ``queue.url`` set: that URL, the password read from the ``queue.password_env`` variable (None if
+    unset: the URL's own password, if any, applies). Empty: the embedded server of ``run_dir``
+    (started, or adopted if left running; stopped when the block exits).
+    """
+    if queue_cfg.url:
+        yield queue_cfg.url, os.environ.get(queue_cfg.password_env) or None
+        return
+    with EmbeddedRedis(
+        run_dir, appendfsync=queue_cfg.appendfsync, maxmemory_mb=queue_cfg.maxmemory_mb
+    ) as server:
+        yield server.url, server.password

@@ -30,7 +30,13 @@ EXAMPLE_PATHS = [
 ]
 EXAMPLE_R = np.array([1, 1, 1, -1, -1, -1, 1, -1], dtype=float)
 # rows of the table in TREEPO.md: leaf index -> (average, group_size)
-EXAMPLE_TABLE = {0: (0.500, 0.714), 2: (0.833, 0.857), 3: (-1.167, -1.143), 4: (-0.500, -0.714), 6: (1.167, 1.143)}
+EXAMPLE_TABLE = {
+    0: (0.500, 0.714),
+    2: (0.833, 0.857),
+    3: (-1.167, -1.143),
+    4: (-0.500, -0.714),
+    6: (1.167, 1.143),
+}
 
 
 @pytest.mark.parametrize("aggregation, column", [("average", 0), ("group_size", 1)])

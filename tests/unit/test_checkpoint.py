@@ -34,7 +34,14 @@ def _train_one(model, opt, sched):
 def _save(root, step, parts, tokenizer_dir=None, keep_last=3):
     model, opt, sched = parts
     return ckpt.save_checkpoint(
-        root, step, model, opt, sched, {"step": step, "version": step, "extra": {"cursor": step * 10}}, keep_last, tokenizer_dir
+        root,
+        step,
+        model,
+        opt,
+        sched,
+        {"step": step, "version": step, "extra": {"cursor": step * 10}},
+        keep_last,
+        tokenizer_dir,
     )
 
 
@@ -54,7 +61,9 @@ def test_roundtrip_is_exact_and_hf_loadable(tmp_path, trainer_parts, tiny_model_
         assert torch.equal(tensor, model.state_dict()[name]), name
     saved_opt = found.optimizer_state()
     for k, v in opt.state_dict()["state"][0].items():
-        assert torch.equal(saved_opt["state"][0][k], v) if torch.is_tensor(v) else saved_opt["state"][0][k] == v
+        assert (
+            torch.equal(saved_opt["state"][0][k], v) if torch.is_tensor(v) else saved_opt["state"][0][k] == v
+        )
     assert found.scheduler_state()["last_epoch"] == sched.state_dict()["last_epoch"]
     ckpt.set_rng_state(found.rng(0))
     got_rng = (torch.rand(3), np.random.rand(3), random.random())
@@ -65,10 +74,14 @@ def test_roundtrip_is_exact_and_hf_loadable(tmp_path, trainer_parts, tiny_model_
     reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     for (n1, p1), (n2, p2) in zip(reloaded.named_parameters(), model.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)
-    assert AutoTokenizer.from_pretrained(path).encode("1+2=") == AutoTokenizer.from_pretrained(tiny_model_dir).encode("1+2=")
+    assert AutoTokenizer.from_pretrained(path).encode("1+2=") == AutoTokenizer.from_pretrained(
+        tiny_model_dir
+    ).encode("1+2=")
 
 
-@pytest.mark.parametrize("damage", ["truncate_weights", "flip_byte", "bad_manifest", "no_manifest", "missing_file"])
+@pytest.mark.parametrize(
+    "damage", ["truncate_weights", "flip_byte", "bad_manifest", "no_manifest", "missing_file"]
+)
 def test_corrupt_latest_falls_back_to_previous(tmp_path, trainer_parts, caplog, damage):
     first = _save(tmp_path, 1, trainer_parts)
     _train_one(*trainer_parts)
@@ -129,4 +142,6 @@ def test_keep_last_never_deletes_the_published_one(tmp_path, trainer_parts):
     names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt-"))
     assert names == ["ckpt-00000002", "ckpt-00000003"]
     manifest = json.loads((tmp_path / "ckpt-00000003" / "manifest.json").read_text())
-    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer.json", "rng-rank0.pt"} <= set(manifest["files"])
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer.json", "rng-rank0.pt"} <= set(
+        manifest["files"]
+    )

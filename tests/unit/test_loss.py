@@ -79,7 +79,9 @@ def test_on_policy_reduces_to_plain_ppo_clip():
     plain = LossParams(0.2, 0.28, 10.0, "none", 2.0)
     want, _ = policy_loss(logp, prox, prox, adv, mask, float(mask.sum()), plain)
     for variant in ("token", "sequence", "sequence_product", "mask"):
-        got, m = policy_loss(logp, prox, prox, adv, mask, float(mask.sum()), LossParams(0.2, 0.28, 10.0, variant, 2.0))
+        got, m = policy_loss(
+            logp, prox, prox, adv, mask, float(mask.sum()), LossParams(0.2, 0.28, 10.0, variant, 2.0)
+        )
         assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-12)
         assert m["learner/is_weight_mean"][0] == pytest.approx(1.0)
         assert m["learner/mismatch_kl_k3"][0] == pytest.approx(0.0, abs=1e-12)
@@ -139,7 +141,9 @@ def test_micro_batches_sum_to_the_big_batch():
     total = float(mask.sum())
     whole, _ = policy_loss(logp, prox, beh, adv, mask, total, p)
     (g_whole,) = torch.autograd.grad(whole, logp)
-    parts = [policy_loss(logp[s], prox[s], beh[s], adv[s], mask[s], total, p) for s in (slice(0, 1), slice(1, 4))]
+    parts = [
+        policy_loss(logp[s], prox[s], beh[s], adv[s], mask[s], total, p) for s in (slice(0, 1), slice(1, 4))
+    ]
     (g_parts,) = torch.autograd.grad(parts[0][0] + parts[1][0], logp)
     torch.testing.assert_close(g_whole, g_parts)
     merged = reduce_metrics([parts[0][1], parts[1][1]])
@@ -157,7 +161,16 @@ def test_entropy_and_staleness_metrics():
     logp = torch.full((1, 2), -1.0, requires_grad=True)
     stale = torch.tensor([[0.0, 2.0]])
     _, m = policy_loss(
-        logp, logp.detach(), logp.detach(), torch.ones(1, 2), torch.ones(1, 2), 2.0, LossParams(), None, ent, stale
+        logp,
+        logp.detach(),
+        logp.detach(),
+        torch.ones(1, 2),
+        torch.ones(1, 2),
+        2.0,
+        LossParams(),
+        None,
+        ent,
+        stale,
     )
     assert m["learner/entropy"][0] == pytest.approx(math.log(4))
     assert m["staleness/token_mean"][0] == 1.0 and m["staleness/token_max"][0] == 2.0

@@ -183,7 +183,9 @@ def test_probability_allocation_in_the_sampler_favours_low_probability_paths():
             if set(n_kind) != {97, 98}:
                 continue
             checked += 1
-            children = Counter(int(tree.nodes()[s.parent_id].token_ids[0]) for s in tree.segments if s.depth == 2)
+            children = Counter(
+                int(tree.nodes()[s.parent_id].token_ids[0]) for s in tree.segments if s.depth == 2
+            )
             per_path = {k: children[k] / n_kind[k] for k in n_kind}
             other = 97 if favoured == 98 else 98
             assert per_path[favoured] > per_path[other]
@@ -251,10 +253,22 @@ def test_invariants_over_random_shapes(s):
     rmax = min(rmin + s["rd"][1], w)
     lmax = max(1, int(s["d"] * l * s["lmax_frac"]))
     c = TreeConfig(
-        mode=s["mode"], w=w, d=s["d"], l=l, b=s["b"], root_divergence_min=rmin, root_divergence_max=rmax,
-        max_response_tokens=lmax, allocation=s["allocation"], remainder=s["remainder"], fallback=s["fallback"],
-        answer_policy=s["answer_policy"], align_segments_to_blocks=s["align"], seed=s["seed"],
-        repetition_substring_chars=4, repetition_min_count=3,
+        mode=s["mode"],
+        w=w,
+        d=s["d"],
+        l=l,
+        b=s["b"],
+        root_divergence_min=rmin,
+        root_divergence_max=rmax,
+        max_response_tokens=lmax,
+        allocation=s["allocation"],
+        remainder=s["remainder"],
+        fallback=s["fallback"],
+        answer_policy=s["answer_policy"],
+        align_segments_to_blocks=s["align"],
+        seed=s["seed"],
+        repetition_substring_chars=4,
+        repetition_min_count=3,
     )
     fake = FakeBackend(random_script(*s["p"]), block_size=s["block"], seed=s["seed"])
     sampler = TreeSampler(fake, c, SamplingConfig(), EOS_IDS, decode)
@@ -300,7 +314,9 @@ def check_tree(tree, c, fake):
         assert any(list(o[: len(s.token_ids)]) == s.token_ids.tolist() for o in produced)
         if s.node_id in parents:
             # an inner node is a WHOLE segment (fallback cuts land on segment boundaries)
-            full = segment_tokens(P + start, start, c.l, c.max_response_tokens, bs, c.align_segments_to_blocks)
+            full = segment_tokens(
+                P + start, start, c.l, c.max_response_tokens, bs, c.align_segments_to_blocks
+            )
             assert len(s.token_ids) == full
             if c.align_segments_to_blocks and bs > 1 and c.l % bs == 0:
                 assert (P + ends[s.node_id] - 1) % bs == 0
@@ -308,7 +324,9 @@ def check_tree(tree, c, fake):
         assert leaf.node_id not in parents
         resp = tree.response_ids(leaf)
         assert len(resp) == leaf.length == ends[leaf.node_id]
-        np.testing.assert_array_equal(resp, np.concatenate([nodes[n].token_ids for n in tree.leaf_paths()[tree.leaves.index(leaf)]]))
+        np.testing.assert_array_equal(
+            resp, np.concatenate([nodes[n].token_ids for n in tree.leaf_paths()[tree.leaves.index(leaf)]])
+        )
         if leaf.finish_reason == "eos":
             assert resp[-1] in EOS_IDS
         if leaf.finish_reason == "max_tokens":
@@ -343,7 +361,11 @@ def test_any_id_of_an_eos_list_ends_a_path():
     first = [s for s in tree.segments if s.depth == 1 and s.node_id in {lf.node_id for lf in tree.leaves}]
     assert first and all(s.token_ids.tolist() == [98, 98, 1] for s in first)
     # with only id 0 as EOS, id 1 is an ordinary token
-    tree, _ = sample_one(cfg(w=2, d=3, b=1, fallback="none", max_response_tokens=24), FakeBackend(at_depth(1, 8, lambda n: [98, 98, 1] + [98] * (n - 3))), eos_ids=(0,))
+    tree, _ = sample_one(
+        cfg(w=2, d=3, b=1, fallback="none", max_response_tokens=24),
+        FakeBackend(at_depth(1, 8, lambda n: [98, 98, 1] + [98] * (n - 3))),
+        eos_ids=(0,),
+    )
     assert "eos" not in leaf_by_reason(tree)
 
 
@@ -351,21 +373,27 @@ def test_boxed_answer_split_across_two_segments():
     seg1 = text(r"ok \boxed{4")  # 11 tokens
     seg2 = text("2}.")
 
-    def script(prefix, resp_len, n, rng):
-        if resp_len == 0:
-            return seg1[:n]
-        if resp_len == len(seg1):
-            return seg2 + ([0] if eos else [98] * (n - 3))
-        return None
+    def make_script(with_eos):
+        def script(prefix, resp_len, n, rng):
+            if resp_len == 0:
+                return seg1[:n]
+            if resp_len == len(seg1):
+                return seg2 + ([0] if with_eos else [98] * (n - 3))
+            return None
+
+        return script
 
     # the release only searches the last segment ("2}.") and would miss this answer
-    for eos, policy, expected in (
+    for with_eos, policy, expected in (
         (True, "boxed_and_eos_first", "finished"),
         (False, "boxed_as_eos", "finished"),
         (False, "boxed_and_eos_first", None),
         (True, "boxed_as_eos", "finished"),
     ):
-        tree, _ = sample_one(cfg(w=2, d=4, l=11, b=1, answer_policy=policy, max_response_tokens=44, fallback="none"), FakeBackend(script))
+        tree, _ = sample_one(
+            cfg(w=2, d=4, l=11, b=1, answer_policy=policy, max_response_tokens=44, fallback="none"),
+            FakeBackend(make_script(with_eos)),
+        )
         depth2 = {s.node_id for s in tree.segments if s.depth == 2}
         reasons = {lf.finish_reason for lf in tree.leaves if lf.node_id in depth2}
         if expected:
@@ -383,7 +411,10 @@ def test_repetition_and_its_priority_option():
     assert set(leaf_by_reason(tree)) == {"repetition"}
     tree, _ = sample_one(c, FakeBackend(at_depth(1, 80, lambda n: text("ab" * n)[:n])))
     assert set(leaf_by_reason(tree)) == {"repetition"}
-    tree, _ = sample_one(dataclasses.replace(c, repetition_check=False), FakeBackend(at_depth(1, 80, lambda n: text("ab" * n)[:n])))
+    tree, _ = sample_one(
+        dataclasses.replace(c, repetition_check=False),
+        FakeBackend(at_depth(1, 80, lambda n: text("ab" * n)[:n])),
+    )
     assert "repetition" not in leaf_by_reason(tree)
 
 
@@ -439,7 +470,9 @@ def test_root_divergence_draw_takes_effect():
         sampler.submit(f"p{i}", PROMPT)
         sizes.append(len(sampler._trees[f"p{i}"].pending))
     assert set(sizes) == set(range(2, 9))
-    capped = TreeSampler(FakeBackend(), cfg(w=4, root_divergence_min=2, root_divergence_max=8), None, EOS_IDS, decode)
+    capped = TreeSampler(
+        FakeBackend(), cfg(w=4, root_divergence_min=2, root_divergence_max=8), None, EOS_IDS, decode
+    )
     capped.submit("x", PROMPT)
     assert len(capped._trees["x"].pending) <= 4
     flat = TreeSampler(FakeBackend(), cfg(mode="flat", w=5), None, EOS_IDS, decode)
@@ -479,7 +512,16 @@ def test_fallback_candidate_policies(policy, ending, expect_cut):
         "max_tokens": lambda n: None,
     }
     script = at_depth(d if ending == "max_tokens" else 2, l, endings[ending])
-    c = cfg(w=8, d=d, l=l, b=1, max_response_tokens=d * l, fallback=policy, repetition_substring_chars=4, repetition_min_count=3)
+    c = cfg(
+        w=8,
+        d=d,
+        l=l,
+        b=1,
+        max_response_tokens=d * l,
+        fallback=policy,
+        repetition_substring_chars=4,
+        repetition_min_count=3,
+    )
     cut_parents = set()
     for seed in range(8):
         state = run_until_fallback(dataclasses.replace(c, seed=seed), script, seed)
@@ -502,7 +544,9 @@ def test_fallback_candidate_policies(policy, ending, expect_cut):
 def test_fallback_trees_finish_with_exactly_w_leaves():
     script = at_depth(2, 8, lambda n: [98] * (n - 1) + [0])
     for seed in range(10):
-        tree, sampler = sample_one(cfg(w=8, d=3, l=8, b=1, max_response_tokens=24, seed=seed), FakeBackend(script, seed=seed))
+        tree, sampler = sample_one(
+            cfg(w=8, d=3, l=8, b=1, max_response_tokens=24, seed=seed), FakeBackend(script, seed=seed)
+        )
         assert len(tree.leaves) == 8 and sampler.stats.fallbacks >= 1
         tree.validate()
 
@@ -514,7 +558,16 @@ def test_fallback_trees_finish_with_exactly_w_leaves():
 
 def test_determinism_given_a_seed():
     def sample(seed, fake_seed):
-        c = cfg(w=8, d=4, l=6, b=2, max_response_tokens=24, root_divergence_min=1, root_divergence_max=5, seed=seed)
+        c = cfg(
+            w=8,
+            d=4,
+            l=6,
+            b=2,
+            max_response_tokens=24,
+            root_divergence_min=1,
+            root_divergence_max=5,
+            seed=seed,
+        )
         fake = FakeBackend(random_script(0.2, 0.05, 0.05), seed=fake_seed)
         sampler = TreeSampler(fake, c, None, EOS_IDS, decode)
         out = list(sampler.run([(f"p{i}", PROMPT) for i in range(4)], max_in_flight=3))
@@ -528,11 +581,15 @@ def test_determinism_given_a_seed():
 
 def test_per_request_seeds_are_distinct_and_deterministic():
     fake = FakeBackend()
-    sample_one(cfg(w=8, d=3, l=4, max_response_tokens=12), fake, sampling=SamplingConfig(per_request_seed=True))
+    sample_one(
+        cfg(w=8, d=3, l=4, max_response_tokens=12), fake, sampling=SamplingConfig(per_request_seed=True)
+    )
     seeds = [r.seed for b in fake.batches for r in b]
     assert None not in seeds and len(set(seeds)) == len(seeds)
     fake2 = FakeBackend()
-    sample_one(cfg(w=8, d=3, l=4, max_response_tokens=12), fake2, sampling=SamplingConfig(per_request_seed=True))
+    sample_one(
+        cfg(w=8, d=3, l=4, max_response_tokens=12), fake2, sampling=SamplingConfig(per_request_seed=True)
+    )
     assert seeds == [r.seed for b in fake2.batches for r in b]
     fake3 = FakeBackend()
     sample_one(cfg(w=8, d=3, l=4, max_response_tokens=12), fake3)
@@ -549,7 +606,12 @@ def test_many_trees_in_flight_one_call_per_step_and_early_admission():
     fake.prompt_len = len(PROMPT) + 1
     c = cfg(w=4, d=4, l=4, b=2, max_response_tokens=16, fallback="none")
     sampler = TreeSampler(fake, c, None, EOS_IDS, decode)
-    prompts = [("slow", PROMPT + [121]), ("fast", quick), ("next1", PROMPT + [122]), ("next2", PROMPT + [123])]
+    prompts = [
+        ("slow", PROMPT + [121]),
+        ("fast", quick),
+        ("next1", PROMPT + [122]),
+        ("next2", PROMPT + [123]),
+    ]
     done = []
     for tree in sampler.run(prompts, max_in_flight=2):
         done.append((tree.prompt_id, len(fake.batches)))

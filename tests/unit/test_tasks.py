@@ -65,7 +65,7 @@ def test_answers_are_correct_and_the_scratchpad_is_consistent():
 def test_response_lengths_are_30_to_120_tokens():
     # One character is one token of the task tokenizer; + 1 for EOS.
     lengths = [len(r["solution"]) + 1 for r in generate("arith", 2000, seed=0, split="train")]
-    assert 30 <= min(lengths) and max(lengths) <= 120
+    assert min(lengths) >= 30 and max(lengths) <= 120
 
 
 def test_vocabulary_covers_every_character():

@@ -40,9 +40,10 @@ def test_byte_tokenizer_round_trips_any_text():
 
 def test_chat_template():
     tok = build_tokenizer("arith")
-    msgs = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Compute 1+2."}]
+    # Only the task's characters (and the roles') are in the vocabulary: anything else would be <|unk|>.
+    msgs = [{"role": "system", "content": "Compute it."}, {"role": "user", "content": "Compute 1+2."}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert text == "system: Be exact.\nuser: Compute 1+2.\nassistant: "
+    assert text == "system: Compute it.\nuser: Compute 1+2.\nassistant: "
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
 
@@ -55,7 +56,13 @@ def test_sizes_use_head_dim_64(size):
 
 def test_saved_model_loads_with_identical_logits(tiny_model_dir):
     files = {p.name for p in tiny_model_dir.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "treepo_tiny.json"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "treepo_tiny.json",
+    } <= files
     gen = json.loads((tiny_model_dir / "generation_config.json").read_text())
     tok = load_tokenizer(str(tiny_model_dir))
     assert gen["eos_token_id"] == tok.eos_token_id and gen["pad_token_id"] == tok.pad_token_id
@@ -123,7 +130,10 @@ def test_resolve_model_path(tmp_path, monkeypatch, tiny_model_dir):
 
 
 def test_hub_id_offline_is_a_model_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # Offline mode makes the failure immediate; with network access it would be a 404, also a ModelError.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="hub"):
         load_tokenizer("treepo-test-nonexistent/model")
     with pytest.raises(ModelError, match="hub"):

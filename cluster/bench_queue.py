@@ -1,0 +1,296 @@
+"""``treepo bench queue``: trees/s and push→read latency through the replay queue, next to redis-benchmark.
+
+For each tree size (default: a realistic TreePO tree — w=16 leaves, 14 segments of 512 tokens per
+leaf with binary branching over the first 4 levels (190 segments), int32 tokens + float32 logprobs ≈ 0.8 MB — and
+a small tree), on one Redis server (the embedded one in a temporary directory, AOF ``everysec``,
+unless ``--url`` is given):
+
+1. throughput: a producer *process* pushes N trees as fast as it can while the consumer (this
+   process) reads them with ``XREADGROUP`` (count 16), decodes/validates and acknowledges them;
+   trees/s and MB/s = N / (first push → last read);
+2. latency: the producer pushes at about half that rate; latency = consumer's decode finished −
+   producer's clock before ``encode_tree`` (same machine, same clock), p50/p99 — so it includes
+   encode, XADD, XREADGROUP and decode/validation;
+3. baseline: ``redis-benchmark -t set -d <entry bytes>`` on the same server with 1 client (our
+   pipeline has one producer) and with 8 clients; the ratio is our MB/s over its MB/s.
+
+It also times ``encode_tree``/``decode_tree`` alone (in-process), which is where most of the gap is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from common.tree import Leaf, Segment, Tree, decode_tree, encode_tree
+
+SIZES = {
+    # name: (w, depth, segment tokens)
+    "large": (16, 14, 512),
+    "small": (4, 4, 64),
+}
+
+
+def synthetic_tree(
+    tree_id: str, w: int, depth: int, seg_tokens: int, seed: int = 0, prompt_tokens: int = 128
+) -> Tree:
+    """A valid tree: binary branching until ``w`` leaves (largest power of 2 ≤ w), then chains, so
+    every leaf has ``depth`` segments of ``seg_tokens`` tokens."""
+    rng = np.random.default_rng(seed)
+    segments: list[Segment] = []
+    frontier = [0]
+    next_id = 1
+    for d in range(1, depth + 1):
+        kids = 2 if len(frontier) * 2 <= w else 1  # binary branching until w leaves, then chains
+        new_frontier = []
+        for parent in frontier:
+            for _ in range(kids):
+                segments.append(
+                    Segment(
+                        next_id,
+                        parent,
+                        d,
+                        rng.integers(0, 150_000, seg_tokens, dtype=np.int32),
+                        -rng.random(seg_tokens, dtype=np.float32) * 5,
+                        version=d // 4,
+                    )
+                )
+                new_frontier.append(next_id)
+                next_id += 1
+        frontier = new_frontier
+    leaves = [Leaf(node, "eos", depth * seg_tokens, float(i % 2)) for i, node in enumerate(frontier)]
+    return Tree(
+        tree_id,
+        f"p-{tree_id}",
+        rng.integers(0, 150_000, prompt_tokens, dtype=np.int32),
+        segments,
+        leaves,
+        generator_id=0,
+        metadata={"epoch": 0},
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", default="", help="Redis URL (default: an embedded redis-server in a temp dir)."
+    )
+    parser.add_argument(
+        "--password-env", default="TREEPO_REDIS_PASSWORD", help="Env var with the password for --url."
+    )
+    parser.add_argument(
+        "--sizes", default="large,small", help=f"Comma-separated tree sizes from {sorted(SIZES)}."
+    )
+    parser.add_argument(
+        "--trees", type=int, default=150, help="Trees per throughput run (large; small uses 10x)."
+    )
+    parser.add_argument("--latency-trees", type=int, default=60, help="Trees per paced latency run.")
+    parser.add_argument(
+        "--bench-requests", type=int, default=200, help="redis-benchmark requests (large; small 10x)."
+    )
+    parser.add_argument("--json", default="", help="Also write the JSON report to this path.")
+
+
+def _producer(url: str, password: str, run: str, size: str, n: int, interval_s: float, q) -> None:
+    from common.replay import ReplayQueue
+
+    w, depth, seg = SIZES[size]
+    queue = ReplayQueue(url, run, password=password, max_entry_bytes=64 << 20)
+    trees = [synthetic_tree(f"{size}-{i}", w, depth, seg, seed=i % 4) for i in range(min(n, 4))]
+    q.put("ready")
+    t0 = time.perf_counter()
+    for i in range(n):
+        tree = trees[i % len(trees)]
+        tree.tree_id = f"{size}-{i}"
+        if interval_s:
+            wait = t0 + i * interval_s - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        tree.timings["pushed_at"] = time.time()
+        queue.push(tree)
+    queue.close()
+    q.put("done")
+
+
+def _run_pipeline(url: str, password: str, run: str, size: str, n: int, interval_s: float) -> dict[str, Any]:
+    from common.replay import ReplayQueue
+
+    queue = ReplayQueue(url, run, password=password, max_entry_bytes=64 << 20, block_ms=1000)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_producer, args=(url, password, run, size, n, interval_s, q), daemon=True)
+    proc.start()
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            q.get(timeout=1)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"queue benchmark producer failed to start (exit code {proc.exitcode})"
+                ) from None
+    latencies, got = [], 0
+    t_first = time.time()
+    deadline = time.monotonic() + 300
+    while got < n and time.monotonic() < deadline:
+        entries = queue.read(16, block_ms=1000, consumer="bench")
+        now = time.time()
+        for _id, tree in entries:
+            latencies.append(now - tree.timings["pushed_at"])
+            t_first = min(t_first, tree.timings["pushed_at"])
+        if entries:
+            queue.ack([i for i, _ in entries])
+            got += len(entries)
+    t_last = time.time()
+    proc.join(60)
+    queue.trim_acked()
+    queue.close()
+    if got < n:
+        raise RuntimeError(f"only {got}/{n} trees arrived")
+    lat = np.array(latencies) * 1000
+    return {
+        "trees": got,
+        "seconds": t_last - t_first,
+        "trees_per_s": got / (t_last - t_first),
+        "latency_ms_p50": float(np.percentile(lat, 50)),
+        "latency_ms_p99": float(np.percentile(lat, 99)),
+    }
+
+
+def _redis_benchmark(port: int, password: str, size_bytes: int, n: int, clients: int) -> float | None:
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return None
+    out = subprocess.run(
+        [
+            exe,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-a",
+            password,
+            "-t",
+            "set",
+            "-d",
+            str(size_bytes),
+            "-n",
+            str(n),
+            "-c",
+            str(clients),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "REDISCLI_AUTH": password},
+    )
+    m = re.search(r"SET:\s*([\d.]+)\s*requests per second", out.stdout)
+    return float(m.group(1)) if m else None
+
+
+def _codec(size: str, reps: int) -> dict[str, float]:
+    w, depth, seg = SIZES[size]
+    tree = synthetic_tree("codec", w, depth, seg)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        data = encode_tree(tree)
+    t1 = time.perf_counter()
+    for _ in range(reps):
+        decode_tree(data)
+    t2 = time.perf_counter()
+    return {
+        "entry_bytes": len(data),
+        "encode_ms": (t1 - t0) / reps * 1000,
+        "decode_ms": (t2 - t1) / reps * 1000,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster.redis_launcher import EmbeddedRedis
+
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    for s in sizes:
+        if s not in SIZES:
+            raise SystemExit(f"unknown size {s!r}; choose from {sorted(SIZES)}")
+    tmp = None
+    server = None
+    if args.url:
+        url, password = args.url, os.environ.get(args.password_env, "")
+        from common.replay import describe
+
+        port = int(describe(url).rsplit(":", 1)[1])
+    else:
+        tmp = tempfile.mkdtemp(prefix="treepo-bench-queue-")
+        server = EmbeddedRedis(tmp, appendfsync="everysec", maxmemory_mb=4096).start()
+        url, password, port = server.url, server.password, server.port
+    report: dict[str, Any] = {
+        "url": url.split("@")[-1],
+        "appendfsync": "everysec" if server else "server's",
+        "sizes": {},
+    }
+    try:
+        for size in sizes:
+            scale = 1 if size == "large" else 10
+            codec = _codec(size, 5 if size == "large" else 100)
+            run_name = f"bench-{size}-{os.getpid()}-{int(time.time())}"
+            thr = _run_pipeline(url, password, run_name, size, args.trees * scale, 0.0)
+            interval = 2.0 / thr["trees_per_s"]
+            lat = _run_pipeline(url, password, run_name + "-lat", size, args.latency_trees, interval)
+            entry = codec["entry_bytes"]
+            ours_mb_s = thr["trees_per_s"] * entry / 1e6
+            base = {}
+            for clients in (1, 8):
+                rps = _redis_benchmark(port, password, entry, args.bench_requests * scale, clients)
+                base[f"c{clients}"] = (
+                    None if rps is None else {"set_per_s": rps, "mb_per_s": rps * entry / 1e6}
+                )
+            report["sizes"][size] = {
+                "shape": dict(zip(("w", "depth", "segment_tokens"), SIZES[size])),
+                **codec,
+                "throughput": thr,
+                "paced_latency": lat,
+                "ours_mb_per_s": ours_mb_s,
+                "redis_benchmark_set": base,
+                "ratio_vs_set_c1": ours_mb_s / base["c1"]["mb_per_s"] if base.get("c1") else None,
+                "ratio_vs_set_c8": ours_mb_s / base["c8"]["mb_per_s"] if base.get("c8") else None,
+            }
+            from common.replay import ReplayQueue
+
+            for name in (run_name, run_name + "-lat"):
+                q = ReplayQueue(url, name, password=password)
+                q.redis.delete(*q.keys.values())
+                q.close()
+    finally:
+        if server is not None:
+            server.stop()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(report, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    hdr = f"{'size':>6} {'entry KB':>9} {'enc ms':>7} {'dec ms':>7} {'trees/s':>8} {'MB/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'SET c1 MB/s':>12} {'ratio':>6} {'SET c8 MB/s':>12} {'ratio':>6}"
+    print("\n" + hdr)
+    for size, r in report["sizes"].items():
+        b1, b8 = r["redis_benchmark_set"].get("c1"), r["redis_benchmark_set"].get("c8")
+        fmt = lambda b: f"{b['mb_per_s']:>12.1f}" if b else f"{'n/a':>12}"  # noqa: E731
+        rat = lambda x: f"{x:>6.2f}" if x is not None else f"{'n/a':>6}"  # noqa: E731
+        print(
+            f"{size:>6} {r['entry_bytes'] / 1e3:>9.1f} {r['encode_ms']:>7.2f} {r['decode_ms']:>7.2f} "
+            f"{r['throughput']['trees_per_s']:>8.1f} {r['ours_mb_per_s']:>7.1f} "
+            f"{r['paced_latency']['latency_ms_p50']:>7.2f} {r['paced_latency']['latency_ms_p99']:>7.2f} "
+            f"{fmt(b1)} {rat(r['ratio_vs_set_c1'])} {fmt(b8)} {rat(r['ratio_vs_set_c8'])}"
+        )
+    return 0

@@ -1,0 +1,114 @@
+"""One way to name and load every model: 'tiny:<task>', a local Hugging Face directory, or a hub id.
+
+``resolve_model_path`` turns a model name into something transformers and vLLM both load (building
+and caching tiny models on first use); ``load_tokenizer``/``load_model`` go through it and turn every
+failure into a :class:`ModelError` that names the model and the fix. accelerate is not used here:
+its ``init_empty_weights`` saves memory when instantiating large models from a config, but every
+model here is either tiny or loaded with ``from_pretrained``, which already avoids the double
+allocation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.errors import ModelError
+
+
+def _looks_local(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a path shape is meant as a local path.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def resolve_model_path(path_or_id: str, *, tiny_size: str = "s", tiny_warmup_steps: int = 300) -> str:
+    """A loadable model location: the cached tiny build, the local directory, or the hub id unchanged."""
+    if not path_or_id:
+        raise ModelError("empty model path: set model.path to a local directory, a hub id or 'tiny:arith'")
+    if path_or_id.startswith("tiny:"):
+        # Imported here: it pulls in torch and transformers, needed only when a tiny model is asked for.
+        from common.tiny import resolve_tiny
+
+        return str(resolve_tiny(path_or_id, size=tiny_size, warmup_steps=tiny_warmup_steps))
+    if _looks_local(path_or_id):
+        d = Path(path_or_id).expanduser()
+        if not d.is_dir():
+            raise ModelError(f"model directory {d} does not exist: check model.path")
+        if not (d / "config.json").is_file():
+            raise ModelError(
+                f"model directory {d} has no config.json: it is not a Hugging Face model directory "
+                "(save one with save_pretrained, or point model.path at the directory that holds config.json)"
+            )
+        return str(d)
+    return path_or_id
+
+
+def _hub_error(name: str, exc: Exception) -> ModelError:
+    return ModelError(
+        f"cannot load model {name!r}: it is not a local directory and fetching it from the hub failed "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Download it first "
+        "(huggingface-cli download) and pass the local directory, or use 'tiny:arith' offline"
+    )
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, **resolve_kw):
+    """The model's tokenizer (transformers AutoTokenizer)."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model_path(path, **resolve_kw)
+    try:
+        return AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(resolved, exc) from exc
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(
+    path: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    **resolve_kw,
+):
+    """The causal LM (transformers AutoModelForCausalLM) in ``dtype`` on ``device``, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in _DTYPES:
+        raise ModelError(f"dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
+    resolved = resolve_model_path(path, **resolve_kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise _hub_error(resolved, exc) from exc
+    return model.to(device).eval()
+
+
+def eos_token_ids(path: str, **resolve_kw) -> list[int]:
+    """Every end-of-sequence id: generation_config.json's (an int or a list) first, then the tokenizer's."""
+    resolved = resolve_model_path(path, **resolve_kw)
+    ids: list[int] = []
+    gen = Path(resolved) / "generation_config.json"
+    if gen.is_file():
+        raw = json.loads(gen.read_text()).get("eos_token_id")
+    else:
+        try:
+            from transformers import GenerationConfig
+
+            raw = GenerationConfig.from_pretrained(resolved).eos_token_id
+        except (OSError, ValueError):
+            raw = None  # many models ship no generation config: the tokenizer's EOS is then the one
+    if raw is not None:
+        ids.extend(raw if isinstance(raw, list) else [raw])
+    tok_eos = load_tokenizer(resolved).eos_token_id
+    if tok_eos is not None and tok_eos not in ids:
+        ids.append(tok_eos)
+    if not ids:
+        raise ModelError(
+            f"model {resolved!r} defines no EOS token in generation_config.json or its tokenizer"
+        )
+    return [int(i) for i in ids]

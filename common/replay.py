@@ -1,0 +1,437 @@
+"""The durable replay queue: finished trees in a Redis stream read through a consumer group.
+
+Keys of a run ``R``: the stream ``treepo:R:trees`` (entries ``{tree: <encode_tree bytes>,
+schema: <version>}``), the dead-letter stream ``treepo:R:dead`` and the counter
+``treepo:R:dead_count``; consumers read in the group ``learners``.
+
+Delivery contract (DESIGN.md): at-least-once into Redis, exactly-once into training relative to
+checkpoints.
+
+- Generators :meth:`ReplayQueue.push`; an entry over ``max_entry_bytes`` is refused at the producer
+  (:class:`WireError`), so a consumer never receives one it would reject for size.
+- The learner side :meth:`read`\\ s new entries (``XREADGROUP >``); they stay *pending* (delivered,
+  unacknowledged) until the controller calls :meth:`ack` — only after the checkpoint containing their
+  update is committed. On resume, :meth:`reclaim` re-delivers the pending entries: the consumer's own
+  (``XREADGROUP 0``) and, after ``min_idle_ms``, those of consumers that died (``XAUTOCLAIM``).
+- An entry that fails :func:`decode_tree` (or is too large, or has no payload) is moved to the
+  dead-letter stream with the reason, the original bytes and its source id, and acknowledged on the
+  main stream in the same transaction, so it never blocks or comes back; :meth:`dead_count` counts them.
+- :meth:`trim_acked` removes only entries below both the oldest pending id and the group's
+  last-delivered id (``XTRIM MINID``): Redis 7.0's ``MAXLEN``/``XTRIM`` would delete unacknowledged
+  entries otherwise. Memory is bounded by the generators' admission control, never by dropping data.
+
+Every call has a socket timeout longer than its longest block; connection and authentication
+failures raise :class:`QueueError` naming the server and what to check. No pickle: entries are the
+msgpack wire format of :mod:`common.tree`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from common.errors import QueueError, WireError
+from common.tree import SCHEMA_VERSION, Tree, decode_tree, encode_tree
+
+GROUP = "learners"
+FIELD_TREE = b"tree"
+FIELD_SCHEMA = b"schema"
+MiB = 1 << 20
+_T = TypeVar("_T")
+
+
+def stream_keys(run_name: str) -> dict[str, str]:
+    """Redis keys used by the queue of ``run_name``."""
+    if not run_name or any(c in run_name for c in " \n\t{}"):
+        raise QueueError(f"run name {run_name!r} must be non-empty without spaces or braces")
+    base = f"treepo:{run_name}"
+    return {"trees": f"{base}:trees", "dead": f"{base}:dead", "dead_count": f"{base}:dead_count"}
+
+
+def _sid(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(entry_id: str) -> str:
+    """The smallest stream id greater than ``entry_id``."""
+    ms, seq = _id_tuple(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+def _min_id(a: str, b: str) -> str:
+    return a if _id_tuple(a) <= _id_tuple(b) else b
+
+
+def connect(
+    url: str,
+    password: str | None = None,
+    *,
+    socket_timeout_s: float = 10.0,
+    connect_timeout_s: float = 5.0,
+) -> redis.Redis:
+    """A binary-safe redis-py client for any ``redis://`` or ``rediss://`` (TLS) URL; checked with PING."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise QueueError(f"queue URL {url!r} must start with redis://, rediss:// (TLS) or unix://")
+    kwargs: dict[str, Any] = dict(
+        decode_responses=False,
+        protocol=2,  # the reply shapes parsed here (redis-py >= 5 defaults differ)
+        # A few quick retries ride out a blip; a dead server still fails within about a second.
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=connect_timeout_s,
+        health_check_interval=30,
+    )
+    if password:
+        kwargs["password"] = password
+    client = redis.Redis.from_url(url, **kwargs)
+    guarded(client, url, client.ping)
+    return client
+
+
+def describe(url: str) -> str:
+    """``host:port`` of a URL without its credentials (for messages)."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname}:{parts.port or 6379}"
+    except ValueError:
+        return "<unparsable url>"
+
+
+def guarded(client: redis.Redis, url: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Call ``fn`` and turn redis-py's transport/auth errors into QueueError with a fix."""
+    where = describe(url)
+    try:
+        return fn(*args, **kwargs)
+    except redis.AuthenticationError as e:
+        raise QueueError(
+            f"Redis at {where} rejected the password ({e}): check the password (queue.password_env, "
+            "or <run_dir>/redis/password for the embedded server)"
+        ) from None
+    except redis.TimeoutError as e:
+        raise QueueError(
+            f"Redis at {where} did not answer in time ({e}): check that the server is up and not "
+            "stalled (huge entries, a slow disk with appendfsync always)"
+        ) from None
+    except redis.ConnectionError as e:
+        raise QueueError(
+            f"cannot reach Redis at {where} ({e}): check that the server is running, the host/port, "
+            "TLS (rediss://) and firewalls"
+        ) from None
+    except redis.OutOfMemoryError as e:
+        raise QueueError(
+            f"Redis at {where} is full ({e}): raise queue.maxmemory_mb or lower generators.max_staleness "
+            "(admission control bounds the queue; entries are never evicted)"
+        ) from None
+    except redis.ResponseError as e:
+        if "NOAUTH" in str(e) or "WRONGPASS" in str(e):
+            raise QueueError(
+                f"Redis at {where} needs a valid password ({e}): set queue.password_env"
+            ) from None
+        if "NOGROUP" in str(e):
+            raise QueueError(
+                f"Redis at {where} has lost the queue's stream or consumer group ({e}): the server "
+                "restarted without persistence (appendonly) or the keys were deleted"
+            ) from None
+        raise QueueError(f"Redis at {where} refused a queue command: {e}") from None
+
+
+class ReplayQueue:
+    """Producer and consumer sides of one run's replay queue (create one per process/actor)."""
+
+    def __init__(
+        self,
+        url: str,
+        run_name: str,
+        *,
+        password: str | None = None,
+        max_entry_bytes: int = 8 * MiB,
+        block_ms: int = 2000,
+        socket_timeout_s: float | None = None,
+        connect_timeout_s: float = 5.0,
+        dead_maxlen: int = 1000,
+        client: redis.Redis | None = None,
+    ) -> None:
+        if max_entry_bytes <= 0 or block_ms < 0:
+            raise QueueError("max_entry_bytes must be > 0 and block_ms >= 0")
+        self.url = url
+        self.run_name = run_name
+        self.keys = stream_keys(run_name)
+        self.max_entry_bytes = int(max_entry_bytes)
+        self.block_ms = int(block_ms)
+        self.dead_maxlen = int(dead_maxlen)
+        # The socket timeout must outlast the longest BLOCK, or a quiet queue looks like a dead server.
+        timeout = socket_timeout_s if socket_timeout_s is not None else block_ms / 1000 + 10.0
+        if timeout * 1000 <= block_ms:
+            raise QueueError(f"socket_timeout_s ({timeout}) must exceed block_ms ({block_ms}) / 1000")
+        self._socket_timeout_s = timeout
+        self.redis = client or connect(
+            url, password, socket_timeout_s=timeout, connect_timeout_s=connect_timeout_s
+        )
+        self._ensure_group()
+
+    @classmethod
+    def from_config(cls, cfg: Any, url: str, run_name: str, password: str | None) -> ReplayQueue:
+        """Build from a :class:`common.config.QueueConfig` (``max_entry_mb``, ``block_ms``)."""
+        return cls(
+            url,
+            run_name,
+            password=password,
+            max_entry_bytes=int(cfg.max_entry_mb * MiB),
+            block_ms=int(cfg.block_ms),
+        )
+
+    def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        return guarded(self.redis, self.url, fn, *args, **kwargs)
+
+    def _ensure_group(self) -> None:
+        # Created at id 0, not "$": trees pushed before any consumer exists must still be delivered.
+        try:
+            self._call(self.redis.xgroup_create, self.keys["trees"], GROUP, id="0", mkstream=True)
+        except QueueError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def close(self) -> None:
+        self.redis.close()
+
+    # ------------------------------------------------------------------ producer
+    def encode(self, tree: Tree) -> bytes:
+        """Serialize ``tree`` and enforce the entry size limit (WireError names the sizes)."""
+        data = encode_tree(tree)
+        if len(data) > self.max_entry_bytes:
+            raise WireError(
+                f"tree {tree.tree_id}: {len(data) / MiB:.2f} MiB entry exceeds queue.max_entry_mb "
+                f"({self.max_entry_bytes / MiB:.2f} MiB); lower tree.w / segment length or raise the limit"
+            )
+        return data
+
+    def entry_fields(self, data: bytes) -> dict[bytes, bytes | int]:
+        return {FIELD_TREE: data, FIELD_SCHEMA: SCHEMA_VERSION}
+
+    def push(self, tree: Tree) -> str:
+        """Append one tree; returns its entry id. Refuses oversize or invalid trees with WireError."""
+        data = self.encode(tree)
+        return _sid(self._call(self.redis.xadd, self.keys["trees"], self.entry_fields(data)))
+
+    # ------------------------------------------------------------------ consumer
+    def read(
+        self, count: int, block_ms: int | None = None, consumer: str = "learner"
+    ) -> list[tuple[str, Tree]]:
+        """Up to ``count`` new entries for ``consumer`` (waits ≤ ``block_ms``, 0 = no wait).
+
+        Entries that fail validation go to the dead-letter stream and are not returned, so the list
+        can be shorter than what was delivered. Returned entries stay pending until :meth:`ack`.
+        """
+        block = self.block_ms if block_ms is None else int(block_ms)
+        if block * 1000 >= self._socket_timeout_s * 1e6:
+            raise QueueError(f"block_ms={block} exceeds the socket timeout of {self._socket_timeout_s} s")
+        resp = self._call(
+            self.redis.xreadgroup,
+            GROUP,
+            consumer,
+            {self.keys["trees"]: ">"},
+            count=count,
+            block=block if block > 0 else None,
+        )
+        return self._decode_entries(self._entries_of(resp), consumer)
+
+    @staticmethod
+    def _entries_of(resp: Any) -> list[tuple[bytes, dict | None]]:
+        return [e for _key, entries in resp or [] for e in entries]
+
+    def _decode_entries(
+        self, entries: Iterable[tuple[bytes, dict | None]], consumer: str
+    ) -> list[tuple[str, Tree]]:
+        out: list[tuple[str, Tree]] = []
+        for raw_id, fields in entries:
+            entry_id = _sid(raw_id)
+            data = (fields or {}).get(FIELD_TREE)
+            try:
+                if fields is None:
+                    raise WireError("entry was deleted from the stream while pending (data lost)")
+                if data is None:
+                    raise WireError(f"entry has no {FIELD_TREE.decode()!r} field (fields: {sorted(fields)})")
+                out.append((entry_id, decode_tree(data, max_bytes=self.max_entry_bytes)))
+            except WireError as e:
+                self._dead_letter(entry_id, str(e), data or b"", consumer)
+        return out
+
+    def _dead_letter(self, entry_id: str, reason: str, data: bytes, consumer: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(
+            self.keys["dead"],
+            {b"source_id": entry_id, b"reason": reason[:2000], b"consumer": consumer, b"data": data},
+            maxlen=self.dead_maxlen,
+            approximate=True,
+        )
+        pipe.xack(self.keys["trees"], GROUP, entry_id)
+        pipe.incr(self.keys["dead_count"])
+        self._call(pipe.execute)
+
+    def ack(self, ids: Iterable[str]) -> int:
+        """Acknowledge entries (call after the checkpoint containing their update is committed)."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        n = 0
+        for i in range(0, len(ids), 1000):
+            n += int(self._call(self.redis.xack, self.keys["trees"], GROUP, *ids[i : i + 1000]))
+        return n
+
+    def pending(self, consumer: str | None = None) -> list[str]:
+        """Ids delivered but not yet acknowledged (of one consumer, or all), oldest first."""
+        out: list[str] = []
+        start = "-"
+        while True:
+            rows = self._call(
+                self.redis.xpending_range,
+                self.keys["trees"],
+                GROUP,
+                min=start,
+                max="+",
+                count=1000,
+                consumername=consumer,
+            )
+            out += [_sid(r["message_id"]) for r in rows]
+            if len(rows) < 1000:
+                return out
+            start = "(" + out[-1]
+
+    def reclaim(self, consumer: str, min_idle_ms: int = 0, count: int = 100) -> list[tuple[str, Tree]]:
+        """Re-deliver pending entries to ``consumer`` on resume, oldest first.
+
+        First the consumer's own pending entries (``XREADGROUP`` from id 0: same name after a
+        restart), then every other consumer's entries idle for at least ``min_idle_ms``
+        (``XAUTOCLAIM`` loop: a consumer that died under another name). Entries that no longer
+        validate, or were deleted from the stream, are dead-lettered.
+        """
+        got: dict[str, Tree] = {}
+        start = "0"
+        while True:
+            resp = self._call(
+                self.redis.xreadgroup, GROUP, consumer, {self.keys["trees"]: start}, count=count
+            )
+            entries = self._entries_of(resp)
+            if not entries:
+                break
+            got.update(self._decode_entries(entries, consumer))
+            start = _sid(entries[-1][0])
+        cursor = "0-0"
+        while True:
+            resp = self._call(
+                self.redis.xautoclaim, self.keys["trees"], GROUP, consumer, min_idle_ms, cursor, count=count
+            )
+            cursor, entries = _sid(resp[0]), resp[1]
+            # XAUTOCLAIM also returns our own entries again; entries deleted from the stream are
+            # dropped from the pending list by Redis and listed in resp[2] (data lost: count them).
+            entries = [e for e in entries if _sid(e[0]) not in got]
+            got.update(self._decode_entries(entries, consumer))
+            for lost in resp[2] if len(resp) > 2 else []:
+                self._dead_letter(
+                    _sid(lost), "entry was deleted from the stream while pending (data lost)", b"", consumer
+                )
+            if cursor == "0-0":
+                break
+        return sorted(got.items(), key=lambda kv: _id_tuple(kv[0]))
+
+    # ------------------------------------------------------------------ housekeeping
+    def _group_info(self) -> dict[str, Any]:
+        for g in self._call(self.redis.xinfo_groups, self.keys["trees"]):
+            if _sid(g["name"]) == GROUP:
+                return g
+        raise QueueError(f"consumer group {GROUP!r} missing on {self.keys['trees']}")
+
+    def trim_acked(self) -> int:
+        """Delete acknowledged entries; never an unacknowledged or undelivered one. Returns the count.
+
+        The threshold is ``min(oldest pending id, next id after every group's last-delivered id)``:
+        every entry below it has been delivered and acknowledged by every group.
+        """
+        key = self.keys["trees"]
+        groups = self._call(self.redis.xinfo_groups, key)
+        if not groups:
+            return 0
+        threshold: str | None = None
+        for g in groups:
+            bound = _next_id(_sid(g["last-delivered-id"]))
+            summary = self._call(self.redis.xpending, key, _sid(g["name"]))
+            if summary["pending"]:
+                bound = _min_id(bound, _sid(summary["min"]))
+            threshold = bound if threshold is None else _min_id(threshold, bound)
+        return int(self._call(self.redis.xtrim, key, minid=threshold, approximate=False))
+
+    def dead_count(self) -> int:
+        """Entries moved to the dead-letter stream since the run began."""
+        return int(self._call(self.redis.get, self.keys["dead_count"]) or 0)
+
+    def dead_entries(self, count: int = 5) -> list[dict[str, Any]]:
+        """The last ``count`` dead-letter entries (newest first): id, source id, reason, size, consumer."""
+        rows = self._call(self.redis.xrevrange, self.keys["dead"], count=count)
+        return [
+            {
+                "id": _sid(rid),
+                "source_id": _sid(f.get(b"source_id", b"")),
+                "reason": _sid(f.get(b"reason", b"")),
+                "consumer": _sid(f.get(b"consumer", b"")),
+                "bytes": len(f.get(b"data", b"")),
+                "data": f.get(b"data", b""),
+            }
+            for rid, f in rows
+        ]
+
+    def undelivered(self) -> int:
+        """Entries not yet delivered to the group."""
+        g = self._group_info()
+        if g.get("lag") is not None:
+            return int(g["lag"])
+        # lag is unknown after deletions in the middle of the stream: count ids past last-delivered.
+        start, n = "(" + _sid(g["last-delivered-id"]), 0
+        while True:
+            rows = self._call(self.redis.xrange, self.keys["trees"], min=start, count=1000)
+            n += len(rows)
+            if len(rows) < 1000:
+                return n
+            start = "(" + _sid(rows[-1][0])
+
+    def depth(self) -> int:
+        """Entries not yet consumed for good: undelivered + delivered-but-unacknowledged."""
+        summary = self._call(self.redis.xpending, self.keys["trees"], GROUP)
+        return self.undelivered() + int(summary["pending"])
+
+    def stats(self) -> dict[str, Any]:
+        """Lengths, pending per consumer, oldest pending age, dead letters, server memory."""
+        key = self.keys["trees"]
+        summary = self._call(self.redis.xpending, key, GROUP)
+        now_s, now_us = self._call(self.redis.time)
+        now_ms = now_s * 1000 + now_us // 1000
+        oldest_age_s = None
+        if summary["pending"]:
+            oldest_age_s = max(0.0, (now_ms - _id_tuple(_sid(summary["min"]))[0]) / 1000)
+        mem = self._call(self.redis.info, "memory")
+        undelivered = self.undelivered()
+        return {
+            "run": self.run_name,
+            "stream": key,
+            "length": int(self._call(self.redis.xlen, key)),
+            "undelivered": undelivered,
+            "pending": int(summary["pending"]),
+            "depth": undelivered + int(summary["pending"]),
+            "pending_per_consumer": {_sid(c["name"]): int(c["pending"]) for c in summary["consumers"] or []},
+            "oldest_pending_age_s": oldest_age_s,
+            "dead_length": int(self._call(self.redis.xlen, self.keys["dead"])),
+            "dead_count": self.dead_count(),
+            "used_memory_mb": round(mem.get("used_memory", 0) / MiB, 2),
+            "maxmemory_mb": round(mem.get("maxmemory", 0) / MiB, 2),
+            "checked_at": time.time(),
+        }

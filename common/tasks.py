@@ -1,0 +1,221 @@
+"""Synthetic verifiable tasks for CPU runs: seeded generators, held-out splits, exact answer checks.
+
+The one task, ``arith``, is a short chain of additions and subtractions solved with a scratchpad, one
+line per operation, ending in ``\\boxed{N}``::
+
+    prompt:   "Compute 47+38-12.\\n"
+    solution: "47+38=85\\n85-12=73\\nThe answer is \\boxed{73}"      (then EOS)
+
+Each scratchpad line is a small reasoning step whose error ruins the answer, so a tree that branches
+between lines has something to choose between. With character-level tokens (``common.tiny``) every
+target response is 30-120 tokens, i.e. one to four 32-token segments. The difficulty (digits per
+number, operations per problem) was tuned so that the default tiny model, warm-started for about a
+minute on CPU, solves a minority of held-out problems at temperature 1: RL has room to improve it.
+
+Splits are decided by a hash of the problem text, not by the seed: a problem is held out ("eval") for
+every seed or for none, so no seed can leak a held-out problem into "train".
+
+Pure Python: no torch, ray or vllm imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import DataError
+
+SPLITS = ("train", "eval")
+# Share of all problems that belong to the held-out split (decided per problem by its hash).
+EVAL_FRACTION = 0.1
+ANSWER_PREFIX = "The answer is "
+_INT = re.compile(r"\s*([+-]?[0-9]+)\s*")
+
+
+@dataclass(frozen=True)
+class ArithTask:
+    """Chains of ``min_ops..max_ops`` additions/subtractions of ``min_digits..max_digits``-digit numbers.
+
+    Every intermediate result stays >= 0 (a subtraction that would go negative becomes an addition),
+    so the scratchpad never needs a minus sign in front of a number.
+    """
+
+    name: str = "arith"
+    min_digits: int = 1
+    max_digits: int = 2
+    min_ops: int = 2
+    max_ops: int = 3
+
+    def problem(self, rng: random.Random) -> tuple[str, str, str]:
+        """Draw one problem: (prompt, answer, solution)."""
+        n_ops = rng.randint(self.min_ops, self.max_ops)
+        numbers = [self._number(rng) for _ in range(n_ops + 1)]
+        acc = numbers[0]
+        expr = str(acc)
+        lines = []
+        for x in numbers[1:]:
+            op = rng.choice("+-")
+            if op == "-" and x > acc:
+                op = "+"
+            new = acc + x if op == "+" else acc - x
+            lines.append(f"{acc}{op}{x}={new}\n")
+            expr += f"{op}{x}"
+            acc = new
+        prompt = f"Compute {expr}.\n"
+        solution = "".join(lines) + ANSWER_PREFIX + "\\boxed{" + str(acc) + "}"
+        return prompt, str(acc), solution
+
+    def _number(self, rng: random.Random) -> int:
+        digits = rng.randint(self.min_digits, self.max_digits)
+        low = 0 if digits == 1 else 10 ** (digits - 1)
+        return rng.randint(low, 10**digits - 1)
+
+    def vocabulary(self) -> str:
+        text = "0123456789+-=.\n " + "Compute" + ANSWER_PREFIX + "\\boxed{}"
+        return "".join(sorted(set(text)))
+
+
+TASKS: dict[str, ArithTask] = {"arith": ArithTask()}
+
+
+def get_task(name: str) -> ArithTask:
+    """The task registered under ``name``; DataError listing the known names otherwise."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise DataError(f"unknown synthetic task {name!r}: use one of {', '.join(sorted(TASKS))}") from None
+
+
+def _task(task: str | ArithTask) -> ArithTask:
+    return get_task(task) if isinstance(task, str) else task
+
+
+def _problem_hash(task_name: str, prompt: str) -> str:
+    return hashlib.sha256(f"{task_name}\0{prompt}".encode()).hexdigest()
+
+
+def split_of(task: str | ArithTask, prompt: str) -> str:
+    """The split a problem belongs to, from its text alone (independent of any seed)."""
+    h = _problem_hash(_task(task).name, prompt)
+    return "eval" if int(h[:8], 16) < EVAL_FRACTION * 16**8 else "train"
+
+
+def generate(task: str | ArithTask, n: int, seed: int, split: str) -> list[dict]:
+    """``n`` distinct problems of ``split`` ("train" | "eval"); the same (task, n, seed, split) gives the same rows.
+
+    Rows are ``{"id", "prompt", "answer", "solution", "task"}``; ``id`` is derived from the problem
+    text, so the same problem has the same id wherever it is generated.
+    """
+    t = _task(task)
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if n < 0:
+        raise DataError(f"n={n} must be >= 0")
+    # A string seed is hashed with SHA-512 by `random`, so this is stable across processes and runs.
+    rng = random.Random(f"{t.name}:{seed}:{split}")
+    rows: list[dict] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(rows) < n:
+        tries += 1
+        if tries > 100 * n + 10_000:
+            raise DataError(f"task {t.name!r} cannot produce {n} distinct {split} problems: ask for fewer")
+        prompt, answer, solution = t.problem(rng)
+        if prompt in seen or split_of(t, prompt) != split:
+            continue
+        seen.add(prompt)
+        rows.append(
+            {
+                "id": f"{t.name}-{_problem_hash(t.name, prompt)[:16]}",
+                "prompt": prompt,
+                "answer": answer,
+                "solution": solution,
+                "task": t.name,
+            }
+        )
+    return rows
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
+    """Write rows as JSON lines, atomically (a reader never sees a half-written file)."""
+    path = Path(path)
+    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def treepo_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir`` if given, else $TREEPO_CACHE, else ~/.cache/treepo."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("TREEPO_CACHE") or "~/.cache/treepo").expanduser()
+
+
+def synthetic_path(task: str, split: str, n: int, seed: int, cache_dir: str | Path | None = None) -> Path:
+    """Path of a JSONL file holding ``generate(task, n, seed, split)``, written once into the cache."""
+    t = get_task(task)
+    root = treepo_cache_dir(cache_dir)
+    path = root / "data" / f"{t.name}-{split}-n{n}-seed{seed}-{_task_key(t)}.jsonl"
+    if not path.exists():
+        write_jsonl(generate(t, n, seed, split), path)
+    return path
+
+
+def _task_key(t: ArithTask) -> str:
+    # Parameters in the file name, so a change of difficulty never reuses an old cache file.
+    return f"d{t.min_digits}-{t.max_digits}o{t.min_ops}-{t.max_ops}"
+
+
+def task_vocabulary(task: str) -> str:
+    """Every character the task's prompts and solutions use, sorted (the character tokenizer's alphabet)."""
+    return get_task(task).vocabulary()
+
+
+def extract_last_boxed(text: str) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` in ``text`` (nested braces allowed), else None."""
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        i = start + len("\\boxed{")
+        depth = 1
+        for j in range(i, len(text)):
+            c = text[j]
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[i:j]
+        # This box never closes: an earlier, complete one is still the last answer given.
+        start = text.rfind("\\boxed{", 0, start)
+    return None
+
+
+def check_answer(task: str, response_text: str, answer: str) -> bool:
+    """True iff the last ``\\boxed{}`` of the response holds exactly the integer ``answer``."""
+    get_task(task)
+    boxed = extract_last_boxed(response_text)
+    if boxed is None:
+        return False
+    # ASCII digits only: int() would also accept "1_000" or non-ASCII digits.
+    got, want = _INT.fullmatch(boxed), _INT.fullmatch(str(answer))
+    return got is not None and want is not None and int(got.group(1)) == int(want.group(1))

@@ -1,0 +1,449 @@
+"""One learner rank: the policy model, its optimizer, and PPO updates on leaf sequences.
+
+A plain class (``cluster/`` wraps it in Ray). Ranks of a group join a torch.distributed process group
+(gloo on CPU, NCCL on GPU) given explicitly (``init_method`` tcp://host:port, rank, world size).
+On CPU the model is wrapped in DDP; on GPU with ``learner.fsdp`` every decoder layer and then the
+root are sharded with FSDP2 (``fully_shard``), with a bf16 ``MixedPrecisionPolicy`` (fp32 gradient
+reduction) when ``learner.mixed_precision=bf16``. A group of one without ``init_method`` runs with
+no process group at all.
+
+Gradient accumulation equals one big batch: the loss of every micro-batch is its sum over valid
+tokens divided by the mini-batch's GLOBAL valid-token count (all ranks), times the world size because
+DDP/FSDP average gradients over ranks. Only the last micro-batch synchronises gradients.
+
+A step whose loss or gradient norm is not finite (on any rank) is refused: the gradients are dropped,
+the optimizer, scheduler and policy version do not move, ``skipped_steps`` counts it; since
+checkpoints only ever hold optimizer-stepped state, a NaN step is never checkpointed.
+
+The learning rate warms up linearly: step ``s`` (0-based) uses ``lr * min(1, (s + 1) / warmup_steps)``
+and stays constant afterwards (the paper's schedule).
+
+accelerate is not used: models are loaded with ``from_pretrained`` on every rank and then wrapped or
+sharded; ``init_empty_weights`` would only pay off together with rank-0 loading and broadcast into
+sharded parameters, which the model sizes this targets on one node do not need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.errors import ConfigError, ModelError
+from learner import checkpoint as ckpt
+from learner.batching import LeafSequence, collate, leaf_sequences, pack_micro_batches
+from learner.loss import LossParams, entropy_from_logits, policy_loss, reduce_metrics
+
+
+def _load_model(model_cfg, device: torch.device):
+    try:
+        from common.models import load_model
+    except ImportError:  # pragma: no cover - common.models is part of the package
+        load_model = None
+    if load_model is not None:
+        return load_model(
+            model_cfg.path,
+            model_cfg.dtype,
+            str(device),
+            trust_remote_code=model_cfg.trust_remote_code,
+            tiny_size=model_cfg.tiny_size,
+            tiny_warmup_steps=model_cfg.tiny_warmup_steps,
+        )
+    from transformers import AutoModelForCausalLM  # pragma: no cover
+
+    return AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype)).to(
+        device
+    )
+
+
+def shard_for_rank(items: Sequence, rank: int, world_size: int, mini_batch_prompts: int) -> list:
+    """Rank ``rank``'s share of a step's prompts, in the order :meth:`LearnerRank.train_step` expects."""
+    if mini_batch_prompts % world_size or len(items) % mini_batch_prompts:
+        raise ConfigError(
+            f"{len(items)} prompts in mini-batches of {mini_batch_prompts} over {world_size} ranks do not divide "
+            "evenly: make prompts_per_step a multiple of mini_batch_prompts, and that a multiple of num_workers"
+        )
+    per_rank = mini_batch_prompts // world_size
+    out: list = []
+    for start in range(0, len(items), mini_batch_prompts):
+        out.extend(items[start + rank * per_rank : start + (rank + 1) * per_rank])
+    return out
+
+
+class LearnerRank:
+    """One data-parallel learner rank. All ranks of a group must make the same calls in the same order."""
+
+    def __init__(
+        self,
+        model_cfg,
+        algo_cfg,
+        learner_cfg,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        init_method: str | None = None,
+        seed: int = 0,
+        temperature: float = 1.0,
+        timeout_s: float = 600.0,
+    ) -> None:
+        if world_size > 1 and init_method is None:
+            raise ConfigError(
+                f"world_size={world_size} needs an init_method (tcp://host:port) shared by all ranks"
+            )
+        self.model_cfg, self.algo, self.cfg = model_cfg, algo_cfg, learner_cfg
+        self.rank, self.world_size = rank, world_size
+        self.temperature = float(temperature)
+        self.loss_params = LossParams.from_algo(algo_cfg)
+        self.loss_params.check()
+        gpu = learner_cfg.gpus_per_worker > 0
+        if gpu and not torch.cuda.is_available():
+            raise ConfigError(
+                "learner.gpus_per_worker > 0 but CUDA is not available: set learner.gpus_per_worker=0"
+            )
+        self.device = (
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
+        )
+        if gpu:
+            torch.cuda.set_device(self.device)
+        self.distributed = init_method is not None
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group(
+                "nccl" if gpu else "gloo",
+                init_method=init_method,
+                rank=rank,
+                world_size=world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+
+        module = _load_model(model_cfg, self.device)
+        module.train()
+        module.config.use_cache = False
+        if learner_cfg.activation_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.module = module  # the HF model (FSDP2 shards it in place; DDP wraps it)
+        self.pad_id = int(module.config.pad_token_id or 0)
+        self.fsdp = bool(learner_cfg.fsdp)
+        if self.fsdp:
+            self.model = self._shard(module)
+        elif self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(module, device_ids=[self.device.index] if gpu else None)
+        else:
+            self.model = module
+        self.ref_model = None
+        if algo_cfg.kl_coef > 0:
+            self.ref_model = _load_model(model_cfg, self.device).eval().requires_grad_(False)
+
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=learner_cfg.lr,
+            betas=tuple(float(b) for b in learner_cfg.betas),
+            weight_decay=learner_cfg.weight_decay,
+        )
+        warmup = max(1, int(learner_cfg.warmup_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
+        )
+        self.version = 0  # policy version: successful optimizer steps
+        self.skipped_steps = 0
+        self._reset_accumulators()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _shard(self, module):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not self.distributed:
+            raise ConfigError("learner.fsdp=true needs a process group: pass init_method")
+        kw: dict[str, Any] = {}
+        if self.cfg.mixed_precision == "bf16":
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        layers = getattr(getattr(module, "model", None), "layers", None)
+        if layers is None:
+            raise ModelError(
+                f"{type(module).__name__} has no model.layers: FSDP2 wrapping expects a decoder stack"
+            )
+        for layer in layers:
+            fully_shard(layer, **kw)
+        fully_shard(module, **kw)
+        return module
+
+    def _reset_accumulators(self) -> None:
+        self._loss_sum = 0.0
+        self._nonfinite = False
+
+    def _all_reduce(self, values: list[float], op=None) -> list[float]:
+        if not self.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t.tolist()
+
+    # ------------------------------------------------------------------ forward
+    def _token_logprobs(self, model, batch: dict[str, torch.Tensor], entropy: bool = False):
+        ids = batch["input_ids"].to(self.device)
+        out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(self.device), use_cache=False)
+        logits = out.logits[:, :-1].float()
+        if self.temperature != 1.0:  # behavior logprobs were taken after temperature scaling
+            logits = logits / self.temperature
+        targets = ids[:, 1:]
+        logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        ent = entropy_from_logits(logits.detach()) if entropy else None
+        return logp, ent
+
+    def _micro_batches(self, seqs: Sequence[LeafSequence]) -> list[list[int]]:
+        # longest first, stable: less padding, and the same grouping wherever the same data is seen
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].token_ids))
+        groups = pack_micro_batches([len(seqs[i].token_ids) for i in order], self.cfg.micro_batch_tokens)
+        return [[order[i] for i in g] for g in groups]
+
+    @torch.no_grad()
+    def compute_logprobs(self, seqs: Sequence[LeafSequence], reference: bool = False) -> list[np.ndarray]:
+        """Response-token logprobs under the current (or reference) policy, one array per sequence."""
+        model = self.ref_model if reference else (self.model if self.fsdp else self.module)
+        out: list[np.ndarray | None] = [None] * len(seqs)
+        for group in self._micro_batches(seqs):
+            batch = collate([seqs[i] for i in group], self.pad_id)
+            logp, _ = self._token_logprobs(model, batch)
+            logp = logp.cpu()
+            for row, i in enumerate(group):
+                s = seqs[i]
+                out[i] = logp[row, s.prompt_len - 1 : len(s.token_ids) - 1].numpy().astype(np.float32)
+        return out  # type: ignore[return-value]
+
+    def prepare(self, seqs: Sequence[LeafSequence]) -> None:
+        """Fill π_prox (and reference) logprobs in place, before any update on this data."""
+        for s, lp in zip(seqs, self.compute_logprobs(seqs)):
+            s.prox_logprobs_R = lp
+        if self.ref_model is not None:
+            for s, lp in zip(seqs, self.compute_logprobs(seqs, reference=True)):
+                s.ref_logprobs_R = lp
+
+    # ------------------------------------------------------------------ update
+    def forward_backward(
+        self, seqs: Sequence[LeafSequence], global_tokens: int | None = None
+    ) -> dict[str, float]:
+        """Accumulate gradients of this rank's share of a mini-batch; call once per mini-batch.
+
+        ``global_tokens``: valid response tokens of the whole mini-batch over all ranks (None: counted
+        here with an all-reduce, see :meth:`global_token_count`). Sequences need ``prox_logprobs_R``
+        (see :meth:`prepare`). Gradients are synchronised across ranks at the end of the call.
+        """
+        if global_tokens is None:
+            global_tokens = self.global_token_count(seqs)
+        if not seqs:
+            raise ValueError(
+                "forward_backward needs at least one sequence on every rank (DDP syncs per rank)"
+            )
+        if any(s.prox_logprobs_R is None for s in seqs):
+            raise ValueError("sequences lack prox_logprobs_R: call prepare(seqs) before the first update")
+        groups = self._micro_batches(seqs)
+        # DDP/FSDP average gradients over ranks: scale the normaliser so the sum over ranks results
+        normaliser = float(global_tokens) / self.world_size
+        parts = []
+        for k, group in enumerate(groups):
+            last = k == len(groups) - 1
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            elif self.distributed and not last:
+                sync = self.model.no_sync()
+            else:
+                sync = contextlib.nullcontext()
+            batch = collate([seqs[i] for i in group], self.pad_id, current_version=self.version)
+            with sync:
+                logp, ent = self._token_logprobs(self.model, batch, entropy=True)
+                dev = {k: v.to(self.device) for k, v in batch.items()}
+                loss, metrics = policy_loss(
+                    logp,
+                    dev["prox_logprobs"],
+                    dev["behavior_logprobs"],
+                    dev["advantages"],
+                    dev["mask"],
+                    normaliser,
+                    self.loss_params,
+                    ref_logprobs_B_T=dev.get("ref_logprobs"),
+                    entropy_B_T=ent,
+                    staleness_B_T=dev["staleness"],
+                )
+                loss.backward()
+            value = float(loss.detach()) / self.world_size  # this rank's share of the global token-mean
+            self._loss_sum += value
+            self._nonfinite |= not math.isfinite(value)
+            parts.append(metrics)
+        return reduce_metrics(parts)
+
+    def global_token_count(self, seqs: Sequence[LeafSequence]) -> int:
+        return int(self._all_reduce([float(sum(s.response_len for s in seqs))])[0])
+
+    def optim_step(self) -> int:
+        """Clip and apply the accumulated gradients; returns the policy version (unchanged if refused)."""
+        loss_sum, nonfinite = self._all_reduce([self._loss_sum, float(self._nonfinite)])
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        ok = nonfinite == 0 and math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        self.last_step = {
+            "learner/loss": loss_sum,
+            "learner/grad_norm": grad_norm,
+            "learner/lr": self.scheduler.get_last_lr()[0],
+        }
+        if ok:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.version += 1
+        else:
+            self.skipped_steps += 1
+        self.last_step["learner/skipped_steps"] = float(self.skipped_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._reset_accumulators()
+        return self.version
+
+    def train_on(self, mini_batches: Sequence[Sequence[LeafSequence]]) -> dict[str, float]:
+        """π_prox recompute once, then ``ppo_epochs`` passes with one optimizer step per mini-batch.
+
+        Every rank passes the same number of mini-batches (its own share of each).
+        """
+        self.prepare([s for mb in mini_batches for s in mb])
+        parts, steps = [], []
+        for _ in range(self.cfg.ppo_epochs):
+            for mb in mini_batches:
+                total = self.global_token_count(mb)
+                parts.append(self._as_parts(self.forward_backward(mb, total)))
+                self.optim_step()
+                steps.append(self.last_step)
+        metrics = reduce_metrics(parts)
+        metrics.update(
+            {k: float(np.mean([s[k] for s in steps])) for k in ("learner/loss", "learner/grad_norm")}
+        )
+        metrics["learner/lr"] = steps[-1]["learner/lr"]
+        metrics["learner/skipped_steps"] = float(self.skipped_steps)
+        metrics["learner/version"] = float(self.version)
+        return metrics
+
+    @staticmethod
+    def _as_parts(metrics: dict[str, float]) -> dict[str, tuple[float, str, float]]:
+        tokens = metrics.get("learner/tokens", 1.0)
+        how = {"learner/tokens": "sum"}
+        for k in metrics:
+            if k.endswith("_max"):
+                how[k] = "max"
+            elif k.endswith("_min"):
+                how[k] = "min"
+        return {k: (v, how.get(k, "mean"), tokens) for k, v in metrics.items()}
+
+    def train_step(self, trees: Sequence, advantages_P_L: Sequence[np.ndarray]) -> dict[str, float]:
+        """One controller step on this rank's trees (advantages already computed over the whole batch).
+
+        The trees are this rank's share in mini-batch order: consecutive chunks of
+        ``mini_batch_prompts / world_size`` trees form its part of mini-batch 1, 2, ... (with a global
+        list ``P`` of prompts, rank ``r`` gets ``shard_for_rank(P, r, world, mini_batch_prompts)``).
+        """
+        per_rank = max(1, self.cfg.mini_batch_prompts // self.world_size)
+        mini_batches = [
+            leaf_sequences(trees[i : i + per_rank], advantages_P_L[i : i + per_rank])
+            for i in range(0, len(trees), per_rank)
+        ]
+        return self.train_on(mini_batches)
+
+    # ------------------------------------------------------------------ weights and checkpoints
+    def weights_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) per parameter. Every rank must drive the iterator (FSDP gathers are
+        collective); only rank 0's tensors are meant to be sent."""
+        for name, p in self.module.named_parameters():
+            t = p.full_tensor() if hasattr(p, "full_tensor") else p
+            yield name, t.detach()
+
+    def _full_states(self) -> tuple[dict | None, dict]:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_state_dict(self.module, self.optimizer, options=opts)
+        return None, self.optimizer.state_dict()
+
+    def save(
+        self, root: str | os.PathLike, extra: dict | None = None, step: int | None = None, keep_last: int = 2
+    ) -> Path | None:
+        """Checkpoint into ``root/ckpt-<step>`` (step defaults to the policy version). Collective."""
+        step = self.version if step is None else step
+        tmp = ckpt.begin(root, step) if self.rank == 0 else Path(root) / f".tmp-{ckpt.ckpt_name(step)}"
+        self._barrier()
+        ckpt.write_rng(tmp, self.rank)
+        model_state, optim_state = self._full_states()
+        self._barrier()
+        final = None
+        if self.rank == 0:
+            trainer = {
+                "step": step,
+                "version": self.version,
+                "skipped_steps": self.skipped_steps,
+                "world_size": self.world_size,
+                "extra": dict(extra or {}),
+            }
+            src = self.model_cfg.path
+            tok_dir = src if Path(src).is_dir() else None
+            ckpt.write_state(
+                tmp, self.module, model_state, optim_state, self.scheduler.state_dict(), trainer, tok_dir
+            )
+            final = ckpt.publish(root, tmp, step, keep_last)
+        self._barrier()
+        return final
+
+    def load(self, root: str | os.PathLike, required: bool = True) -> dict | None:
+        """Restore the newest intact checkpoint under ``root``; returns its ``extra`` (None if none)."""
+        found = ckpt.require_checkpoint(root) if required else ckpt.find_checkpoint(root)
+        if found is None:
+            return None
+        state = found.model_state()
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            full = {k: v for k, v in state.items()}
+            set_state_dict(
+                self.module,
+                self.optimizer,
+                model_state_dict=full,
+                optim_state_dict=found.optimizer_state(),
+                options=StateDictOptions(full_state_dict=True, strict=False),
+            )
+        else:
+            missing, unexpected = self.module.load_state_dict(state, strict=False)
+            tied = set(getattr(self.module, "_tied_weights_keys", None) or [])
+            if unexpected or [k for k in missing if k not in tied]:
+                raise ModelError(
+                    f"checkpoint {found.path} does not match the model: missing {missing[:5]}, unexpected "
+                    f"{unexpected[:5]}: resume with the same model.path"
+                )
+            if getattr(self.module.config, "tie_word_embeddings", False):
+                self.module.tie_weights()
+            self.optimizer.load_state_dict(found.optimizer_state())
+        self.scheduler.load_state_dict(found.scheduler_state())
+        rng = found.rng(self.rank)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        self.version = int(found.trainer["version"])
+        self.skipped_steps = int(found.trainer.get("skipped_steps", 0))
+        self._barrier()
+        return found.extra
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,54 @@
+"""Session-wide test setup: quiet, 2-thread CPU defaults and shared tiny-model fixtures.
+
+``tiny_model_dir``: size "xs", random init, built once per session in a temp dir (well under a second).
+``warm_model_dir``: size "s" warm-started on arith with the default recipe, cached under $TREEPO_CACHE
+(or ~/.cache/treepo) so only the first session pays the ~1 minute build.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before vllm / tokenizers are imported by any test module.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tests never download: a hub id fails at once instead of after network retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+WARM_SIZE = "s"
+WARM_STEPS = 300
+ARITH_SEED = 1234
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-init "xs" tiny:arith model directory (Hugging Face format, vLLM-loadable)."""
+    from common.tiny import make_tiny_model
+
+    return make_tiny_model(
+        tmp_path_factory.mktemp("tiny") / "tiny-xs", task="arith", size="xs", progress=False
+    )
+
+
+@pytest.fixture(scope="session")
+def warm_model_dir():
+    """The default tiny:arith model ("s", warm-started), built once and cached across sessions."""
+    from common.tiny import resolve_tiny
+
+    return resolve_tiny("tiny:arith", size=WARM_SIZE, warmup_steps=WARM_STEPS, progress=False)
+
+
+@pytest.fixture(scope="session")
+def arith_rows():
+    """A few arith rows: 8 train, 8 held-out."""
+    from common.tasks import generate
+
+    return generate("arith", 8, seed=ARITH_SEED, split="train") + generate(
+        "arith", 8, seed=ARITH_SEED, split="eval"
+    )

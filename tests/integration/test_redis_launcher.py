@@ -1,0 +1,131 @@
+"""The embedded redis-server launcher: port, password, AOF location, clean stop, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from cluster.redis_launcher import RAY_REDIS_PORT, EmbeddedRedis, find_running
+from common.errors import QueueError
+
+pytestmark = pytest.mark.integration
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _s(x) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def test_start_secure_persistent_and_stop_leaves_no_process(tmp_path):
+    with EmbeddedRedis(tmp_path, appendfsync="always") as server:
+        assert server.port != RAY_REDIS_PORT and server.url == f"redis://127.0.0.1:{server.port}/0"
+        pid = server.pid
+        assert _alive(pid)
+        # A password is required: an unauthenticated command is refused.
+        anon = redis.Redis(
+            host="127.0.0.1", port=server.port, socket_timeout=5, protocol=2, retry=Retry(NoBackoff(), 0)
+        )
+        with pytest.raises(redis.AuthenticationError):
+            anon.set("k", "v")
+        pw_file = tmp_path / "redis" / "password"
+        assert pw_file.read_text() == server.password and len(server.password) >= 32
+        assert (pw_file.stat().st_mode & 0o777) == 0o600
+        assert ((tmp_path / "redis" / "redis.conf").stat().st_mode & 0o777) == 0o600
+        c = server.client()
+        c.set("k", "v")
+        cfg = {_s(k): _s(v) for k, v in c.config_get("*").items()}
+        assert cfg["appendonly"] == "yes" and cfg["appendfsync"] == "always"
+        assert cfg["maxmemory-policy"] == "noeviction" and cfg["bind"] == "127.0.0.1"
+        assert cfg["dir"] == str(tmp_path.resolve() / "redis")
+        assert find_running(tmp_path) == (server.url, server.password)
+        # A second server on the same data is refused while this one runs.
+        with pytest.raises(QueueError, match="already running"):
+            EmbeddedRedis(tmp_path, adopt=False).start()
+    assert not _alive(pid)
+    assert not (tmp_path / "redis" / "endpoint.json").exists() and find_running(tmp_path) is None
+    aof = list((tmp_path / "redis" / "appendonlydir").iterdir())
+    assert any(p.name.endswith(".manifest") for p in aof) and any(".incr.aof" in p.name for p in aof)
+    assert b"k" in b"".join(p.read_bytes() for p in aof)
+
+
+def test_second_launcher_resumes_password_and_data(tmp_path):
+    with EmbeddedRedis(tmp_path) as first:
+        first.client().set("kept", "yes")
+        password = first.password
+    with EmbeddedRedis(tmp_path) as second:
+        assert second.password == password
+        assert second.client().get("kept") == b"yes"
+
+
+def test_restart_keeps_port_password_and_data(tmp_path):
+    with EmbeddedRedis(tmp_path, appendfsync="always") as server:
+        port, pid = server.port, server.pid
+        server.client().rpush("l", "a", "b")
+        server.restart()
+        assert server.port == port and server.pid != pid and not _alive(pid)
+        assert server.client().lrange("l", 0, -1) == [b"a", b"b"]
+        assert json.loads((tmp_path / "redis" / "endpoint.json").read_text())["pid"] == server.pid
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(QueueError, match="apt-get install redis-server"):
+        EmbeddedRedis(tmp_path, executable="redis-server-not-installed").start()
+    with pytest.raises(QueueError, match="Ray head"):
+        EmbeddedRedis(tmp_path, port=RAY_REDIS_PORT)
+    with pytest.raises(QueueError, match="appendfsync"):
+        EmbeddedRedis(tmp_path, appendfsync="sometimes")
+    # A server that cannot start (its fixed port is taken) says so and quotes its log.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(QueueError, match="(?s)redis-server did not start.*Address already in use"):
+            EmbeddedRedis(tmp_path / "busy", port=busy.getsockname()[1]).start()
+    assert find_running(tmp_path / "busy") is None
+
+
+def test_server_orphaned_by_a_killed_owner_is_adopted_then_stopped(tmp_path):
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from cluster.redis_launcher import EmbeddedRedis\n"
+            "s = EmbeddedRedis(sys.argv[1], appendfsync='always').start()\n"
+            "s.client().set('k', 'v')\n"
+            "print(s.pid, flush=True)\n"
+            "time.sleep(120)\n",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        pid = int(owner.stdout.readline())
+    finally:
+        owner.kill()  # SIGKILL: no cleanup runs, the server survives in its own session
+        owner.wait(10)
+    assert _alive(pid) and find_running(tmp_path) is not None
+    server = EmbeddedRedis(tmp_path, appendfsync="everysec").start()
+    try:
+        assert server.pid == pid and server.running()
+        assert server.client().get("k") == b"v"
+        assert server.client().config_get("appendfsync")["appendfsync"] in ("everysec", b"everysec")
+    finally:
+        server.stop()
+    assert not server.running() and find_running(tmp_path) is None
