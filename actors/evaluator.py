@@ -44,6 +44,8 @@ class EvalResult:
     wall_s: float
     decoded_tokens: int
     trajectories: int
+    prefill_tokens_computed: int = 0
+    trajectory_tokens: int = 0  # response tokens over all answers (shared prefixes counted per answer)
 
     def summary(self) -> dict[str, float]:
         n = len(self.problems)
@@ -54,6 +56,8 @@ class EvalResult:
             f"pass@{self.k}": mean([p.pass_at_k for p in self.problems]),
             f"maj@{self.k}": mean([p.maj_at_k for p in self.problems]),
             "decoded_tokens": float(self.decoded_tokens),
+            "prefill_tokens_computed": float(self.prefill_tokens_computed),
+            "trajectory_tokens": float(self.trajectory_tokens),
             "wall_s": self.wall_s,
             "trajectories_per_s": self.trajectories / self.wall_s if self.wall_s else 0.0,
         }
@@ -123,7 +127,16 @@ def evaluate(
             progress(1)
     wall = time.perf_counter() - t0
     ordered = [results[str(p.row.id)] for p in prompts]
-    return EvalResult(ordered, k, sampling, wall, stats.decoded_tokens, stats.leaves)
+    return EvalResult(
+        ordered,
+        k,
+        sampling,
+        wall,
+        stats.decoded_tokens,
+        stats.leaves,
+        prefill_tokens_computed=stats.prefill_tokens_computed,
+        trajectory_tokens=stats.leaf_tokens,
+    )
 
 
 def reward_bounds(reward: RewardFn) -> tuple[float, float]:

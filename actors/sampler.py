@@ -492,7 +492,9 @@ class TreeSampler:
         tau = cfg.prob_temperature
         if cfg.prob_temperature_end >= 0:
             # after a fallback live paths can sit at different depths: the deepest one sets the schedule
-            tau = cosine_tau(cfg.prob_temperature, cfg.prob_temperature_end, max(n.depth for n in live), cfg.d)
+            tau = cosine_tau(
+                cfg.prob_temperature, cfg.prob_temperature_end, max(n.depth for n in live), cfg.d
+            )
         sigma = -1.0 if cfg.allocation == "prob_low" else 1.0
         return prob_weights(scores, sigma, tau)
 

@@ -98,10 +98,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, model_di
         adv = tree_advantages(trees, AlgoConfig())
         share = slice(rank * args.prompts // world, (rank + 1) * args.prompts // world)
         seqs = leaf_sequences(trees[share], adv[share])
-        r._barrier()
+        r.barrier()
         t0 = time.perf_counter()
         r.train_on([seqs])
-        r._barrier()
+        r.barrier()
         dt = time.perf_counter() - t0
         if step >= args.warmup:
             elapsed += dt

@@ -11,7 +11,9 @@ unless ``--url`` is given):
 2. latency: the producer pushes at about half that rate; latency = consumer's decode finished −
    producer's clock before ``encode_tree`` (same machine, same clock), p50/p99 — so it includes
    encode, XADD, XREADGROUP and decode/validation;
-3. baseline: ``redis-benchmark -t set -d <entry bytes>`` on the same server with 1 client (our
+3. transport only: the same pipeline with pre-encoded bytes and no decoding (XADD → XREADGROUP →
+   XACK), to separate Redis and the client from the codec;
+4. baseline: ``redis-benchmark -t set -d <entry bytes>`` on the same server with 1 client (our
    pipeline has one producer) and with 8 clients; the ratio is our MB/s over its MB/s.
 
 It also times ``encode_tree``/``decode_tree`` alone (in-process), which is where most of the gap is.
@@ -30,6 +32,7 @@ import subprocess
 import tempfile
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -92,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sizes", default="large,small", help=f"Comma-separated tree sizes from {sorted(SIZES)}."
     )
     parser.add_argument(
-        "--trees", type=int, default=150, help="Trees per throughput run (large; small uses 10x)."
+        "--trees", type=int, default=100, help="Trees per throughput run (large; small uses 10x)."
     )
     parser.add_argument("--latency-trees", type=int, default=60, help="Trees per paced latency run.")
     parser.add_argument(
@@ -101,12 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="", help="Also write the JSON report to this path.")
 
 
-def _producer(url: str, password: str, run: str, size: str, n: int, interval_s: float, q) -> None:
+def _producer(url: str, password: str, run: str, size: str, n: int, interval_s: float, raw: bool, q) -> None:
     from common.replay import ReplayQueue
 
     w, depth, seg = SIZES[size]
     queue = ReplayQueue(url, run, password=password, max_entry_bytes=64 << 20)
     trees = [synthetic_tree(f"{size}-{i}", w, depth, seg, seed=i % 4) for i in range(min(n, 4))]
+    blobs = [encode_tree(t) for t in trees]
     q.put("ready")
     t0 = time.perf_counter()
     for i in range(n):
@@ -116,19 +120,30 @@ def _producer(url: str, password: str, run: str, size: str, n: int, interval_s: 
             wait = t0 + i * interval_s - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
+        if raw:  # transport only: pre-encoded bytes, no codec
+            queue.redis.xadd(queue.keys["trees"], {"tree": blobs[i % len(blobs)], "t": repr(time.time())})
+            continue
         tree.timings["pushed_at"] = time.time()
         queue.push(tree)
     queue.close()
     q.put("done")
 
 
-def _run_pipeline(url: str, password: str, run: str, size: str, n: int, interval_s: float) -> dict[str, Any]:
+def _read_raw(queue, count: int) -> list[tuple[str, float]]:
+    """Transport-only consumer: XREADGROUP + the producer's timestamp, no decoding."""
+    resp = queue.redis.xreadgroup("learners", "bench", {queue.keys["trees"]: ">"}, count=count, block=1000)
+    return [(rid.decode(), float(f[b"t"])) for _key, rows in resp or [] for rid, f in rows]
+
+
+def _run_pipeline(
+    url: str, password: str, run: str, size: str, n: int, interval_s: float, raw: bool = False
+) -> dict[str, Any]:
     from common.replay import ReplayQueue
 
     queue = ReplayQueue(url, run, password=password, max_entry_bytes=64 << 20, block_ms=1000)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_producer, args=(url, password, run, size, n, interval_s, q), daemon=True)
+    proc = ctx.Process(target=_producer, args=(url, password, run, size, n, interval_s, raw, q), daemon=True)
     proc.start()
     deadline = time.monotonic() + 120
     while True:
@@ -144,11 +159,16 @@ def _run_pipeline(url: str, password: str, run: str, size: str, n: int, interval
     t_first = time.time()
     deadline = time.monotonic() + 300
     while got < n and time.monotonic() < deadline:
-        entries = queue.read(16, block_ms=1000, consumer="bench")
+        if raw:
+            entries = _read_raw(queue, 16)
+            stamps = [t for _, t in entries]
+        else:
+            entries = queue.read(16, block_ms=1000, consumer="bench")
+            stamps = [tree.timings["pushed_at"] for _, tree in entries]
         now = time.time()
-        for _id, tree in entries:
-            latencies.append(now - tree.timings["pushed_at"])
-            t_first = min(t_first, tree.timings["pushed_at"])
+        for t in stamps:
+            latencies.append(now - t)
+            t_first = min(t_first, t)
         if entries:
             queue.ack([i for i, _ in entries])
             got += len(entries)
@@ -168,7 +188,10 @@ def _run_pipeline(url: str, password: str, run: str, size: str, n: int, interval
     }
 
 
-def _redis_benchmark(port: int, password: str, size_bytes: int, n: int, clients: int) -> float | None:
+def _redis_benchmark(
+    host: str, port: int, password: str, size_bytes: int, n: int, clients: int
+) -> float | None:
+    """SET requests/s of redis-benchmark (None if it is not installed or failed)."""
     exe = shutil.which("redis-benchmark")
     if exe is None:
         return None
@@ -176,7 +199,7 @@ def _redis_benchmark(port: int, password: str, size_bytes: int, n: int, clients:
         [
             exe,
             "-h",
-            "127.0.0.1",
+            host,
             "-p",
             str(port),
             "-a",
@@ -194,7 +217,6 @@ def _redis_benchmark(port: int, password: str, size_bytes: int, n: int, clients:
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "REDISCLI_AUTH": password},
     )
     m = re.search(r"SET:\s*([\d.]+)\s*requests per second", out.stdout)
     return float(m.group(1)) if m else None
@@ -228,13 +250,12 @@ def run(args: argparse.Namespace) -> int:
     server = None
     if args.url:
         url, password = args.url, os.environ.get(args.password_env, "")
-        from common.replay import describe
-
-        port = int(describe(url).rsplit(":", 1)[1])
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 6379
     else:
         tmp = tempfile.mkdtemp(prefix="treepo-bench-queue-")
         server = EmbeddedRedis(tmp, appendfsync="everysec", maxmemory_mb=4096).start()
-        url, password, port = server.url, server.password, server.port
+        url, password, host, port = server.url, server.password, "127.0.0.1", server.port
     report: dict[str, Any] = {
         "url": url.split("@")[-1],
         "appendfsync": "everysec" if server else "server's",
@@ -248,11 +269,14 @@ def run(args: argparse.Namespace) -> int:
             thr = _run_pipeline(url, password, run_name, size, args.trees * scale, 0.0)
             interval = 2.0 / thr["trees_per_s"]
             lat = _run_pipeline(url, password, run_name + "-lat", size, args.latency_trees, interval)
+            transport = _run_pipeline(
+                url, password, run_name + "-raw", size, args.trees * scale, 0.0, raw=True
+            )
             entry = codec["entry_bytes"]
             ours_mb_s = thr["trees_per_s"] * entry / 1e6
             base = {}
             for clients in (1, 8):
-                rps = _redis_benchmark(port, password, entry, args.bench_requests * scale, clients)
+                rps = _redis_benchmark(host, port, password, entry, args.bench_requests * scale, clients)
                 base[f"c{clients}"] = (
                     None if rps is None else {"set_per_s": rps, "mb_per_s": rps * entry / 1e6}
                 )
@@ -262,13 +286,14 @@ def run(args: argparse.Namespace) -> int:
                 "throughput": thr,
                 "paced_latency": lat,
                 "ours_mb_per_s": ours_mb_s,
+                "transport_only": {**transport, "mb_per_s": transport["trees_per_s"] * entry / 1e6},
                 "redis_benchmark_set": base,
                 "ratio_vs_set_c1": ours_mb_s / base["c1"]["mb_per_s"] if base.get("c1") else None,
                 "ratio_vs_set_c8": ours_mb_s / base["c8"]["mb_per_s"] if base.get("c8") else None,
             }
             from common.replay import ReplayQueue
 
-            for name in (run_name, run_name + "-lat"):
+            for name in (run_name, run_name + "-lat", run_name + "-raw"):
                 q = ReplayQueue(url, name, password=password)
                 q.redis.delete(*q.keys.values())
                 q.close()
@@ -281,16 +306,32 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
-    hdr = f"{'size':>6} {'entry KB':>9} {'enc ms':>7} {'dec ms':>7} {'trees/s':>8} {'MB/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'SET c1 MB/s':>12} {'ratio':>6} {'SET c8 MB/s':>12} {'ratio':>6}"
-    print("\n" + hdr)
+    cols = [
+        ("size", 6), ("entry KB", 9), ("enc ms", 7), ("dec ms", 7), ("trees/s", 8), ("MB/s", 7),
+        ("p50 ms", 7), ("p99 ms", 7), ("raw MB/s", 9), ("SET c1 MB/s", 12), ("ratio", 6),
+        ("SET c8 MB/s", 12), ("ratio", 6),
+    ]  # fmt: skip
+    print("\n" + " ".join(f"{name:>{w}}" for name, w in cols))
     for size, r in report["sizes"].items():
         b1, b8 = r["redis_benchmark_set"].get("c1"), r["redis_benchmark_set"].get("c8")
-        fmt = lambda b: f"{b['mb_per_s']:>12.1f}" if b else f"{'n/a':>12}"  # noqa: E731
-        rat = lambda x: f"{x:>6.2f}" if x is not None else f"{'n/a':>6}"  # noqa: E731
-        print(
-            f"{size:>6} {r['entry_bytes'] / 1e3:>9.1f} {r['encode_ms']:>7.2f} {r['decode_ms']:>7.2f} "
-            f"{r['throughput']['trees_per_s']:>8.1f} {r['ours_mb_per_s']:>7.1f} "
-            f"{r['paced_latency']['latency_ms_p50']:>7.2f} {r['paced_latency']['latency_ms_p99']:>7.2f} "
-            f"{fmt(b1)} {rat(r['ratio_vs_set_c1'])} {fmt(b8)} {rat(r['ratio_vs_set_c8'])}"
-        )
+        vals = [
+            size,
+            f"{r['entry_bytes'] / 1e3:.1f}",
+            f"{r['encode_ms']:.2f}",
+            f"{r['decode_ms']:.2f}",
+            f"{r['throughput']['trees_per_s']:.1f}",
+            f"{r['ours_mb_per_s']:.1f}",
+            f"{r['paced_latency']['latency_ms_p50']:.2f}",
+            f"{r['paced_latency']['latency_ms_p99']:.2f}",
+            f"{r['transport_only']['mb_per_s']:.1f}",
+            f"{b1['mb_per_s']:.1f}" if b1 else "n/a",
+            f"{r['ratio_vs_set_c1']:.3f}" if b1 else "n/a",
+            f"{b8['mb_per_s']:.1f}" if b8 else "n/a",
+            f"{r['ratio_vs_set_c8']:.3f}" if b8 else "n/a",
+        ]
+        print(" ".join(f"{v:>{w}}" for v, (_, w) in zip(vals, cols)))
+    print(
+        "\nMB/s: end to end (encode, XADD, XREADGROUP, decode+validate, XACK); raw: the same bytes "
+        "without the codec; ratio: ours / redis-benchmark SET of the same size (1 and 8 clients)."
+    )
     return 0

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Build a tiny Qwen2 model and tokenizer offline, optionally warm-started on a task.",
     ),
     "make-data": ("cluster.data_cmd", "Write a synthetic task's train and held-out splits as jsonl."),
+    "queue": ("cluster.queue_cmd", "Inspect the replay queue: both streams, pending entries, dead letters, prompt cursor."),
 }
 
 

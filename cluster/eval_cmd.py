@@ -1,12 +1,20 @@
 """``treepo eval``: k answers per problem (flat or tree sampling) on one or more benchmark files;
 mean@k, pass@k and maj@k per file and overall (weighted by problem count), with tokens decoded,
-wall time and trajectories/s. Writes a table, ``summary.json`` and ``<file>.problems.jsonl``."""
+wall time and trajectories/s. Writes a table, ``summary.json`` and ``<file>.problems.jsonl``.
+
+``--model`` takes a model directory, a hub id, ``tiny:<task>``, a learner checkpoint directory
+(``ckpt-XXXXXXXX``), a checkpoint root holding a ``latest`` pointer, or a run directory whose
+``checkpoints/`` holds one: the pointer is followed to the published checkpoint. Evaluation rewards
+carry no overlong penalty (``reward.overlong_buffer`` is ignored).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,13 +45,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def resolve_eval_model(spec: str) -> str:
+    """A checkpoint root or run directory → the checkpoint its ``latest`` pointer names; else unchanged."""
+    from common.errors import CheckpointError
+
+    d = Path(spec).expanduser()
+    if not d.is_dir() or (d / "config.json").is_file():
+        return spec
+    for root in (d, d / "checkpoints"):
+        pointer = root / "latest"  # learner.checkpoint.LATEST
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            target = root / name
+            if not name or not (target / "config.json").is_file():
+                raise CheckpointError(
+                    f"{pointer} names {name!r}, which is not a model directory under {root}: pass a "
+                    "ckpt-XXXXXXXX directory explicitly"
+                )
+            return str(target)
+    return spec
+
+
+def _output_names(paths: list[Path]) -> list[str]:
+    """Distinct per-file output stems (``name``, ``name-2`` ... when two inputs share a stem)."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        stem = p.stem
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return out
+
+
+def overall_summary(per_file: dict[str, dict[str, float]], k: int) -> dict[str, float]:
+    """Accuracies weighted by problem count; tokens, prefill and wall time summed."""
+    total = sum(s["problems"] for s in per_file.values())
+    out = {
+        key: sum(s[key] * s["problems"] for s in per_file.values()) / total
+        for key in (f"mean@{k}", f"pass@{k}", f"maj@{k}")
+    }
+    out["problems"] = total
+    for key in ("decoded_tokens", "prefill_tokens_computed", "trajectory_tokens", "wall_s"):
+        out[key] = sum(s.get(key, 0.0) for s in per_file.values())
+    out["trajectories_per_s"] = total * k / out["wall_s"] if out["wall_s"] else 0.0
+    return out
+
+
+COLUMNS = ("problems", "mean@{k}", "pass@{k}", "maj@{k}", "decoded_tokens", "wall_s", "trajectories_per_s")
+
+
+def print_table(summary: dict[str, dict[str, float]], k: int) -> None:
+    cols = [c.format(k=k) for c in COLUMNS]
+    width = max(len(n) for n in summary) + 2
+    print(f"{'file':<{width}}" + "".join(f"{c:>18}" for c in cols))
+    for name, s in summary.items():
+        print(f"{name:<{width}}" + "".join(f"{s[c]:>18.4g}" for c in cols))
+
+
+def run(args: argparse.Namespace, backend: Any = None) -> int:
+    """``backend``: reuse an already-open backend (tests share one engine); otherwise one is built."""
     from common.config import load_config
     from common.errors import ConfigError
 
     if args.k < 1:
         raise ConfigError(f"--k={args.k}: pass k >= 1")
-    cfg = load_config(args.config, [*args.overrides, f"model.path={args.model}"])
+    cfg = load_config(args.config, [*args.overrides, f"model.path={resolve_eval_model(args.model)}"])
 
     from tqdm import tqdm
 
@@ -56,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     model = resolve_model_path(
         cfg.model.path, tiny_size=cfg.model.tiny_size, tiny_warmup_steps=cfg.model.tiny_warmup_steps
     )
-    tok = load_tokenizer(model)
+    tok = load_tokenizer(model, trust_remote_code=cfg.model.trust_remote_code)
     eos = eos_token_ids(model)
     files = []
     for spec in args.data:
@@ -65,63 +131,54 @@ def run(args: argparse.Namespace) -> int:
         if args.max_problems:
             prompts = prompts[: args.max_problems]
         files.append((spec, path, task, prompts))
-    max_len = max(len(p.prompt_ids) for *_, ps in files for p in ps) + cfg.tree.max_response_tokens + 8
-    backend = make_backend(
-        None,
-        model,
-        cfg.generators,
-        cfg.sampling,
-        dtype=cfg.model.dtype,
-        eos_ids=eos,
-        seed=cfg.seed,
-        max_model_len=max_len,
-    )
+    if len({spec for spec, *_ in files}) != len(files):
+        raise ConfigError(
+            "the same --data file is given twice: it would be counted twice in the overall numbers"
+        )
+    own_backend = backend is None
+    if own_backend:
+        longest = max(len(p.prompt_ids) for *_, ps in files for p in ps)
+        backend = make_backend(
+            None, model, cfg.generators, cfg.sampling, dtype=cfg.model.dtype, eos_ids=eos, seed=cfg.seed,
+            max_model_len=longest + cfg.tree.max_response_tokens + cfg.generators.block_size + 8,
+        )  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    eval_reward_cfg = dataclasses.replace(cfg.reward, overlong_buffer=0)
     summary: dict[str, dict[str, float]] = {}
+    outputs: dict[str, str] = {}
+
+    def decode(ids):
+        return tok.decode(list(ids), skip_special_tokens=True)
+
     try:
-        for spec, path, task, prompts in files:
-            reward = resolve_reward(cfg.reward.fn, task, cfg=cfg.reward)
+        for (spec, path, task, prompts), name in zip(files, _output_names([p for _, p, *_ in files])):
+            reward = resolve_reward(cfg.reward.fn, task, cfg=eval_reward_cfg)
             with tqdm(total=len(prompts), desc=Path(str(path)).name, dynamic_ncols=True) as bar:
                 res = evaluate(
                     backend, prompts, reward, tree_cfg=cfg.tree, sampling_cfg=cfg.sampling, eos_ids=eos,
-                    decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True), k=args.k,
-                    sampling=args.sampling, max_in_flight=cfg.generators.trees_in_flight, keep_texts=True,
-                    progress=bar.update,
+                    decode=decode, k=args.k, sampling=args.sampling,
+                    max_in_flight=cfg.generators.trees_in_flight, keep_texts=True, progress=bar.update,
                 )  # fmt: skip
             summary[spec] = res.summary()
-            with open(out / f"{Path(str(path)).stem}.problems.jsonl", "w") as fh:
+            problems_file = out / f"{name}.problems.jsonl"
+            with open(problems_file, "w") as fh:
                 for p in res.problems:
-                    fh.write(json.dumps(p.__dict__) + "\n")
+                    fh.write(json.dumps(dataclasses.asdict(p)) + "\n")
+            outputs[spec] = str(problems_file)
     finally:
-        backend.close()
-    total = sum(s["problems"] for s in summary.values())
-    overall = {
-        key: sum(s[key] * s["problems"] for s in summary.values()) / total
-        for key in (f"mean@{args.k}", f"pass@{args.k}", f"maj@{args.k}")
+        if own_backend:
+            backend.close()
+    summary["overall"] = overall_summary(summary, args.k)
+    result = {
+        "model": model,
+        "sampling": args.sampling,
+        "k": args.k,
+        "tree": dataclasses.asdict(cfg.tree) if args.sampling == "tree" else None,
+        "results": summary,
+        "problems_files": outputs,
     }
-    overall.update(
-        problems=total,
-        decoded_tokens=sum(s["decoded_tokens"] for s in summary.values()),
-        wall_s=sum(s["wall_s"] for s in summary.values()),
-    )
-    overall["trajectories_per_s"] = total * args.k / overall["wall_s"] if overall["wall_s"] else 0.0
-    summary["overall"] = overall
-    (out / "summary.json").write_text(
-        json.dumps({"model": model, "sampling": args.sampling, "k": args.k, "results": summary}, indent=2)
-    )
-    cols = [
-        "problems",
-        f"mean@{args.k}",
-        f"pass@{args.k}",
-        f"maj@{args.k}",
-        "decoded_tokens",
-        "wall_s",
-        "trajectories_per_s",
-    ]
-    width = max(len(n) for n in summary) + 2
-    print(f"{'file':<{width}}" + "".join(f"{c:>18}" for c in cols))
-    for name, s in summary.items():
-        print(f"{name:<{width}}" + "".join(f"{s[c]:>18.4g}" for c in cols))
+    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    print_table(summary, args.k)
     print(json.dumps({"sampling": args.sampling, "k": args.k, "results": summary}))
     return 0

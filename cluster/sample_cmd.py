@@ -46,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Generation backend (default: generators.backend).",
     )
     parser.add_argument(
-        "--reward", default="auto", help="Score leaves: auto | math | arith | package.module:function | none."
+        "--reward",
+        default=None,
+        help="Score leaves: auto | math | arith | package.module:function | none (default: reward.fn).",
     )
     parser.add_argument("--limit", type=int, default=0, help="Sample only the first N prompts (0 = all).")
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
@@ -155,9 +157,10 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
         rows, tok, cfg.data.template, cfg.data.system_prompt, cfg.data.max_prompt_tokens, cfg.data.bad_rows
     )
     reward_fn = None
-    if args.reward != "none":
+    spec = args.reward or cfg.reward.fn
+    if spec != "none":
         reward_fn = resolve_reward(
-            args.reward, task, cfg=cfg.reward, max_response_tokens=cfg.tree.max_response_tokens
+            spec, task, cfg=cfg.reward, max_response_tokens=cfg.tree.max_response_tokens
         )
 
     lmax = cfg.tree.max_response_tokens

@@ -13,7 +13,10 @@ mapping needs no shared state beyond the cursor.
   record in one script) ends a prompt's flight. ``push_and_done`` refuses (returns None) a tree whose
   prompt is no longer in flight for that generator — it was re-issued to another — so a generator
   thought dead cannot produce a duplicate.
-- :meth:`requeue_generator` moves a dead generator's in-flight prompts to the retry list.
+- :meth:`requeue_generator` moves a dead generator's in-flight prompts to the retry list; a
+  generator restarted under the same id calls it for itself first. :meth:`requeue_older_than` does
+  the same for prompts in flight too long (a hung generator, or a claim whose reply was lost and
+  retried by the client, which leaves prompts recorded that nobody works on).
 
 State lives under ``treepo:<run>:prompts:*`` and persists with Redis's AOF, so a resumed run
 continues where it stopped; :meth:`state` is a JSON-able snapshot for checkpoints. The dataset size,
@@ -62,6 +65,17 @@ table.sort(ps, function(a, b) return tonumber(a) < tonumber(b) end)
 for _, p in ipairs(ps) do redis.call('RPUSH', KEYS[2], p) end
 redis.call('DEL', KEYS[1])
 return #ps
+"""
+
+_REQUEUE_SOME = """
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
+    redis.call('RPUSH', KEYS[2], ARGV[i])
+    n = n + 1
+  end
+end
+return n
 """
 
 _PUSH_DONE = """
@@ -128,6 +142,7 @@ class PromptDispatcher:
         self._inflight_prefix = f"{base}:inflight:"
         self._claim = client.register_script(_CLAIM)
         self._requeue = client.register_script(_REQUEUE)
+        self._requeue_some = client.register_script(_REQUEUE_SOME)
         self._push_done = client.register_script(_PUSH_DONE)
         digest = hashlib.sha256("\n".join(self.prompt_ids).encode()).hexdigest()
         n, s, d = self._call(
@@ -211,6 +226,24 @@ class PromptDispatcher:
         return int(
             self._call(self._requeue, keys=[self._inflight_key(generator_id), self.keys["retry"]], args=[])
         )
+
+    def requeue_older_than(self, max_age_s: float) -> int:
+        """Re-issue every prompt in flight for longer than ``max_age_s`` (a hung generator, or a
+        claim whose reply was lost and retried); returns how many."""
+        cutoff = time.time() - max_age_s
+        n = 0
+        for g in (_sid(x) for x in self._call(self.redis.smembers, self.keys["generators"])):
+            rows = self._call(self.redis.hgetall, self._inflight_key(g))
+            old = sorted((int(p) for p, t in rows.items() if float(t) < cutoff))
+            if old:
+                n += int(
+                    self._call(
+                        self._requeue_some,
+                        keys=[self._inflight_key(g), self.keys["retry"]],
+                        args=[str(p) for p in old],
+                    )
+                )
+        return n
 
     # ------------------------------------------------------------------ state
     def _cursor_value(self) -> int:

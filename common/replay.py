@@ -7,9 +7,11 @@ schema: <version>}``), the dead-letter stream ``treepo:R:dead`` and the counter
 Delivery contract (DESIGN.md): at-least-once into Redis, exactly-once into training relative to
 checkpoints.
 
-- Generators :meth:`ReplayQueue.push`; an entry over ``max_entry_bytes`` is refused at the producer
-  (:class:`WireError`), so a consumer never receives one it would reject for size.
-- The learner side :meth:`read`\\ s new entries (``XREADGROUP >``); they stay *pending* (delivered,
+- Generators call :meth:`ReplayQueue.push`; an entry over ``max_entry_bytes`` is refused at the
+  producer (:class:`WireError`), so a consumer never receives one it would reject for size. The
+  client retries a command whose connection broke; if the reply of an XADD was lost that can add a
+  tree twice (at-least-once), so consumers that must be exact dedupe by ``tree_id``.
+- The learner side calls :meth:`read` for new entries (``XREADGROUP >``); they stay *pending* (delivered,
   unacknowledged) until the controller calls :meth:`ack` — only after the checkpoint containing their
   update is committed. On resume, :meth:`reclaim` re-delivers the pending entries: the consumer's own
   (``XREADGROUP 0``) and, after ``min_idle_ms``, those of consumers that died (``XAUTOCLAIM``).
@@ -33,7 +35,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from common.errors import QueueError, WireError
@@ -95,7 +97,10 @@ def connect(
     if password:
         kwargs["password"] = password
     client = redis.Redis.from_url(url, **kwargs)
+    # The first PING fails fast: a wrong password or a dead server is not worth retrying.
+    client.set_retry(Retry(NoBackoff(), 0))
     guarded(client, url, client.ping)
+    client.set_retry(kwargs["retry"])
     return client
 
 

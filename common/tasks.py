@@ -3,8 +3,8 @@
 The one task, ``arith``, is a short chain of additions and subtractions solved with a scratchpad, one
 line per operation, ending in ``\\boxed{N}``::
 
-    prompt:   "Compute 47+38-12.\\n"
-    solution: "47+38=85\\n85-12=73\\nThe answer is \\boxed{73}"      (then EOS)
+    prompt:   "Compute 8+7-3+9.\\n"
+    solution: "8+7=15\\n15-3=12\\n12+9=21\\nThe answer is \\boxed{21}"      (then EOS)
 
 Each scratchpad line is a small reasoning step whose error ruins the answer, so a tree that branches
 between lines has something to choose between. With character-level tokens (``common.tiny``) every
@@ -49,7 +49,7 @@ class ArithTask:
 
     name: str = "arith"
     min_digits: int = 1
-    max_digits: int = 2
+    max_digits: int = 1
     min_ops: int = 2
     max_ops: int = 3
 
@@ -82,7 +82,11 @@ class ArithTask:
         return "".join(sorted(set(text)))
 
 
-TASKS: dict[str, ArithTask] = {"arith": ArithTask()}
+TASKS: dict[str, ArithTask] = {
+    "arith": ArithTask(),
+    # Harder variant (1-2 digit operands) for larger models; same alphabet and answer check.
+    "arith2": ArithTask(name="arith2", max_digits=2),
+}
 
 
 def get_task(name: str) -> ArithTask:

@@ -403,10 +403,17 @@ class _Peer:
         )
 
     def barrier(self) -> None:
-        """Returns once every rank of the group reached it (a one-element broadcast; timeout applies)."""
+        """Returns once every rank of the group reached it (a one-element all-reduce: a broadcast's root
+        may finish before its receivers do; timeout applies). For benchmarks and controllers that need
+        "every receiver has the update"."""
+        from torch.distributed import AllreduceOptions
+
         self._check_usable()
         self._ensure_connected()
-        self._wait(self._bcast(torch.zeros(1, device=self.device)), "barrier", self._where())
+        opts = AllreduceOptions()
+        opts.timeout = self.timeout
+        work = self.pg.allreduce([torch.zeros(1, device=self.device)], opts)
+        self._wait(work, "barrier", self._where())
 
     def _where(self) -> str:
         raise NotImplementedError
@@ -443,6 +450,7 @@ class WeightSender(_Peer):
         self.bucket_bytes = int(bucket_mb * (1 << 20))
         self.generation = int(generation)
         self.store = None
+        self._staging: list[torch.Tensor] = []
         self._open_store(port)
 
     @classmethod
@@ -569,23 +577,23 @@ class WeightSender(_Peer):
             where,
         )
 
-        n_buckets = len(meta.bucket_nbytes)
-        in_flight = None  # (work, buffer, stage): one bucket on the wire while the next is packed
-        slots = iter(meta.params)
-        pending_slot = next(slots, None)
-        for b, size in enumerate(meta.bucket_nbytes):
-            members = []
-            while pending_slot is not None and pending_slot.bucket == b:
-                members.append(pending_slot)
-                pending_slot = next(slots, None)
-            buf = self._pack(members, size, stream)
-            stage = f"bucket {b + 1}/{n_buckets}"
-            work = self._bcast(buf) if size else None
-            if in_flight is not None:
-                self._wait(in_flight[0], in_flight[2], where)
-            in_flight = (work, buf, stage) if work is not None else None
-        if in_flight is not None:
-            self._wait(in_flight[0], in_flight[2], where)
+        try:
+            self._send_buckets(meta, stream, where)
+        except Exception as e:
+            if self.broken:  # a failed or timed-out wait: already a SyncError naming the stage
+                raise
+            # the iterator raised or broke its spec: the receivers are mid-update and cannot resync, so
+            # drop the group now (they fail fast on the closed connection instead of timing out)
+            self.broken = f"sender aborted mid-update ({type(e).__name__})"
+            pg, self.pg = self.pg, None
+            _drop_in_background(pg)
+            if isinstance(e, SyncError):
+                raise
+            raise SyncError(
+                f"{where}: the tensor iterator raised {type(e).__name__}: {e}; the group is dead"
+            ) from e
+        if self.device.type == "cuda":  # the caching allocator makes re-allocation cheap: free GPU memory
+            self._staging = []
         if next(stream, None) is not None:
             raise SyncError(
                 f"weight sync: the tensor iterator yields more than the {len(meta.params)} in its spec"
@@ -595,13 +603,33 @@ class WeightSender(_Peer):
             meta.version,
             meta.total_bytes,
             len(meta.params),
-            n_buckets,
+            len(meta.bucket_nbytes),
             seconds,
             meta.total_bytes / max(seconds, 1e-9) / 1e9,
             self.world_size - 1,
         )
 
-    def _pack(self, members: list[ParamSlot], size: int, stream: Iterator) -> torch.Tensor:
+    def _send_buckets(self, meta: SyncMetadata, stream: Iterator, where: str) -> None:
+        n_buckets = len(meta.bucket_nbytes)
+        in_flight = None  # (work, stage): one bucket on the wire while the next is packed
+        slots = iter(meta.params)
+        pending_slot = next(slots, None)
+        for b, size in enumerate(meta.bucket_nbytes):
+            members = []
+            while pending_slot is not None and pending_slot.bucket == b:
+                members.append(pending_slot)
+                pending_slot = next(slots, None)
+            buf = self._pack(members, size, stream, b % 2)
+            work = self._bcast(buf) if size else None
+            if in_flight is not None:
+                self._wait(*in_flight, where)
+            in_flight = (work, f"bucket {b + 1}/{n_buckets}") if work is not None else None
+        if in_flight is not None:
+            self._wait(*in_flight, where)
+
+    def _pack(self, members: list[ParamSlot], size: int, stream: Iterator, staging: int) -> torch.Tensor:
+        """Bucket bytes: the parameter itself for a bucket of one, else a copy into staging buffer
+        ``staging`` (two alternate: the one being filled was last used two buckets ago, already waited)."""
         tensors = []
         for slot in members:
             item = next(stream, None)
@@ -618,15 +646,20 @@ class WeightSender(_Peer):
             tensors.append(t.detach())
         if len(tensors) == 1 and tensors[0].device == self.device and tensors[0].is_contiguous():
             return _as_bytes(tensors[0])  # no packing copy for a bucket of one
-        buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-        for slot, t in zip(members, tensors):
-            buf[slot.offset : slot.offset + slot.nbytes].copy_(_as_bytes(t))
+        if not self._staging:  # reused across buckets and sends: fresh CPU buffers cost page faults
+            self._staging = [
+                torch.zeros(self.bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)
+            ]
+        buf = self._staging[staging][:size]
+        for p, t in zip(members, tensors):
+            buf[p.offset : p.offset + p.nbytes].copy_(_as_bytes(t))
         return buf
 
     def close(self) -> None:
         _drop_in_background(self.pg)
         self.pg = None
         self.store = None
+        self._staging = []
         self.broken = self.broken or "closed"
 
 

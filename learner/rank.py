@@ -205,7 +205,20 @@ class LearnerRank:
         # longest first, stable: less padding, and the same grouping wherever the same data is seen
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].token_ids))
         groups = pack_micro_batches([len(seqs[i].token_ids) for i in order], self.cfg.micro_batch_tokens)
-        return [[order[i] for i in g] for g in groups]
+        groups = [[order[i] for i in g] for g in groups]
+        if self.fsdp and self.distributed:
+            # every FSDP forward/backward is collective: all ranks must run as many micro-batches, so a
+            # rank with fewer runs idle ones (an empty list: its first sequence with no loss tokens)
+            most = int(self._all_reduce([float(len(groups))], dist.ReduceOp.MAX)[0])
+            groups += [[] for _ in range(most - len(groups))]
+        return groups
+
+    def _collate(self, seqs: Sequence[LeafSequence], group: list[int]) -> dict[str, torch.Tensor]:
+        if group:
+            return collate([seqs[i] for i in group], self.pad_id, current_version=self.version)
+        batch = collate([seqs[0]], self.pad_id, current_version=self.version)
+        batch["mask"].zero_()  # an idle micro-batch: the forward runs, nothing is learned from it
+        return batch
 
     @torch.no_grad()
     def compute_logprobs(self, seqs: Sequence[LeafSequence], reference: bool = False) -> list[np.ndarray]:
@@ -213,7 +226,7 @@ class LearnerRank:
         model = self.ref_model if reference else (self.model if self.fsdp else self.module)
         out: list[np.ndarray | None] = [None] * len(seqs)
         for group in self._micro_batches(seqs):
-            batch = collate([seqs[i] for i in group], self.pad_id)
+            batch = self._collate(seqs, group)
             logp, _ = self._token_logprobs(model, batch)
             logp = logp.cpu()
             for row, i in enumerate(group):
@@ -260,7 +273,7 @@ class LearnerRank:
                 sync = self.model.no_sync()
             else:
                 sync = contextlib.nullcontext()
-            batch = collate([seqs[i] for i in group], self.pad_id, current_version=self.version)
+            batch = self._collate(seqs, group)
             with sync:
                 logp, ent = self._token_logprobs(self.model, batch, entropy=True)
                 dev = {k: v.to(self.device) for k, v in batch.items()}
@@ -381,10 +394,10 @@ class LearnerRank:
         """Checkpoint into ``root/ckpt-<step>`` (step defaults to the policy version). Collective."""
         step = self.version if step is None else step
         tmp = ckpt.begin(root, step) if self.rank == 0 else Path(root) / f".tmp-{ckpt.ckpt_name(step)}"
-        self._barrier()
+        self.barrier()
         ckpt.write_rng(tmp, self.rank)
         model_state, optim_state = self._full_states()
-        self._barrier()
+        self.barrier()
         final = None
         if self.rank == 0:
             trainer = {
@@ -400,7 +413,7 @@ class LearnerRank:
                 tmp, self.module, model_state, optim_state, self.scheduler.state_dict(), trainer, tok_dir
             )
             final = ckpt.publish(root, tmp, step, keep_last)
-        self._barrier()
+        self.barrier()
         return final
 
     def load(self, root: str | os.PathLike, required: bool = True) -> dict | None:
@@ -437,10 +450,11 @@ class LearnerRank:
             ckpt.set_rng_state(rng)
         self.version = int(found.trainer["version"])
         self.skipped_steps = int(found.trainer.get("skipped_steps", 0))
-        self._barrier()
+        self.barrier()
         return found.extra
 
-    def _barrier(self) -> None:
+    def barrier(self) -> None:
+        """Wait for every rank (no-op without a process group)."""
         if self.distributed:
             dist.barrier()
 

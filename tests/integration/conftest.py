@@ -41,3 +41,6 @@ def restored(backend, sampling=None):
     finally:
         backend.sampling = old_sampling
         backend.policy_version = old_version
+
+
+from redis_fixture import redis_server  # noqa: E402,F401  (one embedded redis-server per session)

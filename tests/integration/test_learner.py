@@ -80,10 +80,19 @@ def _dp_worker(rank_id: int, world: int, port: int, model_dir: str, out_dir: str
     torch.set_num_threads(1)
     trees, adv = _data()
     # FSDP2 runs on CPU with gloo too, which tests the sharded code path (not its bf16 policy)
-    extra = {"fsdp": True, "activation_checkpointing": True} if mode == "fsdp" else {}
+    # (and one sequence per micro-batch there, to cover accumulation under sharding)
+    extra = (
+        {"fsdp": True, "activation_checkpointing": True, "micro_batch_tokens": 16} if mode == "fsdp" else {}
+    )
     model_cfg, algo, lcfg = _configs(model_dir, **extra)
     r = LearnerRank(
-        model_cfg, algo, lcfg, rank=rank_id, world_size=world, init_method=f"tcp://127.0.0.1:{port}"
+        model_cfg,
+        algo,
+        lcfg,
+        rank=rank_id,
+        world_size=world,
+        init_method=f"tcp://127.0.0.1:{port}",
+        timeout_s=120,  # a collective mismatch fails the test instead of hanging it
     )
     half = len(trees[:4]) // world
     mine = slice(rank_id * half, (rank_id + 1) * half)
@@ -96,6 +105,12 @@ def _dp_worker(rank_id: int, world: int, port: int, model_dir: str, out_dir: str
     params = _params(r)
     synced = {name: t.clone() for name, t in r.weights_for_sync()}
     r.save(Path(out_dir) / "ckpt", extra={"world": world})
+    # ranks with different numbers of micro-batches (FSDP: idle micro-batches keep collectives paired)
+    uneven = leaf_sequences(trees[:1], adv[:1])[: 1 + 2 * rank_id]
+    assert [len(x) for x in r.compute_logprobs(uneven)] == [s.response_len for s in uneven]
+    r.prepare(uneven)
+    r.forward_backward(uneven)
+    assert r.optim_step() == 4
     if rank_id == 0:
         assert synced.keys() == params.keys() and all(torch.equal(synced[n], params[n]) for n in params)
         save_file(grads, str(Path(out_dir) / "grads.safetensors"))
@@ -125,13 +140,20 @@ def test_two_gloo_ranks_equal_one_rank(single_rank_run, tiny_model_dir, tmp_path
     params = load_file(tmp_path / "params.safetensors")
     assert set(grads) == set(single_rank_run["grads"])
     for name, g in single_rank_run["grads"].items():
-        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(
+            grads[name], g, rtol=1e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
     moved = 0.0
     for name, p in single_rank_run["params"].items():
         delta_ref = p - single_rank_run["before"][name]
         delta_dp = params[name] - single_rank_run["before"][name]
         moved = max(moved, float(delta_ref.abs().max()))
-        torch.testing.assert_close(delta_dp, delta_ref, rtol=1e-3, atol=2e-6, msg=name)
+        # Adam divides by sqrt(v): an element with a near-zero gradient turns a 1e-7 gradient difference
+        # into a visible update difference, so the bound is 5% of one step (lr = 1e-3); the gradients
+        # themselves are compared tightly above
+        torch.testing.assert_close(
+            delta_dp, delta_ref, rtol=1e-3, atol=5e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
     assert moved > 1e-4  # the comparison is about a real update
     assert single_rank_run["version"] == 3
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -155,8 +177,12 @@ def test_accumulation_equals_one_batch(single_rank_run, tiny_model_dir):
     g_small = _one_mini_batch(r, trees[:4], adv[:4])
     g_big = _one_mini_batch(big, trees[:4], adv[:4])
     for name, g in g_big.items():
-        torch.testing.assert_close(g_small[name], g, rtol=1e-4, atol=1e-7, msg=name)
-        torch.testing.assert_close(single_rank_run["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(
+            g_small[name], g, rtol=1e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
+        torch.testing.assert_close(
+            single_rank_run["grads"][name], g, rtol=1e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_logprobs_are_exact_under_padding(tiny_model_dir):

@@ -197,6 +197,18 @@ def test_wrong_password_and_unreachable_server(server):
         )
 
 
+def test_server_gone_mid_run_raises_queue_error(tmp_path):
+    with EmbeddedRedis(tmp_path) as own:
+        q = make_queue(own)
+        q.push(tree(0))
+    with pytest.raises(
+        QueueError, match=r"cannot reach Redis at 127\.0\.0\.1:\d+.*check that the server is running"
+    ):
+        q.read(1, block_ms=0, consumer="c")
+    with pytest.raises(QueueError, match="cannot reach"):
+        q.push(tree(1))
+
+
 def _inspect_args(*argv: str) -> argparse.Namespace:
     from cluster import queue_cmd
 
@@ -321,6 +333,10 @@ def test_dead_generator_prompts_are_reissued_once(server):
     assert d.push_and_done(q, tree(2), "B", *a[2]) is not None
     assert q.redis.xlen(q.keys["trees"]) == 2
     assert [e[1] for e in d.state()["in_flight"]["B"]] == sorted(p for _, p in b[1:])
+    # A hung generator: prompts in flight too long are re-issued too (none is young enough to stay).
+    assert d.requeue_older_than(3600) == 0
+    assert d.requeue_older_than(-1) == 3 and "B" not in d.in_flight()
+    assert sorted(d.claim("C", 3)) == sorted(b[1:])
 
 
 def test_dispatch_refuses_different_dataset_for_same_run(server):

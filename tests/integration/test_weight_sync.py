@@ -371,6 +371,37 @@ def test_receiver_dies_mid_stream_then_rebuilt_group_works(receivers):
         sender.close()
 
 
+def test_sender_iterator_failure_fails_receivers_fast(receivers):
+    timeout_s = 20.0
+    sender = WeightSender(HOST, 0, world_size=2, backend="gloo", timeout_s=timeout_s, bucket_mb=1 / 16)
+    g = torch.Generator().manual_seed(2)
+    named = {f"layers.{k}.w": torch.randn(128, 128, generator=g) for k in range(8)}
+
+    def gathered():  # a learner whose parameter gather fails part-way
+        for k, item in enumerate(named.items()):
+            if k == 3:
+                raise RuntimeError("gather failed")
+            yield item
+
+    try:
+        (i,) = receivers.spawn(1)
+        receivers.join_all(sender.info, {i: 1}, timeout_s=timeout_s)
+        receivers.tell(i, "receive", None)
+        spec = [(n, t.dtype, t.shape) for n, t in named.items()]
+        with pytest.raises(SyncError, match="iterator raised RuntimeError: gather failed"):
+            sender.send(gathered(), 1, spec=spec)
+        status, rank, msg, r_elapsed = receivers.results(1)[0]
+        assert status == "error" and r_elapsed < timeout_s / 2  # the closed group, not the timeout
+        info = sender.rebuild()
+        receivers.join_all(info, {i: 1}, timeout_s=timeout_s)
+        receivers.tell(i, "receive", None)
+        sender.send(named.items(), 2)
+        status, _, version, got, _ = receivers.results(1)[0]
+        assert (status, version) == ("ok", 2) and got == expected(named)
+    finally:
+        sender.close()
+
+
 def test_late_receiver_joins_via_rebuild_and_gets_current_weights(receivers):
     timeout_s = 20.0
     sender = WeightSender(HOST, 0, world_size=3, backend="gloo", timeout_s=timeout_s, bucket_mb=1 / 16)
@@ -410,7 +441,8 @@ def _learner_sender_main(model_dir: str, version: int, seed: int, res_q, timeout
     sender = WeightSender(HOST, 0, world_size=2, backend="gloo", timeout_s=timeout_s, bucket_mb=1.0)
     res_q.put(("info", sender.info.to_dict()))
     try:
-        stats = sender.send(((n, p.detach()) for n, p in model.named_parameters()), version)
+        named = model.named_parameters(remove_duplicate=False)  # tied lm_head.weight too: see the report
+        stats = sender.send(((n, p.detach()) for n, p in named), version)
         res_q.put(("sent", stats.bytes, stats.buckets))
     except SyncError as e:
         res_q.put(("error", str(e)))

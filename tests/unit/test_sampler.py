@@ -651,3 +651,12 @@ def test_metrics_are_namespaced_and_consistent():
     assert sum(v.value for k, v in m.items() if k.startswith("tree/finish/")) == 8
     assert sum(v.value for k, v in m.items() if k.startswith("tree/leaf_depth/")) == 8
     assert m["rollout/trajectories_per_s"].value == pytest.approx(4.0)
+
+
+def test_backend_factory_rejects_an_unknown_kind():
+    from actors.backends import make_backend
+    from common.config import GeneratorConfig
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="generators.backend"):
+        make_backend("tgi", "/nonexistent", GeneratorConfig(), SamplingConfig())
