@@ -34,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    if cfg.driver == "ray":
+        from cluster.controller import run_pipeline
+
+        return run_pipeline(cfg)
     from cluster.train import train
 
     return train(cfg)

@@ -318,6 +318,7 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------------
 
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "driver": ("local", "ray"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.tiny_size": ("xs", "s", "m"),
     "data.template": ("plain", "chat"),
