@@ -298,6 +298,11 @@ class TrainConfig:
     resume: bool = doc(
         False, "Continue from the run directory's last checkpoint with queue and prompt cursor intact."
     )
+    driver: str = doc(
+        "local",
+        "'local': the synchronous driver in one process (engine and learner side by side) | 'ray': the "
+        "asynchronous pipeline (generator and learner actors on Ray, trees through the Redis replay queue).",
+    )
     model: ModelConfig = nested(ModelConfig, "Policy model.")
     data: DataConfig = nested(DataConfig, "Prompts and templates.")
     tree: TreeConfig = nested(TreeConfig, "Segment-tree sampling.")
