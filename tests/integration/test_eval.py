@@ -132,7 +132,7 @@ def test_bench_eval_table_and_json(vllm_backend, tiny_model_dir, digit_reward, t
     assert bench_eval.run(args, backend=vllm_backend) == 0
     result = json.loads(out.read_text())
     assert list(result["results"]) == ["flat", "tree_b2", "tree_b4"]
-    for name, s in result["results"].items():
+    for s in result["results"].values():
         assert s["problems"] == 3 and s["pass@4"] >= s["mean@4"] and 0 <= s["maj@4"] <= 1
     for name in ("tree_b2", "tree_b4"):
         r = result["ratios_vs_flat"][name]
