@@ -124,7 +124,14 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
                 backend, timed, reward, tree_cfg=tree_cfg(b), sampling_cfg=cfg.sampling, eos_ids=eos,
                 decode=decode, k=args.k, sampling=sampling, max_in_flight=cfg.generators.trees_in_flight,
             )  # fmt: skip
-            results["flat" if sampling == "flat" else f"tree_b{b}"] = res.summary()
+            name = "flat" if sampling == "flat" else f"tree_b{b}"
+            results[name] = s = res.summary()
+            print(
+                f"[bench eval] {name}: mean@{args.k}={s[f'mean@{args.k}']:.3f} "
+                f"decoded={s['decoded_tokens']:.0f} wall={s['wall_s']:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         if own_backend:
             backend.close()

@@ -61,7 +61,7 @@ class EpochCursor:
         return {"epoch": self.epoch, "index": self.index}
 
 
-def _check_run_dir(cfg: TrainConfig, ckpt_dir: Path) -> None:
+def check_run_dir(cfg: TrainConfig, ckpt_dir: Path) -> None:
     has_ckpt = ckpt_dir.exists() and any(ckpt_dir.glob("ckpt-*"))
     if has_ckpt and not cfg.resume:
         raise ConfigError(
@@ -69,7 +69,7 @@ def _check_run_dir(cfg: TrainConfig, ckpt_dir: Path) -> None:
         )
 
 
-def _truncate_after(path: Path, step: int) -> None:
+def truncate_after(path: Path, step: int) -> None:
     """Drop log rows past ``step`` (a resumed run redoes the steps after its checkpoint)."""
     if not path.exists():
         return
@@ -85,12 +85,70 @@ def _truncate_after(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
+def record_staleness(trees, version: int, hist: dict[int, int]) -> list[int]:
+    """Versions behind ``version`` of every leaf (oldest segment on its path); counted into ``hist``."""
+    out = []
+    for t in trees:
+        for lf in t.leaves:
+            s = int(version) - t.oldest_version(lf)
+            hist[s] = hist.get(s, 0) + 1
+            out.append(s)
+    return out
+
+
+def rollout_metrics(trees) -> dict[str, float]:
+    """Reward, accuracy, response length and leaves per tree of one step's trees."""
+    rewards = np.concatenate([t.rewards_L for t in trees])
+    lengths = [lf.length for t in trees for lf in t.leaves]
+    return {
+        "rollout/reward": float(rewards.mean()),
+        "rollout/accuracy": float((rewards > 0).mean()),
+        "rollout/response_len": float(np.mean(lengths)),
+        "tree/leaves_per_tree": float(np.mean([len(t.leaves) for t in trees])),
+    }
+
+
+def append_trained(run_dir: Path, step: int, version: int, trees) -> None:
+    """One line of the exactly-once audit trail: the tree ids trained at ``step``."""
+    with open(run_dir / "trained_trees.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": step, "version": version, "trees": [t.tree_id for t in trees]}) + "\n")
+
+
+def trained_tree_ids(run_dir: Path) -> set[str]:
+    """Every tree id in the audit trail (a resumed run truncates it to its checkpoint first)."""
+    path = run_dir / "trained_trees.jsonl"
+    if not path.exists():
+        return set()
+    out: set[str] = set()
+    for line in path.read_text().splitlines():
+        try:
+            out.update(json.loads(line)["trees"])
+        except (json.JSONDecodeError, KeyError):  # a torn last line from a killed run
+            continue
+    return out
+
+
+def final_plots(run_dir: Path, staleness_hist: dict[int, int]) -> None:
+    """The reward-curve and staleness PNGs of a finished run."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    plot_series(
+        rows,
+        ["rollout/reward", "rollout/accuracy", "eval/accuracy"],
+        run_dir / "reward_curve.png",
+        "reward and accuracy",
+    )
+    plot_histogram(
+        staleness_hist, run_dir / "staleness.png", "leaf staleness at training time", "policy versions behind"
+    )
+
+
 def train(cfg: TrainConfig) -> int:
     import torch
     from tqdm import tqdm
 
     from actors.backends import make_backend
     from actors.evaluator import evaluate
+    from actors.generator import prompt_metadata, tree_id_for
     from actors.sampler import TreeSampler
     from actors.scoring import score_trees
     from common.data import load_prompts, resolve_data_path
@@ -102,7 +160,7 @@ def train(cfg: TrainConfig) -> int:
 
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    _check_run_dir(cfg, ckpt_dir)
+    check_run_dir(cfg, ckpt_dir)
     save_resolved(cfg, run_dir)
     torch.manual_seed(cfg.seed)
 
@@ -139,7 +197,7 @@ def train(cfg: TrainConfig) -> int:
     extra = learner.load(ckpt_dir, required=True) if cfg.resume else None
     start_step = int(extra["step"]) if extra else 0
     for name in ("metrics.jsonl", "trained_trees.jsonl"):
-        _truncate_after(run_dir / name, start_step)
+        truncate_after(run_dir / name, start_step)
     cursor = EpochCursor(
         len(prompts), cfg.data.shuffle_seed, cfg.data.epochs, extra.get("cursor") if extra else None
     )
@@ -185,12 +243,12 @@ def train(cfg: TrainConfig) -> int:
                     break
                 epoch, idx = item
                 p = prompts[idx]
-                meta = {
-                    "answer": p.row.answer,
-                    "epoch": epoch,
-                    **{k: v for k, v in p.row.metadata.items() if isinstance(v, (str, int, float, bool))},
-                }
-                sampler.submit(p.row.id, p.prompt_ids, meta, tree_id=f"{p.row.id}@e{epoch}")
+                sampler.submit(
+                    p.row.id,
+                    p.prompt_ids,
+                    prompt_metadata(p.row, epoch),
+                    tree_id=tree_id_for(p.row.id, epoch),
+                )
             if not sampler.in_flight:
                 break
             done = sampler.step()
@@ -227,10 +285,7 @@ def train(cfg: TrainConfig) -> int:
             trees, m = got
             t_gen = time.perf_counter() - t0
             advantages = tree_advantages(trees, cfg.algo)
-            for t in trees:  # versions behind the policy being trained, per leaf
-                for lf in t.leaves:
-                    s = learner.version - t.oldest_version(lf)
-                    staleness_hist[s] = staleness_hist.get(s, 0) + 1
+            record_staleness(trees, learner.version, staleness_hist)
             t1 = time.perf_counter()
             m.update(learner.train_step(trees, advantages))
             t_train = time.perf_counter() - t1
@@ -241,14 +296,9 @@ def train(cfg: TrainConfig) -> int:
                 if cfg.generators.reset_prefix_cache_on_update:
                     backend.reset_prefix_cache()
                 m["timing/sync_s"] = time.perf_counter() - t2
-            rewards = np.concatenate([t.rewards_L for t in trees])
-            lengths = [lf.length for t in trees for lf in t.leaves]
+            m.update(rollout_metrics(trees))
             m.update(
                 {
-                    "rollout/reward": float(rewards.mean()),
-                    "rollout/accuracy": float((rewards > 0).mean()),
-                    "rollout/response_len": float(np.mean(lengths)),
-                    "tree/leaves_per_tree": float(np.mean([len(t.leaves) for t in trees])),
                     "timing/generate_s": t_gen,
                     "timing/train_s": t_train,
                     "timing/step_s": time.perf_counter() - t0,
@@ -266,13 +316,7 @@ def train(cfg: TrainConfig) -> int:
                     keep_last=cfg.checkpoint.keep_last,
                 )
             metrics_log.log(step, m)
-            with open(run_dir / "trained_trees.jsonl", "a") as fh:  # the exactly-once audit trail
-                fh.write(
-                    json.dumps(
-                        {"step": step, "version": learner.version, "trees": [t.tree_id for t in trees]}
-                    )
-                    + "\n"
-                )
+            append_trained(run_dir, step, learner.version, trees)  # the exactly-once audit trail
             progress.update(1)
             progress.set_postfix(
                 reward=f"{m['rollout/reward']:+.3f}", acc=f"{m['rollout/accuracy']:.2f}", v=learner.version
@@ -282,16 +326,7 @@ def train(cfg: TrainConfig) -> int:
         metrics_log.close()
         backend.close()
         learner.close()
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    plot_series(
-        rows,
-        ["rollout/reward", "rollout/accuracy", "eval/accuracy"],
-        run_dir / "reward_curve.png",
-        "reward and accuracy",
-    )
-    plot_histogram(
-        staleness_hist, run_dir / "staleness.png", "leaf staleness at training time", "policy versions behind"
-    )
+    final_plots(run_dir, staleness_hist)
     print(
         f"[train] done: {step} steps, metrics in {run_dir / 'metrics.jsonl'}, plots in {run_dir}", flush=True
     )

@@ -208,7 +208,7 @@ class AlgoConfig:
     clip_high: float = doc(0.28, "PPO clip epsilon above 1 (clip-higher).")
     dual_clip: float = doc(10.0, "Dual-clip constant c > 1 for negative advantages (0 disables).")
     is_correction: str = doc(
-        "token", "Off-policy correction from behavior logprobs: 'token' | 'sequence' | 'mask' | 'none'."
+        "token", "Off-policy correction from behavior logprobs: 'token' | 'sequence' (geometric mean) | 'sequence_product' | 'mask' | 'none'."
     )
     is_cap: float = doc(
         2.0, "Truncation C of the importance weight min(pi_prox/pi_behavior, C) (mask bounds for 'mask')."
@@ -338,7 +338,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "generators.backend": ("vllm", "hf"),
     "algo.advantage": ("treepo", "grpo", "reinforce_pp_baseline"),
     "algo.aggregation": ("average", "group_size"),
-    "algo.is_correction": ("token", "sequence", "mask", "none"),
+    "algo.is_correction": ("token", "sequence", "sequence_product", "mask", "none"),
     "learner.mixed_precision": ("none", "bf16"),
     "queue.appendfsync": ("everysec", "always"),
     "sync.backend": ("auto", "gloo", "nccl"),

@@ -19,7 +19,8 @@ Protocol of one update (``SCHEMA_VERSION`` 1), all broadcasts from rank 0:
 2. metadata: a msgpack blob as a uint8 tensor: ``{"schema", "version", "buckets": [bytes per
    bucket], "params": [[name, dtype, shape, bucket, offset], ...]}`` in send order;
 3. buckets: one flat uint8 tensor per bucket packing consecutive parameters at ``ALIGN``-byte
-   offsets. Packing happens on the sender's device; the receiver allocates a fresh buffer per bucket
+   offsets. Packing happens on the sender's device into two alternating staging buffers (bucket k+1
+   is packed while bucket k is on the wire); the receiver allocates a fresh buffer per bucket
    and yields dtype/shape views into it (no copy), so a consumer that applies weights as they come
    never holds more than ~two buckets beyond the model itself (bucket k+1 is already in flight while
    bucket k is consumed). A bucket with a single parameter is that parameter's own bytes (no packing

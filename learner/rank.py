@@ -376,7 +376,8 @@ class LearnerRank:
     def weights_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) per parameter. Every rank must drive the iterator (FSDP gathers are
         collective); only rank 0's tensors are meant to be sent."""
-        for name, p in self.module.named_parameters():
+        # remove_duplicate=False: a tied lm_head must be sent too, or the engine keeps its old head
+        for name, p in self.module.named_parameters(remove_duplicate=False):
             t = p.full_tensor() if hasattr(p, "full_tensor") else p
             yield name, t.detach()
 

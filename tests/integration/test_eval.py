@@ -62,7 +62,9 @@ def check_eval_outputs(out, files, k):
             assert p["pass_at_k"] == float(any(p["correct"])) >= p["mean_at_k"]
             assert 0.0 <= p["maj_at_k"] <= 1.0
         for key in (f"mean@{k}", f"pass@{k}", f"maj@{k}"):
-            assert s[key] == pytest.approx(sum(p[key.replace("@", "_at_")] for p in problems) / len(problems))
+            assert s[key] == pytest.approx(
+                sum(p[key.split("@")[0] + "_at_k"] for p in problems) / len(problems)
+            )
         assert s["decoded_tokens"] > 0 and s["wall_s"] > 0 and s["trajectories_per_s"] > 0
     assert len({summary["problems_files"][f] for f in files}) == len(files)
     total = sum(res[f]["problems"] for f in files)

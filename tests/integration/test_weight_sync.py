@@ -8,6 +8,7 @@ plain data (names, dtypes, shapes, SHA-256 of the bytes), so bit-exactness is ch
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import time
@@ -19,6 +20,7 @@ import torch
 from common.errors import SyncError, WireError
 from common.weight_sync import (
     ALIGN,
+    MAGIC,
     SyncMetadata,
     WeightReceiver,
     WeightSender,
@@ -261,6 +263,41 @@ def test_stale_group_info_fails_fast():
         sender.close()
 
 
+def test_receiver_rejects_foreign_header_and_garbage_metadata():
+    """Failure injection: rank 0 puts bytes that are not ours on the wire (receiver in a thread)."""
+    import threading
+
+    sender = WeightSender(HOST, 0, world_size=2, backend="gloo", timeout_s=10)
+    recv = WeightReceiver.from_info(sender.info, rank=1, timeout_s=10)
+    try:
+        for payload, reason in [
+            ([torch.tensor([1, 2, 3, 4])], "not a treepo weight-sync header"),
+            (
+                [torch.tensor([MAGIC, 1, 3, 5]), torch.tensor(list(b"\xc1junk"), dtype=torch.uint8)],
+                "rejected the update's metadata",
+            ),
+        ]:
+            errors = []
+
+            def run(errors=errors):
+                try:
+                    recv.receive()
+                except SyncError as e:
+                    errors.append(str(e))
+
+            th = threading.Thread(target=run)
+            th.start()
+            sender.connect()
+            for t in payload:
+                sender._wait(sender._bcast(t), "metadata", "test")
+            th.join(timeout=10)
+            assert len(errors) == 1 and reason in errors[0] and "rebuild" in errors[0]
+            recv.rejoin(sender.rebuild(), rank=1)
+    finally:
+        recv.close()
+        sender.close()
+
+
 # --------------------------------------------------------------------------- real processes
 
 
@@ -426,6 +463,21 @@ def test_late_receiver_joins_via_rebuild_and_gets_current_weights(receivers):
             assert res[rank][0] == "ok" and res[rank][2] == 7 and res[rank][3] == expected(current)
     finally:
         sender.close()
+
+
+def test_bench_sync_smoke(capsys):
+    import argparse
+
+    from cluster import bench_sync
+
+    parser = argparse.ArgumentParser()
+    bench_sync.add_arguments(parser)
+    args = parser.parse_args(["--sizes-mb", "2", "--receivers", "1", "--repeats", "1", "--bucket-mb", "0.5"])
+    assert bench_sync.run(args) == 0
+    out = capsys.readouterr().out
+    row = json.loads(next(line for line in out.splitlines() if line.startswith('{"size_mb"')))
+    assert row["receivers"] == 1 and row["buckets"] >= 2 and row["ours_gbps"] > 0 and row["raw_gbps"] > 0
+    assert "ours_vs_raw" in out and "ours_vs_shm" in out
 
 
 # --------------------------------------------------------------------------- into the vLLM engine

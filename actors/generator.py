@@ -1,0 +1,285 @@
+"""The generator: one engine growing segment trees for prompts claimed from Redis, pushing finished,
+scored trees into the replay queue. A plain class; ``cluster/topology.py`` makes it a Ray actor.
+
+The loop (:meth:`Generator.step_once`, repeated by :meth:`Generator.run`):
+
+1. Apply a pending weight update, if one arrived (segment boundaries are the only place the engine's
+   weights change, so every segment is sampled under one known policy version).
+2. Admission control: claim new prompts while the budget of :func:`admission_budget` is positive and
+   fewer than ``generators.trees_in_flight`` trees grow here.
+3. One sampler step (one batched engine call over every live path of every tree in flight).
+4. Score finished trees (the reward objects live in this process) and push each with
+   :meth:`common.prompts.PromptDispatcher.push_and_done`: the push and the end of the prompt's flight
+   are one atomic script, and a prompt re-issued to another generator is refused (no duplicate).
+
+Admission rule. With ``S = algo.max_staleness``, ``v`` the policy version this engine samples
+under, ``B = learner.prompts_per_step`` and ``D`` the trees the controller discarded so far
+(dynamic-sampling and staleness drops: they used budget without advancing the version), new prompts
+are admitted while ``(S + v + 1)·B + D − (accepted + running) > 0``. ``accepted + running`` is
+counted over ALL generators from Redis (prompts handed out minus prompts waiting for re-issue), so
+G generators together stay inside the bound. With ``S = 0`` this is the synchronous schedule:
+exactly ``B`` trees (plus replacements for drops) per policy version. ``D`` is the only addition to
+the rule as usually written: without it, a step whose trees were partly filtered out would wait
+forever for trees nobody is allowed to sample.
+
+A generator restarted under the same id first re-issues the prompts it had in flight when it died.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("treepo.generator")
+
+
+def admission_budget(
+    max_staleness: int, version: int, prompts_per_step: int, accepted: int, running: int, dropped: int = 0
+) -> int:
+    """How many more prompts may be admitted now: ``(S + v + 1)·B + D − (accepted + running)``, ≥ 0."""
+    return max(0, (max_staleness + version + 1) * prompts_per_step + dropped - accepted - running)
+
+
+def prompt_metadata(row: Any, epoch: int) -> dict[str, Any]:
+    """A tree's flat metadata: the gold answer, the epoch and the row's scalar metadata."""
+    return {
+        "answer": row.answer,
+        "epoch": int(epoch),
+        **{k: v for k, v in row.metadata.items() if isinstance(v, (str, int, float, bool))},
+    }
+
+
+def tree_id_for(prompt_id: str, epoch: int) -> str:
+    """One tree per prompt and epoch: ``<prompt id>@e<epoch>``."""
+    return f"{prompt_id}@e{int(epoch)}"
+
+
+def dropped_key(run_name: str) -> str:
+    """Redis key holding the controller's count of discarded trees (the ``D`` of the admission rule)."""
+    return f"treepo:{run_name}:pipeline:dropped"
+
+
+class Generator:
+    """One engine, a :class:`actors.sampler.TreeSampler`, a reward, a queue producer and a prompt client.
+
+    Thread-safe for one :meth:`run` thread plus calls of :meth:`offer_weights`, :meth:`stats` and
+    :meth:`stop` from other threads (the Ray actor is threaded for this).
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        generator_id: int,
+        queue_url: str,
+        queue_password: str | None,
+        run_name: str,
+        *,
+        backend: Any = None,
+    ) -> None:
+        from actors.backends import make_backend
+        from actors.sampler import TreeSampler
+        from common.data import load_prompts, resolve_data_path
+        from common.models import eos_token_ids, load_tokenizer
+        from common.prompts import PromptDispatcher
+        from common.replay import ReplayQueue
+        from common.rewards import resolve_reward
+        from common.sampling_metrics import SamplingStats
+
+        self.cfg = cfg
+        self.id = int(generator_id)
+        self.run_name = run_name
+        model_path = cfg.model.path
+        tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        self._tokenizer = tokenizer
+        eos = eos_token_ids(model_path)
+        self._eos_set = frozenset(eos)
+        train_path, task = resolve_data_path(cfg.data.train, "train", cfg.data)
+        prompts = load_prompts(train_path, tokenizer, cfg.data)
+        self._prompts = {p.row.id: p for p in prompts}
+        # rewards hold verifier subprocess pipes: they must be created in this process
+        self.reward = resolve_reward(
+            cfg.reward.fn, task, cfg=cfg.reward, max_response_tokens=cfg.tree.max_response_tokens
+        )
+        self.queue = ReplayQueue.from_config(cfg.queue, queue_url, run_name, queue_password)
+        self.dispatcher = PromptDispatcher(
+            self.queue.redis, run_name, [p.row.id for p in prompts], cfg.data.shuffle_seed, cfg.data.epochs
+        )
+        self._dropped_key = dropped_key(run_name)
+        self.requeued_on_start = self.dispatcher.requeue_generator(self.id)
+        if backend is None:
+            max_len = max(len(p.prompt_ids) for p in prompts) + cfg.tree.max_response_tokens + 8
+            backend = make_backend(
+                None,
+                model_path,
+                cfg.generators,
+                cfg.sampling,
+                dtype=cfg.model.dtype,
+                eos_ids=eos,
+                seed=cfg.seed + 1000 * self.id,
+                max_model_len=max_len,
+            )
+        self.backend = backend
+        self.sampling_stats = SamplingStats()
+        self.sampler = TreeSampler(
+            backend,
+            cfg.tree,
+            cfg.sampling,
+            eos,
+            self._decode,
+            generator_id=self.id,
+            stats=self.sampling_stats,
+        )
+        self._epochs: dict[str, tuple[int, str]] = {}  # tree id -> (epoch, prompt id)
+        self._lock = threading.Lock()
+        self._pending: tuple[Mapping[str, Any], int] | None = None
+        self._stop = threading.Event()
+        self._exhausted = False
+        self.counters = {
+            "pushed": 0,
+            "refused": 0,
+            "steps": 0,
+            "updates": 0,
+            "busy_s": 0.0,
+            "idle_s": 0.0,
+            "sync_s": 0.0,
+        }
+        self._t_start = time.perf_counter()
+
+    def _decode(self, ids) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ control (any thread)
+    def ready(self) -> int:
+        """The policy version the engine samples under (also: the actor finished starting)."""
+        return int(self.backend.policy_version)
+
+    def offer_weights(self, weights: Mapping[str, Any] | None, version: int) -> bool:
+        """Queue weights of ``version`` (name -> array); applied before the next sampler step.
+        A newer offer replaces an older one that was not applied yet; an old version is ignored."""
+        with self._lock:
+            newest = self._pending[1] if self._pending else int(self.backend.policy_version)
+            if weights is None or int(version) <= newest:
+                return False
+            self._pending = (weights, int(version))
+            return True
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            out: dict[str, float] = {f"generator/{k}": float(v) for k, v in self.counters.items()}
+        wall = time.perf_counter() - self._t_start
+        out["generator/wall_s"] = wall
+        out["generator/idle_frac"] = out["generator/idle_s"] / wall if wall > 0 else 0.0
+        out["generator/version"] = float(self.backend.policy_version)
+        out["generator/in_flight"] = float(self.sampler.in_flight)
+        return out
+
+    # ------------------------------------------------------------------ the loop (one thread)
+    def _apply_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        import torch
+
+        weights, version = pending
+        t0 = time.perf_counter()
+        # object-store arrays are read-only: copy into tensors the engine may keep
+        named = ((name, torch.from_numpy(np.array(arr, copy=True))) for name, arr in weights.items())
+        self.backend.update_weights(named, version)  # resets the prefix cache per the config
+        with self._lock:
+            self.counters["updates"] += 1
+            self.counters["sync_s"] += time.perf_counter() - t0
+
+    def _outstanding(self) -> tuple[int, int]:
+        """(prompts handed out and not waiting for re-issue, over all generators; trees dropped)."""
+        d = self.dispatcher
+        pipe = d.redis.pipeline(transaction=False)
+        pipe.get(d.keys["cursor"])
+        pipe.llen(d.keys["retry"])
+        pipe.get(self._dropped_key)
+        cursor, retry, dropped = pipe.execute()
+        return int(cursor or 0) - int(retry or 0), int(dropped or 0)
+
+    def _admit(self) -> int:
+        room = self.cfg.generators.trees_in_flight - self.sampler.in_flight
+        if room <= 0:
+            return 0
+        outstanding, dropped = self._outstanding()
+        running = self.sampler.in_flight
+        budget = admission_budget(
+            self.cfg.algo.max_staleness,
+            int(self.backend.policy_version),
+            self.cfg.learner.prompts_per_step,
+            accepted=outstanding - running,
+            running=running,
+            dropped=dropped,
+        )
+        want = min(room, budget)
+        if want <= 0:
+            return 0
+        claimed = self.dispatcher.claim(self.id, want)
+        # re-checked every time: a dead generator's prompts can come back to the retry list
+        self._exhausted = not claimed and self.dispatcher.exhausted()
+        for epoch, prompt_id in claimed:
+            p = self._prompts[prompt_id]
+            tree_id = tree_id_for(prompt_id, epoch)
+            self._epochs[tree_id] = (epoch, prompt_id)
+            self.sampler.submit(prompt_id, p.prompt_ids, prompt_metadata(p.row, epoch), tree_id=tree_id)
+        return len(claimed)
+
+    def step_once(self) -> int:
+        """Apply a pending update, admit, run one sampler step, score and push; returns trees pushed
+        (0 also when there was nothing to do)."""
+        from actors.scoring import score_trees
+
+        self._apply_pending()
+        self._admit()
+        if not self.sampler.in_flight:
+            return 0
+        t0 = time.perf_counter()
+        done = self.sampler.step()
+        score_trees(done, self.reward, self._decode, self._eos_set)
+        pushed = refused = 0
+        for tree in done:
+            epoch, prompt_id = self._epochs.pop(tree.tree_id)
+            if self.dispatcher.push_and_done(self.queue, tree, self.id, epoch, prompt_id) is None:
+                refused += 1  # re-issued to another generator meanwhile: its tree is the one kept
+            else:
+                pushed += 1
+        with self._lock:
+            self.counters["steps"] += 1
+            self.counters["pushed"] += pushed
+            self.counters["refused"] += refused
+            self.counters["busy_s"] += time.perf_counter() - t0
+        return pushed
+
+    def run(self, max_steps: int | None = None, idle_sleep_s: float = 0.05) -> dict[str, float]:
+        """Loop :meth:`step_once` until :meth:`stop`, ``max_steps`` sampler steps, or the data is used
+        up with nothing in flight. Returns :meth:`stats`."""
+        steps = 0
+        while not self._stop.is_set() and (max_steps is None or steps < max_steps):
+            before = self.counters["steps"]
+            self.step_once()
+            if self.counters["steps"] > before:
+                steps += 1
+                continue
+            if self._exhausted and not self.sampler.in_flight:
+                break
+            t0 = time.perf_counter()
+            self._stop.wait(idle_sleep_s)  # at the admission bound: wait for a new version or drops
+            with self._lock:
+                self.counters["idle_s"] += time.perf_counter() - t0
+        return self.stats()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.backend.close()
+        self.queue.close()

@@ -1,0 +1,482 @@
+"""The asynchronous pipeline's driver (``driver=ray``): generators stream trees through Redis, the
+learner group trains on them, new weights flow back. :func:`run_pipeline` is ``treepo train``'s entry.
+
+Set-up: the run's Redis (``queue.url`` or the embedded server in the run directory), Ray (a local
+``ray.init()`` unless already connected, e.g. inside ``ray job submit``), the learner ranks and the
+generators (``cluster/topology.py``). Then the loops, each one named method of :class:`Controller`:
+
+- ``collect`` — consumes queue entries (``XREADGROUP``; on resume the unacknowledged ones first),
+  drops duplicates (by tree id), trees with a leaf past ``algo.max_staleness`` and, with dynamic
+  sampling, trees whose leaves all agree; waits until ``learner.prompts_per_step`` trees are kept.
+  Unblocked by generators pushing. Every drop raises the Redis counter ``D`` the generators' admission
+  rule adds (:mod:`actors.generator`), so a dropped tree is replaced instead of stalling the step.
+  While it waits it also watches the generators: a dead one is restarted by Ray (``max_restarts``),
+  receives the current weights and starts its loop again; its in-flight prompts are re-issued.
+- ``learn`` — tree advantages over the whole batch, each rank's share (rank ``r`` gets
+  ``shard_for_rank``), one learner step on every rank (``ray.get`` with a timeout).
+- ``publish`` — every ``sync.every_steps``: learner rank 0's weights go to every generator as a
+  ``{name: array}`` through Ray's object store (one copy per node), with the new policy version.
+  Generators apply them at their next segment boundary. With ``algo.max_staleness=0`` the admission
+  rule makes generation wait for each publish: the synchronous schedule, through the same code.
+- ``checkpoint`` — every ``checkpoint.every_steps`` (and at the end): the learner checkpoint with
+  the step, dropped-tree count, prompt-dispatch state and stream state in ``extra``, THEN the
+  acknowledgement of every entry consumed since the previous checkpoint, then trimming of acknowledged
+  entries. A crash between the two re-delivers entries whose update is lost with the crash.
+- ``log`` — metrics JSONL (+ TensorBoard) with the local driver's keys plus staleness, queue depth,
+  generator and learner idle fractions; the audit trail ``trained_trees.jsonl``; a progress bar.
+
+Weight transport: the object store, not the process-group broadcast of :mod:`common.weight_sync`
+(which the engines will receive through once it is wired into the generator's engine workers); the
+generator sees only ``offer_weights(weights, version)``, so the transport can change behind it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import TrainConfig, save_resolved
+from common.errors import ConfigError, QueueError, SyncError
+
+log = logging.getLogger("treepo.controller")
+
+CONSUMER = "controller"
+STEP_TIMEOUT_S = 3600.0  # one learner step; generous: a 7B step on a slow node takes minutes
+STALL_TIMEOUT_S = 1800.0  # no tree at all for this long while generators live: something is wrong
+STATS_TIMEOUT_S = 10.0
+
+
+def run_name_for(run_dir: str | Path) -> str:
+    """A queue/prompt key namespace unique to a run directory (shared Redis servers stay separate)."""
+    path = Path(run_dir).resolve()
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name) or "run"
+    return f"{safe}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def check_pipeline_config(cfg: TrainConfig) -> None:
+    """Settings the pipeline cannot run with (the schedule would deadlock)."""
+    if cfg.sync.every_steps > cfg.algo.max_staleness + 1:
+        raise ConfigError(
+            f"sync.every_steps={cfg.sync.every_steps} > algo.max_staleness+1={cfg.algo.max_staleness + 1}: "
+            "generators admit trees by the version they hold, so the learner would wait for trees nobody "
+            f"may sample; set sync.every_steps <= {cfg.algo.max_staleness + 1} or raise algo.max_staleness"
+        )
+
+
+def _connect_ray() -> bool:
+    """Connect to a running Ray (``ray job submit``) or start a local one; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def run_pipeline(cfg: TrainConfig) -> int:
+    """``treepo train driver=ray``: the asynchronous pipeline; returns the exit code."""
+    from cluster.redis_launcher import queue_endpoint
+    from cluster.train import check_run_dir
+    from common.models import resolve_model_path
+
+    check_pipeline_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    check_run_dir(cfg, run_dir / "checkpoints")
+    save_resolved(cfg, run_dir)
+    # resolved once here: a 'tiny:' model is built once, not by every actor
+    model_path = resolve_model_path(
+        cfg.model.path, tiny_size=cfg.model.tiny_size, tiny_warmup_steps=cfg.model.tiny_warmup_steps
+    )
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
+    import ray
+
+    with queue_endpoint(cfg.queue, run_dir) as (url, password):
+        started = _connect_ray()
+        try:
+            controller = Controller(cfg, url, password, run_name_for(run_dir))
+            try:
+                return controller.run()
+            finally:
+                controller.close()
+        finally:
+            if started:
+                ray.shutdown()
+
+
+@dataclasses.dataclass
+class _GenSlot:
+    """The controller's view of one generator actor."""
+
+    handle: Any
+    run_ref: Any = None  # the running loop
+    ready_ref: Any = None  # waiting for a restart to finish
+    done: bool = False  # its loop returned (data used up)
+    restarts: int = 0
+
+
+class Controller:
+    """Owns the queue consumer, the prompt dispatcher view, the actors and the loop state."""
+
+    def __init__(self, cfg: TrainConfig, queue_url: str, password: str | None, run_name: str) -> None:
+        from cluster import topology
+        from common.data import load_rows, resolve_data_path
+        from common.metrics import MetricsLog
+        from common.prompts import PromptDispatcher
+        from common.replay import ReplayQueue
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.run_name = run_name
+        self.queue = ReplayQueue.from_config(cfg.queue, queue_url, run_name, password)
+        # the dispatcher here only reads state (for checkpoints and the end-of-data test): the
+        # generators claim; the prompt id list must be the one the generators use
+        train_path, _ = resolve_data_path(cfg.data.train, "train", cfg.data)
+        self._prompt_ids = self._encoded_prompt_ids(cfg, train_path, load_rows)
+        self.dispatcher = PromptDispatcher(
+            self.queue.redis, run_name, self._prompt_ids, cfg.data.shuffle_seed, cfg.data.epochs
+        )
+        from actors.generator import dropped_key
+
+        self._dropped_key = dropped_key(run_name)
+        self.metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.log.tensorboard)
+        self.topo = topology.start(cfg, queue_url, password, run_name)
+        self.gens = [_GenSlot(h) for h in self.topo.generators]
+        self.world = cfg.learner.num_workers
+        self.step = 0
+        self.version = 0
+        self.dropped = 0  # trees consumed without training (staleness, dynamic sampling)
+        self.trained_ids: set[str] = set()
+        self.unacked: list[str] = []  # entries consumed since the last checkpoint
+        self.backlog: list[tuple[str, Any]] = []  # reclaimed on resume: consumed first
+        self.staleness_hist: dict[int, int] = {}
+        self.weights: tuple[Any, int] | None = None  # (object ref, version) last published
+        self.wait_s = 0.0  # time spent waiting for trees (the learner's idle time)
+        self.t_start = time.perf_counter()
+        self.counts = {"duplicates": 0, "dropped_stale": 0, "dropped_uniform": 0, "restarts": 0}
+
+    @staticmethod
+    def _encoded_prompt_ids(cfg: TrainConfig, train_path: Path, load_rows) -> list[str]:
+        """The ids of the prompts the generators will use (same tokenizer filter: too-long prompts
+        are skipped there, so they must be skipped here too)."""
+        from common.data import load_prompts
+        from common.models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        return [p.row.id for p in load_prompts(train_path, tokenizer, cfg.data)]
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> int:
+        import ray
+        from tqdm import tqdm
+
+        from cluster.train import final_plots, trained_tree_ids, truncate_after
+
+        cfg = self.cfg
+        if cfg.resume:
+            extras = ray.get([h.load.remote(str(self.ckpt_dir)) for h in self.topo.learners], timeout=600)
+            extra = extras[0] or {}
+            self.step = int(extra.get("step", 0))
+            self.dropped = int(extra.get("dropped", 0))
+            for name in ("metrics.jsonl", "trained_trees.jsonl"):
+                truncate_after(self.run_dir / name, self.step)
+            self.trained_ids = trained_tree_ids(self.run_dir)
+            self.backlog = self.queue.reclaim(CONSUMER, min_idle_ms=0)
+            print(
+                f"[pipeline] resumed at step {self.step}: {len(self.backlog)} unacknowledged tree(s) re-delivered",
+                flush=True,
+            )
+        self.version = ray.get(self.topo.learners[0].version.remote(), timeout=60)
+        self.queue.redis.set(self._dropped_key, self.dropped)
+        if self.version:
+            self.publish()
+        for slot in self.gens:
+            slot.run_ref = slot.handle.run.remote()
+        last_ckpt = self.step
+        progress = tqdm(
+            total=cfg.learner.total_steps,
+            initial=self.step,
+            desc="train[ray]",
+            disable=not cfg.log.progress,
+            dynamic_ncols=True,
+        )
+        try:
+            while self.step < cfg.learner.total_steps:
+                t0 = time.perf_counter()
+                got = self.collect(cfg.learner.prompts_per_step)
+                if got is None:
+                    print(f"[pipeline] prompts exhausted at step {self.step}", flush=True)
+                    break
+                trees, m = got
+                t_gen = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                m.update(self.learn(trees))
+                t_train = time.perf_counter() - t1
+                self.step += 1
+                if self.step % cfg.sync.every_steps == 0:
+                    m["timing/sync_s"] = self.publish()
+                if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.learner.total_steps:
+                    m["timing/checkpoint_s"] = self.checkpoint()
+                    last_ckpt = self.step
+                m.update({"timing/generate_s": t_gen, "timing/train_s": t_train})
+                m["timing/step_s"] = time.perf_counter() - t0
+                self.log(m, trees)
+                progress.update(1)
+                progress.set_postfix(
+                    reward=f"{m['rollout/reward']:+.3f}",
+                    v=self.version,
+                    q=int(m.get("queue/depth", 0)),
+                    stale=f"{m['staleness/mean']:.2f}",
+                )
+            if self.step > last_ckpt:
+                self.checkpoint()
+        finally:
+            progress.close()
+        final_plots(self.run_dir, self.staleness_hist)
+        wall = time.perf_counter() - self.t_start
+        print(
+            f"[pipeline] done: {self.step} steps in {wall:.1f} s, metrics in {self.run_dir / 'metrics.jsonl'}",
+            flush=True,
+        )
+        return 0
+
+    # ------------------------------------------------------------------ consume
+    def _set_dropped(self) -> None:
+        self.queue.redis.set(self._dropped_key, self.dropped)
+
+    def collect(self, need: int) -> tuple[list, dict[str, float]] | None:
+        """``need`` kept trees from the queue (fewer only when the data is used up; None if none)."""
+        from learner.advantages import dynamic_sampling_keep
+
+        cfg = self.cfg
+        kept: list = []
+        consumed = dropped_uniform = dropped_stale = 0
+        last_tree = time.perf_counter()
+        while len(kept) < need:
+            if self.backlog:
+                entries, self.backlog = self.backlog[: need - len(kept)], self.backlog[need - len(kept) :]
+            else:
+                t0 = time.perf_counter()
+                entries = self.queue.read(need - len(kept), block_ms=min(cfg.queue.block_ms, 500), consumer=CONSUMER)
+                self.wait_s += time.perf_counter() - t0 if not entries else 0.0
+            before = self.dropped
+            for entry_id, tree in entries:
+                self.unacked.append(entry_id)
+                consumed += 1
+                if tree.tree_id in self.trained_ids or any(t.tree_id == tree.tree_id for t in kept):
+                    self.counts["duplicates"] += 1  # at-least-once delivery: a retried XADD
+                    continue
+                stale = max((self.version - tree.oldest_version(lf) for lf in tree.leaves), default=0)
+                if stale > cfg.algo.max_staleness:
+                    dropped_stale += 1
+                    self.dropped += 1
+                elif cfg.algo.dynamic_sampling and not dynamic_sampling_keep(tree.rewards_L):
+                    dropped_uniform += 1
+                    self.dropped += 1
+                else:
+                    kept.append(tree)
+            if self.dropped != before:
+                self._set_dropped()
+            if entries:
+                last_tree = time.perf_counter()
+                continue
+            self.watch_generators()
+            if self._data_finished():
+                break
+            if time.perf_counter() - last_tree > STALL_TIMEOUT_S:
+                raise QueueError(
+                    f"no tree arrived for {STALL_TIMEOUT_S:.0f} s while generators are alive: check the "
+                    "generator logs (ray logs) and queue state (`treepo queue inspect`)"
+                )
+        if len(kept) < need and self.world > 1:  # every rank needs the same share: drop the rest
+            kept = kept[: len(kept) - len(kept) % cfg.learner.mini_batch_prompts]
+        if not kept:
+            return None
+        self.counts["dropped_stale"] += dropped_stale
+        self.counts["dropped_uniform"] += dropped_uniform
+        return kept, {
+            "rollout/trees_sampled": consumed,
+            "rollout/trees_dropped_uniform": dropped_uniform,
+            "staleness/trees_dropped": dropped_stale,
+        }
+
+    def _data_finished(self) -> bool:
+        """No prompt left anywhere: none to claim, none in flight, nothing undelivered in the stream."""
+        return not self.backlog and self.dispatcher.finished() and self.queue.undelivered() == 0
+
+    def watch_generators(self) -> None:
+        """Restart handling: a loop that failed because its actor died waits for Ray's restart, gets
+        the current weights and runs again; a loop that returned means the data is used up there."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        for g, slot in enumerate(self.gens):
+            if slot.ready_ref is not None:
+                done, _ = ray.wait([slot.ready_ref], timeout=0)
+                if not done:
+                    continue
+                slot.ready_ref = None
+                try:
+                    ray.get(done[0])
+                except RayActorError as e:
+                    self.dispatcher.requeue_generator(g)  # for good: others take its prompts
+                    slot.done = True
+                    if all(s.done for s in self.gens) and not self.dispatcher.finished():
+                        raise SyncError(f"every generator is dead (generator {g}: {e})") from None
+                    continue
+                if self.weights is not None:
+                    slot.handle.offer_weights.remote(*self.weights)
+                slot.run_ref = slot.handle.run.remote()
+                print(f"[pipeline] generator {g} restarted ({slot.restarts}x), loop resumed", flush=True)
+                continue
+            if slot.run_ref is None or slot.done:
+                continue
+            done, _ = ray.wait([slot.run_ref], timeout=0)
+            if not done:
+                continue
+            slot.run_ref = None
+            try:
+                ray.get(done[0])
+                slot.done = True
+            except RayActorError:
+                slot.restarts += 1
+                self.counts["restarts"] += 1
+                print(f"[pipeline] generator {g} died; waiting for its restart", flush=True)
+                slot.ready_ref = slot.handle.ready.remote()
+
+    # ------------------------------------------------------------------ learn / publish / checkpoint
+    def learn(self, trees: list) -> dict[str, float]:
+        import ray
+
+        from cluster.train import record_staleness, rollout_metrics
+        from common.tree import encode_tree
+        from learner.advantages import tree_advantages
+        from learner.rank import shard_for_rank
+
+        advantages = tree_advantages(trees, self.cfg.algo)
+        stale_L = record_staleness(trees, self.version, self.staleness_hist)
+        encoded = [encode_tree(t) for t in trees]
+        idx = list(range(len(trees)))
+        refs = []
+        for r, h in enumerate(self.topo.learners):
+            mine = shard_for_rank(idx, r, self.world, self.cfg.learner.mini_batch_prompts) if self.world > 1 else idx
+            refs.append(h.train_step.remote([encoded[i] for i in mine], [advantages[i] for i in mine]))
+        metrics = ray.get(refs, timeout=STEP_TIMEOUT_S)[0]
+        self.version = ray.get(self.topo.learners[0].version.remote(), timeout=60)
+        self.trained_ids.update(t.tree_id for t in trees)
+        m = dict(metrics)
+        m.update(rollout_metrics(trees))
+        m["staleness/mean"] = float(np.mean(stale_L)) if stale_L else 0.0
+        m["staleness/max"] = float(max(stale_L)) if stale_L else 0.0
+        return m
+
+    def publish(self) -> float:
+        """Send the learner's current weights to every generator; returns the seconds it took."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        t0 = time.perf_counter()
+        refs = [h.export_weights.remote() for h in self.topo.learners]
+        try:
+            ray.get(refs[1:], timeout=self.cfg.sync.timeout_s)  # FSDP gathers are collective
+            ready, _ = ray.wait(refs[:1], timeout=self.cfg.sync.timeout_s)
+        except GetTimeoutError:
+            ready = []
+        if not ready:
+            raise SyncError(
+                f"learner rank 0 did not export weights within sync.timeout_s={self.cfg.sync.timeout_s} s"
+            )
+        self.weights = (refs[0], self.version)
+        offers = [s.handle.offer_weights.remote(*self.weights) for s in self.gens if not s.done]
+        for ref in offers:
+            try:
+                ray.get(ref, timeout=self.cfg.sync.timeout_s)
+            except RayActorError:
+                pass  # died meanwhile: it gets the weights when it comes back (watch_generators)
+            except GetTimeoutError:
+                raise SyncError(
+                    f"a generator did not take version {self.version} within sync.timeout_s="
+                    f"{self.cfg.sync.timeout_s} s"
+                ) from None
+        return time.perf_counter() - t0
+
+    def checkpoint(self) -> float:
+        """Checkpoint, THEN acknowledge what it covers, then trim acknowledged entries."""
+        import ray
+
+        t0 = time.perf_counter()
+        extra = {
+            "step": self.step,
+            "dropped": self.dropped,
+            "prompts": self.dispatcher.state(),
+            "stream": {
+                "run": self.run_name,
+                "consumer": CONSUMER,
+                "acked_at_checkpoint": len(self.unacked),
+                "depth": self.queue.depth(),
+            },
+        }
+        ray.get(
+            [
+                h.save.remote(str(self.ckpt_dir), extra, self.step, self.cfg.checkpoint.keep_last)
+                for h in self.topo.learners
+            ],
+            timeout=STEP_TIMEOUT_S,
+        )
+        self.queue.ack(self.unacked)
+        self.unacked = []
+        self.queue.trim_acked()
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ metrics
+    def generator_stats(self) -> dict[str, float]:
+        import ray
+
+        from common.metrics import Reducer
+
+        red = Reducer()
+        live = [s for s in self.gens if s.ready_ref is None and not s.done]
+        refs = [s.handle.stats.remote() for s in live]
+        for ref in refs:
+            try:
+                stats = ray.get(ref, timeout=STATS_TIMEOUT_S)
+            except Exception:  # a generator dying right now: its numbers are missing this step
+                continue
+            for k, v in stats.items():
+                how = "mean" if k.endswith(("_frac", "version", "hit_rate")) else "sum"
+                red.add(k, v, how)
+        return red.result()
+
+    def log(self, m: dict[str, float], trees: list) -> None:
+        from cluster.train import append_trained
+
+        wall = time.perf_counter() - self.t_start
+        m.update(self.generator_stats())
+        m["learner/idle_frac"] = self.wait_s / wall if wall > 0 else 0.0
+        m["learner/version"] = float(self.version)
+        m["queue/depth"] = float(self.queue.depth())
+        m["queue/dead_count"] = float(self.queue.dead_count())
+        m["pipeline/dropped_total"] = float(self.dropped)
+        m["pipeline/duplicates"] = float(self.counts["duplicates"])
+        m["pipeline/generator_restarts"] = float(self.counts["restarts"])
+        m["pipeline/trees_per_s"] = len(self.trained_ids) / wall if wall > 0 else 0.0
+        for s, n in sorted(self.staleness_hist.items()):
+            m[f"staleness/hist/{s}"] = float(n)
+        self.metrics_log.log(self.step, m)
+        append_trained(self.run_dir, self.step, self.version, trees)
+
+    def close(self) -> None:
+        from cluster import topology
+
+        try:
+            topology.shutdown(self.topo)
+        finally:
+            self.metrics_log.close()
+            self.queue.close()

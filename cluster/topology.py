@@ -1,0 +1,208 @@
+"""Topology: the ONLY module that applies ``ray.remote``, ``.options`` and placement groups.
+
+- Learner ranks: ``learner.num_workers`` actors of :class:`LearnerHost` (a thin shell over
+  :class:`learner.rank.LearnerRank`), each ``{CPU: 1, GPU: learner.gpus_per_worker}``, in ONE
+  placement group packed onto as few nodes as possible (the ranks talk over NCCL/gloo every step).
+  Rank 0 picks the rendezvous address (its node IP, a free port); all ranks then join.
+- Generators: ``generators.num`` actors of :class:`actors.generator.Generator`, each
+  ``{CPU: 1, GPU: generators.gpus_per_engine}`` (the GPUs are the engine's tensor-parallel group),
+  with ``max_restarts`` so Ray restarts a dead one; they are threaded actors (one thread runs the
+  generation loop, the others answer weight offers, stats and stop calls). Generators are not in
+  the placement group: a restarted one may land on any node with room.
+- CPU engines run vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set): one process per
+  generator, a start-up of seconds instead of tens of seconds.
+
+Every wait for an actor to come up has a timeout and names the resources it needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.generator import Generator
+from common.errors import ConfigError
+
+GENERATOR_MAX_RESTARTS = 8  # a generator that dies this often is broken, not unlucky
+GENERATOR_CONCURRENCY = 4  # the run loop + weight offers + stats + stop
+START_TIMEOUT_S = 600.0
+
+
+class LearnerHost:
+    """One learner rank as an actor: trees arrive as encoded wire bytes (no pickled trees), weights
+    leave as ``{name: numpy array}`` for the object store."""
+
+    def __init__(self, cfg: Any, rank: int, world_size: int) -> None:
+        self.cfg, self.rank, self.world_size = cfg, int(rank), int(world_size)
+        self.learner = None
+
+    def address(self) -> str:
+        """A rendezvous address on this node (rank 0 calls it)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def setup(self, init_method: str | None) -> int:
+        import torch
+
+        from learner.rank import LearnerRank
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        cfg = self.cfg
+        self.learner = LearnerRank(
+            cfg.model,
+            cfg.algo,
+            cfg.learner,
+            rank=self.rank,
+            world_size=self.world_size,
+            init_method=init_method if self.world_size > 1 else None,
+            seed=cfg.seed,
+            temperature=cfg.sampling.temperature,
+        )
+        return int(self.learner.version)
+
+    def load(self, root: str) -> dict | None:
+        return self.learner.load(root, required=True)
+
+    def version(self) -> int:
+        return int(self.learner.version)
+
+    def train_step(self, encoded_trees: list[bytes], advantages_P_L: list[np.ndarray]) -> dict[str, float]:
+        from common.tree import decode_tree
+
+        trees = [decode_tree(b) for b in encoded_trees]
+        return self.learner.train_step(trees, advantages_P_L)
+
+    def export_weights(self) -> dict[str, np.ndarray] | None:
+        """Rank 0: every parameter as a CPU numpy array (bfloat16 travels as float32: numpy has no
+        bfloat16; the engine casts on load). Other ranks drive the (collective) iterator and return None."""
+        import torch
+
+        out: dict[str, np.ndarray] = {}
+        for name, t in self.learner.weights_for_sync():
+            if self.rank == 0:
+                t = t.detach().to("cpu")
+                if t.dtype == torch.bfloat16:
+                    t = t.float()
+                out[name] = t.numpy().copy()
+        return out if self.rank == 0 else None
+
+    def save(self, root: str, extra: dict, step: int, keep_last: int) -> str | None:
+        path = self.learner.save(root, extra=extra, step=step, keep_last=keep_last)
+        return str(path) if path is not None else None
+
+    def close(self) -> None:
+        if self.learner is not None:
+            self.learner.close()
+
+
+@dataclass
+class Topology:
+    """Handles of a running pipeline's actors."""
+
+    learners: list[Any]
+    generators: list[Any]
+    placement_group: Any = None
+    generator_args: list[tuple] = field(default_factory=list)
+
+
+def _generator_env(cfg: Any) -> dict[str, str]:
+    env = {}
+    if cfg.generators.gpus_per_engine == 0:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    for key in ("TREEPO_CACHE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def _check_resources(cfg: Any) -> None:
+    need_cpu = cfg.learner.num_workers + cfg.generators.num
+    need_gpu = (
+        cfg.learner.num_workers * cfg.learner.gpus_per_worker
+        + cfg.generators.num * cfg.generators.gpus_per_engine
+    )
+    have = ray.cluster_resources()
+    if have.get("CPU", 0) < need_cpu or have.get("GPU", 0) < need_gpu:
+        raise ConfigError(
+            f"the pipeline needs {need_cpu} CPUs and {need_gpu} GPUs (learner.num_workers="
+            f"{cfg.learner.num_workers} x {cfg.learner.gpus_per_worker} GPU, generators.num={cfg.generators.num} "
+            f"x {cfg.generators.gpus_per_engine} GPU, 1 CPU each) but the Ray cluster has "
+            f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs: lower the counts or add nodes"
+        )
+
+
+def start_learners(cfg: Any, timeout_s: float = START_TIMEOUT_S) -> tuple[list[Any], Any]:
+    """Create and set up the learner ranks in one placement group; returns (handles, placement group)."""
+    n, gpus = cfg.learner.num_workers, cfg.learner.gpus_per_worker
+    bundle: dict[str, float] = {"CPU": 1}
+    if gpus:
+        bundle["GPU"] = gpus
+    pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise ConfigError(
+            f"no room for {n} learner rank(s) of {bundle} within {timeout_s:.0f} s: free resources or lower "
+            "learner.num_workers / learner.gpus_per_worker"
+        )
+    cls = ray.remote(LearnerHost)
+    handles = [
+        cls.options(
+            num_cpus=1,
+            num_gpus=gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+            name=None,
+        ).remote(cfg, r, n)
+        for r in range(n)
+    ]
+    init_method = ray.get(handles[0].address.remote(), timeout=timeout_s) if n > 1 else None
+    ray.get([h.setup.remote(init_method) for h in handles], timeout=timeout_s)
+    return handles, pg
+
+
+def start_generator(cfg: Any, generator_id: int, queue_url: str, password: str | None, run_name: str) -> Any:
+    """One generator actor (not waited for: call ``ready`` on it)."""
+    cls = ray.remote(Generator)
+    return cls.options(
+        num_cpus=1,
+        num_gpus=cfg.generators.gpus_per_engine,
+        max_restarts=GENERATOR_MAX_RESTARTS,
+        max_task_retries=0,  # the controller re-submits the run loop itself after a restart
+        max_concurrency=GENERATOR_CONCURRENCY,
+        runtime_env={"env_vars": _generator_env(cfg)},
+    ).remote(cfg, generator_id, queue_url, password, run_name)
+
+
+def start(
+    cfg: Any, queue_url: str, password: str | None, run_name: str, timeout_s: float = START_TIMEOUT_S
+) -> Topology:
+    """Learners and generators, all started and answering (generators start while learners load)."""
+    _check_resources(cfg)
+    gens = [start_generator(cfg, g, queue_url, password, run_name) for g in range(cfg.generators.num)]
+    learners, pg = start_learners(cfg, timeout_s)
+    ray.get([g.ready.remote() for g in gens], timeout=timeout_s)
+    return Topology(learners, gens, pg)
+
+
+def shutdown(topo: Topology) -> None:
+    """Stop the generators' loops and kill every actor; remove the placement group."""
+    for g in topo.generators:
+        with contextlib.suppress(Exception):  # already dead: nothing to stop
+            g.stop.remote()
+    for h in topo.learners:
+        with contextlib.suppress(Exception):  # a dead or stuck rank is killed below anyway
+            ray.get(h.close.remote(), timeout=30)
+    for a in [*topo.generators, *topo.learners]:
+        ray.kill(a, no_restart=True)
+    if topo.placement_group is not None:
+        remove_placement_group(topo.placement_group)
