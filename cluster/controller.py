@@ -126,7 +126,7 @@ class Controller:
 
     def __init__(self, cfg: TrainConfig, queue_url: str, password: str | None, run_name: str) -> None:
         from cluster import topology
-        from common.data import load_rows, resolve_data_path
+        from common.data import resolve_data_path
         from common.metrics import MetricsLog
         from common.prompts import PromptDispatcher
         from common.replay import ReplayQueue
@@ -139,7 +139,7 @@ class Controller:
         # the dispatcher here only reads state (for checkpoints and the end-of-data test): the
         # generators claim; the prompt id list must be the one the generators use
         train_path, _ = resolve_data_path(cfg.data.train, "train", cfg.data)
-        self._prompt_ids = self._encoded_prompt_ids(cfg, train_path, load_rows)
+        self._prompt_ids = self._encoded_prompt_ids(cfg, train_path)
         self.dispatcher = PromptDispatcher(
             self.queue.redis, run_name, self._prompt_ids, cfg.data.shuffle_seed, cfg.data.epochs
         )
@@ -163,7 +163,7 @@ class Controller:
         self.counts = {"duplicates": 0, "dropped_stale": 0, "dropped_uniform": 0, "restarts": 0}
 
     @staticmethod
-    def _encoded_prompt_ids(cfg: TrainConfig, train_path: Path, load_rows) -> list[str]:
+    def _encoded_prompt_ids(cfg: TrainConfig, train_path: Path) -> list[str]:
         """The ids of the prompts the generators will use (same tokenizer filter: too-long prompts
         are skipped there, so they must be skipped here too)."""
         from common.data import load_prompts
@@ -264,7 +264,9 @@ class Controller:
                 entries, self.backlog = self.backlog[: need - len(kept)], self.backlog[need - len(kept) :]
             else:
                 t0 = time.perf_counter()
-                entries = self.queue.read(need - len(kept), block_ms=min(cfg.queue.block_ms, 500), consumer=CONSUMER)
+                entries = self.queue.read(
+                    need - len(kept), block_ms=min(cfg.queue.block_ms, 500), consumer=CONSUMER
+                )
                 self.wait_s += time.perf_counter() - t0 if not entries else 0.0
             before = self.dropped
             for entry_id, tree in entries:
@@ -366,13 +368,20 @@ class Controller:
         idx = list(range(len(trees)))
         refs = []
         for r, h in enumerate(self.topo.learners):
-            mine = shard_for_rank(idx, r, self.world, self.cfg.learner.mini_batch_prompts) if self.world > 1 else idx
+            mine = (
+                shard_for_rank(idx, r, self.world, self.cfg.learner.mini_batch_prompts)
+                if self.world > 1
+                else idx
+            )
             refs.append(h.train_step.remote([encoded[i] for i in mine], [advantages[i] for i in mine]))
         metrics = ray.get(refs, timeout=STEP_TIMEOUT_S)[0]
         self.version = ray.get(self.topo.learners[0].version.remote(), timeout=60)
         self.trained_ids.update(t.tree_id for t in trees)
         m = dict(metrics)
         m.update(rollout_metrics(trees))
+        versions = [s.version for t in trees for s in t.segments]
+        m["rollout/segment_version_min"] = float(min(versions))
+        m["rollout/segment_version_max"] = float(max(versions))
         m["staleness/mean"] = float(np.mean(stale_L)) if stale_L else 0.0
         m["staleness/max"] = float(max(stale_L)) if stale_L else 0.0
         return m

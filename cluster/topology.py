@@ -161,7 +161,6 @@ def start_learners(cfg: Any, timeout_s: float = START_TIMEOUT_S) -> tuple[list[A
             num_cpus=1,
             num_gpus=gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-            name=None,
         ).remote(cfg, r, n)
         for r in range(n)
     ]
@@ -170,10 +169,16 @@ def start_learners(cfg: Any, timeout_s: float = START_TIMEOUT_S) -> tuple[list[A
     return handles, pg
 
 
+def generator_name(run_name: str, generator_id: int) -> str:
+    """The Ray actor name of a generator (``ray.get_actor(name)`` finds it, e.g. to inspect or kill it)."""
+    return f"treepo-{run_name}-generator-{generator_id}"
+
+
 def start_generator(cfg: Any, generator_id: int, queue_url: str, password: str | None, run_name: str) -> Any:
     """One generator actor (not waited for: call ``ready`` on it)."""
     cls = ray.remote(Generator)
     return cls.options(
+        name=generator_name(run_name, generator_id),
         num_cpus=1,
         num_gpus=cfg.generators.gpus_per_engine,
         max_restarts=GENERATOR_MAX_RESTARTS,

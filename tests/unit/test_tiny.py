@@ -38,6 +38,23 @@ def test_byte_tokenizer_round_trips_any_text():
     assert len(tok) == 256 + len(tiny.SPECIAL_TOKENS)
 
 
+@pytest.mark.parametrize("task", ["arith", None])
+def test_saved_tokenizer_reloads_with_identical_ids(task, tmp_path):
+    """AutoTokenizer (and so vLLM) re-creates a qwen2 model's tokenizer class: it must encode the same."""
+    built = build_tokenizer(task)
+    d = make_tiny_model(tmp_path / "m", task=task, size="xs", progress=False)
+    loaded = load_tokenizer(str(d))
+    for r in generate("arith", 100, seed=4, split="eval"):
+        text = r["prompt"] + r["solution"]
+        ids = built.encode(text, add_special_tokens=False)
+        assert loaded.encode(text, add_special_tokens=False) == ids
+        assert loaded.decode(ids) == text
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"):
+        assert getattr(loaded, name) == getattr(built, name)
+    assert len(loaded) == len(built)
+    assert loaded.chat_template == built.chat_template
+
+
 def test_chat_template():
     tok = build_tokenizer("arith")
     # Only the task's characters (and the roles') are in the vocabulary: anything else would be <|unk|>.
