@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny:arith", help="Model, checkpoint directory or tiny:<task>.")
     p.add_argument("--data", default="synthetic:arith", help="Benchmark file or synthetic:<task>.")
     p.add_argument("--k", type=int, default=16, help="Answers per problem (= tree leaves w).")
-    p.add_argument("--max-problems", type=int, default=48, help="Problems evaluated (0 = all).")
-    p.add_argument("--warmup-problems", type=int, default=4, help="Problems of the untimed warm-up.")
+    p.add_argument("--max-problems", type=int, default=32, help="Problems evaluated (0 = all).")
+    p.add_argument("--warmup-problems", type=int, default=2, help="Problems of the untimed warm-up.")
     p.add_argument(
         "--branching", default="2,4,8", help="Comma-separated branching factors b of the tree runs."
     )

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from common.config import TrainConfig, save_resolved
-from common.errors import ConfigError, QueueError, SyncError
+from common.errors import ConfigError, QueueError, SyncError, TreepoError
 
 log = logging.getLogger("treepo.controller")
 
@@ -317,7 +317,7 @@ class Controller:
         """Restart handling: a loop that failed because its actor died waits for Ray's restart, gets
         the current weights and runs again; a loop that returned means the data is used up there."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         for g, slot in enumerate(self.gens):
             if slot.ready_ref is not None:
@@ -327,11 +327,16 @@ class Controller:
                 slot.ready_ref = None
                 try:
                     ray.get(done[0])
-                except RayActorError as e:
+                except ActorUnavailableError:  # still restarting: ask again on the next round
+                    slot.ready_ref = slot.handle.ready.remote()
+                    continue
+                except RayActorError as e:  # out of restarts (or its constructor fails)
                     self.dispatcher.requeue_generator(g)  # for good: others take its prompts
                     slot.done = True
                     if all(s.done for s in self.gens) and not self.dispatcher.finished():
-                        raise SyncError(f"every generator is dead (generator {g}: {e})") from None
+                        raise TreepoError(
+                            f"every generator is dead (generator {g}: {e}): see the generator logs (ray logs)"
+                        ) from None
                     continue
                 if self.weights is not None:
                     slot.handle.offer_weights.remote(*self.weights)

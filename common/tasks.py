@@ -1,6 +1,6 @@
 """Synthetic verifiable tasks for CPU runs: seeded generators, held-out splits, exact answer checks.
 
-The one task, ``arith``, is a short chain of additions and subtractions solved with a scratchpad, one
+The default task, ``arith``, is a short chain of additions and subtractions solved with a scratchpad, one
 line per operation, ending in ``\\boxed{N}``::
 
     prompt:   "Compute 8+7-3+9.\\n"
@@ -10,7 +10,9 @@ Each scratchpad line is a small reasoning step whose error ruins the answer, so 
 between lines has something to choose between. With character-level tokens (``common.tiny``) every
 target response is 30-120 tokens, i.e. one to four 32-token segments. The difficulty (digits per
 number, operations per problem) was tuned so that the default tiny model, warm-started for about a
-minute on CPU, solves a minority of held-out problems at temperature 1: RL has room to improve it.
+minute on CPU, solves a minority of held-out problems at temperature 1: RL has room to improve it
+(measured: 1-digit operands, 2-3 operations -> 20 % greedy, 18 % at T=1; 1-2 digit operands gave 1-2 %).
+``arith2`` (1-2 digit operands) is the harder variant for larger models.
 
 Splits are decided by a hash of the problem text, not by the seed: a problem is held out ("eval") for
 every seed or for none, so no seed can leak a held-out problem into "train".

@@ -122,13 +122,20 @@ def test_pipeline_trains_unique_trees_with_bounded_staleness(
     from cluster.controller import run_pipeline
 
     run = tmp_path / "run"
-    cfg = _cfg(run, tiny_model_dir, "learner.total_steps=3", *_queue_cfg(redis_server, monkeypatch))
+    # 6 prompts, 2 per step: the data runs out after step 3, before total_steps
+    cfg = _cfg(
+        run,
+        tiny_model_dir,
+        "learner.total_steps=5",
+        "data.synthetic_train_size=6",
+        *_queue_cfg(redis_server, monkeypatch),
+    )
     assert run_pipeline(cfg) == 0
     rows = _trained(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["version"] for r in rows] == [1, 2, 3]
     ids = [t for r in rows for t in r["trees"]]
-    assert len(ids) == len(set(ids)) == 6
+    assert len(ids) == len(set(ids)) == 6, "every prompt of the epoch is trained exactly once"
     m = _metrics(run)
     assert [x["step"] for x in m] == [1, 2, 3]
     assert all(x["staleness/max"] <= 1 for x in m)
