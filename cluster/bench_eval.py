@@ -11,7 +11,11 @@ since early EOS stops cut flat sampling's cost too.
 A warm-up of every mode on other problems runs first (not timed), and the prefix cache is reset before
 each timed mode so no mode profits from another's cache. Default on CPU: the warm-started ``tiny:arith``
 model on the synthetic held-out split (a few minutes on 2 cores). Tree shape: ``--d``/``--l`` or
-``tree.*`` overrides; ``Lmax`` = d·l for both modes unless ``tree.max_response_tokens`` is given.
+``tree.*`` overrides; ``Lmax`` = d·l for both modes unless ``tree.max_response_tokens`` is given. The
+default shape, 8 segments × 16 tokens, splits the tiny model's 30-60-token answers into several
+segments so the trees branch before the answer (with 32-token segments they mostly finish inside the
+first one and the tree degenerates to flat sampling); 16 is below the CPU engine's 32-token KV block,
+so segment alignment is off there. The paper's setting on GPU: ``--d 8 --l 2048``.
 """
 
 from __future__ import annotations
@@ -33,8 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--branching", default="2,4,8", help="Comma-separated branching factors b of the tree runs."
     )
-    p.add_argument("--d", type=int, default=4, help="Segments per trajectory (tree depth).")
-    p.add_argument("--l", type=int, default=32, help="Segment length (a multiple of the KV block size).")
+    p.add_argument("--d", type=int, default=8, help="Segments per trajectory (tree depth).")
+    p.add_argument(
+        "--l",
+        type=int,
+        default=16,
+        help="Segment length; not a multiple of the KV block size turns segment alignment off.",
+    )
     p.add_argument("--root-divergence", type=int, default=0, help="Children of the root (0 = b).")
     p.add_argument("--json", default="", help="Also write the JSON result to this file.")
     p.add_argument("--config", "-c", default=None, help="Preset YAML (tree/sampling/generators/reward).")
@@ -61,16 +70,15 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
         ) from None
     if not branching or min(branching) < 2 or args.k < 2:
         raise ConfigError("tree runs need b >= 2 and --k >= 2")
-    lmax_flag = (
-        []
-        if any(o.startswith("tree.max_response_tokens=") for o in args.overrides)
-        else [f"tree.max_response_tokens={args.d * args.l}"]
-    )
-    cfg = load_config(
-        args.config,
-        [f"tree.d={args.d}", f"tree.l={args.l}", *lmax_flag, *args.overrides,
-         f"model.path={resolve_eval_model(args.model)}"],
-    )  # fmt: skip
+    user = [*args.overrides, f"model.path={resolve_eval_model(args.model)}"]
+    shape = [f"tree.d={args.d}", f"tree.l={args.l}"]
+    if not any(o.startswith("tree.max_response_tokens=") for o in args.overrides):
+        shape.append(f"tree.max_response_tokens={args.d * args.l}")
+    base = load_config(args.config, [*shape, "tree.align_segments_to_blocks=false", *user])
+    if args.l % base.generators.block_size and not any(o.startswith("tree.align_segments") for o in user):
+        # alignment needs whole KV blocks per segment; below a block each child re-prefills < 1 block
+        shape.append("tree.align_segments_to_blocks=false")
+    cfg = load_config(args.config, [*shape, *user])
 
     from actors.backends import make_backend
     from actors.evaluator import evaluate

@@ -100,6 +100,11 @@ def run_pipeline(cfg: TrainConfig) -> int:
     with queue_endpoint(cfg.queue, run_dir) as (url, password):
         started = _connect_ray()
         try:
+            if not cfg.queue.url and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+                raise ConfigError(
+                    "the embedded Redis listens on 127.0.0.1 of the driver's node, which generators on other "
+                    "nodes cannot reach: set queue.url to a Redis every node can reach (e.g. on the head node)"
+                )
             controller = Controller(cfg, url, password, run_name_for(run_dir))
             try:
                 return controller.run()
@@ -158,7 +163,8 @@ class Controller:
         self.backlog: list[tuple[str, Any]] = []  # reclaimed on resume: consumed first
         self.staleness_hist: dict[int, int] = {}
         self.weights: tuple[Any, int] | None = None  # (object ref, version) last published
-        self.wait_s = 0.0  # time spent waiting for trees (the learner's idle time)
+        self.wait_s = 0.0  # time spent collecting trees (the learner's idle time)
+        self.trained_here = 0  # trees trained by this process (throughput)
         self.t_start = time.perf_counter()
         self.counts = {"duplicates": 0, "dropped_stale": 0, "dropped_uniform": 0, "restarts": 0}
 
@@ -199,6 +205,7 @@ class Controller:
             self.publish()
         for slot in self.gens:
             slot.run_ref = slot.handle.run.remote()
+        self.t_start, self.wait_s = time.perf_counter(), 0.0  # idle fractions count from here
         last_ckpt = self.step
         progress = tqdm(
             total=cfg.learner.total_steps,
@@ -216,6 +223,7 @@ class Controller:
                     break
                 trees, m = got
                 t_gen = time.perf_counter() - t0
+                self.wait_s += t_gen  # the learner group has nothing to do while trees are collected
                 t1 = time.perf_counter()
                 m.update(self.learn(trees))
                 t_train = time.perf_counter() - t1
@@ -234,6 +242,7 @@ class Controller:
                     v=self.version,
                     q=int(m.get("queue/depth", 0)),
                     stale=f"{m['staleness/mean']:.2f}",
+                    trees_s=f"{m['pipeline/trees_per_s']:.2f}",
                 )
             if self.step > last_ckpt:
                 self.checkpoint()
@@ -263,11 +272,9 @@ class Controller:
             if self.backlog:
                 entries, self.backlog = self.backlog[: need - len(kept)], self.backlog[need - len(kept) :]
             else:
-                t0 = time.perf_counter()
                 entries = self.queue.read(
                     need - len(kept), block_ms=min(cfg.queue.block_ms, 500), consumer=CONSUMER
                 )
-                self.wait_s += time.perf_counter() - t0 if not entries else 0.0
             before = self.dropped
             for entry_id, tree in entries:
                 self.unacked.append(entry_id)
@@ -382,6 +389,7 @@ class Controller:
         metrics = ray.get(refs, timeout=STEP_TIMEOUT_S)[0]
         self.version = ray.get(self.topo.learners[0].version.remote(), timeout=60)
         self.trained_ids.update(t.tree_id for t in trees)
+        self.trained_here += len(trees)
         m = dict(metrics)
         m.update(rollout_metrics(trees))
         versions = [s.version for t in trees for s in t.segments]
@@ -476,11 +484,12 @@ class Controller:
         m["learner/idle_frac"] = self.wait_s / wall if wall > 0 else 0.0
         m["learner/version"] = float(self.version)
         m["queue/depth"] = float(self.queue.depth())
+        m["queue/undelivered"] = float(self.queue.undelivered())
         m["queue/dead_count"] = float(self.queue.dead_count())
         m["pipeline/dropped_total"] = float(self.dropped)
         m["pipeline/duplicates"] = float(self.counts["duplicates"])
         m["pipeline/generator_restarts"] = float(self.counts["restarts"])
-        m["pipeline/trees_per_s"] = len(self.trained_ids) / wall if wall > 0 else 0.0
+        m["pipeline/trees_per_s"] = self.trained_here / wall if wall > 0 else 0.0
         for s, n in sorted(self.staleness_hist.items()):
             m[f"staleness/hist/{s}"] = float(n)
         self.metrics_log.log(self.step, m)

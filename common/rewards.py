@@ -37,6 +37,7 @@ Deviations and decisions:
 
 from __future__ import annotations
 
+import abc
 import atexit
 import contextlib
 import importlib
@@ -550,7 +551,7 @@ class _Job(NamedTuple):
     req: dict
 
 
-class _Reward:
+class _Reward(abc.ABC):
     """Shared machinery: in-process decisions, isolated jobs, counting, the overlong penalty."""
 
     name = "reward"
@@ -585,9 +586,9 @@ class _Reward:
             self._pool = shared_pool()
         return self._pool
 
-    # Subclasses: return the base score now, or a _Job for a worker; then map the worker's value.
+    @abc.abstractmethod
     def _prepare(self, text: str, answer: str, metadata: dict) -> float | _Job:
-        raise NotImplementedError
+        """The base score now, or a _Job for a verifier worker (its value then goes through _finish)."""
 
     def _finish(self, value: Any) -> float:
         return self.correct if value else self.wrong

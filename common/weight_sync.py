@@ -57,6 +57,7 @@ until completion or the timeout). It cannot run on the CPU-only machines this is
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import datetime
 import math
@@ -348,7 +349,7 @@ def _drop_in_background(pg) -> None:
     threading.Thread(target=lambda _pg: None, args=(pg,), daemon=True, name="treepo-wsync-drop").start()
 
 
-class _Peer:
+class _Peer(abc.ABC):
     """State shared by both ends: one connected group of one generation."""
 
     def __init__(self, rank: int, world_size: int, backend: str, timeout_s: float) -> None:
@@ -416,11 +417,13 @@ class _Peer:
         work = self.pg.allreduce([torch.zeros(1, device=self.device)], opts)
         self._wait(work, "barrier", self._where())
 
+    @abc.abstractmethod
     def _where(self) -> str:
-        raise NotImplementedError
+        """Who waits on whom, for error messages."""
 
+    @abc.abstractmethod
     def _ensure_connected(self) -> None:
-        raise NotImplementedError
+        """Join the group if not joined yet."""
 
 
 # --------------------------------------------------------------------------- sender

@@ -116,9 +116,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.slow
-def test_pipeline_trains_unique_trees_with_bounded_staleness(
+def test_synchronous_pipeline_trains_every_prompt_once_on_fresh_weights(
     tmp_path, tiny_model_dir, ray_local, redis_server, monkeypatch
 ):
+    """``max_staleness=0`` through the asynchronous code: the trees of step k are sampled entirely
+    under version k−1, i.e. generation waited for each weight update to reach the generator."""
     from cluster.controller import run_pipeline
 
     run = tmp_path / "run"
@@ -128,6 +130,7 @@ def test_pipeline_trains_unique_trees_with_bounded_staleness(
         tiny_model_dir,
         "learner.total_steps=5",
         "data.synthetic_train_size=6",
+        "algo.max_staleness=0",
         *_queue_cfg(redis_server, monkeypatch),
     )
     assert run_pipeline(cfg) == 0
@@ -138,10 +141,10 @@ def test_pipeline_trains_unique_trees_with_bounded_staleness(
     assert len(ids) == len(set(ids)) == 6, "every prompt of the epoch is trained exactly once"
     m = _metrics(run)
     assert [x["step"] for x in m] == [1, 2, 3]
-    assert all(x["staleness/max"] <= 1 for x in m)
-    # the last step trains at learner version 2: its trees were sampled under weights the learner sent
-    assert m[-1]["rollout/segment_version_min"] >= 1
-    assert m[-1]["generator/updates"] >= 1 and m[-1]["generator/version"] >= 1
+    assert all(x["staleness/max"] == 0 for x in m)
+    for x in m:  # every segment of step k's trees was sampled under the weights of version k−1
+        assert x["rollout/segment_version_min"] == x["rollout/segment_version_max"] == x["step"] - 1, x
+    assert m[-1]["generator/updates"] >= 2 and m[-1]["generator/version"] >= 2
     assert m[-1]["queue/dead_count"] == 0
     for name in ("config.yaml", "reward_curve.png", "staleness.png"):
         assert (run / name).exists(), name
@@ -185,7 +188,9 @@ def test_generator_killed_mid_run_restarts_and_no_prompt_repeats(
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     prompts = [t.split("@")[0] for r in rows for t in r["trees"]]
     assert len(prompts) == len(set(prompts)) == 8, "a prompt was trained twice"
-    assert _metrics(run)[-1]["pipeline/generator_restarts"] >= 1
+    m = _metrics(run)
+    assert m[-1]["pipeline/generator_restarts"] >= 1
+    assert all(x["staleness/max"] <= 1 for x in m)  # algo.max_staleness=1
 
 
 @pytest.mark.slow
