@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -143,6 +144,10 @@ def final_plots(run_dir: Path, staleness_hist: dict[int, int]) -> None:
 
 
 def train(cfg: TrainConfig) -> int:
+    # One process by design: the engine runs in-process (fast start, weights handed over in memory)
+    # and keeps its per-step INFO lines off the progress bar.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     import torch
     from tqdm import tqdm
 
