@@ -12,10 +12,15 @@ The loop (:meth:`Generator.step_once`, repeated by :meth:`Generator.run`):
    :meth:`common.prompts.PromptDispatcher.push_and_done`: the push and the end of the prompt's flight
    are one atomic script, and a prompt re-issued to another generator is refused (no duplicate).
 
-Admission rule. With ``S = algo.max_staleness``, ``v`` the policy version this engine samples
+Admission rule. With ``S`` the staleness bound, ``v`` the version of the weights this engine samples
 under, ``B = learner.prompts_per_step`` and ``D`` the trees the controller discarded so far
 (dynamic-sampling and staleness drops: they used budget without advancing the version), new prompts
-are admitted while ``(S + v + 1)·B + D − (accepted + running) > 0``. ``accepted + running`` is
+are admitted while ``(S + v + 1)·B + D − (accepted + running) > 0``. ``v`` and ``S`` count
+controller steps (batches of ``B`` trees): ``v`` is the step at which the controller published the
+weights held, ``S = algo.max_staleness // k`` with ``k`` optimizer steps (policy versions) per
+controller step (``ppo_epochs · prompts_per_step / mini_batch_prompts``; 1 by default, where this
+is the rule verbatim). Counting steps rather than raw versions keeps the schedule alive when the
+learner refuses a non-finite step (the version does not move, the step does). ``accepted + running`` is
 counted over ALL generators from Redis (prompts handed out minus prompts waiting for re-issue), so
 G generators together stay inside the bound. With ``S = 0`` this is the synchronous schedule:
 exactly ``B`` trees (plus replacements for drops) per policy version. ``D`` is the only addition to
@@ -43,6 +48,16 @@ def admission_budget(
 ) -> int:
     """How many more prompts may be admitted now: ``(S + v + 1)·B + D − (accepted + running)``, ≥ 0."""
     return max(0, (max_staleness + version + 1) * prompts_per_step + dropped - accepted - running)
+
+
+def versions_per_step(learner_cfg: Any) -> int:
+    """Policy versions (optimizer steps) one controller step makes: ``ppo_epochs · B / mini-batch``."""
+    return max(1, learner_cfg.ppo_epochs * (learner_cfg.prompts_per_step // learner_cfg.mini_batch_prompts))
+
+
+def staleness_in_steps(cfg: Any) -> int:
+    """``algo.max_staleness`` (policy versions) as whole controller steps."""
+    return cfg.algo.max_staleness // versions_per_step(cfg.learner)
 
 
 def prompt_metadata(row: Any, epoch: int) -> dict[str, Any]:
@@ -136,7 +151,9 @@ class Generator:
         )
         self._epochs: dict[str, tuple[int, str]] = {}  # tree id -> (epoch, prompt id)
         self._lock = threading.Lock()
-        self._pending: tuple[Mapping[str, Any], int] | None = None
+        self._pending: tuple[Mapping[str, Any], int, int] | None = None
+        self.weights_step = 0  # controller step at which the weights held were published
+        self._staleness_steps = staleness_in_steps(cfg)
         self._stop = threading.Event()
         self._exhausted = False
         self.counters = {
@@ -158,14 +175,15 @@ class Generator:
         """The policy version the engine samples under (also: the actor finished starting)."""
         return int(self.backend.policy_version)
 
-    def offer_weights(self, weights: Mapping[str, Any] | None, version: int) -> bool:
-        """Queue weights of ``version`` (name -> array); applied before the next sampler step.
-        A newer offer replaces an older one that was not applied yet; an old version is ignored."""
+    def offer_weights(self, weights: Mapping[str, Any] | None, version: int, step: int) -> bool:
+        """Queue weights of ``version``, published at controller step ``step`` (name -> array);
+        applied before the next sampler step. A newer offer replaces an older one not applied yet;
+        an older or equal step is ignored."""
         with self._lock:
-            newest = self._pending[1] if self._pending else int(self.backend.policy_version)
-            if weights is None or int(version) <= newest:
+            newest = self._pending[2] if self._pending else self.weights_step
+            if weights is None or int(step) <= newest:
                 return False
-            self._pending = (weights, int(version))
+            self._pending = (weights, int(version), int(step))
             return True
 
     def stop(self) -> None:
@@ -178,6 +196,7 @@ class Generator:
         out["generator/wall_s"] = wall
         out["generator/idle_frac"] = out["generator/idle_s"] / wall if wall > 0 else 0.0
         out["generator/version"] = float(self.backend.policy_version)
+        out["generator/weights_step"] = float(self.weights_step)
         out["generator/in_flight"] = float(self.sampler.in_flight)
         return out
 
@@ -189,12 +208,13 @@ class Generator:
             return
         import torch
 
-        weights, version = pending
+        weights, version, step = pending
         t0 = time.perf_counter()
         # object-store arrays are read-only: copy into tensors the engine may keep
         named = ((name, torch.from_numpy(np.array(arr, copy=True))) for name, arr in weights.items())
         self.backend.update_weights(named, version)  # resets the prefix cache per the config
         with self._lock:
+            self.weights_step = step
             self.counters["updates"] += 1
             self.counters["sync_s"] += time.perf_counter() - t0
 
@@ -215,8 +235,8 @@ class Generator:
         outstanding, dropped = self._outstanding()
         running = self.sampler.in_flight
         budget = admission_budget(
-            self.cfg.algo.max_staleness,
-            int(self.backend.policy_version),
+            self._staleness_steps,
+            self.weights_step,
             self.cfg.learner.prompts_per_step,
             accepted=outstanding - running,
             running=running,

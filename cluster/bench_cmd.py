@@ -11,6 +11,7 @@ BENCHES: dict[str, str] = {
     "sampling": "Tree vs flat sampling on the same engine, model, prompts and seeds.",
     "learner": "Learner tokens/s and peak memory for 1 and 2 gloo ranks on the tiny model.",
     "sync": "Weight broadcast GB/s vs model size: ours vs one raw gloo broadcast vs a /dev/shm file, 1 and 2 receivers.",
+    "eval": "Test-time flat vs tree sampling (b in 2,4,8): accuracy vs decoded tokens and wall time.",
     "queue": "Trees/s and push-to-read latency through the replay queue, next to redis-benchmark SET.",
 }
 

@@ -24,7 +24,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Build a tiny Qwen2 model and tokenizer offline, optionally warm-started on a task.",
     ),
     "make-data": ("cluster.data_cmd", "Write a synthetic task's train and held-out splits as jsonl."),
-    "queue": ("cluster.queue_cmd", "Inspect the replay queue: both streams, pending entries, dead letters, prompt cursor."),
+    "convert-bench": (
+        "cluster.convert_cmd",
+        "Convert public benchmark files (MATH500, AIME, AMC, Minerva, OlympiadBench; jsonl/parquet) to eval rows.",
+    ),
+    "queue": (
+        "cluster.queue_cmd",
+        "Inspect the replay queue: both streams, pending entries, dead letters, prompt cursor.",
+    ),
 }
 
 

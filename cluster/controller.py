@@ -62,11 +62,16 @@ def run_name_for(run_dir: str | Path) -> str:
 
 def check_pipeline_config(cfg: TrainConfig) -> None:
     """Settings the pipeline cannot run with (the schedule would deadlock)."""
-    if cfg.sync.every_steps > cfg.algo.max_staleness + 1:
+    from actors.generator import staleness_in_steps, versions_per_step
+
+    bound = staleness_in_steps(cfg) + 1
+    if cfg.sync.every_steps > bound:
+        k = versions_per_step(cfg.learner)
         raise ConfigError(
-            f"sync.every_steps={cfg.sync.every_steps} > algo.max_staleness+1={cfg.algo.max_staleness + 1}: "
-            "generators admit trees by the version they hold, so the learner would wait for trees nobody "
-            f"may sample; set sync.every_steps <= {cfg.algo.max_staleness + 1} or raise algo.max_staleness"
+            f"sync.every_steps={cfg.sync.every_steps} is more than algo.max_staleness={cfg.algo.max_staleness} "
+            f"allows ({k} policy version(s) per step: at most {bound}): generators admit trees by the weights "
+            f"they hold, so the learner would wait for trees nobody may sample; set sync.every_steps <= {bound} "
+            "or raise algo.max_staleness"
         )
 
 
@@ -162,7 +167,7 @@ class Controller:
         self.unacked: list[str] = []  # entries consumed since the last checkpoint
         self.backlog: list[tuple[str, Any]] = []  # reclaimed on resume: consumed first
         self.staleness_hist: dict[int, int] = {}
-        self.weights: tuple[Any, int] | None = None  # (object ref, version) last published
+        self.weights: tuple[Any, int, int] | None = None  # (object ref, version, step) last published
         self.wait_s = 0.0  # time spent collecting trees (the learner's idle time)
         self.trained_here = 0  # trees trained by this process (throughput)
         self.t_start = time.perf_counter()
@@ -201,7 +206,7 @@ class Controller:
             )
         self.version = ray.get(self.topo.learners[0].version.remote(), timeout=60)
         self.queue.redis.set(self._dropped_key, self.dropped)
-        if self.version:
+        if self.step or self.version:  # resumed: generators start from the checkpoint's weights
             self.publish()
         for slot in self.gens:
             slot.run_ref = slot.handle.run.remote()
@@ -415,7 +420,7 @@ class Controller:
             raise SyncError(
                 f"learner rank 0 did not export weights within sync.timeout_s={self.cfg.sync.timeout_s} s"
             )
-        self.weights = (refs[0], self.version)
+        self.weights = (refs[0], self.version, self.step)
         offers = [s.handle.offer_weights.remote(*self.weights) for s in self.gens if not s.done]
         for ref in offers:
             try:

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
     from tqdm import tqdm
 
     from actors.backends import make_backend
-    from actors.evaluator import evaluate
+    from actors.evaluator import eval_tree_config, evaluate
     from common.data import load_prompts, resolve_data_path
     from common.models import eos_token_ids, load_tokenizer, resolve_model_path
     from common.rewards import resolve_reward
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
         "model": model,
         "sampling": args.sampling,
         "k": args.k,
-        "tree": dataclasses.asdict(cfg.tree) if args.sampling == "tree" else None,
+        "tree": dataclasses.asdict(eval_tree_config(cfg.tree, args.k, args.sampling)),
         "results": summary,
         "problems_files": outputs,
     }

@@ -37,6 +37,28 @@ def test_admission_budget_matches_the_rule():
     assert admission_budget(0, 0, 4, accepted=4, running=0, dropped=3) == 3
 
 
+def test_staleness_counts_whole_steps_of_policy_versions():
+    from actors.generator import staleness_in_steps, versions_per_step
+
+    def cfg(*extra):
+        return load_config(None, ["learner.prompts_per_step=8", *extra])
+
+    assert versions_per_step(cfg("learner.mini_batch_prompts=8").learner) == 1
+    assert versions_per_step(cfg("learner.mini_batch_prompts=2", "learner.ppo_epochs=2").learner) == 8
+    assert staleness_in_steps(cfg("learner.mini_batch_prompts=8", "algo.max_staleness=3")) == 3
+    assert staleness_in_steps(cfg("learner.mini_batch_prompts=4", "algo.max_staleness=3")) == 1
+    assert staleness_in_steps(cfg("learner.mini_batch_prompts=4", "algo.max_staleness=1")) == 0
+
+
+def test_pipeline_refuses_a_sync_interval_the_staleness_bound_cannot_feed():
+    from cluster.controller import check_pipeline_config
+    from common.errors import ConfigError
+
+    check_pipeline_config(load_config(None, ["algo.max_staleness=1", "sync.every_steps=2"]))
+    with pytest.raises(ConfigError, match="sync.every_steps"):
+        check_pipeline_config(load_config(None, ["algo.max_staleness=0", "sync.every_steps=2"]))
+
+
 def test_admission_budget_bounds_staleness_of_a_fifo_consumer():
     """Simulate one generator and a consumer training B trees per version in push order: the version
     a tree was admitted under is never more than S behind the learner that trains it."""
