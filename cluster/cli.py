@@ -18,7 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("cluster.train_cmd", "Run RL training (no arguments: the CPU demo on the embedded defaults)."),
     "sample": ("cluster.sample_cmd", "Inference-only tree sampling over a dataset with an existing model."),
     "eval": ("cluster.eval_cmd", "Score a model or checkpoint on benchmark files (mean@k, pass@k, maj@k)."),
-    "bench": ("cluster.bench_cmd", "Benchmarks (JSON and a table, ratios against a baseline in the same run): sampling, learner, sync, queue, eval."),
+    "bench": (
+        "cluster.bench_cmd",
+        "Benchmarks (JSON and a table, ratios against a baseline in the same run): sampling, learner, sync, queue, eval.",
+    ),
     "make-tiny-model": (
         "cluster.tiny_cmd",
         "Build a tiny Qwen2 model and tokenizer offline, optionally warm-started on a task.",

@@ -208,7 +208,8 @@ class AlgoConfig:
     clip_high: float = doc(0.28, "PPO clip epsilon above 1 (clip-higher).")
     dual_clip: float = doc(10.0, "Dual-clip constant c > 1 for negative advantages (0 disables).")
     is_correction: str = doc(
-        "token", "Off-policy correction from behavior logprobs: 'token' | 'sequence' (geometric mean) | 'sequence_product' | 'mask' | 'none'."
+        "token",
+        "Off-policy correction from behavior logprobs: 'token' | 'sequence' (geometric mean) | 'sequence_product' | 'mask' | 'none'.",
     )
     is_cap: float = doc(
         2.0, "Truncation C of the importance weight min(pi_prox/pi_behavior, C) (mask bounds for 'mask')."

@@ -25,7 +25,9 @@ def vllm_backend(tiny_model_dir):
     from common.config import GeneratorConfig, SamplingConfig
 
     gen = GeneratorConfig(block_size=ENGINE_BLOCK_SIZE, kv_cache_gib=0.25, max_num_batched_tokens=8192)
-    backend = VLLMBackend(str(tiny_model_dir), gen, SamplingConfig(), dtype="float32", seed=0, max_model_len=1024)
+    backend = VLLMBackend(
+        str(tiny_model_dir), gen, SamplingConfig(), dtype="float32", seed=0, max_model_len=1024
+    )
     yield backend
     backend.close()
 
