@@ -22,10 +22,11 @@ controller step (``ppo_epochs · prompts_per_step / mini_batch_prompts``; 1 by d
 is the rule verbatim). Counting steps rather than raw versions keeps the schedule alive when the
 learner refuses a non-finite step (the version does not move, the step does). ``accepted + running`` is
 counted over ALL generators from Redis (prompts handed out minus prompts waiting for re-issue), so
-G generators together stay inside the bound. With ``S = 0`` this is the synchronous schedule:
-exactly ``B`` trees (plus replacements for drops) per policy version. ``D`` is the only addition to
-the rule as usually written: without it, a step whose trees were partly filtered out would wait
-forever for trees nobody is allowed to sample.
+G generators together stay inside the bound (up to claims racing in the same instant: the read and
+the claim are two calls; the controller's staleness filter catches the rare excess). With ``S = 0``
+this is the synchronous schedule: exactly ``B`` trees (plus replacements for drops) per step.
+``D`` is an addition to the rule as usually written: without it, a step whose trees were partly
+filtered out would wait forever for trees nobody is allowed to sample.
 
 A generator restarted under the same id first re-issues the prompts it had in flight when it died.
 """
@@ -120,6 +121,17 @@ class Generator:
         self.reward = resolve_reward(
             cfg.reward.fn, task, cfg=cfg.reward, max_response_tokens=cfg.tree.max_response_tokens
         )
+        self._eval_prompts: list = []
+        if cfg.eval.every_steps:
+            import dataclasses
+
+            eval_path, eval_task = resolve_data_path(cfg.data.eval, "eval", cfg.data)
+            self._eval_prompts = list(load_prompts(eval_path, tokenizer, cfg.data))
+            if cfg.eval.max_problems:
+                self._eval_prompts = self._eval_prompts[: cfg.eval.max_problems]
+            self.eval_reward = resolve_reward(
+                cfg.reward.fn, eval_task, cfg=dataclasses.replace(cfg.reward, overlong_buffer=0)
+            )
         self.queue = ReplayQueue.from_config(cfg.queue, queue_url, run_name, queue_password)
         self.dispatcher = PromptDispatcher(
             self.queue.redis, run_name, [p.row.id for p in prompts], cfg.data.shuffle_seed, cfg.data.epochs
@@ -127,7 +139,11 @@ class Generator:
         self._dropped_key = dropped_key(run_name)
         self.requeued_on_start = self.dispatcher.requeue_generator(self.id)
         if backend is None:
-            max_len = max(len(p.prompt_ids) for p in prompts) + cfg.tree.max_response_tokens + 8
+            max_len = (
+                max(len(p.prompt_ids) for p in [*prompts, *self._eval_prompts])
+                + cfg.tree.max_response_tokens
+                + 8
+            )
             backend = make_backend(
                 None,
                 model_path,
@@ -155,6 +171,10 @@ class Generator:
         self.weights_step = 0  # controller step at which the weights held were published
         self._staleness_steps = staleness_in_steps(cfg)
         self._stop = threading.Event()
+        # the engine is used by one thread at a time: the run loop, or an evaluation between two steps
+        self._engine_lock = threading.Lock()
+        self._eval_waiting = threading.Event()
+        self._eos = list(eos)
         self._exhausted = False
         self.counters = {
             "pushed": 0,
@@ -198,6 +218,28 @@ class Generator:
         out["generator/version"] = float(self.backend.policy_version)
         out["generator/weights_step"] = float(self.weights_step)
         out["generator/in_flight"] = float(self.sampler.in_flight)
+        return out
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out evaluation (flat sampling, ``eval.k`` answers per problem) on this engine, between
+        two sampler steps, with the newest offered weights applied first. Keys as the local driver's."""
+        from actors.evaluator import evaluate
+
+        if not self._eval_prompts:
+            return {}
+        self._eval_waiting.set()  # the run loop yields the engine at its next step boundary
+        with self._engine_lock:
+            self._eval_waiting.clear()
+            self._apply_pending()
+            res = evaluate(
+                self.backend, self._eval_prompts, self.eval_reward, tree_cfg=self.cfg.tree,
+                sampling_cfg=self.cfg.sampling, eos_ids=self._eos, decode=self._decode, k=self.cfg.eval.k,
+                sampling="flat", max_in_flight=self.cfg.generators.trees_in_flight,
+            )  # fmt: skip
+        summary = res.summary()
+        out = {f"eval/{k}": v for k, v in summary.items() if "@" in k}
+        out["eval/accuracy"] = summary[f"mean@{self.cfg.eval.k}"]
+        out["eval/version"] = float(self.backend.policy_version)
         return out
 
     # ------------------------------------------------------------------ the loop (one thread)
@@ -260,12 +302,13 @@ class Generator:
         (0 also when there was nothing to do)."""
         from actors.scoring import score_trees
 
-        self._apply_pending()
-        self._admit()
-        if not self.sampler.in_flight:
-            return 0
-        t0 = time.perf_counter()
-        done = self.sampler.step()
+        with self._engine_lock:
+            self._apply_pending()
+            self._admit()
+            if not self.sampler.in_flight:
+                return 0
+            t0 = time.perf_counter()
+            done = self.sampler.step()
         score_trees(done, self.reward, self._decode, self._eos_set)
         pushed = refused = 0
         for tree in done:
@@ -286,6 +329,9 @@ class Generator:
         up with nothing in flight. Returns :meth:`stats`."""
         steps = 0
         while not self._stop.is_set() and (max_steps is None or steps < max_steps):
+            if self._eval_waiting.is_set():  # let an evaluation take the engine
+                time.sleep(0.01)
+                continue
             before = self.counters["steps"]
             self.step_once()
             if self.counters["steps"] > before:

@@ -15,8 +15,9 @@ generators (``cluster/topology.py``). Then the loops, each one named method of :
 - ``learn`` — tree advantages over the whole batch, each rank's share (rank ``r`` gets
   ``shard_for_rank``), one learner step on every rank (``ray.get`` with a timeout).
 - ``publish`` — every ``sync.every_steps``: learner rank 0's weights go to every generator as a
-  ``{name: array}`` through Ray's object store (one copy per node), with the new policy version.
-  Generators apply them at their next segment boundary. With ``algo.max_staleness=0`` the admission
+  ``{name: array}`` through Ray's object store (one copy per node), with the new policy version
+  and the step count (the generators' admission clock). Generators apply them at their next segment
+  boundary. With ``algo.max_staleness=0`` the admission
   rule makes generation wait for each publish: the synchronous schedule, through the same code.
 - ``checkpoint`` — every ``checkpoint.every_steps`` (and at the end): the learner checkpoint with
   the step, dropped-tree count, prompt-dispatch state and stream state in ``extra``, THEN the
@@ -27,7 +28,11 @@ generators (``cluster/topology.py``). Then the loops, each one named method of :
 
 Weight transport: the object store, not the process-group broadcast of :mod:`common.weight_sync`
 (which the engines will receive through once it is wired into the generator's engine workers); the
-generator sees only ``offer_weights(weights, version)``, so the transport can change behind it.
+generator sees only ``offer_weights(weights, version, step)``, so the transport can change behind it.
+
+Run name: Redis keys live under ``treepo:<run name>:``, derived from the run directory's absolute
+path, so a resume must use the same ``run_dir`` (an absolute path on clusters: ``ray job submit``
+unpacks the working directory somewhere new for every job).
 """
 
 from __future__ import annotations
@@ -208,6 +213,8 @@ class Controller:
         self.queue.redis.set(self._dropped_key, self.dropped)
         if self.step or self.version:  # resumed: generators start from the checkpoint's weights
             self.publish()
+        if self.step == 0 and cfg.eval.every_steps:
+            self.metrics_log.log(0, self.evaluate())
         for slot in self.gens:
             slot.run_ref = slot.handle.run.remote()
         self.t_start, self.wait_s = time.perf_counter(), 0.0  # idle fractions count from here
@@ -238,6 +245,8 @@ class Controller:
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.learner.total_steps:
                     m["timing/checkpoint_s"] = self.checkpoint()
                     last_ckpt = self.step
+                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+                    m.update(self.evaluate())
                 m.update({"timing/generate_s": t_gen, "timing/train_s": t_train})
                 m["timing/step_s"] = time.perf_counter() - t0
                 self.log(m, trees)
@@ -267,11 +276,13 @@ class Controller:
 
     def collect(self, need: int) -> tuple[list, dict[str, float]] | None:
         """``need`` kept trees from the queue (fewer only when the data is used up; None if none)."""
+        from cluster.train import sampled_reward_metrics
         from learner.advantages import dynamic_sampling_keep
 
         cfg = self.cfg
         kept: list = []
         consumed = dropped_uniform = dropped_stale = 0
+        rewards_T_L: list = []
         last_tree = time.perf_counter()
         while len(kept) < need:
             if self.backlog:
@@ -287,6 +298,7 @@ class Controller:
                 if tree.tree_id in self.trained_ids or any(t.tree_id == tree.tree_id for t in kept):
                     self.counts["duplicates"] += 1  # at-least-once delivery: a retried XADD
                     continue
+                rewards_T_L.append(tree.rewards_L)
                 stale = max((self.version - tree.oldest_version(lf) for lf in tree.leaves), default=0)
                 if stale > cfg.algo.max_staleness:
                     dropped_stale += 1
@@ -319,6 +331,7 @@ class Controller:
             "rollout/trees_sampled": consumed,
             "rollout/trees_dropped_uniform": dropped_uniform,
             "staleness/trees_dropped": dropped_stale,
+            **sampled_reward_metrics(rewards_T_L),
         }
 
     def _data_finished(self) -> bool:
@@ -461,6 +474,31 @@ class Controller:
         self.unacked = []
         self.queue.trim_acked()
         return time.perf_counter() - t0
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out evaluation on the first live generator's engine (its newest weights: the last
+        publish, i.e. the learner's when ``sync.every_steps`` divides ``eval.every_steps``)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        t0 = time.perf_counter()
+        out: dict[str, float] = {}
+        for g, slot in enumerate(self.gens):
+            if slot.ready_ref is not None:  # restarting
+                continue
+            try:  # a generator whose loop finished (data used up) still has its engine
+                out = ray.get(slot.handle.evaluate.remote(self.step), timeout=STEP_TIMEOUT_S)
+                break
+            except RayActorError:
+                print(f"[eval] generator {g} is gone; trying the next one", flush=True)
+        if out:
+            out["timing/eval_s"] = time.perf_counter() - t0
+            print(
+                f"[eval] step {self.step}: "
+                + "  ".join(f"{k}={v:.3f}" for k, v in out.items() if k.startswith("eval/") and "@" in k),
+                flush=True,
+            )
+        return out
 
     # ------------------------------------------------------------------ metrics
     def generator_stats(self) -> dict[str, float]:

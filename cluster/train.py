@@ -97,13 +97,20 @@ def record_staleness(trees, version: int, hist: dict[int, int]) -> list[int]:
     return out
 
 
+def sampled_reward_metrics(rewards_T_L: list[np.ndarray]) -> dict[str, float]:
+    """Reward and accuracy over EVERY tree sampled this step (before any filter: what the policy does)."""
+    rewards = np.concatenate(rewards_T_L) if rewards_T_L else np.zeros(0)
+    if not len(rewards):
+        return {}
+    return {"rollout/reward": float(rewards.mean()), "rollout/accuracy": float((rewards > 0).mean())}
+
+
 def rollout_metrics(trees) -> dict[str, float]:
-    """Reward, accuracy, response length and leaves per tree of one step's trees."""
+    """Reward of the trees trained on (after filtering), response length and leaves per tree."""
     rewards = np.concatenate([t.rewards_L for t in trees])
     lengths = [lf.length for t in trees for lf in t.leaves]
     return {
-        "rollout/reward": float(rewards.mean()),
-        "rollout/accuracy": float((rewards > 0).mean()),
+        "rollout/trained_reward": float(rewards.mean()),
         "rollout/response_len": float(np.mean(lengths)),
         "tree/leaves_per_tree": float(np.mean([len(t.leaves) for t in trees])),
     }
@@ -134,7 +141,7 @@ def final_plots(run_dir: Path, staleness_hist: dict[int, int]) -> None:
     rows = read_metrics(run_dir / "metrics.jsonl")
     plot_series(
         rows,
-        ["rollout/reward", "rollout/accuracy", "eval/accuracy"],
+        ["rollout/reward", "rollout/accuracy", "rollout/trained_reward", "eval/accuracy"],
         run_dir / "reward_curve.png",
         "reward and accuracy",
     )
@@ -143,7 +150,9 @@ def final_plots(run_dir: Path, staleness_hist: dict[int, int]) -> None:
     )
 
 
-def train(cfg: TrainConfig) -> int:
+def train(cfg: TrainConfig, backend=None) -> int:
+    """Run the local driver. ``backend``: an open generation backend on ``model.path``'s weights to
+    use instead of starting one (it is left open; the caller owns it)."""
     # One process by design: the engine runs in-process (fast start, weights handed over in memory)
     # and keeps its per-step INFO lines off the progress bar.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -208,19 +217,20 @@ def train(cfg: TrainConfig) -> int:
     )
 
     max_len = max(len(p.prompt_ids) for p in [*prompts, *eval_prompts]) + cfg.tree.max_response_tokens + 8
-    backend = make_backend(
-        None,
-        model_path,
-        cfg.generators,
-        cfg.sampling,
-        dtype=cfg.model.dtype,
-        eos_ids=eos,
-        seed=cfg.seed,
-        max_model_len=max_len,
-    )
-    if learner.version:  # resumed: the engine starts from the checkpoint's weights
+    owns_backend = backend is None
+    if owns_backend:
+        backend = make_backend(
+            None,
+            model_path,
+            cfg.generators,
+            cfg.sampling,
+            dtype=cfg.model.dtype,
+            eos_ids=eos,
+            seed=cfg.seed,
+            max_model_len=max_len,
+        )
+    if learner.version or not owns_backend:  # resumed or borrowed: the engine takes the learner's weights
         backend.update_weights(learner.weights_for_sync(), learner.version)
-        backend.reset_prefix_cache()
     stats = SamplingStats()
     sampler = TreeSampler(backend, cfg.tree, cfg.sampling, eos, decode, stats=stats)
     metrics_log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard)
@@ -238,7 +248,7 @@ def train(cfg: TrainConfig) -> int:
         return out
 
     def collect(need: int) -> tuple[list, dict[str, float]] | None:
-        kept, dropped, sampled = [], 0, 0
+        kept, dropped, sampled, rewards_T_L = [], 0, 0, []
         data_left = True
         while len(kept) < need:
             while data_left and sampler.in_flight + len(kept) < need:
@@ -260,13 +270,18 @@ def train(cfg: TrainConfig) -> int:
             score_trees(done, reward, decode, eos_set)
             for tree in done:
                 sampled += 1
+                rewards_T_L.append(tree.rewards_L)
                 if cfg.algo.dynamic_sampling and not dynamic_sampling_keep(tree.rewards_L):
                     dropped += 1
                 else:
                     kept.append(tree)
         if not kept:
             return None
-        return kept, {"rollout/trees_sampled": sampled, "rollout/trees_dropped_uniform": dropped}
+        return kept, {
+            "rollout/trees_sampled": sampled,
+            "rollout/trees_dropped_uniform": dropped,
+            **sampled_reward_metrics(rewards_T_L),
+        }
 
     progress = tqdm(
         total=cfg.learner.total_steps,
@@ -297,9 +312,8 @@ def train(cfg: TrainConfig) -> int:
             step += 1
             if step % cfg.sync.every_steps == 0:
                 t2 = time.perf_counter()
+                # the backend resets its prefix cache or keeps it, per generators.reset_prefix_cache_on_update
                 backend.update_weights(learner.weights_for_sync(), learner.version)
-                if cfg.generators.reset_prefix_cache_on_update:
-                    backend.reset_prefix_cache()
                 m["timing/sync_s"] = time.perf_counter() - t2
             m.update(rollout_metrics(trees))
             m.update(
@@ -329,7 +343,8 @@ def train(cfg: TrainConfig) -> int:
     finally:
         progress.close()
         metrics_log.close()
-        backend.close()
+        if owns_backend:
+            backend.close()
         learner.close()
     final_plots(run_dir, staleness_hist)
     print(

@@ -152,7 +152,8 @@ class VLLMBackend:
 
             with tempfile.TemporaryDirectory(prefix="treepo-weights-") as tmp:
                 path = os.path.join(tmp, "model.safetensors")
-                save_file(dict(weights), path)
+                # clone: tied tensors (embed_tokens / lm_head) share storage, which save_file refuses
+                save_file({name: t.clone() for name, t in weights}, path)
                 self.llm.collective_rpc("treepo_reload_weights_from_file", args=(path,))
         if self.gen_cfg.reset_prefix_cache_on_update:
             self.reset_prefix_cache()
@@ -162,6 +163,8 @@ class VLLMBackend:
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
+        """Shut the engine down. In-process engines share vLLM's process-global distributed state:
+        closing one breaks any other in-process engine of the same process (one engine per process)."""
         llm = getattr(self, "llm", None)
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)

@@ -153,6 +153,9 @@ def test_synchronous_pipeline_trains_every_prompt_once_on_fresh_weights(
         "learner.total_steps=5",
         "data.synthetic_train_size=6",
         "algo.max_staleness=0",
+        "eval.every_steps=3",
+        "eval.max_problems=4",
+        "eval.k=2",
         *_queue_cfg(redis_server, monkeypatch),
     )
     assert run_pipeline(cfg) == 0
@@ -162,7 +165,11 @@ def test_synchronous_pipeline_trains_every_prompt_once_on_fresh_weights(
     ids = [t for r in rows for t in r["trees"]]
     assert len(ids) == len(set(ids)) == 6, "every prompt of the epoch is trained exactly once"
     m = _metrics(run)
-    assert [x["step"] for x in m] == [1, 2, 3]
+    assert [x["step"] for x in m] == [0, 1, 2, 3]
+    # held-out evaluation at the start and at step 3, on the generator's engine with the newest weights
+    assert 0.0 <= m[0]["eval/accuracy"] <= 1.0 and m[0]["eval/version"] == 0
+    assert 0.0 <= m[3]["eval/accuracy"] <= 1.0 and m[3]["eval/version"] == 3
+    m = m[1:]
     assert all(x["staleness/max"] == 0 for x in m)
     for x in m:  # every segment of step k's trees was sampled under the weights of version k−1
         assert x["rollout/segment_version_min"] == x["rollout/segment_version_max"] == x["step"] - 1, x

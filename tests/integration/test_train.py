@@ -51,10 +51,24 @@ def test_epoch_cursor_is_deterministic_and_resumable():
     assert first + [c.next() for _ in range(7)] == seq
 
 
+@pytest.fixture
+def engine(vllm_backend, tiny_model_dir):
+    """The session's vLLM engine (one in-process engine per process: vLLM's distributed state is
+    global), given back with its original weights and version."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    version = vllm_backend.policy_version
+    yield vllm_backend
+    original = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    vllm_backend.update_weights(original.named_parameters(remove_duplicate=False), version)
+    vllm_backend.reset_prefix_cache()
+
+
 @pytest.mark.slow
-def test_train_resume_continues_without_repeating(tmp_path, tiny_model_dir):
+def test_train_resume_continues_without_repeating(tmp_path, tiny_model_dir, engine):
     run = tmp_path / "run"
-    assert train(_cfg(run, tiny_model_dir, "learner.total_steps=2")) == 0
+    assert train(_cfg(run, tiny_model_dir, "learner.total_steps=2"), backend=engine) == 0
     for name in ("config.yaml", "metrics.jsonl", "reward_curve.png", "staleness.png"):
         assert (run / name).exists(), name
     assert (run / "checkpoints" / "latest").exists()
@@ -62,9 +76,10 @@ def test_train_resume_continues_without_repeating(tmp_path, tiny_model_dir):
     assert [r["step"] for r in first] == [1, 2]
 
     with pytest.raises(ConfigError, match="--resume"):
-        train(_cfg(run, tiny_model_dir, "learner.total_steps=3"))
+        train(_cfg(run, tiny_model_dir, "learner.total_steps=3"), backend=engine)
 
-    assert train(_cfg(run, tiny_model_dir, "learner.total_steps=3", "resume=true")) == 0
+    assert train(_cfg(run, tiny_model_dir, "learner.total_steps=3", "resume=true"), backend=engine) == 0
+    assert engine.policy_version == 3  # the resumed learner's weights reached the engine
     rows = _trained(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[2]["version"] == 3
