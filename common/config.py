@@ -53,7 +53,7 @@ class ModelConfig:
     )
     trust_remote_code: bool = doc(False, "Allow model code from the model directory (hub models only).")
     tiny_size: str = doc("s", "Size of a 'tiny:' model: xs | s | m (see `treepo make-tiny-model --help`).")
-    tiny_warmup_steps: int = doc(300, "Supervised warm-start steps for a 'tiny:' model (0 = random init).")
+    tiny_warmup_steps: int = doc(500, "Supervised warm-start steps for a 'tiny:' model (0 = random init).")
 
 
 @dataclass

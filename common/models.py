@@ -21,7 +21,7 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
 
 
-def resolve_model_path(path_or_id: str, *, tiny_size: str = "s", tiny_warmup_steps: int = 300) -> str:
+def resolve_model_path(path_or_id: str, *, tiny_size: str = "s", tiny_warmup_steps: int = 500) -> str:
     """A loadable model location: the cached tiny build, the local directory, or the hub id unchanged."""
     if not path_or_id:
         raise ModelError("empty model path: set model.path to a local directory, a hub id or 'tiny:arith'")

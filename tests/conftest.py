@@ -2,7 +2,7 @@
 
 ``tiny_model_dir``: size "xs", random init, built once per session in a temp dir (well under a second).
 ``warm_model_dir``: size "s" warm-started on arith with the default recipe, cached under $TREEPO_CACHE
-(or ~/.cache/treepo) so only the first session pays the ~1 minute build.
+(or ~/.cache/treepo) so only the first session pays the ~2 minute build.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 WARM_SIZE = "s"
-WARM_STEPS = 300
+WARM_STEPS = 500
 ARITH_SEED = 1234
 
 
