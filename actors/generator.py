@@ -97,7 +97,7 @@ class Generator:
         *,
         backend: Any = None,
     ) -> None:
-        from actors.backends import make_backend
+        from actors.backends import backend_for_run
         from actors.sampler import TreeSampler
         from common.data import load_prompts, resolve_data_path
         from common.models import eos_token_ids, load_tokenizer
@@ -139,21 +139,8 @@ class Generator:
         self._dropped_key = dropped_key(run_name)
         self.requeued_on_start = self.dispatcher.requeue_generator(self.id)
         if backend is None:
-            max_len = (
-                max(len(p.prompt_ids) for p in [*prompts, *self._eval_prompts])
-                + cfg.tree.max_response_tokens
-                + 8
-            )
-            backend = make_backend(
-                None,
-                model_path,
-                cfg.generators,
-                cfg.sampling,
-                dtype=cfg.model.dtype,
-                eos_ids=eos,
-                seed=cfg.seed + 1000 * self.id,
-                max_model_len=max_len,
-            )
+            longest = max(len(p.prompt_ids) for p in [*prompts, *self._eval_prompts])
+            backend = backend_for_run(cfg, model_path, eos, longest, seed=cfg.seed + 1000 * self.id)
         self.backend = backend
         self.sampling_stats = SamplingStats()
         self.sampler = TreeSampler(

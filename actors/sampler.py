@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from actors.backends.base import GenerationBackend, GenRequest, GenResult
+from common.answers import last_boxed
 from common.config import SamplingConfig, TreeConfig
 from common.errors import ConfigError
 from common.sampling_metrics import SamplingStats
@@ -79,18 +80,7 @@ def stable_hash(*parts: Any) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def find_boxed(text: str) -> str | None:
-    """Content of the LAST complete ``\\boxed{...}`` (balanced braces) in ``text``, else None."""
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        depth, i = 1, start + len("\\boxed{")
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start + len("\\boxed{") : i - 1]
-        start = text.rfind("\\boxed{", 0, start)
-    return None
+find_boxed = last_boxed  # a path is answered when its tail holds a complete box (common/answers.py)
 
 
 def has_repetition(text: str, substring_chars: int, min_count: int) -> bool:

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
         shape.append("tree.align_segments_to_blocks=false")
     cfg = load_config(args.config, [*shape, *user])
 
-    from actors.backends import make_backend
+    from actors.backends import backend_for_run
     from actors.evaluator import evaluate
     from common.data import load_prompts, resolve_data_path
     from common.models import eos_token_ids, load_tokenizer, resolve_model_path
@@ -107,10 +107,7 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
     own_backend = backend is None
     if own_backend:
         longest = max(len(p.prompt_ids) for p in prompts[: len(warm) + len(timed)])
-        backend = make_backend(
-            None, model, cfg.generators, cfg.sampling, dtype=cfg.model.dtype, eos_ids=eos, seed=cfg.seed,
-            max_model_len=longest + cfg.tree.max_response_tokens + cfg.generators.block_size + 8,
-        )  # fmt: skip
+        backend = backend_for_run(cfg, model, eos, longest)
 
     def tree_cfg(b: int):
         if not b:  # flat: evaluate() turns it into k independent samples

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
 
     from tqdm import tqdm
 
-    from actors.backends import make_backend
+    from actors.backends import backend_for_run
     from actors.evaluator import eval_tree_config, evaluate
     from common.data import load_prompts, resolve_data_path
     from common.models import eos_token_ids, load_tokenizer, resolve_model_path
@@ -138,10 +138,7 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
     own_backend = backend is None
     if own_backend:
         longest = max(len(p.prompt_ids) for *_, ps in files for p in ps)
-        backend = make_backend(
-            None, model, cfg.generators, cfg.sampling, dtype=cfg.model.dtype, eos_ids=eos, seed=cfg.seed,
-            max_model_len=longest + cfg.tree.max_response_tokens + cfg.generators.block_size + 8,
-        )  # fmt: skip
+        backend = backend_for_run(cfg, model, eos, longest)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     eval_reward_cfg = dataclasses.replace(cfg.reward, overlong_buffer=0)

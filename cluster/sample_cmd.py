@@ -71,21 +71,6 @@ def _load_cfg(args: argparse.Namespace):
     return load_config(args.config, list(args.overrides) + flags)
 
 
-def open_backend(cfg: Any, model_dir: str, eos: list[int], max_model_len: int):
-    from actors.backends import make_backend
-
-    return make_backend(
-        cfg.generators.backend,
-        model_dir,
-        cfg.generators,
-        cfg.sampling,
-        dtype=cfg.model.dtype,
-        eos_ids=eos,
-        seed=cfg.seed,
-        max_model_len=max_model_len,
-    )
-
-
 def majority(answers: list[str | None]) -> str | None:
     """Most frequent extracted answer (ties: the one seen first); None when no leaf has an answer."""
     counts = Counter(a for a in answers if a is not None)
@@ -163,11 +148,12 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
             spec, task, cfg=cfg.reward, max_response_tokens=cfg.tree.max_response_tokens
         )
 
-    lmax = cfg.tree.max_response_tokens
     own_backend = backend is None
     if own_backend:
         longest = max(len(p.prompt_ids) for p in prompts)
-        backend = open_backend(cfg, model_dir, eos, longest + lmax + cfg.generators.block_size + 8)
+        from actors.backends import backend_for_run
+
+        backend = backend_for_run(cfg, model_dir, eos, longest)
     stats = SamplingStats()
     sampler = TreeSampler(backend, cfg.tree, cfg.sampling, eos, lambda ids: tok.decode(ids), stats=stats)
     by_id = {p.row.id: p for p in prompts}

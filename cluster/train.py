@@ -160,7 +160,7 @@ def train(cfg: TrainConfig, backend=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from actors.backends import make_backend
+    from actors.backends import backend_for_run
     from actors.evaluator import evaluate
     from actors.generator import prompt_metadata, tree_id_for
     from actors.sampler import TreeSampler
@@ -216,18 +216,10 @@ def train(cfg: TrainConfig, backend=None) -> int:
         len(prompts), cfg.data.shuffle_seed, cfg.data.epochs, extra.get("cursor") if extra else None
     )
 
-    max_len = max(len(p.prompt_ids) for p in [*prompts, *eval_prompts]) + cfg.tree.max_response_tokens + 8
     owns_backend = backend is None
     if owns_backend:
-        backend = make_backend(
-            None,
-            model_path,
-            cfg.generators,
-            cfg.sampling,
-            dtype=cfg.model.dtype,
-            eos_ids=eos,
-            seed=cfg.seed,
-            max_model_len=max_len,
+        backend = backend_for_run(
+            cfg, model_path, eos, max(len(p.prompt_ids) for p in [*prompts, *eval_prompts])
         )
     if learner.version or not owns_backend:  # resumed or borrowed: the engine takes the learner's weights
         backend.update_weights(learner.weights_for_sync(), learner.version)

@@ -58,6 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from common.answers import last_boxed
 from common.errors import RewardError
 
 log = logging.getLogger(__name__)
@@ -65,38 +66,6 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 # Pure helpers: boxed-answer extraction and the overlong penalty
 # --------------------------------------------------------------------------------------------------
-
-_BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def _match_brace(text: str, open_idx: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``open_idx``; escaped braces (``\\{``) do not count."""
-    depth = 0
-    i = open_idx
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2  # skip the escaped character: ``\{`` / ``\}`` are literal braces, ``\\`` a newline
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces allowed), or None."""
-    found: str | None = None
-    for m in _BOX_START.finditer(text):
-        end = _match_brace(text, m.end() - 1)
-        if end is not None:
-            found = text[m.end() : end]
-    return found
 
 
 def overlong_penalty(response_len: int, max_response_tokens: int, overlong_buffer: int) -> float:

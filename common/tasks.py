@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.answers import last_boxed
 from common.errors import DataError
 
 SPLITS = ("train", "eval")
@@ -197,23 +198,7 @@ def task_vocabulary(task: str) -> str:
     return get_task(task).vocabulary()
 
 
-def extract_last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` in ``text`` (nested braces allowed), else None."""
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        i = start + len("\\boxed{")
-        depth = 1
-        for j in range(i, len(text)):
-            c = text[j]
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i:j]
-        # This box never closes: an earlier, complete one is still the last answer given.
-        start = text.rfind("\\boxed{", 0, start)
-    return None
+extract_last_boxed = last_boxed  # the one extraction rule of the project (common/answers.py)
 
 
 def check_answer(task: str, response_text: str, answer: str) -> bool:

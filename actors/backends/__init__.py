@@ -50,4 +50,21 @@ def make_backend(
     )
 
 
+def backend_for_run(
+    cfg: Any, model_path: str, eos_ids: list[int], longest_prompt: int, *, seed: int | None = None
+):
+    """``make_backend`` for a :class:`common.config.TrainConfig`: the configured backend, dtype and seed,
+    with room for the longest prompt, ``tree.max_response_tokens`` and a block of alignment slack."""
+    return make_backend(
+        None,
+        model_path,
+        cfg.generators,
+        cfg.sampling,
+        dtype=cfg.model.dtype,
+        eos_ids=eos_ids,
+        seed=cfg.seed if seed is None else seed,
+        max_model_len=longest_prompt + cfg.tree.max_response_tokens + cfg.generators.block_size + 8,
+    )
+
+
 __all__ = ["BackendCounters", "GenRequest", "GenResult", "GenerationBackend", "make_backend"]
