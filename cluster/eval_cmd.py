@@ -3,7 +3,7 @@ mean@k, pass@k and maj@k per file and overall (weighted by problem count), with 
 wall time and trajectories/s. Writes a table, ``summary.json`` and ``<file>.problems.jsonl``.
 
 ``--model`` takes a model directory, a hub id, ``tiny:<task>``, a learner checkpoint directory
-(``ckpt-XXXXXXXX``), a checkpoint root holding a ``latest`` pointer, or a run directory whose
+(``ckpt-<step>``), a checkpoint root holding a ``latest`` pointer, or a run directory whose
 ``checkpoints/`` holds one: the pointer is followed to the published checkpoint. Evaluation rewards
 carry no overlong penalty (``reward.overlong_buffer`` is ignored).
 """
@@ -60,7 +60,7 @@ def resolve_eval_model(spec: str) -> str:
             if not name or not (target / "config.json").is_file():
                 raise CheckpointError(
                     f"{pointer} names {name!r}, which is not a model directory under {root}: pass a "
-                    "ckpt-XXXXXXXX directory explicitly"
+                    "ckpt-<step> directory explicitly"
                 )
             return str(target)
     return spec

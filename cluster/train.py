@@ -74,15 +74,9 @@ def truncate_after(path: Path, step: int) -> None:
     """Drop log rows past ``step`` (a resumed run redoes the steps after its checkpoint)."""
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a torn last line from the killed run
-            continue
+    keep = [row for row in read_metrics(path) if row.get("step", 0) <= step]  # torn lines are dropped
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
     tmp.replace(path)
 
 
@@ -127,13 +121,7 @@ def trained_tree_ids(run_dir: Path) -> set[str]:
     path = run_dir / "trained_trees.jsonl"
     if not path.exists():
         return set()
-    out: set[str] = set()
-    for line in path.read_text().splitlines():
-        try:
-            out.update(json.loads(line)["trees"])
-        except (json.JSONDecodeError, KeyError):  # a torn last line from a killed run
-            continue
-    return out
+    return {tree_id for row in read_metrics(path) for tree_id in row.get("trees", [])}
 
 
 def final_plots(run_dir: Path, staleness_hist: dict[int, int]) -> None:

@@ -87,7 +87,7 @@ class MetricsLog:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a metrics.jsonl; a torn last line (killed writer) is ignored."""
+    """Read a JSONL log (metrics, audit trail); a torn last line (killed writer) is ignored."""
     rows = []
     with open(path) as fh:
         for line in fh:
