@@ -132,6 +132,17 @@ def _check_resources(cfg: Any) -> None:
         + cfg.generators.num * cfg.generators.gpus_per_engine
     )
     have = ray.cluster_resources()
+    for key, section, count in (
+        ("generators", cfg.generators.ray_resources, cfg.generators.num),
+        ("learner", cfg.learner.ray_resources, cfg.learner.num_workers),
+    ):
+        for name, amount in section.items():
+            if have.get(name, 0) < amount * count:
+                raise ConfigError(
+                    f"{key}.ray_resources asks for {amount:g} {name!r} x {count} but the Ray cluster has "
+                    f"{have.get(name, 0):g}: start nodes with `ray start --resources='{{\"{name}\": N}}'` "
+                    f"or remove {key}.ray_resources.{name}"
+                )
     if have.get("CPU", 0) < need_cpu or have.get("GPU", 0) < need_gpu:
         raise ConfigError(
             f"the pipeline needs {need_cpu} CPUs and {need_gpu} GPUs (learner.num_workers="
@@ -144,7 +155,7 @@ def _check_resources(cfg: Any) -> None:
 def start_learners(cfg: Any, timeout_s: float = START_TIMEOUT_S) -> tuple[list[Any], Any]:
     """Create and set up the learner ranks in one placement group; returns (handles, placement group)."""
     n, gpus = cfg.learner.num_workers, cfg.learner.gpus_per_worker
-    bundle: dict[str, float] = {"CPU": 1}
+    bundle: dict[str, float] = {"CPU": 1, **cfg.learner.ray_resources}
     if gpus:
         bundle["GPU"] = gpus
     pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
@@ -160,6 +171,7 @@ def start_learners(cfg: Any, timeout_s: float = START_TIMEOUT_S) -> tuple[list[A
         cls.options(
             num_cpus=1,
             num_gpus=gpus,
+            resources=dict(cfg.learner.ray_resources),
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
         ).remote(cfg, r, n)
         for r in range(n)
@@ -181,6 +193,7 @@ def start_generator(cfg: Any, generator_id: int, queue_url: str, password: str |
         name=generator_name(run_name, generator_id),
         num_cpus=1,
         num_gpus=cfg.generators.gpus_per_engine,
+        resources=dict(cfg.generators.ray_resources),
         max_restarts=GENERATOR_MAX_RESTARTS,
         max_task_retries=0,  # the controller re-submits the run loop itself after a restart
         max_concurrency=GENERATOR_CONCURRENCY,

@@ -174,6 +174,11 @@ class GeneratorConfig:
     reset_prefix_cache_on_update: bool = doc(
         True, "Drop cached KV after a weight update (exact) or keep it (faster, slightly stale)."
     )
+    ray_resources: dict[str, float] = doc(
+        {},
+        "Extra Ray resources each generator actor requests, e.g. {generator_node: 1} to pin generators "
+        "to nodes started with `ray start --resources='{\"generator_node\": 8}'`.",
+    )
 
 
 @dataclass
@@ -241,6 +246,11 @@ class LearnerConfig:
     mixed_precision: str = doc("none", "Mixed precision on GPU: 'bf16' | 'none'.")
     activation_checkpointing: bool = doc(False, "Recompute activations in the backward pass.")
     total_steps: int = doc(30, "Optimizer steps to run (stops earlier when the data runs out).")
+    ray_resources: dict[str, float] = doc(
+        {},
+        "Extra Ray resources each learner rank requests (in its placement-group bundle), e.g. "
+        "{learner_node: 1} to pin the learner group to nodes started with that custom resource.",
+    )
 
 
 @dataclass
@@ -526,6 +536,9 @@ def _schema_field(key: str) -> Any:
     cls: Any = TrainConfig
     hint: Any = None
     for part in key.split("."):
+        if typing.get_origin(cls) is dict:  # free-form mapping (e.g. ray_resources): any key, value type
+            hint = cls = typing.get_args(cls)[1]
+            continue
         if not dataclasses.is_dataclass(cls):
             return None
         hints = typing.get_type_hints(cls)
@@ -596,12 +609,20 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]}") from None
 
 
+def _schema() -> DictConfig:
+    """The defaults as a struct-mode config (unknown keys fail) with free-form mappings left open."""
+    base = OmegaConf.structured(TrainConfig)
+    OmegaConf.set_struct(base, True)
+    for section in ("generators", "learner"):  # ray_resources: the keys are the user's resource names
+        OmegaConf.set_struct(base[section].ray_resources, False)
+    return base
+
+
 def load_config(
     config: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainConfig:
     """Defaults <- preset YAML <- ``key=value`` overrides, strictly typed and validated."""
-    base = OmegaConf.structured(TrainConfig)
-    OmegaConf.set_struct(base, True)
+    base = _schema()
     if config:
         path = _resolve_preset(str(config))
         try:
@@ -628,8 +649,7 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 def from_yaml_text(text: str) -> TrainConfig:
     """Inverse of :func:`to_yaml` (used for the config saved in a run directory)."""
-    base = OmegaConf.structured(TrainConfig)
-    OmegaConf.set_struct(base, True)
+    base = _schema()
     cfg = OmegaConf.to_object(_merge(base, OmegaConf.create(text), "saved config"))
     validate(cfg)  # type: ignore[arg-type]
     return cfg  # type: ignore[return-value]
