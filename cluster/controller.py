@@ -81,12 +81,17 @@ def check_pipeline_config(cfg: TrainConfig) -> None:
 
 
 def _connect_ray() -> bool:
-    """Connect to a running Ray (``ray job submit``) or start a local one; True if we started it."""
+    """Connect to the Ray cluster named by ``RAY_ADDRESS`` (set inside ``ray job submit``, or by the
+    user) or start a private local one; True if we started it. Never attaches to some other cluster
+    that happens to run on this machine (plain ``ray.init()`` would join the last ``ray start``)."""
+    import os
+
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(include_dashboard=False, log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False, log_to_driver=True)
     return True
 
 

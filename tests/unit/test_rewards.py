@@ -330,7 +330,7 @@ def test_rewards_inside_ray_actors():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for concurrency, on_main in [(1, True), (2, False)]:
             actor = ray.remote(max_concurrency=concurrency)(_ScorerActor).remote(str(FIXTURES))
