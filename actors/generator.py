@@ -75,6 +75,13 @@ def tree_id_for(prompt_id: str, epoch: int) -> str:
     return f"{prompt_id}@e{int(epoch)}"
 
 
+def _faults() -> set[str]:
+    """Failure injection for tests (``TREEPO_FAULTS=sync_stall,...``); empty in normal runs."""
+    import os
+
+    return {f for f in os.environ.get("TREEPO_FAULTS", "").split(",") if f}
+
+
 def dropped_key(run_name: str) -> str:
     """Redis key holding the controller's count of discarded trees (the ``D`` of the admission rule)."""
     return f"treepo:{run_name}:pipeline:dropped"
@@ -171,7 +178,9 @@ class Generator:
             "busy_s": 0.0,
             "idle_s": 0.0,
             "sync_s": 0.0,
+            "receive_s": 0.0,
         }
+        self._receiver = None  # common.weight_sync.WeightReceiver, once the controller sent group info
         self._t_start = time.perf_counter()
 
     def _decode(self, ids) -> str:
@@ -192,6 +201,36 @@ class Generator:
                 return False
             self._pending = (weights, int(version), int(step))
             return True
+
+    def sync_join(self, info: Mapping[str, Any], rank: int) -> None:
+        """Target the weight-sync group ``info`` as receiver ``rank`` (connects on the next receive)."""
+        from common.weight_sync import WeightReceiver
+
+        if self._receiver is None:
+            self._receiver = WeightReceiver.from_info(dict(info), rank, timeout_s=self.cfg.sync.timeout_s)
+        else:
+            self._receiver.rejoin(dict(info), rank)
+
+    def sync_receive(self, step: int) -> int:
+        """Receive one broadcast update (called while learner rank 0 sends; runs beside the loop's
+        thread) and queue it for the next segment boundary as the weights of controller step ``step``.
+        Returns the version received. Raises :class:`common.errors.SyncError` on a failed or stuck sync."""
+        from common.errors import SyncError
+
+        if self._receiver is None:
+            raise SyncError(
+                f"generator {self.id} has no weight-sync group: the controller must call sync_join"
+            )
+        if "sync_stall" in _faults():  # failure injection: a receiver that never shows up
+            time.sleep(self.cfg.sync.timeout_s * 3)
+            return -1
+        t0 = time.perf_counter()
+        version, stream = self._receiver.receive()
+        weights = dict(stream)  # views into fresh per-bucket buffers: safe to keep until applied
+        self.offer_weights(weights, version, step)
+        with self._lock:
+            self.counters["receive_s"] += time.perf_counter() - t0
+        return int(version)
 
     def stop(self) -> None:
         self._stop.set()
@@ -239,8 +278,11 @@ class Generator:
 
         weights, version, step = pending
         t0 = time.perf_counter()
-        # object-store arrays are read-only: copy into tensors the engine may keep
-        named = ((name, torch.from_numpy(np.array(arr, copy=True))) for name, arr in weights.items())
+        # numpy arrays (e.g. from Ray's object store) are read-only: copy into tensors the engine may keep
+        named = (
+            (name, arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.array(arr, copy=True)))
+            for name, arr in weights.items()
+        )
         self.backend.update_weights(named, version)  # resets the prefix cache per the config
         with self._lock:
             self.weights_step = step
@@ -334,5 +376,7 @@ class Generator:
 
     def close(self) -> None:
         self._stop.set()
+        if self._receiver is not None:
+            self._receiver.close()
         self.backend.close()
         self.queue.close()

@@ -14,11 +14,15 @@ generators (``cluster/topology.py``). Then the loops, each one named method of :
   receives the current weights and starts its loop again; its in-flight prompts are re-issued.
 - ``learn`` — tree advantages over the whole batch, each rank's share (rank ``r`` gets
   ``shard_for_rank``), one learner step on every rank (``ray.get`` with a timeout).
-- ``publish`` — every ``sync.every_steps``: learner rank 0's weights go to every generator as a
-  ``{name: array}`` through Ray's object store (one copy per node), with the new policy version
-  and the step count (the generators' admission clock). Generators apply them at their next segment
-  boundary. With ``algo.max_staleness=0`` the admission
-  rule makes generation wait for each publish: the synchronous schedule, through the same code.
+- ``publish`` — every ``sync.every_steps``: learner rank 0 broadcasts its weights over the
+  weight-sync group (:mod:`common.weight_sync`: a process group of its own, built from a TCP store on
+  rank 0's node; gloo on CPU, NCCL on GPU; bucketed; a timeout on every wait) to every live generator,
+  with the new policy version and the step count (the generators' admission clock). Each generator
+  receives in a side thread and applies the update at its next segment boundary. The group is rebuilt
+  on a new port whenever its membership changes (a generator died, restarted or was added) or a sync
+  failed; a restarted generator joins and receives the current weights, nothing else restarts.
+  With ``algo.max_staleness=0`` the admission rule makes generation wait for each publish: the
+  synchronous schedule, through the same code.
 - ``checkpoint`` — every ``checkpoint.every_steps`` (and at the end): the learner checkpoint with
   the step, dropped-tree count, prompt-dispatch state and stream state in ``extra``, THEN the
   acknowledgement of every entry consumed since the previous checkpoint, then trimming of acknowledged
@@ -26,9 +30,9 @@ generators (``cluster/topology.py``). Then the loops, each one named method of :
 - ``log`` — metrics JSONL (+ TensorBoard) with the local driver's keys plus staleness, queue depth,
   generator and learner idle fractions; the audit trail ``trained_trees.jsonl``; a progress bar.
 
-Weight transport: the object store, not the process-group broadcast of :mod:`common.weight_sync`
-(which the engines will receive through once it is wired into the generator's engine workers); the
-generator sees only ``offer_weights(weights, version, step)``, so the transport can change behind it.
+Where the receiver runs: in the generator's process (the CPU engines are in-process, so the received
+tensors go straight into the engine's layerwise reload). A multiprocess GPU engine gets them through
+the backend's ``update_weights``; one receiver rank per engine worker is the step after that.
 
 Run name: Redis keys live under ``treepo:<run name>:``, derived from the run directory's absolute
 path, so a resume must use the same ``run_dir`` (an absolute path on clusters: ``ray job submit``
@@ -137,7 +141,8 @@ class _GenSlot:
     handle: Any
     run_ref: Any = None  # the running loop
     ready_ref: Any = None  # waiting for a restart to finish
-    done: bool = False  # its loop returned (data used up)
+    done: bool = False  # its loop returned (data used up) or it is dead for good
+    dead: bool = False  # out of restarts: no engine any more
     restarts: int = 0
 
 
@@ -177,11 +182,19 @@ class Controller:
         self.unacked: list[str] = []  # entries consumed since the last checkpoint
         self.backlog: list[tuple[str, Any]] = []  # reclaimed on resume: consumed first
         self.staleness_hist: dict[int, int] = {}
-        self.weights: tuple[Any, int, int] | None = None  # (object ref, version, step) last published
+        self.published: tuple[int, int] | None = None  # (version, step) of the last weights sent
+        self.sync_members: list[int] | None = None  # generator ids in the weight-sync group, by rank - 1
         self.wait_s = 0.0  # time spent collecting trees (the learner's idle time)
         self.trained_here = 0  # trees trained by this process (throughput)
         self.t_start = time.perf_counter()
-        self.counts = {"duplicates": 0, "dropped_stale": 0, "dropped_uniform": 0, "restarts": 0}
+        self.counts = {
+            "duplicates": 0,
+            "dropped_stale": 0,
+            "dropped_uniform": 0,
+            "restarts": 0,
+            "sync_failures": 0,
+        }
+        self.sync_stats: dict[str, float] = {}
 
     @staticmethod
     def _encoded_prompt_ids(cfg: TrainConfig, train_path: Path) -> list[str]:
@@ -247,6 +260,7 @@ class Controller:
                 self.step += 1
                 if self.step % cfg.sync.every_steps == 0:
                     m["timing/sync_s"] = self.publish()
+                    m.update(self.sync_stats)
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.learner.total_steps:
                     m["timing/checkpoint_s"] = self.checkpoint()
                     last_ckpt = self.step
@@ -343,7 +357,7 @@ class Controller:
         """No prompt left anywhere: none to claim, none in flight, nothing undelivered in the stream."""
         return not self.backlog and self.dispatcher.finished() and self.queue.undelivered() == 0
 
-    def watch_generators(self) -> None:
+    def watch_generators(self, publish: bool = True) -> None:
         """Restart handling: a loop that failed because its actor died waits for Ray's restart, gets
         the current weights and runs again; a loop that returned means the data is used up there."""
         import ray
@@ -351,6 +365,8 @@ class Controller:
 
         for g, slot in enumerate(self.gens):
             if slot.ready_ref is not None:
+                if not publish:  # it may only loop once it holds the current weights: next round
+                    continue
                 done, _ = ray.wait([slot.ready_ref], timeout=0)
                 if not done:
                     continue
@@ -362,14 +378,14 @@ class Controller:
                     continue
                 except RayActorError as e:  # out of restarts (or its constructor fails)
                     self.dispatcher.requeue_generator(g)  # for good: others take its prompts
-                    slot.done = True
+                    slot.done = slot.dead = True
                     if all(s.done for s in self.gens) and not self.dispatcher.finished():
                         raise TreepoError(
                             f"every generator is dead (generator {g}: {e}): see the generator logs (ray logs)"
                         ) from None
                     continue
-                if self.weights is not None:
-                    slot.handle.offer_weights.remote(*self.weights)
+                if publish and self.published is not None:  # it joins the group, gets the current weights
+                    self.publish(step=self.published[1])
                 slot.run_ref = slot.handle.run.remote()
                 print(f"[pipeline] generator {g} restarted ({slot.restarts}x), loop resumed", flush=True)
                 continue
@@ -385,6 +401,7 @@ class Controller:
             except RayActorError:
                 slot.restarts += 1
                 self.counts["restarts"] += 1
+                self.sync_members = None  # its receiver is gone: the next sync rebuilds the group
                 print(f"[pipeline] generator {g} died; waiting for its restart", flush=True)
                 slot.ready_ref = slot.handle.ready.remote()
 
@@ -422,34 +439,66 @@ class Controller:
         m["staleness/max"] = float(max(stale_L)) if stale_L else 0.0
         return m
 
-    def publish(self) -> float:
-        """Send the learner's current weights to every generator; returns the seconds it took."""
+    def _sync_group(self) -> list[int]:
+        """The generators that take part in the next sync (alive, not restarting); the group is rebuilt
+        (new port, new world size) whenever that set changed since the last sync or a sync failed."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
 
-        t0 = time.perf_counter()
-        refs = [h.export_weights.remote() for h in self.topo.learners]
-        try:
-            ray.get(refs[1:], timeout=self.cfg.sync.timeout_s)  # FSDP gathers are collective
-            ready, _ = ray.wait(refs[:1], timeout=self.cfg.sync.timeout_s)
-        except GetTimeoutError:
-            ready = []
-        if not ready:
-            raise SyncError(
-                f"learner rank 0 did not export weights within sync.timeout_s={self.cfg.sync.timeout_s} s"
+        members = [g for g, s in enumerate(self.gens) if s.ready_ref is None and not s.dead]
+        if not members:  # all restarting: each gets the weights when it is back (watch_generators)
+            self.sync_members = None
+            return []
+        if members != self.sync_members:
+            self.sync_members = None
+            info = ray.get(self.topo.learners[0].sync_open.remote(1 + len(members)), timeout=60)
+            ray.get(
+                [self.gens[g].handle.sync_join.remote(info, r) for r, g in enumerate(members, start=1)],
+                timeout=60,
             )
-        self.weights = (refs[0], self.version, self.step)
-        offers = [s.handle.offer_weights.remote(*self.weights) for s in self.gens if not s.done]
-        for ref in offers:
+            self.sync_members = members
+        return members
+
+    def _sync_once(self, step: int) -> dict[str, float]:
+        import ray
+
+        members = self._sync_group()
+        if not members:
+            return {}
+        sends = [h.sync_send.remote() for h in self.topo.learners]
+        receives = [self.gens[g].handle.sync_receive.remote(step) for g in members]
+        # every wait inside has sync.timeout_s; this outer bound only catches an actor that hangs
+        # outside the transport
+        results = ray.get([*sends, *receives], timeout=3 * self.cfg.sync.timeout_s + 60)
+        return dict(results[0])
+
+    def publish(self, step: int | None = None) -> float:
+        """Broadcast learner rank 0's current weights to every live generator over the weight-sync
+        group (:mod:`common.weight_sync`: gloo on CPU, NCCL on GPU, bucketed, timeouts on every wait);
+        generators apply them at their next segment boundary. A failed or stuck sync (a generator died
+        mid-update, a receiver never joined) rebuilds the group on a new port with the generators
+        still alive and tries once more; a second failure raises :class:`SyncError`.
+        Returns the seconds it took."""
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        step = self.step if step is None else step
+        t0 = time.perf_counter()
+        for attempt in (1, 2):
             try:
-                ray.get(ref, timeout=self.cfg.sync.timeout_s)
-            except RayActorError:
-                pass  # died meanwhile: it gets the weights when it comes back (watch_generators)
-            except GetTimeoutError:
-                raise SyncError(
-                    f"a generator did not take version {self.version} within sync.timeout_s="
-                    f"{self.cfg.sync.timeout_s} s"
-                ) from None
+                self.sync_stats = self._sync_once(step)
+                break
+            except (RayTaskError, RayActorError, GetTimeoutError) as e:
+                self.sync_members = None  # the group is dead: rebuild on the next try
+                self.counts["sync_failures"] += 1
+                reason = str(e).strip().splitlines()[-1][:400] if str(e).strip() else type(e).__name__
+                if attempt == 2:
+                    raise SyncError(
+                        f"weight sync of version {self.version} failed twice (sync.timeout_s="
+                        f"{self.cfg.sync.timeout_s:g}): {reason}; check the generator logs (ray logs) and that "
+                        "every generator node can reach learner rank 0's node"
+                    ) from None
+                print(f"[pipeline] weight sync failed ({reason}); rebuilding the group", flush=True)
+                self.watch_generators(publish=False)  # a dead generator leaves the group
+        self.published = (self.version, step)
         return time.perf_counter() - t0
 
     def checkpoint(self) -> float:
@@ -537,6 +586,7 @@ class Controller:
         m["pipeline/dropped_total"] = float(self.dropped)
         m["pipeline/duplicates"] = float(self.counts["duplicates"])
         m["pipeline/generator_restarts"] = float(self.counts["restarts"])
+        m["pipeline/sync_failures"] = float(self.counts["sync_failures"])
         m["pipeline/trees_per_s"] = self.trained_here / wall if wall > 0 else 0.0
         for s, n in sorted(self.staleness_hist.items()):
             m[f"staleness/hist/{s}"] = float(n)

@@ -1,11 +1,12 @@
 """Topology: the ONLY module that applies ``ray.remote``, ``.options`` and placement groups.
 
 - Learner ranks: ``learner.num_workers`` actors of :class:`LearnerHost` (a thin shell over
-  :class:`learner.rank.LearnerRank`), each ``{CPU: 1, GPU: learner.gpus_per_worker}``, in ONE
+  :class:`learner.rank.LearnerRank`), each ``{CPU: 1, GPU: learner.gpus_per_worker}`` plus
+  ``learner.ray_resources``, in ONE
   placement group packed onto as few nodes as possible (the ranks talk over NCCL/gloo every step).
   Rank 0 picks the rendezvous address (its node IP, a free port); all ranks then join.
 - Generators: ``generators.num`` actors of :class:`actors.generator.Generator`, each
-  ``{CPU: 1, GPU: generators.gpus_per_engine}`` (the GPUs are the engine's tensor-parallel group),
+  ``{CPU: 1, GPU: generators.gpus_per_engine}`` plus ``generators.ray_resources`` (the GPUs are the engine's tensor-parallel group),
   with ``max_restarts`` so Ray restarts a dead one; they are threaded actors (one thread runs the
   generation loop, the others answer weight offers, stats and stop calls). Generators are not in
   the placement group: a restarted one may land on any node with room.
@@ -37,12 +38,13 @@ START_TIMEOUT_S = 600.0
 
 
 class LearnerHost:
-    """One learner rank as an actor: trees arrive as encoded wire bytes (no pickled trees), weights
-    leave as ``{name: numpy array}`` for the object store."""
+    """One learner rank as an actor: trees arrive as encoded wire bytes (no pickled trees); rank 0
+    sends weights over the weight-sync group (:mod:`common.weight_sync`), not through Ray."""
 
     def __init__(self, cfg: Any, rank: int, world_size: int) -> None:
         self.cfg, self.rank, self.world_size = cfg, int(rank), int(world_size)
         self.learner = None
+        self.sender = None  # common.weight_sync.WeightSender on rank 0, once the controller opens the group
 
     def address(self) -> str:
         """A rendezvous address on this node (rank 0 calls it)."""
@@ -82,25 +84,36 @@ class LearnerHost:
         trees = [decode_tree(b) for b in encoded_trees]
         return self.learner.train_step(trees, advantages_P_L)
 
-    def export_weights(self) -> dict[str, np.ndarray] | None:
-        """Rank 0: every parameter as a CPU numpy array (bfloat16 travels as float32: numpy has no
-        bfloat16; the engine casts on load). Other ranks drive the (collective) iterator and return None."""
-        import torch
+    def sync_open(self, world_size: int) -> dict | None:
+        """Rank 0: open (or rebuild, on a new port) the weight-sync group of ``world_size`` ranks
+        (this rank + one per generator engine); returns the group info the generators join with."""
+        if self.rank != 0:
+            return None
+        from common.weight_sync import WeightSender
 
-        out: dict[str, np.ndarray] = {}
-        for name, t in self.learner.weights_for_sync():
-            if self.rank == 0:
-                t = t.detach().to("cpu")
-                if t.dtype == torch.bfloat16:
-                    t = t.float()
-                out[name] = t.numpy().copy()
-        return out if self.rank == 0 else None
+        if self.sender is None:
+            host = ray.util.get_node_ip_address()
+            self.sender = WeightSender.from_config(self.cfg.sync, host, 0, world_size)
+            return self.sender.info.to_dict()
+        return self.sender.rebuild(port=0, world_size=world_size).to_dict()
+
+    def sync_send(self) -> dict[str, float]:
+        """Broadcast the current weights (rank 0) as the current policy version. Every rank drives the
+        (collective, under FSDP) parameter iterator; only rank 0 sends."""
+        stream = self.learner.weights_for_sync()
+        if self.rank != 0:
+            for _ in stream:
+                pass
+            return {}
+        return self.sender.send(stream, int(self.learner.version)).as_metrics()
 
     def save(self, root: str, extra: dict, step: int, keep_last: int) -> str | None:
         path = self.learner.save(root, extra=extra, step=step, keep_last=keep_last)
         return str(path) if path is not None else None
 
     def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
         if self.learner is not None:
             self.learner.close()
 
