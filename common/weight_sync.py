@@ -650,6 +650,8 @@ class WeightSender(_Peer):
             tensors.append(t.detach())
         if len(tensors) == 1 and tensors[0].device == self.device and tensors[0].is_contiguous():
             return _as_bytes(tensors[0])  # no packing copy for a bucket of one
+        if size > self.bucket_bytes:  # one parameter larger than a bucket: its own (copied) buffer
+            return _as_bytes(tensors[0].to(self.device))
         if not self._staging:  # reused across buckets and sends: fresh CPU buffers cost page faults
             self._staging = [
                 torch.zeros(self.bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)
