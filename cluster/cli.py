@@ -54,7 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come on both sides of flags (`x=1 --resume y=2`): argparse fills a
+    # positional list once, so the later ones arrive here
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+        if not unknown:
+            args.overrides.extend(extra)
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

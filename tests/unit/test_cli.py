@@ -52,3 +52,14 @@ def test_console_script_is_declared():
 
     text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert 'treepo = "cluster.cli:main"' in text
+
+
+def test_overrides_on_both_sides_of_flags(capsys):
+    """`x=1 --resume y=2` keeps both overrides (argparse alone rejects the second)."""
+    assert main(["train", "learner.total_steps=5", "--resume", "tree.w=16", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: true" in out and "w: 16" in out and "total_steps: 5" in out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--print-config", "--bogus"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
