@@ -181,6 +181,9 @@ class Generator:
             "receive_s": 0.0,
         }
         self._receiver = None  # common.weight_sync.WeightReceiver, once the controller sent group info
+        import os
+
+        self._bench_delay_s = float(os.environ.get("TREEPO_BENCH_GEN_DELAY_S", "0") or 0)
         self._t_start = time.perf_counter()
 
     def _decode(self, ids) -> str:
@@ -338,6 +341,8 @@ class Generator:
                 return 0
             t0 = time.perf_counter()
             done = self.sampler.step()
+            if self._bench_delay_s > 0:  # `treepo bench pipeline`'s synthetic workload: known cost per step
+                time.sleep(self._bench_delay_s)
         score_trees(done, self.reward, self._decode, self._eos_set)
         pushed = refused = 0
         for tree in done:

@@ -13,6 +13,7 @@ BENCHES: dict[str, str] = {
     "sync": "Weight broadcast GB/s vs model size: ours vs one raw gloo broadcast vs a /dev/shm file, 1 and 2 receivers.",
     "eval": "Test-time flat vs tree sampling (b in 2,4,8): accuracy vs decoded tokens and wall time.",
     "queue": "Trees/s and push-to-read latency through the replay queue, next to redis-benchmark SET.",
+    "pipeline": "Async vs synchronous pipeline trees/s on one config, idle fractions, and a synthetic workload against the ideal overlap bound.",
 }
 
 

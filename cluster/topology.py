@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +83,11 @@ class LearnerHost:
         from common.tree import decode_tree
 
         trees = [decode_tree(b) for b in encoded_trees]
-        return self.learner.train_step(trees, advantages_P_L)
+        out = self.learner.train_step(trees, advantages_P_L)
+        delay = float(os.environ.get("TREEPO_BENCH_TRAIN_DELAY_S", "0") or 0)
+        if delay > 0:  # `treepo bench pipeline`'s synthetic workload: a training step of known cost
+            time.sleep(delay)
+        return out
 
     def sync_open(self, world_size: int) -> dict | None:
         """Rank 0: open (or rebuild, on a new port) the weight-sync group of ``world_size`` ranks
@@ -128,13 +133,26 @@ class Topology:
     generator_args: list[tuple] = field(default_factory=list)
 
 
+# Passed from the driver's environment to every actor: the model cache, offline mode, and the
+# test/benchmark knobs (failure injection, synthetic delays of ``treepo bench pipeline``).
+PASSTHROUGH_ENV = (
+    "TREEPO_CACHE",
+    "HF_HUB_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    "TREEPO_FAULTS",
+    "TREEPO_BENCH_GEN_DELAY_S",
+    "TREEPO_BENCH_TRAIN_DELAY_S",
+)
+
+
+def _actor_env() -> dict[str, str]:
+    return {key: os.environ[key] for key in PASSTHROUGH_ENV if key in os.environ}
+
+
 def _generator_env(cfg: Any) -> dict[str, str]:
-    env = {}
+    env = _actor_env()
     if cfg.generators.gpus_per_engine == 0:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    for key in ("TREEPO_CACHE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
-        if key in os.environ:
-            env[key] = os.environ[key]
     return env
 
 
@@ -185,6 +203,7 @@ def start_learners(cfg: Any, timeout_s: float = START_TIMEOUT_S) -> tuple[list[A
             num_cpus=1,
             num_gpus=gpus,
             resources=dict(cfg.learner.ray_resources),
+            runtime_env={"env_vars": _actor_env()},
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
         ).remote(cfg, r, n)
         for r in range(n)

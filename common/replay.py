@@ -88,8 +88,9 @@ def connect(
     kwargs: dict[str, Any] = dict(
         decode_responses=False,
         protocol=2,  # the reply shapes parsed here (redis-py >= 5 defaults differ)
-        # A few quick retries ride out a blip; a dead server still fails within about a second.
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        # Retries ride out a blip or a server restart (AOF replay of a large queue takes seconds);
+        # a dead server still fails within about 10 s, with the URL in the message.
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 8),
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=connect_timeout_s,
         health_check_interval=30,

@@ -254,3 +254,91 @@ def test_resume_after_controller_crash_loses_no_tree(
     )
     ids = [t for r in rows for t in r["trees"]]
     assert len(ids) == len(set(ids)) == 8, "a tree was trained twice"
+
+
+@pytest.mark.slow
+def test_stuck_weight_sync_fails_with_a_clear_error(
+    tmp_path, tiny_model_dir, ray_local, redis_server, monkeypatch
+):
+    """A generator that never takes part in the broadcast: the sender's waits time out, the group is
+    rebuilt once, the second failure stops the run with SyncError naming the timeout and the fix."""
+    from cluster.controller import run_pipeline
+    from common.errors import SyncError
+
+    monkeypatch.setenv("TREEPO_FAULTS", "sync_stall")
+    run = tmp_path / "run"
+    cfg = _cfg(
+        run,
+        tiny_model_dir,
+        "learner.total_steps=2",
+        "sync.timeout_s=3",
+        *_queue_cfg(redis_server, monkeypatch),
+    )
+    t0 = time.perf_counter()
+    with pytest.raises(
+        SyncError,
+        match=r"failed twice \(sync.timeout_s=3\).*timed out.*waiting for receiver ranks \[1\] to join",
+    ):
+        run_pipeline(cfg)
+    assert time.perf_counter() - t0 < 240
+    # the step before the sync was trained and logged; no checkpoint claims the unsynced state
+    assert [r["step"] for r in _trained(run)] == [1]
+
+
+@pytest.mark.slow
+def test_redis_restart_mid_run_and_a_malformed_entry(tmp_path, tiny_model_dir, ray_local, monkeypatch):
+    """Redis (AOF, appendfsync always) restarts while generators push and the controller reads: the
+    run finishes, every prompt is trained exactly once. A malformed entry in the stream lands in the
+    dead-letter stream (counted) instead of stopping the run."""
+    from cluster.controller import run_name_for, run_pipeline
+    from cluster.redis_launcher import EmbeddedRedis
+    from common.replay import FIELD_SCHEMA, FIELD_TREE, SCHEMA_VERSION, connect
+
+    server = EmbeddedRedis(tmp_path / "redis", appendfsync="always", maxmemory_mb=256).start()
+    try:
+        monkeypatch.setenv(PW_ENV, server.password)
+        run = tmp_path / "run"
+        cfg = _cfg(
+            run,
+            tiny_model_dir,
+            "learner.total_steps=4",
+            f"queue.url={server.url}",
+            f"queue.password_env={PW_ENV}",
+        )
+        # a producer bug or a foreign writer: an entry that is not a tree, queued before the run starts
+        client = connect(server.url, server.password)
+        client.xadd(
+            f"treepo:{run_name_for(run)}:trees", {FIELD_TREE: b"\x00not a tree", FIELD_SCHEMA: SCHEMA_VERSION}
+        )
+        client.close()
+        result: dict = {}
+
+        def target():
+            try:
+                result["rc"] = run_pipeline(cfg)
+            except BaseException as e:  # re-raised in the test thread below
+                result["error"] = e
+
+        th = threading.Thread(target=target, daemon=True)
+        th.start()
+        deadline = time.time() + 240
+        while time.time() < deadline and th.is_alive():
+            path = run / "trained_trees.jsonl"
+            if path.exists() and path.read_text().strip():
+                break
+            time.sleep(0.5)
+        assert th.is_alive(), result
+        server.restart()
+        th.join(timeout=300)
+        assert not th.is_alive(), "the pipeline did not finish after the Redis restart"
+        if "error" in result:
+            raise result["error"]
+        assert result["rc"] == 0
+        rows = _trained(run)
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]
+        prompts = [t.split("@")[0] for r in rows for t in r["trees"]]
+        assert len(prompts) == len(set(prompts)) == 8, "a prompt was lost or trained twice"
+        m = _metrics(run)
+        assert m[-1]["queue/dead_count"] == 1
+    finally:
+        server.stop()

@@ -147,3 +147,36 @@ def test_convert_bench_command(tmp_path, capsys):
     assert len(load_rows(tmp_path / "conv" / "minerva.jsonl")) == 2
     with pytest.raises(DataError, match="minerva.jsonl:3"):
         convert_cmd.run(p.parse_args([inputs[2], "--out", str(tmp_path / "m.jsonl"), "--bad-rows", "reject"]))
+
+
+def test_pipeline_overlap_bound_and_summary():
+    from cluster.bench_pipeline import overlap_bound, summarize
+
+    b = overlap_bound(3.0, 1.0, batch=8)
+    assert b["sync_trees_per_s"] == pytest.approx(2.0) and b["async_trees_per_s"] == pytest.approx(8 / 3)
+    assert b["speedup"] == pytest.approx(4 / 3)
+    assert overlap_bound(2.0, 2.0, batch=4)["speedup"] == pytest.approx(
+        2.0
+    )  # perfect overlap halves the time
+    with pytest.raises(ValueError):
+        overlap_bound(0.0, 0.0, batch=4)
+    rows = [{"step": 0, "time": 0.0, "eval/accuracy": 0.1}]  # the start-up eval is not a step
+    for k in range(1, 5):
+        rows.append(
+            {
+                "step": k,
+                "time": 10.0 + 2.0 * k,
+                "timing/step_s": 2.0,
+                "timing/generate_s": 0.5,
+                "timing/train_s": 1.2,
+                "staleness/max": float(k % 2),
+                "learner/idle_frac": 0.25,
+                "generator/idle_frac": 0.5,
+            }
+        )
+    s = summarize(rows, batch=8, leaves_per_tree=4)
+    assert s["steps_measured"] == 3 and s["step_s"] == pytest.approx(2.0)
+    assert s["trees_per_s"] == pytest.approx(4.0) and s["samples_per_s"] == pytest.approx(16.0)
+    assert s["rest_s"] == pytest.approx(1.5) and s["staleness_max"] == 1.0
+    with pytest.raises(ValueError, match="at least 2"):
+        summarize(rows[:2], batch=8, leaves_per_tree=4)
