@@ -310,9 +310,10 @@ class TrainConfig:
         False, "Continue from the run directory's last checkpoint with queue and prompt cursor intact."
     )
     driver: str = doc(
-        "local",
-        "'local': the synchronous driver in one process (engine and learner side by side) | 'ray': the "
-        "asynchronous pipeline (generator and learner actors on Ray, trees through the Redis replay queue).",
+        "ray",
+        "'ray': the asynchronous pipeline (generator and learner actors on Ray, trees through the Redis "
+        "replay queue; a local Ray and an embedded Redis unless RAY_ADDRESS / queue.url say otherwise) | "
+        "'local': the synchronous reference driver in one process (engine and learner side by side).",
     )
     model: ModelConfig = nested(ModelConfig, "Policy model.")
     data: DataConfig = nested(DataConfig, "Prompts and templates.")

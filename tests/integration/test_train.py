@@ -19,6 +19,7 @@ def _cfg(run_dir, model_dir, *extra):
         None,
         [
             f"run_dir={run_dir}",
+            "driver=local",
             f"model.path={model_dir}",
             "generators.kv_cache_gib=0.25",
             "generators.trees_in_flight=4",
