@@ -221,6 +221,10 @@ class Controller:
             self.dropped = int(extra.get("dropped", 0))
             for name in ("metrics.jsonl", "trained_trees.jsonl"):
                 truncate_after(self.run_dir / name, self.step)
+            from common.metrics import MetricsLog
+
+            self.metrics_log.close()  # it was opened on the file truncation just replaced
+            self.metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.log.tensorboard)
             self.trained_ids = trained_tree_ids(self.run_dir)
             self.backlog = self.queue.reclaim(CONSUMER, min_idle_ms=0)
             print(

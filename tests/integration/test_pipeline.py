@@ -142,9 +142,22 @@ def test_synchronous_pipeline_trains_every_prompt_once_on_fresh_weights(
     tmp_path, tiny_model_dir, ray_local, redis_server, monkeypatch
 ):
     """``max_staleness=0`` through the asynchronous code: the trees of step k are sampled entirely
-    under version k−1, i.e. generation waited for each weight update to reach the generator."""
-    from cluster.controller import run_pipeline
+    under version k−1, i.e. generation waited for each weight update to reach the generator. And the
+    same algorithm as the synchronous driver: replaying the trees each step trained, in order, through
+    the local driver's learner gives the same weights (tolerance 1e-5: float32, one rank, the same
+    seed; only summation order may differ)."""
+    import copy
 
+    from cluster.controller import Controller, run_pipeline
+
+    captured: list = []
+    original = Controller.learn
+
+    def capture(self, trees):
+        captured.append(copy.deepcopy(trees))
+        return original(self, trees)
+
+    monkeypatch.setattr(Controller, "learn", capture)
     run = tmp_path / "run"
     # 6 prompts, 2 per step: the data runs out after step 3, before total_steps
     cfg = _cfg(
@@ -153,6 +166,9 @@ def test_synchronous_pipeline_trains_every_prompt_once_on_fresh_weights(
         "learner.total_steps=5",
         "data.synthetic_train_size=6",
         "algo.max_staleness=0",
+        # the random-init model never answers right: the length penalty makes rewards (and so the
+        # advantages the replay below must reproduce) differ between leaves
+        "reward.overlong_buffer=48",
         "eval.every_steps=3",
         "eval.max_problems=4",
         "eval.k=2",
@@ -178,6 +194,29 @@ def test_synchronous_pipeline_trains_every_prompt_once_on_fresh_weights(
     for name in ("config.yaml", "reward_curve.png", "staleness.png"):
         assert (run / name).exists(), name
     assert (run / "checkpoints" / "latest").exists()
+
+    # the synchronous reference: the same trees, the same order, a fresh learner from the same model
+    from learner.advantages import tree_advantages
+    from learner.checkpoint import require_checkpoint
+    from learner.rank import LearnerRank
+
+    assert [len(t) for t in captured] == [2, 2, 2]
+    ref = LearnerRank(cfg.model, cfg.algo, cfg.learner, seed=cfg.seed, temperature=cfg.sampling.temperature)
+    ref_start = {n: t.clone() for n, t in ref.weights_for_sync()}
+    try:
+        for trees in captured:
+            ref.train_step(trees, tree_advantages(trees, cfg.algo))
+        assert ref.version == 3
+        got = require_checkpoint(run / "checkpoints").model_state()
+        ours = dict(ref.weights_for_sync())
+        diffs = {n: float((ours[n].float() - got[n].float()).abs().max()) for n in got}
+        assert set(got) <= set(ours) and max(diffs.values()) < 1e-5, sorted(
+            diffs.items(), key=lambda x: -x[1]
+        )[:3]
+        moved = max(float((ours[n] - t).abs().max()) for n, t in ref_start.items())
+        assert moved > 1e-4, "the replay did not train at all: the comparison would be vacuous"
+    finally:
+        ref.close()
 
 
 @pytest.mark.slow
@@ -254,6 +293,7 @@ def test_resume_after_controller_crash_loses_no_tree(
     )
     ids = [t for r in rows for t in r["trees"]]
     assert len(ids) == len(set(ids)) == 8, "a tree was trained twice"
+    assert [x["step"] for x in _metrics(run)] == [1, 2, 3, 4], "metrics after the resume were lost"
 
 
 @pytest.mark.slow
