@@ -172,11 +172,14 @@ def test_pipeline_overlap_bound_and_summary():
                 "staleness/max": float(k % 2),
                 "learner/idle_frac": 0.25,
                 "generator/idle_frac": 0.5,
+                "generator/busy_s": 0.8 * k,
+                "timing/sync_s": 0.1,
             }
         )
     s = summarize(rows, batch=8, leaves_per_tree=4)
     assert s["steps_measured"] == 3 and s["step_s"] == pytest.approx(2.0)
     assert s["trees_per_s"] == pytest.approx(4.0) and s["samples_per_s"] == pytest.approx(16.0)
     assert s["rest_s"] == pytest.approx(1.5) and s["staleness_max"] == 1.0
+    assert s["gen_busy_s"] == pytest.approx(0.8) and s["learner_busy_s"] == pytest.approx(1.3)
     with pytest.raises(ValueError, match="at least 2"):
         summarize(rows[:2], batch=8, leaves_per_tree=4)
