@@ -38,7 +38,7 @@ def header(path: Path) -> str:
 
 
 def cluster_presets() -> list[Path]:
-    return [p for p in PRESETS if load_config(p).driver == "ray"]
+    return [p for p in PRESETS if load_config(p).generators.gpus_per_engine > 0]  # the GPU presets
 
 
 def run_line(path: Path) -> list[str]:
