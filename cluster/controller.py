@@ -475,6 +475,26 @@ class Controller:
         results = ray.get([*sends, *receives], timeout=3 * self.cfg.sync.timeout_s + 60)
         return dict(results[0])
 
+    def _drop_unreachable_generators(self) -> None:
+        """After a failed sync: a generator that does not answer (died, restarting) leaves the group
+        until Ray has restarted it (``watch_generators`` then re-admits it with the current weights)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        for g, slot in enumerate(self.gens):
+            if slot.ready_ref is not None or slot.dead:
+                continue
+            try:
+                ray.get(slot.handle.ready.remote(), timeout=STATS_TIMEOUT_S)
+            except GetTimeoutError:  # alive but busy: it stays a member (a second failure is reported)
+                continue
+            except RayActorError:  # died or restarting (ActorUnavailableError is one)
+                slot.run_ref = None  # its loop died with it: resubmitted after the restart
+                slot.restarts += 1
+                self.counts["restarts"] += 1
+                slot.ready_ref = slot.handle.ready.remote()
+                print(f"[pipeline] generator {g} is unreachable; it rejoins after its restart", flush=True)
+
     def publish(self, step: int | None = None) -> float:
         """Broadcast learner rank 0's current weights to every live generator over the weight-sync
         group (:mod:`common.weight_sync`: gloo on CPU, NCCL on GPU, bucketed, timeouts on every wait);
@@ -494,6 +514,7 @@ class Controller:
                 self.sync_members = None  # the group is dead: rebuild on the next try
                 self.counts["sync_failures"] += 1
                 reason = str(e).strip().splitlines()[-1][:400] if str(e).strip() else type(e).__name__
+                self._drop_unreachable_generators()
                 if attempt == 2:
                     raise SyncError(
                         f"weight sync of version {self.version} failed twice (sync.timeout_s="
