@@ -102,6 +102,7 @@ def _cfg(run_dir, model_dir, *extra):
             f"run_dir={run_dir}",
             f"model.path={model_dir}",
             "driver=ray",
+            "data.epochs=1",
             "generators.kv_cache_gib=0.25",
             "generators.trees_in_flight=4",
             "tree.w=4",

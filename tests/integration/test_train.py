@@ -20,6 +20,7 @@ def _cfg(run_dir, model_dir, *extra):
         [
             f"run_dir={run_dir}",
             "driver=local",
+            "data.epochs=1",
             f"model.path={model_dir}",
             "generators.kv_cache_gib=0.25",
             "generators.trees_in_flight=4",
