@@ -361,7 +361,7 @@ class Controller:
         """No prompt left anywhere: none to claim, none in flight, nothing undelivered in the stream."""
         return not self.backlog and self.dispatcher.finished() and self.queue.undelivered() == 0
 
-    def watch_generators(self, publish: bool = True) -> None:
+    def watch_generators(self) -> None:
         """Restart handling: a loop that failed because its actor died waits for Ray's restart, gets
         the current weights and runs again; a loop that returned means the data is used up there."""
         import ray
@@ -369,8 +369,6 @@ class Controller:
 
         for g, slot in enumerate(self.gens):
             if slot.ready_ref is not None:
-                if not publish:  # it may only loop once it holds the current weights: next round
-                    continue
                 done, _ = ray.wait([slot.ready_ref], timeout=0)
                 if not done:
                     continue
@@ -388,7 +386,7 @@ class Controller:
                             f"every generator is dead (generator {g}: {e}): see the generator logs (ray logs)"
                         ) from None
                     continue
-                if publish and self.published is not None:  # it joins the group, gets the current weights
+                if self.published is not None:  # it joins the group and gets the current weights
                     self.publish(step=self.published[1])
                 slot.run_ref = slot.handle.run.remote()
                 print(f"[pipeline] generator {g} restarted ({slot.restarts}x), loop resumed", flush=True)
@@ -514,7 +512,6 @@ class Controller:
                 self.sync_members = None  # the group is dead: rebuild on the next try
                 self.counts["sync_failures"] += 1
                 reason = str(e).strip().splitlines()[-1][:400] if str(e).strip() else type(e).__name__
-                self._drop_unreachable_generators()
                 if attempt == 2:
                     raise SyncError(
                         f"weight sync of version {self.version} failed twice (sync.timeout_s="
@@ -522,7 +519,7 @@ class Controller:
                         "every generator node can reach learner rank 0's node"
                     ) from None
                 print(f"[pipeline] weight sync failed ({reason}); rebuilding the group", flush=True)
-                self.watch_generators(publish=False)  # a dead generator leaves the group
+                self._drop_unreachable_generators()
         self.published = (self.version, step)
         return time.perf_counter() - t0
 

@@ -135,6 +135,29 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _run_until_first_step(run_pipeline, cfg, run_dir, timeout_s: float = 240.0):
+    """Start the pipeline in a thread and return (thread, result) once step 1 is trained; ``result``
+    gets ``rc`` or the ``error`` the caller re-raises."""
+    result: dict = {}
+
+    def target():
+        try:
+            result["rc"] = run_pipeline(cfg)
+        except BaseException as e:  # re-raised in the test thread
+            result["error"] = e
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    deadline = time.time() + timeout_s
+    path = run_dir / "trained_trees.jsonl"
+    while time.time() < deadline and th.is_alive():
+        if path.exists() and path.read_text().strip():
+            break
+        time.sleep(0.5)
+    assert th.is_alive(), result
+    return th, result
+
+
 pytestmark = pytest.mark.integration
 
 
@@ -229,23 +252,7 @@ def test_generator_killed_mid_run_restarts_and_no_prompt_repeats(
 
     run = tmp_path / "run"
     cfg = _cfg(run, tiny_model_dir, "learner.total_steps=4", *_queue_cfg(redis_server, monkeypatch))
-    result: dict = {}
-
-    def target():
-        try:
-            result["rc"] = run_pipeline(cfg)
-        except BaseException as e:  # re-raised in the test thread below
-            result["error"] = e
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    deadline = time.time() + 240
-    while time.time() < deadline and th.is_alive():
-        path = run / "trained_trees.jsonl"
-        if path.exists() and path.read_text().strip():
-            break
-        time.sleep(0.5)
-    assert th.is_alive(), result
+    th, result = _run_until_first_step(run_pipeline, cfg, run)
     gen = ray.get_actor(generator_name(run_name_for(run), 0))
     ray.kill(gen, no_restart=False)
     th.join(timeout=300)
@@ -352,23 +359,7 @@ def test_redis_restart_mid_run_and_a_malformed_entry(tmp_path, tiny_model_dir, r
             f"treepo:{run_name_for(run)}:trees", {FIELD_TREE: b"\x00not a tree", FIELD_SCHEMA: SCHEMA_VERSION}
         )
         client.close()
-        result: dict = {}
-
-        def target():
-            try:
-                result["rc"] = run_pipeline(cfg)
-            except BaseException as e:  # re-raised in the test thread below
-                result["error"] = e
-
-        th = threading.Thread(target=target, daemon=True)
-        th.start()
-        deadline = time.time() + 240
-        while time.time() < deadline and th.is_alive():
-            path = run / "trained_trees.jsonl"
-            if path.exists() and path.read_text().strip():
-                break
-            time.sleep(0.5)
-        assert th.is_alive(), result
+        th, result = _run_until_first_step(run_pipeline, cfg, run)
         server.restart()
         th.join(timeout=300)
         assert not th.is_alive(), "the pipeline did not finish after the Redis restart"
