@@ -82,6 +82,16 @@ def _faults() -> set[str]:
     return {f for f in os.environ.get("TREEPO_FAULTS", "").split(",") if f}
 
 
+class _StagedInEngine:
+    """Marks a pending update whose tensors are staged inside the engine's workers (per-worker receivers)."""
+
+    def __repr__(self) -> str:
+        return "<staged in the engine workers>"
+
+
+STAGED_IN_ENGINE = _StagedInEngine()
+
+
 def dropped_key(run_name: str) -> str:
     """Redis key holding the controller's count of discarded trees (the ``D`` of the admission rule)."""
     return f"treepo:{run_name}:pipeline:dropped"
@@ -161,7 +171,7 @@ class Generator:
         )
         self._epochs: dict[str, tuple[int, str]] = {}  # tree id -> (epoch, prompt id)
         self._lock = threading.Lock()
-        self._pending: tuple[Mapping[str, Any], int, int] | None = None
+        self._pending: tuple[Mapping[str, Any] | _StagedInEngine, int, int] | None = None
         self.weights_step = 0  # controller step at which the weights held were published
         self._staleness_steps = staleness_in_steps(cfg)
         self._stop = threading.Event()
@@ -181,6 +191,18 @@ class Generator:
             "receive_s": 0.0,
         }
         self._receiver = None  # common.weight_sync.WeightReceiver, once the controller sent group info
+        # sync.receiver: the engine's worker processes are the receiver ranks (the update is staged in
+        # them and applied at a segment boundary), or this process is the one rank
+        from actors.backends.worker_sync import receives_per_worker
+
+        self._per_worker = receives_per_worker(
+            cfg.sync.receiver,
+            engine_in_workers=not getattr(backend, "in_process", True),
+            supports_workers=callable(getattr(backend, "sync_receive_start", None)),
+        )
+        self._worker_joined = False
+        # held while a staged update is applied, and while a refused one is dropped from the workers
+        self._staged_lock = threading.Lock()
         import os
 
         self._bench_delay_s = float(os.environ.get("TREEPO_BENCH_GEN_DELAY_S", "0") or 0)
@@ -194,10 +216,13 @@ class Generator:
         """The policy version the engine samples under (also: the actor finished starting)."""
         return int(self.backend.policy_version)
 
-    def offer_weights(self, weights: Mapping[str, Any] | None, version: int, step: int) -> bool:
-        """Queue weights of ``version``, published at controller step ``step`` (name -> array);
-        applied before the next sampler step. A newer offer replaces an older one not applied yet;
-        an older or equal step is ignored."""
+    def offer_weights(
+        self, weights: Mapping[str, Any] | _StagedInEngine | None, version: int, step: int
+    ) -> bool:
+        """Queue weights of ``version``, published at controller step ``step`` (name -> array, or
+        :data:`STAGED_IN_ENGINE` for an update the engine's workers received); applied before the next
+        sampler step. A newer offer replaces an older one not applied yet; an older or equal step is
+        ignored."""
         with self._lock:
             newest = self._pending[2] if self._pending else self.weights_step
             if weights is None or int(step) <= newest:
@@ -205,11 +230,20 @@ class Generator:
             self._pending = (weights, int(version), int(step))
             return True
 
+    def sync_ranks(self) -> int:
+        """Weight-sync receiver ranks this generator takes: one per engine worker when the workers
+        receive (``sync.receiver``), else 1 (this process)."""
+        return int(self.backend.receiver_ranks) if self._per_worker else 1
+
     def sync_join(self, info: Mapping[str, Any], rank: int) -> None:
-        """Target the weight-sync group ``info`` as receiver ``rank`` (connects on the next receive)."""
+        """Target the weight-sync group ``info`` as receiver ranks ``rank .. rank + sync_ranks() - 1``
+        (connects on the next receive)."""
         from common.weight_sync import WeightReceiver
 
-        if self._receiver is None:
+        if self._per_worker:
+            self.backend.sync_join(dict(info), int(rank), self.cfg.sync.timeout_s)
+            self._worker_joined = True
+        elif self._receiver is None:
             self._receiver = WeightReceiver.from_info(dict(info), rank, timeout_s=self.cfg.sync.timeout_s)
         else:
             self._receiver.rejoin(dict(info), rank)
@@ -220,7 +254,7 @@ class Generator:
         Returns the version received. Raises :class:`common.errors.SyncError` on a failed or stuck sync."""
         from common.errors import SyncError
 
-        if self._receiver is None:
+        if not (self._worker_joined if self._per_worker else self._receiver is not None):
             raise SyncError(
                 f"generator {self.id} has no weight-sync group: the controller must call sync_join"
             )
@@ -228,12 +262,30 @@ class Generator:
             time.sleep(self.cfg.sync.timeout_s * 3)
             return -1
         t0 = time.perf_counter()
+        if self._per_worker:
+            return self._receive_in_workers(step, t0)
         version, stream = self._receiver.receive()
         weights = dict(stream)  # views into fresh per-bucket buffers: safe to keep until applied
         self.offer_weights(weights, version, step)
         with self._lock:
             self.counters["receive_s"] += time.perf_counter() - t0
         return int(version)
+
+    def _receive_in_workers(self, step: int, t0: float) -> int:
+        """The engine's workers receive in their own threads (generation goes on meanwhile); the update
+        stays staged there until the next segment boundary applies it."""
+        self.backend.sync_receive_start()
+        version = int(self.backend.sync_receive_wait())  # bounded by the workers' sync.timeout_s waits
+        with self._staged_lock:
+            if not self.offer_weights(STAGED_IN_ENGINE, version, step):
+                with self._lock:
+                    pending = self._pending
+                # a re-sync of weights already applied: drop the copy unless the pending update is it
+                if pending is None or pending[0] is not STAGED_IN_ENGINE or pending[1] != version:
+                    self.backend.sync_discard(version)
+        with self._lock:
+            self.counters["receive_s"] += time.perf_counter() - t0
+        return version
 
     def stop(self) -> None:
         self._stop.set()
@@ -273,20 +325,25 @@ class Generator:
 
     # ------------------------------------------------------------------ the loop (one thread)
     def _apply_pending(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        import torch
+        with self._staged_lock:
+            with self._lock:
+                pending, self._pending = self._pending, None
+            if pending is None:
+                return
+            weights, version, step = pending
+            t0 = time.perf_counter()
+            if weights is STAGED_IN_ENGINE:
+                self.backend.apply_staged(version)  # resets the prefix cache per the config
+            else:
+                import torch
 
-        weights, version, step = pending
-        t0 = time.perf_counter()
-        # numpy arrays (e.g. from Ray's object store) are read-only: copy into tensors the engine may keep
-        named = (
-            (name, arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.array(arr, copy=True)))
-            for name, arr in weights.items()
-        )
-        self.backend.update_weights(named, version)  # resets the prefix cache per the config
+                def tensor(arr: Any) -> Any:  # numpy arrays (e.g. from Ray) are read-only: copy them
+                    return (
+                        arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.array(arr, copy=True))
+                    )
+
+                named = ((name, tensor(arr)) for name, arr in weights.items())
+                self.backend.update_weights(named, version)  # resets the prefix cache per the config
         with self._lock:
             self.weights_step = step
             self.counters["updates"] += 1
@@ -383,5 +440,10 @@ class Generator:
         self._stop.set()
         if self._receiver is not None:
             self._receiver.close()
+        if self._worker_joined:
+            import contextlib
+
+            with contextlib.suppress(Exception):  # the engine goes down next anyway
+                self.backend.sync_close()
         self.backend.close()
         self.queue.close()

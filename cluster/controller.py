@@ -30,9 +30,13 @@ generators (``cluster/topology.py``). Then the loops, each one named method of :
 - ``log`` — metrics JSONL (+ TensorBoard) with the local driver's keys plus staleness, queue depth,
   generator and learner idle fractions; the audit trail ``trained_trees.jsonl``; a progress bar.
 
-Where the receiver runs: in the generator's process (the CPU engines are in-process, so the received
-tensors go straight into the engine's layerwise reload). A multiprocess GPU engine gets them through
-the backend's ``update_weights``; one receiver rank per engine worker is the step after that.
+Where the receivers run (``sync.receiver``): with the vLLM engine in worker processes (the
+multiprocess engine, tensor parallelism), every engine worker is a receiver rank of its own: it
+receives in a background thread while the engine generates, and the generator applies the staged
+update at its next segment boundary. With an in-process engine (the CPU default) or the transformers
+backend, the generator's process is the one rank and hands the tensors to the engine. Each generator
+says how many ranks it takes (``sync_ranks``); generator ``g`` gets the ranks after those of the
+members before it, so the group's world size is 1 + the sum.
 
 Run name: Redis keys live under ``treepo:<run name>:``, derived from the run directory's absolute
 path, so a resume must use the same ``run_dir`` (an absolute path on clusters: ``ray job submit``
@@ -452,9 +456,13 @@ class Controller:
             return []
         if members != self.sync_members:
             self.sync_members = None
-            info = ray.get(self.topo.learners[0].sync_open.remote(1 + len(members)), timeout=60)
+            # one rank per receiver: the generator's process, or each of its engine's workers
+            ranks = ray.get([self.gens[g].handle.sync_ranks.remote() for g in members], timeout=60)
+            # member i takes ranks bases[i] .. bases[i] + ranks[i] - 1
+            bases = np.cumsum([1, *ranks[:-1]]).tolist()
+            info = ray.get(self.topo.learners[0].sync_open.remote(1 + sum(ranks)), timeout=60)
             ray.get(
-                [self.gens[g].handle.sync_join.remote(info, r) for r, g in enumerate(members, start=1)],
+                [self.gens[g].handle.sync_join.remote(info, int(b)) for g, b in zip(members, bases)],
                 timeout=60,
             )
             self.sync_members = members

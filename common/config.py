@@ -281,6 +281,12 @@ class SyncConfig:
     bucket_mb: float = doc(64.0, "Weight broadcast bucket size in MiB.")
     timeout_s: float = doc(120.0, "Timeout of every wait in a weight sync.")
     backend: str = doc("auto", "'auto' (nccl on GPU, gloo on CPU) | 'gloo' | 'nccl'.")
+    receiver: str = doc(
+        "auto",
+        "Who receives the broadcast on a generator: 'auto' (each vLLM engine worker when the engine runs in "
+        "worker processes, else the generator's process) | 'generator' | 'engine_workers' (each vLLM engine "
+        "worker is a rank; the engine keeps generating while the weights arrive).",
+    )
 
 
 @dataclass
@@ -358,6 +364,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "learner.mixed_precision": ("none", "bf16"),
     "queue.appendfsync": ("everysec", "always"),
     "sync.backend": ("auto", "gloo", "nccl"),
+    "sync.receiver": ("auto", "generator", "engine_workers"),
 }
 
 # key -> (lowest allowed value, inclusive)
@@ -494,6 +501,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.sync.backend == "nccl" and (lr.gpus_per_worker == 0 or cfg.generators.gpus_per_engine == 0):
         raise ConfigError(
             "sync.backend=nccl needs GPUs on learners and generators: use sync.backend=auto or gloo"
+        )
+    if cfg.sync.receiver == "engine_workers" and cfg.generators.backend != "vllm":
+        raise ConfigError(
+            f"sync.receiver=engine_workers needs generators.backend=vllm (got {cfg.generators.backend!r}): "
+            "use sync.receiver=auto or generator"
         )
     if cfg.reward.overlong_buffer > t.max_response_tokens:
         raise ConfigError(

@@ -6,25 +6,40 @@ Engine settings follow ``../shared/PITFALLS.md``: ``skip_tokenizer_init=True`` w
 host RAM there), and a block size the sampler aligns segment ends to. ``RequestOutput.num_cached_tokens``
 gives the prompt tokens served from the prefix cache.
 
-Weight updates: plain ``model.load_weights`` fails after the CPU build repacks weights, so the
+Weight updates: plain ``model.load_weights`` fails after the CPU build repacks weights, so every
 update runs inside the worker through a worker extension (:class:`TreepoWorkerExtension`) that calls
-``reload_weights(weights_iterator=..., is_checkpoint_format=True)``. With the in-process engine
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the tensors are handed over directly; with the multiprocess
-engine ``collective_rpc`` cannot carry tensors, so they go through a temporary safetensors file (the
-streaming weight sync replaces this path). vLLM does not drop cached KV after an update:
-``generators.reset_prefix_cache_on_update`` decides.
+``reload_weights(weights_iterator=..., is_checkpoint_format=True)`` (the layerwise reload). Two ways in:
+
+- per engine worker (``sync.receiver``: the default for engines in worker processes, i.e. the
+  multiprocess engine and tensor parallelism): each worker process is itself a receiver rank of the
+  weight-sync group (rank = the engine's base rank + the worker's rank). ``sync_receive_start`` makes
+  every worker receive in a background thread (:class:`actors.backends.worker_sync.WorkerSync`) and
+  returns at once, so the engine keeps generating while the bytes arrive; ``sync_receive_wait`` polls
+  until every worker has the update staged; ``apply_staged`` reloads it at a segment boundary. Only
+  control messages travel through ``collective_rpc`` (it cannot carry tensors across processes).
+  Client calls from two threads (the generation loop and the sync) are serialized where vLLM's
+  multiprocess client sends on its socket, which is not thread-safe.
+- through the caller (``update_weights``): the generator's process receives and hands the tensors
+  over. With the in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) that is a direct call; with
+  the multiprocess engine they go through a temporary safetensors file (slow: kept for
+  ``sync.receiver=generator`` and for callers outside the pipeline).
+
+vLLM does not drop cached KV after an update: ``generators.reset_prefix_cache_on_update`` decides.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-from collections.abc import Iterable, Sequence
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from actors.backends.base import BackendCounters, GenRequest, GenResult
 from common.config import GeneratorConfig, SamplingConfig
-from common.errors import ModelError
+from common.errors import ModelError, SyncError
 
 EXTENSION = "actors.backends.vllm_backend.TreepoWorkerExtension"
 
@@ -42,6 +57,41 @@ class TreepoWorkerExtension:
         weights = list(load_file(path).items())
         self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
         return len(weights)
+
+    # one weight-sync receiver rank per worker: thin calls into actors.backends.worker_sync.WorkerSync
+    def _treepo_sync(self):
+        sync = getattr(self, "_treepo_worker_sync", None)
+        if sync is None:
+            from actors.backends.worker_sync import WorkerSync
+
+            sync = self._treepo_worker_sync = WorkerSync()
+        return sync
+
+    def treepo_sync_join(self, info: dict, base_rank: int, timeout_s: float) -> int:
+        """Join group ``info`` as rank ``base_rank`` + this worker's rank in its engine; returns that rank."""
+        return self._treepo_sync().join(info, int(base_rank) + int(self.rank), timeout_s)
+
+    def treepo_sync_start(self) -> None:
+        self._treepo_sync().start()
+
+    def treepo_sync_poll(self) -> dict:
+        return self._treepo_sync().poll()
+
+    def treepo_sync_apply(self, version: int) -> int:
+        """Reload the staged update of ``version`` and drop its buffers; returns the tensors applied."""
+        import torch
+
+        weights = self._treepo_sync().take(version)
+        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the reload reads the buffers asynchronously: finish before freeing
+        return len(weights)
+
+    def treepo_sync_discard(self, version: int | None = None) -> None:
+        self._treepo_sync().discard(version)
+
+    def treepo_sync_close(self) -> None:
+        self._treepo_sync().close()
 
 
 class VLLMBackend:
@@ -73,6 +123,7 @@ class VLLMBackend:
         self.counters = BackendCounters()
         self.on_cpu = current_platform.is_cpu()
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+        self._send_serialized = self.in_process  # an in-process engine has no socket
         kwargs: dict[str, Any] = dict(
             model=model_path,
             skip_tokenizer_init=True,
@@ -101,6 +152,27 @@ class VLLMBackend:
                 "check generators.kv_cache_gib / block_size / max_num_batched_tokens, or use generators.backend=hf"
             ) from e
         self._block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size)
+        self._workers = int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
+        self._serialize_client_sends()
+
+    def _serialize_client_sends(self) -> None:
+        """vLLM's multiprocess client sends every call on one ZMQ socket without a lock; the generation
+        loop and the weight sync call it from two threads, so its send is wrapped in a lock."""
+        if self.in_process:
+            return
+        client = self.llm.llm_engine.engine_core
+        send = getattr(client, "_send_input", None)
+        if send is None:  # another client type (vLLM is pinned): weight-sync calls must not race
+            self._send_serialized = False
+            return
+        lock = threading.Lock()
+
+        def locked_send(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return send(*args, **kwargs)
+
+        client._send_input = locked_send
+        self._send_serialized = True
 
     @property
     def block_size(self) -> int:
@@ -161,6 +233,91 @@ class VLLMBackend:
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ one receiver rank per worker
+    @property
+    def receiver_ranks(self) -> int:
+        """Weight-sync ranks this engine contributes when its workers receive: one per worker process
+        (tensor × pipeline parallel size)."""
+        return self._workers
+
+    def _sync_rpc(self, method: str, *args: Any) -> list[Any]:
+        if not self._send_serialized:
+            raise SyncError(
+                "this vLLM client has no send method to serialize, so the engine's workers cannot receive "
+                "weights beside generation: set sync.receiver=generator"
+            )
+        try:
+            return self.llm.collective_rpc(method, args=args)
+        except SyncError:
+            raise
+        except Exception as e:  # the worker's error comes back as a generic exception with its text
+            text = str(e).strip()
+            inner = re.search(r"failed with error '(.*)'", text, re.S)  # the multiprocess executor's wrapping
+            text = inner.group(1) if inner else (text.splitlines()[-1] if text else type(e).__name__)
+            raise SyncError(f"engine workers failed {method}: {text}") from e
+
+    def sync_join(self, info: Mapping[str, Any], base_rank: int, timeout_s: float) -> list[int]:
+        """Every worker targets group ``info`` as rank ``base_rank`` + its rank in the engine (ranks
+        ``base_rank .. base_rank + receiver_ranks - 1``); connects when the next receive starts."""
+        ranks = [
+            int(r) for r in self._sync_rpc("treepo_sync_join", dict(info), int(base_rank), float(timeout_s))
+        ]
+        want = list(range(int(base_rank), int(base_rank) + self.receiver_ranks))
+        if sorted(ranks) != want:
+            raise SyncError(f"engine workers took weight-sync ranks {ranks}, expected {want}")
+        return ranks
+
+    def sync_receive_start(self) -> None:
+        """Every worker starts receiving the next update in a thread of its own; returns at once."""
+        self._sync_rpc("treepo_sync_start")
+
+    def sync_poll(self) -> list[dict[str, Any]]:
+        """Each worker's receive state (see :meth:`actors.backends.worker_sync.WorkerSync.poll`)."""
+        return list(self._sync_rpc("treepo_sync_poll"))
+
+    def sync_receive_wait(self, timeout_s: float | None = None, poll_s: float = 0.05) -> int:
+        """Poll until every worker has the update staged; returns its version. Raises :class:`SyncError`
+        with the workers' messages if one failed, or after ``timeout_s`` (None: until the workers'
+        threads end, which their ``sync.timeout_s`` waits bound). Polling keeps the engine free: a
+        blocking wait inside a worker would stop generation."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            states = self.sync_poll()
+            failed = [s for s in states if s["state"] == "failed"]
+            if failed:
+                raise SyncError("; ".join(f"engine worker rank {s['rank']}: {s['error']}" for s in failed))
+            if any(s["state"] == "idle" for s in states):
+                raise SyncError(
+                    "an engine worker has no receive running (a newer sync_join superseded it, or "
+                    "sync_receive_start was not called)"
+                )
+            if all(s["state"] == "done" for s in states):
+                versions = {int(s["version"]) for s in states}
+                if len(versions) != 1:
+                    raise SyncError(f"engine workers received different versions {sorted(versions)}")
+                return versions.pop()
+            if deadline is not None and time.monotonic() > deadline:
+                raise SyncError(
+                    f"engine workers still receiving after {timeout_s:g} s "
+                    f"(ranks {[s['rank'] for s in states if s['state'] == 'receiving']})"
+                )
+            time.sleep(poll_s)
+
+    def apply_staged(self, version: int) -> None:
+        """Reload the staged update of ``version`` on every worker (dropping it and any older one),
+        reset the prefix cache per the config and sample under ``version`` from now on."""
+        self._sync_rpc("treepo_sync_apply", int(version))
+        if self.gen_cfg.reset_prefix_cache_on_update:
+            self.reset_prefix_cache()
+        self.policy_version = int(version)
+
+    def sync_discard(self, version: int | None = None) -> None:
+        """Drop a staged update nobody will apply (None: all of them)."""
+        self._sync_rpc("treepo_sync_discard", version)
+
+    def sync_close(self) -> None:
+        self._sync_rpc("treepo_sync_close")
 
     def close(self) -> None:
         """Shut the engine down. In-process engines share vLLM's process-global distributed state:
