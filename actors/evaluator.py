@@ -55,12 +55,22 @@ class EvalResult:
             f"mean@{self.k}": mean([p.mean_at_k for p in self.problems]),
             f"pass@{self.k}": mean([p.pass_at_k for p in self.problems]),
             f"maj@{self.k}": mean([p.maj_at_k for p in self.problems]),
+            # share of samples that give a final \\boxed{} answer at all (format compliance)
+            "answered": mean([mean([a is not None for a in p.answers]) for p in self.problems]),
             "decoded_tokens": float(self.decoded_tokens),
             "prefill_tokens_computed": float(self.prefill_tokens_computed),
             "trajectory_tokens": float(self.trajectory_tokens),
             "wall_s": self.wall_s,
             "trajectories_per_s": self.trajectories / self.wall_s if self.wall_s else 0.0,
         }
+
+    def train_metrics(self) -> dict[str, float]:
+        """The metrics a training run logs for this evaluation (``eval/...``)."""
+        s = self.summary()
+        out = {f"eval/{k}": v for k, v in s.items() if "@" in k}
+        out["eval/accuracy"] = s[f"mean@{self.k}"]
+        out["eval/answered"] = s["answered"]
+        return out
 
 
 def eval_tree_config(tree_cfg: TreeConfig, k: int, sampling: str) -> TreeConfig:

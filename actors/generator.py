@@ -317,9 +317,7 @@ class Generator:
                 sampling_cfg=self.cfg.sampling, eos_ids=self._eos, decode=self._decode, k=self.cfg.eval.k,
                 sampling="flat", max_in_flight=self.cfg.generators.trees_in_flight,
             )  # fmt: skip
-        summary = res.summary()
-        out = {f"eval/{k}": v for k, v in summary.items() if "@" in k}
-        out["eval/accuracy"] = summary[f"mean@{self.cfg.eval.k}"]
+        out = res.train_metrics()
         out["eval/version"] = float(self.backend.policy_version)
         return out
 

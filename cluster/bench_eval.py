@@ -83,12 +83,10 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
     from actors.backends import backend_for_run
     from actors.evaluator import evaluate
     from common.data import load_prompts, resolve_data_path
-    from common.models import eos_token_ids, load_tokenizer, resolve_model_path
+    from common.models import eos_token_ids, load_tokenizer, resolve_model
     from common.rewards import resolve_reward
 
-    model = resolve_model_path(
-        cfg.model.path, tiny_size=cfg.model.tiny_size, tiny_warmup_steps=cfg.model.tiny_warmup_steps
-    )
+    model = resolve_model(cfg.model)
     tok = load_tokenizer(model, trust_remote_code=cfg.model.trust_remote_code)
     eos = eos_token_ids(model)
     path, task = resolve_data_path(args.data, "eval", cfg.data)

@@ -107,16 +107,14 @@ def run_pipeline(cfg: TrainConfig) -> int:
     """``treepo train driver=ray``: the asynchronous pipeline; returns the exit code."""
     from cluster.redis_launcher import queue_endpoint
     from cluster.train import check_run_dir
-    from common.models import resolve_model_path
+    from common.models import resolve_model
 
     check_pipeline_config(cfg)
     run_dir = Path(cfg.run_dir)
     check_run_dir(cfg, run_dir / "checkpoints")
     save_resolved(cfg, run_dir)
     # resolved once here: a 'tiny:' model is built once, not by every actor
-    model_path = resolve_model_path(
-        cfg.model.path, tiny_size=cfg.model.tiny_size, tiny_warmup_steps=cfg.model.tiny_warmup_steps
-    )
+    model_path = resolve_model(cfg.model)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
     import ray
 

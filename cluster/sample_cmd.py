@@ -122,16 +122,14 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
 
     from actors.sampler import TreeSampler
     from common.data import encode_rows, load_rows, resolve_data_path
-    from common.models import eos_token_ids, load_tokenizer, resolve_model_path
+    from common.models import eos_token_ids, load_tokenizer, resolve_model
     from common.rewards import resolve_reward
     from common.sampling_metrics import SamplingStats
     from common.tasks import extract_last_boxed
     from common.tree import encode_tree
 
     cfg = _load_cfg(args)
-    model_dir = resolve_model_path(
-        cfg.model.path, tiny_size=cfg.model.tiny_size, tiny_warmup_steps=cfg.model.tiny_warmup_steps
-    )
+    model_dir = resolve_model(cfg.model)
     tok = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     eos = eos_token_ids(model_dir)
     data_path, task = resolve_data_path(args.data or cfg.data.eval, "eval", cfg.data)

@@ -20,6 +20,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="Supervised warm-start steps on the task (0 = random init).",
     )
+    p.add_argument(
+        "--unboxed-share",
+        type=float,
+        default=0.0,
+        help="Share of warm-start solutions ending in a bare number instead of \\boxed{}, in [0, 1) "
+        "(the demo model uses 0.5).",
+    )
     p.add_argument("--seed", type=int, default=0, help="Seed of the initialisation and the warm-start data.")
 
 
@@ -32,7 +39,14 @@ def run(args: argparse.Namespace) -> int:
     task = None if args.task == "none" else args.task
     if task is None and args.warmup_steps:
         raise ConfigError("--warmup-steps needs a task: pass --task arith")
-    out = make_tiny_model(args.out, task=task, size=args.size, warmup_steps=args.warmup_steps, seed=args.seed)
+    out = make_tiny_model(
+        args.out,
+        task=task,
+        size=args.size,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+        unboxed_share=args.unboxed_share,
+    )
     info = out / "treepo_tiny.json"
     print(f"tiny model written to {out}")
     if info.exists():

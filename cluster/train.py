@@ -154,7 +154,7 @@ def train(cfg: TrainConfig, backend=None) -> int:
     from actors.sampler import TreeSampler
     from actors.scoring import score_trees
     from common.data import load_prompts, resolve_data_path
-    from common.models import eos_token_ids, load_tokenizer, resolve_model_path
+    from common.models import eos_token_ids, load_tokenizer, resolve_model
     from common.rewards import resolve_reward
     from common.sampling_metrics import SamplingStats
     from learner.advantages import dynamic_sampling_keep, tree_advantages
@@ -166,9 +166,7 @@ def train(cfg: TrainConfig, backend=None) -> int:
     save_resolved(cfg, run_dir)
     torch.manual_seed(cfg.seed)
 
-    model_path = resolve_model_path(
-        cfg.model.path, tiny_size=cfg.model.tiny_size, tiny_warmup_steps=cfg.model.tiny_warmup_steps
-    )
+    model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     eos = eos_token_ids(model_path)
     eos_set = frozenset(eos)
@@ -221,9 +219,7 @@ def train(cfg: TrainConfig, backend=None) -> int:
             backend, eval_prompts, eval_reward, tree_cfg=cfg.tree, sampling_cfg=cfg.sampling, eos_ids=eos,
             decode=decode, k=cfg.eval.k, sampling="flat", max_in_flight=cfg.generators.trees_in_flight,
         )  # fmt: skip
-        s = res.summary()
-        out = {f"eval/{k}": v for k, v in s.items() if "@" in k}
-        out["eval/accuracy"] = s[f"mean@{cfg.eval.k}"]
+        out = res.train_metrics()
         print(f"[eval] step {step}: " + "  ".join(f"{k}={v:.3f}" for k, v in out.items()), flush=True)
         return out
 

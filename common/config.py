@@ -54,6 +54,12 @@ class ModelConfig:
     trust_remote_code: bool = doc(False, "Allow model code from the model directory (hub models only).")
     tiny_size: str = doc("s", "Size of a 'tiny:' model: xs | s | m (see `treepo make-tiny-model --help`).")
     tiny_warmup_steps: int = doc(500, "Supervised warm-start steps for a 'tiny:' model (0 = random init).")
+    tiny_unboxed_share: float = doc(
+        0.5,
+        "Share of a 'tiny:' model's warm-start solutions that end in the bare answer ('The answer is 21') "
+        "instead of \\boxed{21}, which the reward requires (0 <= x < 1). The model then uses both forms, as "
+        "base models do; RL learns the boxed one from the reward, a gain that carries over to held-out problems.",
+    )
 
 
 @dataclass
@@ -369,6 +375,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 # key -> (lowest allowed value, inclusive)
 _MINIMUMS: dict[str, float] = {
+    "model.tiny_warmup_steps": 0,
     "tree.w": 1,
     "tree.d": 1,
     "tree.l": 1,
@@ -460,6 +467,11 @@ def validate(cfg: TrainConfig) -> None:
         )
     if not 0.0 < cfg.sampling.top_p <= 1.0:
         raise ConfigError(f"sampling.top_p={cfg.sampling.top_p} is outside (0, 1]: set it in (0, 1]")
+    if not 0.0 <= cfg.model.tiny_unboxed_share < 1.0:
+        raise ConfigError(
+            f"model.tiny_unboxed_share={cfg.model.tiny_unboxed_share} is outside [0, 1): set it in [0, 1) "
+            "(0 = every warm-start solution ends in \\boxed{})"
+        )
     bs = cfg.generators.block_size
     if cfg.generators.backend == "vllm" and t.align_segments_to_blocks and t.mode == "tree" and t.l % bs:
         raise ConfigError(

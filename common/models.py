@@ -21,15 +21,22 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
 
 
-def resolve_model_path(path_or_id: str, *, tiny_size: str = "s", tiny_warmup_steps: int = 500) -> str:
-    """A loadable model location: the cached tiny build, the local directory, or the hub id unchanged."""
+def resolve_model_path(
+    path_or_id: str, *, tiny_size: str = "s", tiny_warmup_steps: int = 500, tiny_unboxed_share: float = 0.5
+) -> str:
+    """A loadable model location: the cached tiny build, the local directory, or the hub id unchanged.
+    The defaults of the ``tiny_*`` options are ``ModelConfig``'s."""
     if not path_or_id:
         raise ModelError("empty model path: set model.path to a local directory, a hub id or 'tiny:arith'")
     if path_or_id.startswith("tiny:"):
         # Imported here: it pulls in torch and transformers, needed only when a tiny model is asked for.
         from common.tiny import resolve_tiny
 
-        return str(resolve_tiny(path_or_id, size=tiny_size, warmup_steps=tiny_warmup_steps))
+        return str(
+            resolve_tiny(
+                path_or_id, size=tiny_size, warmup_steps=tiny_warmup_steps, unboxed_share=tiny_unboxed_share
+            )
+        )
     if _looks_local(path_or_id):
         d = Path(path_or_id).expanduser()
         if not d.is_dir():
@@ -41,6 +48,20 @@ def resolve_model_path(path_or_id: str, *, tiny_size: str = "s", tiny_warmup_ste
             )
         return str(d)
     return path_or_id
+
+
+def tiny_options(model_cfg) -> dict:
+    """``resolve_model_path``'s tiny-model options from a ``common.config.ModelConfig``."""
+    return dict(
+        tiny_size=model_cfg.tiny_size,
+        tiny_warmup_steps=model_cfg.tiny_warmup_steps,
+        tiny_unboxed_share=model_cfg.tiny_unboxed_share,
+    )
+
+
+def resolve_model(model_cfg) -> str:
+    """``resolve_model_path`` for a ``common.config.ModelConfig``."""
+    return resolve_model_path(model_cfg.path, **tiny_options(model_cfg))
 
 
 def _hub_error(name: str, exc: Exception) -> ModelError:

@@ -72,8 +72,13 @@ class ArithTask:
             expr += f"{op}{x}"
             acc = new
         prompt = f"Compute {expr}.\n"
-        solution = "".join(lines) + ANSWER_PREFIX + "\\boxed{" + str(acc) + "}"
+        solution = "".join(lines) + self.answer_line(str(acc))
         return prompt, str(acc), solution
+
+    @staticmethod
+    def answer_line(answer: str, boxed: bool = True) -> str:
+        """A solution's last line; ``boxed=False`` gives the bare number, which the reward scores as wrong."""
+        return ANSWER_PREFIX + ("\\boxed{" + answer + "}" if boxed else answer)
 
     def _number(self, rng: random.Random) -> int:
         digits = rng.randint(self.min_digits, self.max_digits)

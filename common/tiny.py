@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -190,9 +191,29 @@ def _collate(
     return input_ids, attn, labels
 
 
-def warm_start(model, tokenizer, task: str, steps: int, seed: int, progress: bool = True) -> float:
-    """Supervised warm-start on the task's train split; returns the last step's loss."""
-    rows = tasks.generate(task, min(WARMUP_TRAIN_ROWS, steps * WARMUP_BATCH), seed=seed, split="train")
+def warm_start_rows(task: str, n: int, seed: int, unboxed_share: float = 0.0) -> list[dict]:
+    """The warm-start data: ``n`` train problems, an ``unboxed_share`` of them (drawn with the seed)
+    ending in the bare answer ("The answer is 21") instead of the boxed one the reward requires."""
+    rows = tasks.generate(task, n, seed=seed, split="train")
+    if unboxed_share > 0:
+        t = tasks.get_task(task)
+        pick = random.Random(f"unboxed:{seed}")  # its own stream: unboxed_share=0 keeps the v3 data
+        out = []
+        for r in rows:
+            if pick.random() < unboxed_share:
+                boxed = t.answer_line(r["answer"])
+                r = {**r, "solution": r["solution"][: -len(boxed)] + t.answer_line(r["answer"], boxed=False)}
+            out.append(r)
+        rows = out
+    return rows
+
+
+def warm_start(
+    model, tokenizer, task: str, steps: int, seed: int, progress: bool = True, unboxed_share: float = 0.0
+) -> float:
+    """Supervised warm-start on the task's train split (see :func:`warm_start_rows`); returns the last
+    step's loss."""
+    rows = warm_start_rows(task, min(WARMUP_TRAIN_ROWS, steps * WARMUP_BATCH), seed, unboxed_share)
     data = _encode_rows(tokenizer, rows)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=WARMUP_LR, weight_decay=0.0, betas=(0.9, 0.98))
@@ -230,11 +251,11 @@ def warm_start(model, tokenizer, task: str, steps: int, seed: int, progress: boo
 
 
 @torch.no_grad()
-def pass_rate(model, tokenizer, task: str, rows: list[dict], temperature: float, seed: int = 0) -> float:
-    """Share of ``rows`` answered correctly by sampling (temperature > 0) or greedy decoding (0)."""
+def sample_responses(model, tokenizer, rows: list[dict], temperature: float, seed: int = 0) -> list[str]:
+    """One response per row by sampling (temperature > 0) or greedy decoding (0)."""
     model.eval()
     torch.manual_seed(seed)
-    correct = 0
+    texts: list[str] = []
     for start in range(0, len(rows), 50):
         chunk = rows[start : start + 50]
         enc = tokenizer(
@@ -252,10 +273,37 @@ def pass_rate(model, tokenizer, task: str, rows: list[dict], temperature: float,
             pad_token_id=tokenizer.pad_token_id,
             **kwargs,
         )
-        for r, ids in zip(chunk, out[:, enc["input_ids"].shape[1] :].tolist()):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            correct += tasks.check_answer(task, text, r["answer"])
-    return correct / max(1, len(rows))
+        texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return texts
+
+
+_BARE_ANSWER = re.compile(re.escape(tasks.ANSWER_PREFIX) + r"([0-9]+)\s*$")
+
+
+def answer_report(task: str, rows: list[dict], texts: list[str]) -> dict[str, float]:
+    """``accuracy`` (the reward's view: a correct ``\\boxed{}`` answer), ``boxed_share`` (responses
+    with a box) and ``solved`` (the right final number, boxed or bare: accuracy were every answer boxed)."""
+    right = [tasks.check_answer(task, t, r["answer"]) for r, t in zip(rows, texts)]
+    boxed = ["\\boxed{" in t for t in texts]
+    bare = [_BARE_ANSWER.search(t) for t in texts]
+    solved = [ok or (m is not None and m.group(1) == r["answer"]) for ok, m, r in zip(right, bare, rows)]
+    n = max(1, len(rows))
+    return {
+        "accuracy": round(sum(right) / n, 3),
+        "boxed_share": round(sum(boxed) / n, 3),
+        "solved": round(sum(solved) / n, 3),
+    }
+
+
+def _check_unboxed_share(unboxed_share: float, warmup_steps: int) -> float:
+    """``unboxed_share`` checked; 0 without a warm-start (a random model has no solutions to mix)."""
+    if not 0.0 <= unboxed_share < 1.0:
+        raise ModelError(
+            f"unboxed_share={unboxed_share} is outside [0, 1): some warm-start solutions must show the boxed format"
+        )
+    if abs(round(unboxed_share * 100) - unboxed_share * 100) > 1e-6:
+        raise ModelError(f"unboxed_share={unboxed_share} has more than two decimals: round it (e.g. 0.5)")
+    return unboxed_share if warmup_steps else 0.0
 
 
 def _write_build_info(path: Path, info: dict) -> None:
@@ -269,10 +317,12 @@ def make_tiny_model(
     warmup_steps: int = 0,
     seed: int = 0,
     progress: bool = True,
+    unboxed_share: float = 0.0,
 ) -> Path:
     """Build (and optionally warm-start) a tiny Qwen2 model with its tokenizer into ``out_dir``.
 
-    ``task=None`` gives a byte-level tokenizer and no warm-start. ``out_dir`` must not exist yet; it
+    ``task=None`` gives a byte-level tokenizer and no warm-start. ``unboxed_share`` of the warm-start
+    solutions end in the bare answer (:func:`warm_start_rows`). ``out_dir`` must not exist yet; it
     appears complete or not at all. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
@@ -282,6 +332,7 @@ def make_tiny_model(
         raise ModelError(
             "warmup_steps > 0 needs a task to warm-start on: pass task='arith' or warmup_steps=0"
         )
+    unboxed_share = _check_unboxed_share(unboxed_share, warmup_steps)
     if task is not None:
         tasks.get_task(task)
     t0 = time.perf_counter()
@@ -294,19 +345,24 @@ def make_tiny_model(
         "task": task,
         "size": size,
         "warmup_steps": warmup_steps,
+        "unboxed_share": unboxed_share,
         "seed": seed,
         "params": sum(p.numel() for p in model.parameters()),
         "vocab_size": config.vocab_size,
     }
     if warmup_steps:
         t1 = time.perf_counter()
-        info["warmup_final_loss"] = round(warm_start(model, tokenizer, task, warmup_steps, seed, progress), 4)
+        loss = warm_start(model, tokenizer, task, warmup_steps, seed, progress, unboxed_share)
+        info["warmup_final_loss"] = round(loss, 4)
         info["warmup_seconds"] = round(time.perf_counter() - t1, 1)
         t1 = time.perf_counter()
         held_out = tasks.generate(task, PASS_RATE_PROBLEMS, seed=seed, split="eval")
         info["eval_problems"] = len(held_out)
-        info["pass_rate_greedy"] = pass_rate(model, tokenizer, task, held_out, temperature=0.0, seed=seed)
-        info["pass_rate_t1"] = pass_rate(model, tokenizer, task, held_out, temperature=1.0, seed=seed)
+        for key, temperature in (("greedy", 0.0), ("t1", 1.0)):
+            texts = sample_responses(model, tokenizer, held_out, temperature, seed)
+            report = answer_report(task, held_out, texts)
+            info[f"pass_rate_{key}"] = report.pop("accuracy")
+            info.update({f"{k}_{key}": v for k, v in report.items()})
         info["eval_seconds"] = round(time.perf_counter() - t1, 1)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id,
@@ -345,6 +401,7 @@ def resolve_tiny(
     cache_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    unboxed_share: float = 0.5,
 ) -> Path:
     """The cached directory of ``spec`` ('tiny:<task>'), built on first use (once, even concurrently)."""
     task = parse_tiny_spec(spec)
@@ -352,13 +409,18 @@ def resolve_tiny(
         raise ModelError(f"unknown tiny model size {size!r}: use one of {', '.join(SIZES)}")
     if task == "bytes" and warmup_steps:
         raise ModelError("tiny:bytes has no task to warm-start on: set the warm-up steps to 0")
+    unboxed_share = _check_unboxed_share(unboxed_share, warmup_steps)
     root = tasks.treepo_cache_dir(cache_dir) / "models"
-    out = root / f"tiny-{task}-{size}-w{warmup_steps}-seed{seed}-v{TINY_VERSION}"
+    # the unboxed share is in the name only when used, so unboxed_share=0 builds keep their cache entries
+    unboxed = f"-unboxed{round(unboxed_share * 100)}" if unboxed_share else ""
+    out = root / f"tiny-{task}-{size}-w{warmup_steps}{unboxed}-seed{seed}-v{TINY_VERSION}"
     if (out / "config.json").exists():
         return out
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second resolver waits here, then finds the finished build
         if not (out / "config.json").exists():
-            make_tiny_model(out, None if task == "bytes" else task, size, warmup_steps, seed, progress)
+            make_tiny_model(
+                out, None if task == "bytes" else task, size, warmup_steps, seed, progress, unboxed_share
+            )
     return out

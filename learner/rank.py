@@ -45,7 +45,7 @@ from learner.loss import LossParams, entropy_from_logits, policy_loss, reduce_me
 
 def _load_model(model_cfg, device: torch.device):
     try:
-        from common.models import load_model
+        from common.models import load_model, tiny_options
     except ImportError:  # pragma: no cover - common.models is part of the package
         load_model = None
     if load_model is not None:
@@ -54,8 +54,7 @@ def _load_model(model_cfg, device: torch.device):
             model_cfg.dtype,
             str(device),
             trust_remote_code=model_cfg.trust_remote_code,
-            tiny_size=model_cfg.tiny_size,
-            tiny_warmup_steps=model_cfg.tiny_warmup_steps,
+            **tiny_options(model_cfg),
         )
     from transformers import AutoModelForCausalLM  # pragma: no cover
 

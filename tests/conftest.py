@@ -1,8 +1,8 @@
 """Session-wide test setup: quiet, 2-thread CPU defaults and shared tiny-model fixtures.
 
 ``tiny_model_dir``: size "xs", random init, built once per session in a temp dir (well under a second).
-``warm_model_dir``: size "s" warm-started on arith with the default recipe, cached under $TREEPO_CACHE
-(or ~/.cache/treepo) so only the first session pays the ~2 minute build.
+``warm_model_dir``: the demo's model (``ModelConfig``'s defaults: size "s" warm-started on arith),
+cached under $TREEPO_CACHE (or ~/.cache/treepo) so only the first session pays the ~6 minute build.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-WARM_SIZE = "s"
-WARM_STEPS = 500
 ARITH_SEED = 1234
 
 
@@ -38,10 +36,13 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def warm_model_dir():
-    """The default tiny:arith model ("s", warm-started), built once and cached across sessions."""
-    from common.tiny import resolve_tiny
+    """The demo's tiny:arith model (the config defaults), built once and cached across sessions."""
+    from pathlib import Path
 
-    return resolve_tiny("tiny:arith", size=WARM_SIZE, warmup_steps=WARM_STEPS, progress=False)
+    from common.config import ModelConfig
+    from common.models import resolve_model
+
+    return Path(resolve_model(ModelConfig()))
 
 
 @pytest.fixture(scope="session")

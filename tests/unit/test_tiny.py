@@ -10,8 +10,15 @@ import torch
 from common import tiny
 from common.errors import ModelError
 from common.models import eos_token_ids, load_model, load_tokenizer, resolve_model_path
-from common.tasks import generate
-from common.tiny import SIZES, build_tokenizer, make_tiny_model, pass_rate, resolve_tiny
+from common.tasks import check_answer, generate
+from common.tiny import (
+    SIZES,
+    answer_report,
+    build_tokenizer,
+    make_tiny_model,
+    resolve_tiny,
+    sample_responses,
+)
 
 
 def test_char_tokenizer_round_trips_task_text_and_has_eos():
@@ -173,14 +180,55 @@ def test_eos_token_ids(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_warm_start_reaches_target_pass_rate(warm_model_dir):
-    """The default tiny:arith model solves some but not most held-out problems at T=1 (room for RL)."""
+def test_warm_start_leaves_room_for_rl(warm_model_dir):
+    """The demo model at T=1 solves a minority of held-out problems and boxes only part of its
+    answers: the reward (boxed answers only) has room to rise by format and by arithmetic."""
     info = json.loads((warm_model_dir / "treepo_tiny.json").read_text())
+    assert info["unboxed_share"] == 0.5 and info["warmup_steps"] == 500
     model, tok = load_model(str(warm_model_dir)), load_tokenizer(str(warm_model_dir))
-    held_out = generate("arith", 100, seed=99, split="eval")  # other problems than the build measured
-    greedy = pass_rate(model, tok, "arith", held_out, temperature=0.0)
-    sampled = pass_rate(model, tok, "arith", held_out, temperature=1.0, seed=1)
-    print(f"build: {info}; re-measured greedy={greedy:.2f} T=1={sampled:.2f}")
-    assert 0.10 <= sampled <= 0.40
-    assert 0.10 <= info["pass_rate_t1"] <= 0.40
-    assert greedy >= 0.10
+    held_out = generate("arith", 200, seed=99, split="eval")  # other problems than the build measured
+    report = answer_report("arith", held_out, sample_responses(model, tok, held_out, 1.0, seed=1))
+    print(f"build: {info}; re-measured at T=1: {report}")
+    assert 0.03 <= report["accuracy"] <= 0.30
+    assert 0.25 <= report["boxed_share"] <= 0.85
+    assert report["solved"] >= report["accuracy"] + 0.03  # right but unboxed answers exist
+    assert 0.03 <= info["pass_rate_t1"] <= 0.30 and info["pass_rate_greedy"] >= 0.05
+
+
+def test_warm_start_rows_mix_unboxed_answers():
+    plain = tiny.warm_start_rows("arith", 400, seed=3)
+    assert plain == generate("arith", 400, seed=3, split="train")  # share 0: the boxed-only data
+    mixed = tiny.warm_start_rows("arith", 400, seed=3, unboxed_share=0.5)
+    assert mixed == tiny.warm_start_rows("arith", 400, seed=3, unboxed_share=0.5)  # seeded
+    bare = [m for m, p in zip(mixed, plain) if m["solution"] != p["solution"]]
+    assert 0.4 <= len(bare) / len(mixed) <= 0.6
+    for m in bare:
+        p = next(p for p in plain if p["id"] == m["id"])
+        assert m["solution"] == p["solution"].replace(f"\\boxed{{{m['answer']}}}", m["answer"])
+        assert not check_answer("arith", m["solution"], m["answer"])  # the reward calls it wrong
+    assert [m["prompt"] for m in mixed] == [p["prompt"] for p in plain]
+
+
+def test_answer_report():
+    rows = [{"answer": "3"}, {"answer": "4"}, {"answer": "5"}, {"answer": "6"}]
+    texts = [
+        "1+2=3\nThe answer is \\boxed{3}",
+        "1+2=3\nThe answer is \\boxed{3}",
+        "2+3=5\nThe answer is 5",
+        "The answer is 7",
+    ]
+    assert answer_report("arith", rows, texts) == {"accuracy": 0.25, "boxed_share": 0.5, "solved": 0.5}
+
+
+def test_unboxed_share_is_checked_and_named_in_the_cache(tmp_path, monkeypatch):
+    names = []
+    monkeypatch.setattr(tiny, "make_tiny_model", lambda out, *a, **k: names.append(out.name) or out.mkdir())
+    resolve_tiny("tiny:arith", size="xs", warmup_steps=3, unboxed_share=0.25, cache_dir=tmp_path)
+    resolve_tiny("tiny:arith", size="xs", warmup_steps=3, unboxed_share=0.0, cache_dir=tmp_path)
+    resolve_tiny("tiny:arith", size="xs", warmup_steps=0, unboxed_share=0.25, cache_dir=tmp_path)
+    assert names[0].startswith("tiny-arith-xs-w3-unboxed25-seed0")
+    assert names[1].startswith("tiny-arith-xs-w3-seed0")  # share 0 keeps the earlier cache name
+    assert names[2].startswith("tiny-arith-xs-w0-seed0")  # no warm-start: nothing to mix
+    for bad in (1.0, -0.1, 0.123):
+        with pytest.raises(ModelError, match="unboxed_share"):
+            resolve_tiny("tiny:arith", size="xs", warmup_steps=3, unboxed_share=bad, cache_dir=tmp_path)
