@@ -57,6 +57,21 @@ def free_port_range(n: int = WORKER_PORTS) -> tuple[int, int]:
     raise RuntimeError(f"no block of {n} free ports found for Ray workers")
 
 
+def port_flags() -> list[str]:
+    """``ray start`` flags that put every port a node binds (besides the head's own) on a free one."""
+    lo, hi = free_port_range()
+    return [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--min-worker-port={lo}",
+        f"--max-worker-port={hi}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]
+
+
 def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for ``ray`` commands and clients of these nodes: this venv first on PATH (the
     job entrypoint's ``python`` and every worker resolve to it), no inherited cluster address, the
@@ -98,7 +113,6 @@ class RayNode:
         num_cpus, resources, head_address, object_store_mb = self._args
         # short: Ray puts unix sockets under <temp dir>/session_*/sockets/
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-        lo, hi = free_port_range()
         cmd = [
             RAY_BIN,
             "start",
@@ -109,14 +123,7 @@ class RayNode:
             f"--resources={json.dumps(resources)}",
             f"--temp-dir={self.temp_dir}",
             f"--object-store-memory={object_store_mb * 1024 * 1024}",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--min-worker-port={lo}",
-            f"--max-worker-port={hi}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            *port_flags(),
         ]
         if self.head:
             self.gcs_port, self.dashboard_port = free_port(), free_port()
@@ -193,3 +200,28 @@ class RayNode:
                 os.kill(pid, signal.SIGKILL)
         self._log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def small_pipeline_overrides(run_dir, model_dir, *extra: str) -> list[str]:
+    """``key=value`` overrides of the small pipeline the Ray tests run (1 generator, 1 learner rank,
+    2 prompts of 4 leaves per step, random-init tiny model)."""
+    return [
+        f"run_dir={run_dir}",
+        f"model.path={model_dir}",
+        "driver=ray",
+        "data.epochs=1",
+        "generators.kv_cache_gib=0.25",
+        "generators.trees_in_flight=4",
+        "tree.w=4",
+        "tree.d=2",
+        "tree.max_response_tokens=64",
+        "learner.prompts_per_step=2",
+        "learner.mini_batch_prompts=2",
+        "algo.dynamic_sampling=false",
+        "algo.max_staleness=1",
+        "eval.every_steps=0",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "reward.workers=1",
+        *extra,
+    ]

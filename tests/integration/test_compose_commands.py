@@ -21,12 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from ray_nodes import RAY_BIN, free_port, port_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_compose import flag, load_compose, redis_port, train_argv  # noqa: E402
@@ -51,32 +50,9 @@ NO_RETRY = Retry(NoBackoff(), 0)  # a refused AUTH fails at once instead of afte
 # Fresh secrets in the charset the redis command accepts; the sessions' environment is not used.
 ENV = {"TREEPO_REDIS_PASSWORD": secrets.token_hex(24), "TREEPO_RAY_AUTH_TOKEN": secrets.token_hex(32)}
 VENV_BIN = str(Path(sys.executable).parent)
-RAY_BIN = str(Path(VENV_BIN) / "ray")
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_block(n: int = 100) -> tuple[int, int]:
-    """``n`` consecutive free ports below the ephemeral range (Ray's worker processes bind these)."""
-    rng = random.Random(os.getpid() ^ time.time_ns())
-    for _ in range(100):
-        lo = rng.randrange(20000, 32000 - n)
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(lo, lo + n):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("", port))
-            except OSError:
-                continue
-        return lo, lo + n - 1
-    raise RuntimeError(f"no block of {n} free ports")
 
 
 def substitute(value, mapping: dict[str, str]):
@@ -271,20 +247,7 @@ def ray_node(service: dict, subs: dict[str, str], root: Path, name: str, head: b
     cmd = substitute(service["command"], subs)
     assert cmd[:2] == ["ray", "start"]
     temp_dir = tempfile.mkdtemp(prefix="rcz", dir="/tmp")  # short: Ray's unix sockets live below it
-    lo, hi = free_port_block()
-    extra = [
-        f"--temp-dir={temp_dir}",
-        "--node-ip-address=127.0.0.1",
-        "--disable-usage-stats",
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        f"--min-worker-port={lo}",
-        f"--max-worker-port={hi}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-    ]
+    extra = [f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *port_flags()]
     if head:
         extra.append(f"--ray-client-server-port={free_port()}")
     env = host_env(service, mounts(service, root))

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from ray_nodes import small_pipeline_overrides
 
 from actors.generator import admission_budget
 from common.config import load_config
@@ -96,30 +97,7 @@ def ray_local():
 
 
 def _cfg(run_dir, model_dir, *extra):
-    return load_config(
-        None,
-        [
-            f"run_dir={run_dir}",
-            f"model.path={model_dir}",
-            "driver=ray",
-            "data.epochs=1",
-            "generators.kv_cache_gib=0.25",
-            "generators.trees_in_flight=4",
-            "tree.w=4",
-            "tree.d=2",
-            "tree.max_response_tokens=64",
-            "learner.prompts_per_step=2",
-            "learner.mini_batch_prompts=2",
-            "algo.dynamic_sampling=false",
-            "algo.max_staleness=1",
-            "eval.every_steps=0",
-            "log.progress=false",
-            "log.tensorboard=false",
-            "checkpoint.every_steps=1",
-            "reward.workers=1",
-            *extra,
-        ],
-    )
+    return load_config(None, small_pipeline_overrides(run_dir, model_dir, "checkpoint.every_steps=1", *extra))
 
 
 def _queue_cfg(redis_server, monkeypatch):
@@ -133,6 +111,21 @@ def _trained(run_dir):
 
 def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _finished_with_every_prompt_once(th, result: dict, run, after: str) -> list[dict]:
+    """Wait for a 4-step run started by :func:`_run_until_first_step`; check that it succeeded and
+    trained each of its 8 prompts exactly once; return its metrics."""
+    th.join(timeout=300)
+    assert not th.is_alive(), f"the pipeline did not finish after {after}"
+    if "error" in result:
+        raise result["error"]
+    assert result["rc"] == 0
+    rows = _trained(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    prompts = [t.split("@")[0] for r in rows for t in r["trees"]]
+    assert len(prompts) == len(set(prompts)) == 8, "a prompt was lost or trained twice"
+    return _metrics(run)
 
 
 def _run_until_first_step(run_pipeline, cfg, run_dir, timeout_s: float = 240.0):
@@ -255,16 +248,7 @@ def test_generator_killed_mid_run_restarts_and_no_prompt_repeats(
     th, result = _run_until_first_step(run_pipeline, cfg, run)
     gen = ray.get_actor(generator_name(run_name_for(run), 0))
     ray.kill(gen, no_restart=False)
-    th.join(timeout=300)
-    assert not th.is_alive(), "the pipeline did not finish after a generator restart"
-    if "error" in result:
-        raise result["error"]
-    assert result["rc"] == 0
-    rows = _trained(run)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    prompts = [t.split("@")[0] for r in rows for t in r["trees"]]
-    assert len(prompts) == len(set(prompts)) == 8, "a prompt was trained twice"
-    m = _metrics(run)
+    m = _finished_with_every_prompt_once(th, result, run, "a generator restart")
     assert m[-1]["pipeline/generator_restarts"] >= 1
     assert all(x["staleness/max"] <= 1 for x in m)  # algo.max_staleness=1
 
@@ -361,16 +345,7 @@ def test_redis_restart_mid_run_and_a_malformed_entry(tmp_path, tiny_model_dir, r
         client.close()
         th, result = _run_until_first_step(run_pipeline, cfg, run)
         server.restart()
-        th.join(timeout=300)
-        assert not th.is_alive(), "the pipeline did not finish after the Redis restart"
-        if "error" in result:
-            raise result["error"]
-        assert result["rc"] == 0
-        rows = _trained(run)
-        assert [r["step"] for r in rows] == [1, 2, 3, 4]
-        prompts = [t.split("@")[0] for r in rows for t in r["trees"]]
-        assert len(prompts) == len(set(prompts)) == 8, "a prompt was lost or trained twice"
-        m = _metrics(run)
+        m = _finished_with_every_prompt_once(th, result, run, "the Redis restart")
         assert m[-1]["queue/dead_count"] == 1
     finally:
         server.stop()

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from ray_nodes import AUTH_TOKEN, RAY_BIN, RayNode, node_env
+from ray_nodes import AUTH_TOKEN, RAY_BIN, RayNode, node_env, small_pipeline_overrides
 
 pytest.importorskip("ray")
 pytest.importorskip("vllm")
@@ -47,29 +47,6 @@ PASSED_ENV = (
     "TOKENIZERS_PARALLELISM",
 )
 JOB_TIMEOUT_S = 240
-
-
-def _overrides(run_dir: Path, model_dir: Path, *extra: str) -> list[str]:
-    """The small pipeline of tests/integration/test_pipeline.py, as command-line overrides."""
-    return [
-        f"run_dir={run_dir}",
-        f"model.path={model_dir}",
-        "driver=ray",
-        "generators.kv_cache_gib=0.25",
-        "generators.trees_in_flight=4",
-        "tree.w=4",
-        "tree.d=2",
-        "tree.max_response_tokens=64",
-        "learner.prompts_per_step=2",
-        "learner.mini_batch_prompts=2",
-        "algo.dynamic_sampling=false",
-        "algo.max_staleness=1",
-        "eval.every_steps=0",
-        "log.progress=false",
-        "log.tensorboard=false",
-        "reward.workers=1",
-        *extra,
-    ]
 
 
 # ------------------------------------------------------------------ cluster access
@@ -176,7 +153,9 @@ def test_job_stopped_after_a_checkpoint_resumes_with_every_tree_trained_once(
     # here): it goes through the REST call `ray job stop` makes, since the CLI's own start-up
     # (seconds) would race the steps
     total, every = 12, 4
-    args = _overrides(run, tiny_model_dir, f"learner.total_steps={total}", f"checkpoint.every_steps={every}")
+    args = small_pipeline_overrides(
+        run, tiny_model_dir, f"learner.total_steps={total}", f"checkpoint.every_steps={every}"
+    )
     sid = _submit(ray_head, args)
 
     def trained_past_checkpoint() -> bool:
@@ -237,7 +216,7 @@ def test_generators_on_a_second_node_receive_the_learners_weights(
         head_node = next(i for i, n in alive.items() if n["is_head_node"])
         run = tmp_path / "multi"
         total = 2
-        args = _overrides(
+        args = small_pipeline_overrides(
             run,
             tiny_model_dir,
             f"learner.total_steps={total}",

@@ -77,11 +77,17 @@ def test_receive_in_background_then_take_bit_exact(sender):
     sync.close()
 
 
-def test_newer_update_replaces_older_unapplied_one(sender):
+def receiving(sender: WeightSender) -> WorkerSync:
+    """A WorkerSync joined to ``sender``'s group as rank 1, with a receive running."""
     sync = WorkerSync()
     sync.join(sender.info.to_dict(), 1, timeout_s=20)
     sync.start()
     connect(sender)
+    return sync
+
+
+def test_newer_update_replaces_older_unapplied_one(sender):
+    sync = receiving(sender)
     sender.send(tensors(1).items(), version=3)
     assert sync.wait(20) == 3
     sync.start()
@@ -120,10 +126,7 @@ def test_sender_that_never_sends_times_out_naming_the_setting():
 
 
 def test_join_supersedes_a_running_receive_and_the_rebuilt_group_works(sender):
-    sync = WorkerSync()
-    sync.join(sender.info.to_dict(), 1, timeout_s=20)
-    sync.start()
-    connect(sender)
+    sync = receiving(sender)
     old_thread = sync._thread
     info = sender.rebuild()  # membership changed: new port, generation + 1
     sync.join(info.to_dict(), 1, timeout_s=20)
