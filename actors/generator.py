@@ -1,5 +1,5 @@
 """The generator: one engine growing segment trees for prompts claimed from Redis, pushing finished,
-scored trees into the replay queue. A plain class; ``cluster/topology.py`` makes it a Ray actor.
+scored trees into the replay queue. A plain class; ``cluster/pipeline/topology.py`` makes it a Ray actor.
 
 The loop (:meth:`Generator.step_once`, repeated by :meth:`Generator.run`):
 

@@ -15,24 +15,33 @@ from common.errors import TreepoError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("cluster.train_cmd", "Run RL training (no arguments: the CPU demo on the embedded defaults)."),
-    "sample": ("cluster.sample_cmd", "Inference-only tree sampling over a dataset with an existing model."),
-    "eval": ("cluster.eval_cmd", "Score a model or checkpoint on benchmark files (mean@k, pass@k, maj@k)."),
+    "train": (
+        "cluster.commands.train",
+        "Run RL training (no arguments: the CPU demo on the embedded defaults).",
+    ),
+    "sample": (
+        "cluster.commands.sample",
+        "Inference-only tree sampling over a dataset with an existing model.",
+    ),
+    "eval": (
+        "cluster.commands.eval",
+        "Score a model or checkpoint on benchmark files (mean@k, pass@k, maj@k).",
+    ),
     "bench": (
-        "cluster.bench_cmd",
+        "cluster.commands.bench",
         "Benchmarks (JSON and a table, ratios against a baseline in the same run): sampling, learner, sync, queue, eval.",
     ),
     "make-tiny-model": (
-        "cluster.tiny_cmd",
+        "cluster.commands.tiny",
         "Build a tiny Qwen2 model and tokenizer offline, optionally warm-started on a task.",
     ),
-    "make-data": ("cluster.data_cmd", "Write a synthetic task's train and held-out splits as jsonl."),
+    "make-data": ("cluster.commands.data", "Write a synthetic task's train and held-out splits as jsonl."),
     "convert-bench": (
-        "cluster.convert_cmd",
+        "cluster.commands.convert",
         "Convert public benchmark files (MATH500, AIME, AMC, Minerva, OlympiadBench; jsonl/parquet) to eval rows.",
     ),
     "queue": (
-        "cluster.queue_cmd",
+        "cluster.commands.queue",
         "Inspect the replay queue: both streams, pending entries, dead letters, prompt cursor.",
     ),
 }

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.errors import ModelError
+from common.errors import CheckpointError, ModelError
+
+LATEST = "latest"  # the pointer file naming a checkpoint root's newest complete checkpoint
 
 
 def _looks_local(name: str) -> bool:
@@ -133,3 +135,22 @@ def eos_token_ids(path: str, **resolve_kw) -> list[int]:
             f"model {resolved!r} defines no EOS token in generation_config.json or its tokenizer"
         )
     return [int(i) for i in ids]
+
+
+def resolve_eval_model(spec: str) -> str:
+    """A checkpoint root or run directory → the checkpoint its ``latest`` pointer names; else unchanged."""
+    d = Path(spec).expanduser()
+    if not d.is_dir() or (d / "config.json").is_file():
+        return spec
+    for root in (d, d / "checkpoints"):
+        pointer = root / LATEST
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            target = root / name
+            if not name or not (target / "config.json").is_file():
+                raise CheckpointError(
+                    f"{pointer} names {name!r}, which is not a model directory under {root}: pass a "
+                    "ckpt-<step> directory explicitly"
+                )
+            return str(target)
+    return spec

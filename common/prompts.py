@@ -110,6 +110,28 @@ def _inverse(n: int, seed: int, epoch: int) -> np.ndarray:
     return inv
 
 
+class EpochCursor:
+    """The same visiting order without Redis, for one process (the local driver): epoch ``e`` visits
+    :func:`epoch_permutation` ``(n, seed, e)``; :meth:`state` is JSON-able for checkpoints."""
+
+    def __init__(self, n: int, seed: int, epochs: int, state: dict | None = None) -> None:
+        self.n, self.seed, self.epochs = n, seed, epochs
+        self.epoch, self.index = (int(state["epoch"]), int(state["index"])) if state else (0, 0)
+
+    def next(self) -> tuple[int, int] | None:
+        """``(epoch, prompt index)`` or None when every epoch is used up."""
+        if self.index >= self.n:
+            self.epoch, self.index = self.epoch + 1, 0
+        if self.epoch >= self.epochs:
+            return None
+        item = (self.epoch, int(epoch_permutation(self.n, self.seed, self.epoch)[self.index]))
+        self.index += 1
+        return item
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+
 class PromptDispatcher:
     """Exactly-once prompt dispatch for ``epochs`` shuffled passes over ``prompt_ids``."""
 

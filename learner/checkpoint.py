@@ -39,10 +39,10 @@ import torch
 from safetensors.torch import load_file
 
 from common.errors import CheckpointError
+from common.models import LATEST
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 MANIFEST = "manifest.json"
 TRAINER = "trainer.json"
 FORMAT_VERSION = 1

@@ -1,7 +1,7 @@
 """A shared embedded Redis for integration tests.
 
 ``redis_server`` (session fixture; import it into a conftest): one
-:class:`cluster.redis_launcher.EmbeddedRedis` (AOF ``everysec``, 512 MiB) in a temp dir, stopped at
+:class:`cluster.pipeline.redis_launcher.EmbeddedRedis` (AOF ``everysec``, 512 MiB) in a temp dir, stopped at
 the end of the session. :func:`shared_redis` returns the same server to code that cannot take the
 fixture (module fixtures of test files). Tests isolate themselves with a distinct run name
 (:func:`unique_run`); tests that restart Redis must start their own server.
@@ -32,7 +32,7 @@ def shared_redis():
     if not shutil.which("redis-server"):
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     if _shared is None or not _shared.running():
-        from cluster.redis_launcher import EmbeddedRedis
+        from cluster.pipeline.redis_launcher import EmbeddedRedis
 
         _shared = EmbeddedRedis(tempfile.mkdtemp(prefix="treepo-test-redis-"), maxmemory_mb=512).start()
         atexit.register(stop_shared_redis)

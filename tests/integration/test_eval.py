@@ -12,7 +12,9 @@ import shutil
 
 import pytest
 
-from cluster import bench_eval, cli, eval_cmd
+from cluster import cli
+from cluster.bench import eval as bench_eval
+from cluster.commands import eval as eval_cmd
 from common.errors import CheckpointError
 
 pytestmark = pytest.mark.integration

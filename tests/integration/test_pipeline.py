@@ -52,7 +52,7 @@ def test_staleness_counts_whole_steps_of_policy_versions():
 
 
 def test_pipeline_refuses_a_sync_interval_the_staleness_bound_cannot_feed():
-    from cluster.controller import check_pipeline_config
+    from cluster.pipeline.controller import check_pipeline_config
     from common.errors import ConfigError
 
     check_pipeline_config(load_config(None, ["algo.max_staleness=1", "sync.every_steps=2"]))
@@ -165,7 +165,7 @@ def test_synchronous_pipeline_trains_every_prompt_once_on_fresh_weights(
     seed; only summation order may differ)."""
     import copy
 
-    from cluster.controller import Controller, run_pipeline
+    from cluster.pipeline.controller import Controller, run_pipeline
 
     captured: list = []
     original = Controller.learn
@@ -240,8 +240,8 @@ def test_synchronous_pipeline_trains_every_prompt_once_on_fresh_weights(
 def test_generator_killed_mid_run_restarts_and_no_prompt_repeats(
     tmp_path, tiny_model_dir, ray_local, redis_server, monkeypatch
 ):
-    from cluster.controller import run_name_for, run_pipeline
-    from cluster.topology import generator_name
+    from cluster.pipeline.controller import run_name_for, run_pipeline
+    from cluster.pipeline.topology import generator_name
 
     run = tmp_path / "run"
     cfg = _cfg(run, tiny_model_dir, "learner.total_steps=4", *_queue_cfg(redis_server, monkeypatch))
@@ -257,7 +257,7 @@ def test_generator_killed_mid_run_restarts_and_no_prompt_repeats(
 def test_resume_after_controller_crash_loses_no_tree(
     tmp_path, tiny_model_dir, ray_local, redis_server, monkeypatch
 ):
-    from cluster.controller import Controller, run_pipeline
+    from cluster.pipeline.controller import Controller, run_pipeline
 
     run = tmp_path / "run"
     q = _queue_cfg(redis_server, monkeypatch)
@@ -294,7 +294,7 @@ def test_stuck_weight_sync_fails_with_a_clear_error(
 ):
     """A generator that never takes part in the broadcast: the sender's waits time out, the group is
     rebuilt once, the second failure stops the run with SyncError naming the timeout and the fix."""
-    from cluster.controller import run_pipeline
+    from cluster.pipeline.controller import run_pipeline
     from common.errors import SyncError
 
     monkeypatch.setenv("TREEPO_FAULTS", "sync_stall")
@@ -322,8 +322,8 @@ def test_redis_restart_mid_run_and_a_malformed_entry(tmp_path, tiny_model_dir, r
     """Redis (AOF, appendfsync always) restarts while generators push and the controller reads: the
     run finishes, every prompt is trained exactly once. A malformed entry in the stream lands in the
     dead-letter stream (counted) instead of stopping the run."""
-    from cluster.controller import run_name_for, run_pipeline
-    from cluster.redis_launcher import EmbeddedRedis
+    from cluster.pipeline.controller import run_name_for, run_pipeline
+    from cluster.pipeline.redis_launcher import EmbeddedRedis
     from common.replay import FIELD_SCHEMA, FIELD_TREE, SCHEMA_VERSION, connect
 
     server = EmbeddedRedis(tmp_path / "redis", appendfsync="always", maxmemory_mb=256).start()

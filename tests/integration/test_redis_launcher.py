@@ -14,7 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from cluster.redis_launcher import RAY_REDIS_PORT, EmbeddedRedis, find_running
+from cluster.pipeline.redis_launcher import RAY_REDIS_PORT, EmbeddedRedis, find_running
 from common.errors import QueueError
 
 pytestmark = pytest.mark.integration
@@ -105,7 +105,7 @@ def test_server_orphaned_by_a_killed_owner_is_adopted_then_stopped(tmp_path):
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from cluster.redis_launcher import EmbeddedRedis\n"
+            "from cluster.pipeline.redis_launcher import EmbeddedRedis\n"
             "s = EmbeddedRedis(sys.argv[1], appendfsync='always').start()\n"
             "s.client().set('k', 'v')\n"
             "print(s.pid, flush=True)\n"

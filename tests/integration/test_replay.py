@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from redis_fixture import shared_redis, unique_run
 
-from cluster.bench_queue import synthetic_tree
-from cluster.redis_launcher import EmbeddedRedis
+from cluster.bench.queue import synthetic_tree
+from cluster.pipeline.redis_launcher import EmbeddedRedis
 from common.errors import QueueError, WireError
 from common.prompts import PromptDispatcher, epoch_permutation
 from common.replay import ReplayQueue
@@ -210,7 +210,7 @@ def test_server_gone_mid_run_raises_queue_error(tmp_path):
 
 
 def _inspect_args(*argv: str) -> argparse.Namespace:
-    from cluster import queue_cmd
+    from cluster.commands import queue as queue_cmd
 
     parser = argparse.ArgumentParser()
     queue_cmd.add_arguments(parser)
@@ -218,7 +218,7 @@ def _inspect_args(*argv: str) -> argparse.Namespace:
 
 
 def test_queue_inspect_command(server, capsys, monkeypatch):
-    from cluster import queue_cmd
+    from cluster.commands import queue as queue_cmd
 
     run = unique_run("inspect")
     q = make_queue(server, run)
@@ -237,8 +237,8 @@ def test_queue_inspect_command(server, capsys, monkeypatch):
 
 
 def test_queue_inspect_run_dir_starts_and_stops_server(tmp_path, capsys):
-    from cluster import queue_cmd
-    from cluster.redis_launcher import find_running, queue_endpoint
+    from cluster.commands import queue as queue_cmd
+    from cluster.pipeline.redis_launcher import find_running, queue_endpoint
     from common.config import QueueConfig
 
     with queue_endpoint(QueueConfig(), tmp_path) as (url, password):
@@ -251,7 +251,7 @@ def test_queue_inspect_run_dir_starts_and_stops_server(tmp_path, capsys):
 
 
 def test_bench_queue_smoke(capsys):
-    from cluster import bench_queue
+    from cluster.bench import queue as bench_queue
 
     parser = argparse.ArgumentParser()
     bench_queue.add_arguments(parser)

@@ -7,7 +7,8 @@ import struct
 
 import pytest
 
-from cluster import cli, sample_cmd
+from cluster import cli
+from cluster.commands import sample as sample_cmd
 from common.tree import decode_tree
 
 pytestmark = pytest.mark.integration

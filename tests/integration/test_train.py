@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from cluster.train import EpochCursor, train
+from cluster.local import train
 from common.config import load_config
 from common.errors import ConfigError
 
@@ -39,18 +39,6 @@ def _cfg(run_dir, model_dir, *extra):
 
 def _trained(run_dir):
     return [json.loads(line) for line in (run_dir / "trained_trees.jsonl").read_text().splitlines()]
-
-
-def test_epoch_cursor_is_deterministic_and_resumable():
-    a = EpochCursor(5, seed=3, epochs=2)
-    seq = [a.next() for _ in range(10)]
-    assert a.next() is None
-    assert sorted(i for e, i in seq[:5]) == list(range(5)) and sorted(i for e, i in seq[5:]) == list(range(5))
-    assert [e for e, _ in seq] == [0] * 5 + [1] * 5
-    b = EpochCursor(5, seed=3, epochs=2)
-    first = [b.next() for _ in range(3)]
-    c = EpochCursor(5, seed=3, epochs=2, state=b.state())
-    assert first + [c.next() for _ in range(7)] == seq
 
 
 @pytest.fixture

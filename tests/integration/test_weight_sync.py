@@ -468,7 +468,7 @@ def test_late_receiver_joins_via_rebuild_and_gets_current_weights(receivers):
 def test_bench_sync_smoke(capsys):
     import argparse
 
-    from cluster import bench_sync
+    from cluster.bench import sync as bench_sync
 
     parser = argparse.ArgumentParser()
     bench_sync.add_arguments(parser)

@@ -135,7 +135,7 @@ def test_format_override_detection_error_and_unknown_format(tmp_path):
 
 
 def test_convert_bench_command(tmp_path, capsys):
-    from cluster import convert_cmd
+    from cluster.commands import convert as convert_cmd
 
     p = argparse.ArgumentParser()
     convert_cmd.add_arguments(p)
@@ -150,7 +150,7 @@ def test_convert_bench_command(tmp_path, capsys):
 
 
 def test_pipeline_overlap_bound_and_summary():
-    from cluster.bench_pipeline import overlap_bound, summarize
+    from cluster.bench.pipeline import overlap_bound, summarize
 
     b = overlap_bound(3.0, 1.0, batch=8)
     assert b["sync_trees_per_s"] == pytest.approx(2.0) and b["async_trees_per_s"] == pytest.approx(8 / 3)

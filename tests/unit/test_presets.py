@@ -109,7 +109,7 @@ def test_cluster_preset_production_settings(path, monkeypatch):
 
 @pytest.mark.parametrize("path", cluster_presets(), ids=lambda p: p.name)
 def test_header_run_line_works(path, monkeypatch):
-    from cluster import train_cmd
+    from cluster.commands import train as train_cmd
 
     argv = run_line(path)
     assert argv[:3] == ["ray", "job", "submit"]

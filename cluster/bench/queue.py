@@ -240,7 +240,7 @@ def _codec(size: str, reps: int) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.redis_launcher import EmbeddedRedis
+    from cluster.pipeline.redis_launcher import EmbeddedRedis
 
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for s in sizes:

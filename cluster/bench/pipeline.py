@@ -100,7 +100,7 @@ def summarize(rows: list[dict], batch: int, leaves_per_tree: int) -> dict[str, f
 
 
 def _one_run(case: str, mode: str, args: argparse.Namespace, scratch: Path) -> dict:
-    from cluster.controller import run_pipeline
+    from cluster.pipeline.controller import run_pipeline
     from common.config import load_config
     from common.metrics import read_metrics
 

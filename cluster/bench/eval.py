@@ -58,9 +58,9 @@ def _modes(branching: list[int]) -> list[tuple[str, int]]:
 
 def run(args: argparse.Namespace, backend: Any = None) -> int:
     """``backend``: reuse an already-open backend (tests share one engine); otherwise one is built."""
-    from cluster.eval_cmd import resolve_eval_model
     from common.config import load_config
     from common.errors import ConfigError
+    from common.models import resolve_eval_model
 
     try:
         branching = [int(b) for b in args.branching.split(",") if b.strip()]

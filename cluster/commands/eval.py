@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.models import resolve_eval_model
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -43,27 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="Config overrides, e.g. tree.d=8 tree.l=64."
     )
-
-
-def resolve_eval_model(spec: str) -> str:
-    """A checkpoint root or run directory → the checkpoint its ``latest`` pointer names; else unchanged."""
-    from common.errors import CheckpointError
-
-    d = Path(spec).expanduser()
-    if not d.is_dir() or (d / "config.json").is_file():
-        return spec
-    for root in (d, d / "checkpoints"):
-        pointer = root / "latest"  # learner.checkpoint.LATEST
-        if pointer.is_file():
-            name = pointer.read_text().strip()
-            target = root / name
-            if not name or not (target / "config.json").is_file():
-                raise CheckpointError(
-                    f"{pointer} names {name!r}, which is not a model directory under {root}: pass a "
-                    "ckpt-<step> directory explicitly"
-                )
-            return str(target)
-    return spec
 
 
 def _output_names(paths: list[Path]) -> list[str]:

@@ -21,121 +21,18 @@ At the end: reward-curve and eval-accuracy PNGs in the run directory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
 from pathlib import Path
 
-import numpy as np
-
+from cluster.rundir import append_trained, check_run_dir, final_plots, truncate_logs
 from common.config import TrainConfig, save_resolved
-from common.errors import ConfigError
-from common.metrics import MetricsLog, plot_histogram, plot_series, read_metrics
+from common.metrics import MetricsLog
+from common.prompts import EpochCursor
+from learner.selection import Selection, record_staleness, rollout_metrics
 
 log = logging.getLogger("treepo.train")
-
-
-class EpochCursor:
-    """Deterministic prompt order: epoch ``e`` visits a permutation seeded by (seed, e)."""
-
-    def __init__(self, n: int, seed: int, epochs: int, state: dict | None = None) -> None:
-        self.n, self.seed, self.epochs = n, seed, epochs
-        self.epoch, self.index = (int(state["epoch"]), int(state["index"])) if state else (0, 0)
-        self._perm = self._permutation(self.epoch)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def next(self) -> tuple[int, int] | None:
-        """``(epoch, prompt index)`` or None when every epoch is used up."""
-        if self.index >= self.n:
-            self.epoch, self.index = self.epoch + 1, 0
-            self._perm = self._permutation(self.epoch)
-        if self.epoch >= self.epochs:
-            return None
-        item = (self.epoch, int(self._perm[self.index]))
-        self.index += 1
-        return item
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-
-def check_run_dir(cfg: TrainConfig, ckpt_dir: Path) -> None:
-    has_ckpt = ckpt_dir.exists() and any(ckpt_dir.glob("ckpt-*"))
-    if has_ckpt and not cfg.resume:
-        raise ConfigError(
-            f"run_dir={cfg.run_dir} already holds checkpoints: pass --resume to continue it, or choose another run_dir"
-        )
-
-
-def truncate_after(path: Path, step: int) -> None:
-    """Drop log rows past ``step`` (a resumed run redoes the steps after its checkpoint)."""
-    if not path.exists():
-        return
-    keep = [row for row in read_metrics(path) if row.get("step", 0) <= step]  # torn lines are dropped
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
-    tmp.replace(path)
-
-
-def record_staleness(trees, version: int, hist: dict[int, int]) -> list[int]:
-    """Versions behind ``version`` of every leaf (oldest segment on its path); counted into ``hist``."""
-    out = []
-    for t in trees:
-        for lf in t.leaves:
-            s = int(version) - t.oldest_version(lf)
-            hist[s] = hist.get(s, 0) + 1
-            out.append(s)
-    return out
-
-
-def sampled_reward_metrics(rewards_T_L: list[np.ndarray]) -> dict[str, float]:
-    """Reward and accuracy over EVERY tree sampled this step (before any filter: what the policy does)."""
-    rewards = np.concatenate(rewards_T_L) if rewards_T_L else np.zeros(0)
-    if not len(rewards):
-        return {}
-    return {"rollout/reward": float(rewards.mean()), "rollout/accuracy": float((rewards > 0).mean())}
-
-
-def rollout_metrics(trees) -> dict[str, float]:
-    """Reward of the trees trained on (after filtering), response length and leaves per tree."""
-    rewards = np.concatenate([t.rewards_L for t in trees])
-    lengths = [lf.length for t in trees for lf in t.leaves]
-    return {
-        "rollout/trained_reward": float(rewards.mean()),
-        "rollout/response_len": float(np.mean(lengths)),
-        "tree/leaves_per_tree": float(np.mean([len(t.leaves) for t in trees])),
-    }
-
-
-def append_trained(run_dir: Path, step: int, version: int, trees) -> None:
-    """One line of the exactly-once audit trail: the tree ids trained at ``step``."""
-    with open(run_dir / "trained_trees.jsonl", "a") as fh:
-        fh.write(json.dumps({"step": step, "version": version, "trees": [t.tree_id for t in trees]}) + "\n")
-
-
-def trained_tree_ids(run_dir: Path) -> set[str]:
-    """Every tree id in the audit trail (a resumed run truncates it to its checkpoint first)."""
-    path = run_dir / "trained_trees.jsonl"
-    if not path.exists():
-        return set()
-    return {tree_id for row in read_metrics(path) for tree_id in row.get("trees", [])}
-
-
-def final_plots(run_dir: Path, staleness_hist: dict[int, int]) -> None:
-    """The reward-curve and staleness PNGs of a finished run."""
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    plot_series(
-        rows,
-        ["rollout/reward", "rollout/accuracy", "rollout/trained_reward", "eval/accuracy"],
-        run_dir / "reward_curve.png",
-        "reward and accuracy",
-    )
-    plot_histogram(
-        staleness_hist, run_dir / "staleness.png", "leaf staleness at training time", "policy versions behind"
-    )
 
 
 def train(cfg: TrainConfig, backend=None) -> int:
@@ -157,7 +54,7 @@ def train(cfg: TrainConfig, backend=None) -> int:
     from common.models import eos_token_ids, load_tokenizer, resolve_model
     from common.rewards import resolve_reward
     from common.sampling_metrics import SamplingStats
-    from learner.advantages import dynamic_sampling_keep, tree_advantages
+    from learner.advantages import tree_advantages
     from learner.rank import LearnerRank
 
     run_dir = Path(cfg.run_dir)
@@ -196,8 +93,7 @@ def train(cfg: TrainConfig, backend=None) -> int:
     )
     extra = learner.load(ckpt_dir, required=True) if cfg.resume else None
     start_step = int(extra["step"]) if extra else 0
-    for name in ("metrics.jsonl", "trained_trees.jsonl"):
-        truncate_after(run_dir / name, start_step)
+    truncate_logs(run_dir, start_step)
     cursor = EpochCursor(
         len(prompts), cfg.data.shuffle_seed, cfg.data.epochs, extra.get("cursor") if extra else None
     )
@@ -224,10 +120,10 @@ def train(cfg: TrainConfig, backend=None) -> int:
         return out
 
     def collect(need: int) -> tuple[list, dict[str, float]] | None:
-        kept, dropped, sampled, rewards_T_L = [], 0, 0, []
+        sel = Selection(learner.version, dynamic_sampling=cfg.algo.dynamic_sampling)  # no staleness limit
         data_left = True
-        while len(kept) < need:
-            while data_left and sampler.in_flight + len(kept) < need:
+        while len(sel.kept) < need:
+            while data_left and sampler.in_flight + len(sel.kept) < need:
                 item = cursor.next()
                 if item is None:
                     data_left = False
@@ -245,19 +141,10 @@ def train(cfg: TrainConfig, backend=None) -> int:
             done = sampler.step()
             score_trees(done, reward, decode, eos_set)
             for tree in done:
-                sampled += 1
-                rewards_T_L.append(tree.rewards_L)
-                if cfg.algo.dynamic_sampling and not dynamic_sampling_keep(tree.rewards_L):
-                    dropped += 1
-                else:
-                    kept.append(tree)
-        if not kept:
+                sel.offer(tree)
+        if not sel.kept:
             return None
-        return kept, {
-            "rollout/trees_sampled": sampled,
-            "rollout/trees_dropped_uniform": dropped,
-            **sampled_reward_metrics(rewards_T_L),
-        }
+        return sel.kept, sel.metrics()
 
     progress = tqdm(
         total=cfg.learner.total_steps,

@@ -1,5 +1,5 @@
 """``treepo bench <name>``: each benchmark prints JSON and a table, comparing against its baseline
-measured in the same run (as a ratio). Each lives in ``cluster/bench_<name>.py`` with
+measured in the same run (as a ratio). Each lives in ``cluster/bench/<name>.py`` with
 ``add_arguments(parser)`` and ``run(args) -> int``."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, help_text in BENCHES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(f"cluster.bench_{name}")
+        mod = importlib.import_module(f"cluster.bench.{name}")
         mod.add_arguments(p)
         p.set_defaults(_bench_run=mod.run)
 

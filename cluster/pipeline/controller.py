@@ -3,7 +3,7 @@ learner group trains on them, new weights flow back. :func:`run_pipeline` is ``t
 
 Set-up: the run's Redis (``queue.url`` or the embedded server in the run directory), Ray (a local
 ``ray.init()`` unless already connected, e.g. inside ``ray job submit``), the learner ranks and the
-generators (``cluster/topology.py``). Then the loops, each one named method of :class:`Controller`:
+generators (``cluster/pipeline/topology.py``). Then the loops, each one named method of :class:`Controller`:
 
 - ``collect`` — consumes queue entries (``XREADGROUP``; on resume the unacknowledged ones first),
   drops duplicates (by tree id), trees with a leaf past ``algo.max_staleness`` and, with dynamic
@@ -105,8 +105,8 @@ def _connect_ray() -> bool:
 
 def run_pipeline(cfg: TrainConfig) -> int:
     """``treepo train driver=ray``: the asynchronous pipeline; returns the exit code."""
-    from cluster.redis_launcher import queue_endpoint
-    from cluster.train import check_run_dir
+    from cluster.pipeline.redis_launcher import queue_endpoint
+    from cluster.rundir import check_run_dir
     from common.models import resolve_model
 
     check_pipeline_config(cfg)
@@ -152,7 +152,7 @@ class Controller:
     """Owns the queue consumer, the prompt dispatcher view, the actors and the loop state."""
 
     def __init__(self, cfg: TrainConfig, queue_url: str, password: str | None, run_name: str) -> None:
-        from cluster import topology
+        from cluster.pipeline import topology
         from common.data import resolve_data_path
         from common.metrics import MetricsLog
         from common.prompts import PromptDispatcher
@@ -213,7 +213,7 @@ class Controller:
         import ray
         from tqdm import tqdm
 
-        from cluster.train import final_plots, trained_tree_ids, truncate_after
+        from cluster.rundir import final_plots, trained_tree_ids, truncate_logs
 
         cfg = self.cfg
         if cfg.resume:
@@ -221,8 +221,7 @@ class Controller:
             extra = extras[0] or {}
             self.step = int(extra.get("step", 0))
             self.dropped = int(extra.get("dropped", 0))
-            for name in ("metrics.jsonl", "trained_trees.jsonl"):
-                truncate_after(self.run_dir / name, self.step)
+            truncate_logs(self.run_dir, self.step)
             from common.metrics import MetricsLog
 
             self.metrics_log.close()  # it was opened on the file truncation just replaced
@@ -301,38 +300,22 @@ class Controller:
 
     def collect(self, need: int) -> tuple[list, dict[str, float]] | None:
         """``need`` kept trees from the queue (fewer only when the data is used up; None if none)."""
-        from cluster.train import sampled_reward_metrics
-        from learner.advantages import dynamic_sampling_keep
+        from learner.selection import KEPT, Selection
 
         cfg = self.cfg
-        kept: list = []
-        consumed = dropped_uniform = dropped_stale = 0
-        rewards_T_L: list = []
+        sel = Selection(self.version, cfg.algo.max_staleness, cfg.algo.dynamic_sampling)
         last_tree = time.perf_counter()
-        while len(kept) < need:
-            if self.backlog:
-                entries, self.backlog = self.backlog[: need - len(kept)], self.backlog[need - len(kept) :]
-            else:
-                entries = self.queue.read(
-                    need - len(kept), block_ms=min(cfg.queue.block_ms, 500), consumer=CONSUMER
-                )
+        while len(sel.kept) < need:
+            entries = self._next_entries(need - len(sel.kept))
             before = self.dropped
             for entry_id, tree in entries:
                 self.unacked.append(entry_id)
-                consumed += 1
-                if tree.tree_id in self.trained_ids or any(t.tree_id == tree.tree_id for t in kept):
+                if tree.tree_id in self.trained_ids or any(t.tree_id == tree.tree_id for t in sel.kept):
+                    sel.skip_duplicate()
                     self.counts["duplicates"] += 1  # at-least-once delivery: a retried XADD
                     continue
-                rewards_T_L.append(tree.rewards_L)
-                stale = max((self.version - tree.oldest_version(lf) for lf in tree.leaves), default=0)
-                if stale > cfg.algo.max_staleness:
-                    dropped_stale += 1
+                if sel.offer(tree) != KEPT:
                     self.dropped += 1
-                elif cfg.algo.dynamic_sampling and not dynamic_sampling_keep(tree.rewards_L):
-                    dropped_uniform += 1
-                    self.dropped += 1
-                else:
-                    kept.append(tree)
             if self.dropped != before:
                 self._set_dropped()
             if entries:
@@ -346,18 +329,21 @@ class Controller:
                     f"no tree arrived for {STALL_TIMEOUT_S:.0f} s while generators are alive: check the "
                     "generator logs (ray logs) and queue state (`treepo queue inspect`)"
                 )
+        kept = sel.kept
         if len(kept) < need and self.world > 1:  # every rank needs the same share: drop the rest
             kept = kept[: len(kept) - len(kept) % cfg.learner.mini_batch_prompts]
         if not kept:
             return None
-        self.counts["dropped_stale"] += dropped_stale
-        self.counts["dropped_uniform"] += dropped_uniform
-        return kept, {
-            "rollout/trees_sampled": consumed,
-            "rollout/trees_dropped_uniform": dropped_uniform,
-            "staleness/trees_dropped": dropped_stale,
-            **sampled_reward_metrics(rewards_T_L),
-        }
+        self.counts["dropped_stale"] += sel.dropped_stale
+        self.counts["dropped_uniform"] += sel.dropped_uniform
+        return kept, {**sel.metrics(), "staleness/trees_dropped": sel.dropped_stale}
+
+    def _next_entries(self, n: int) -> list[tuple[str, Any]]:
+        """Up to ``n`` queue entries: the ones re-delivered on resume first, then new ones."""
+        if self.backlog:
+            entries, self.backlog = self.backlog[:n], self.backlog[n:]
+            return entries
+        return self.queue.read(n, block_ms=min(self.cfg.queue.block_ms, 500), consumer=CONSUMER)
 
     def _data_finished(self) -> bool:
         """No prompt left anywhere: none to claim, none in flight, nothing undelivered in the stream."""
@@ -413,10 +399,10 @@ class Controller:
     def learn(self, trees: list) -> dict[str, float]:
         import ray
 
-        from cluster.train import record_staleness, rollout_metrics
         from common.tree import encode_tree
         from learner.advantages import tree_advantages
         from learner.rank import shard_for_rank
+        from learner.selection import record_staleness, rollout_metrics, staleness_metrics
 
         advantages = tree_advantages(trees, self.cfg.algo)
         stale_L = record_staleness(trees, self.version, self.staleness_hist)
@@ -436,11 +422,7 @@ class Controller:
         self.trained_here += len(trees)
         m = dict(metrics)
         m.update(rollout_metrics(trees))
-        versions = [s.version for t in trees for s in t.segments]
-        m["rollout/segment_version_min"] = float(min(versions))
-        m["rollout/segment_version_max"] = float(max(versions))
-        m["staleness/mean"] = float(np.mean(stale_L)) if stale_L else 0.0
-        m["staleness/max"] = float(max(stale_L)) if stale_L else 0.0
+        m.update(staleness_metrics(trees, stale_L))
         return m
 
     def _sync_group(self) -> list[int]:
@@ -602,7 +584,7 @@ class Controller:
         return red.result()
 
     def log(self, m: dict[str, float], trees: list) -> None:
-        from cluster.train import append_trained
+        from cluster.rundir import append_trained
 
         wall = time.perf_counter() - self.t_start
         m.update(self.generator_stats())
@@ -622,7 +604,7 @@ class Controller:
         append_trained(self.run_dir, self.step, self.version, trees)
 
     def close(self) -> None:
-        from cluster import topology
+        from cluster.pipeline import topology
 
         try:
             topology.shutdown(self.topo)

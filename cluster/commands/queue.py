@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         reports = inspect(args.url, os.environ.get(args.password_env) or None, args.run_name, args.dead)
         where = describe(args.url)
     else:
-        from cluster.redis_launcher import EmbeddedRedis, find_running
+        from cluster.pipeline.redis_launcher import EmbeddedRedis, find_running
         from common.errors import QueueError
 
         if not os.path.isdir(os.path.join(args.run_dir, "redis")):

@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if cfg.driver == "ray":
-        from cluster.controller import run_pipeline
+        from cluster.pipeline.controller import run_pipeline
 
         return run_pipeline(cfg)
-    from cluster.train import train
+    from cluster.local import train
 
     return train(cfg)

@@ -1,0 +1,75 @@
+"""A training run's directory, the same for both drivers: the guard against overwriting a run, the
+truncation of logs past a resumed checkpoint, the exactly-once audit trail ``trained_trees.jsonl``
+and the final PNGs.
+
+Layout: ``config.yaml`` (written by :func:`common.config.save_resolved`), ``metrics.jsonl``,
+``trained_trees.jsonl``, ``checkpoints/``, ``reward_curve.png``, ``staleness.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+from common.metrics import plot_histogram, plot_series, read_metrics
+
+LOGS = ("metrics.jsonl", "trained_trees.jsonl")  # one row per step: truncated on resume
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def check_run_dir(cfg: Any, ckpt_dir: Path) -> None:
+    """Refuse a run directory holding checkpoints unless the run resumes it."""
+    has_ckpt = ckpt_dir.exists() and any(ckpt_dir.glob("ckpt-*"))
+    if has_ckpt and not cfg.resume:
+        raise ConfigError(
+            f"run_dir={cfg.run_dir} already holds checkpoints: pass --resume to continue it, or choose another run_dir"
+        )
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop log rows past ``step`` (a resumed run redoes the steps after its checkpoint)."""
+    if not path.exists():
+        return
+    keep = [row for row in read_metrics(path) if row.get("step", 0) <= step]  # torn lines are dropped
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
+    tmp.replace(path)
+
+
+def truncate_logs(run_dir: Path, step: int) -> None:
+    """Every per-step log of the run directory, truncated to ``step`` (see :func:`truncate_after`)."""
+    for name in LOGS:
+        truncate_after(run_dir / name, step)
+
+
+def append_trained(run_dir: Path, step: int, version: int, trees) -> None:
+    """One line of the exactly-once audit trail: the tree ids trained at ``step``."""
+    with open(run_dir / "trained_trees.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": step, "version": version, "trees": [t.tree_id for t in trees]}) + "\n")
+
+
+def trained_tree_ids(run_dir: Path) -> set[str]:
+    """Every tree id in the audit trail (a resumed run truncates it to its checkpoint first)."""
+    path = run_dir / "trained_trees.jsonl"
+    if not path.exists():
+        return set()
+    return {tree_id for row in read_metrics(path) for tree_id in row.get("trees", [])}
+
+
+def final_plots(run_dir: Path, staleness_hist: dict[int, int]) -> None:
+    """The reward-curve and staleness PNGs of a finished run."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    plot_series(
+        rows,
+        ["rollout/reward", "rollout/accuracy", "rollout/trained_reward", "eval/accuracy"],
+        run_dir / "reward_curve.png",
+        "reward and accuracy",
+    )
+    plot_histogram(
+        staleness_hist, run_dir / "staleness.png", "leaf staleness at training time", "policy versions behind"
+    )

@@ -1,0 +1,120 @@
+"""Which sampled trees a learner step trains on, and what the step reports about them — one rule for
+both drivers (the local one and the asynchronous pipeline).
+
+- Staleness of a leaf = the learner's policy version − the OLDEST version on the leaf's path (a prefix
+  sampled under ``v`` and a branch under ``v+1`` is as stale as ``v``). A tree is as stale as its
+  stalest leaf.
+- A tree past the staleness limit (``algo.max_staleness`` in the pipeline; the local driver samples
+  every tree under the current weights and has no limit) is dropped and counted.
+- With ``algo.dynamic_sampling`` a tree whose leaves all have the same reward is dropped and counted
+  (:func:`learner.advantages.dynamic_sampling_keep`: it has no advantage to learn from).
+- Everything sampled counts in the step's reward metrics (what the policy does, before any filter);
+  the trained trees give the trained reward, response length and leaves per tree.
+
+Pure: no torch, ray or redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from learner.advantages import dynamic_sampling_keep
+
+KEPT, STALE, UNIFORM = "kept", "stale", "uniform"
+
+
+def leaf_staleness_L(tree: Any, version: int) -> list[int]:
+    """Versions behind ``version`` of every leaf: ``version`` − the oldest version on its path."""
+    return [int(version) - tree.oldest_version(lf) for lf in tree.leaves]
+
+
+def tree_staleness(tree: Any, version: int) -> int:
+    """The stalest leaf of ``tree`` (0 for a tree without leaves)."""
+    return max(leaf_staleness_L(tree, version), default=0)
+
+
+def record_staleness(trees: Sequence[Any], version: int, hist: dict[int, int]) -> list[int]:
+    """Staleness of every leaf of ``trees`` (see :func:`leaf_staleness_L`), also counted into ``hist``."""
+    out = [s for t in trees for s in leaf_staleness_L(t, version)]
+    for s in out:
+        hist[s] = hist.get(s, 0) + 1
+    return out
+
+
+@dataclass
+class Selection:
+    """One step's filter over the trees as they arrive: :meth:`offer` each one, train on :attr:`kept`.
+
+    ``max_staleness=None``: no staleness limit (the local driver)."""
+
+    version: int
+    max_staleness: int | None = None
+    dynamic_sampling: bool = True
+    kept: list = field(default_factory=list)
+    sampled: int = 0  # every tree offered (duplicates included)
+    dropped_stale: int = 0
+    dropped_uniform: int = 0
+    rewards_T_L: list = field(default_factory=list)  # every non-duplicate tree's leaf rewards
+
+    def skip_duplicate(self) -> None:
+        """A tree seen before (at-least-once delivery): counted as sampled, never trained twice."""
+        self.sampled += 1
+
+    def offer(self, tree: Any) -> str:
+        """Judge one tree: :data:`KEPT` (appended to :attr:`kept`), :data:`STALE` or :data:`UNIFORM`."""
+        self.sampled += 1
+        self.rewards_T_L.append(tree.rewards_L)
+        if self.max_staleness is not None and tree_staleness(tree, self.version) > self.max_staleness:
+            self.dropped_stale += 1
+            return STALE
+        if self.dynamic_sampling and not dynamic_sampling_keep(tree.rewards_L):
+            self.dropped_uniform += 1
+            return UNIFORM
+        self.kept.append(tree)
+        return KEPT
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_stale + self.dropped_uniform
+
+    def metrics(self) -> dict[str, float]:
+        """Counts of the step's selection and the reward over everything sampled."""
+        return {
+            "rollout/trees_sampled": self.sampled,
+            "rollout/trees_dropped_uniform": self.dropped_uniform,
+            **sampled_reward_metrics(self.rewards_T_L),
+        }
+
+
+def sampled_reward_metrics(rewards_T_L: list[np.ndarray]) -> dict[str, float]:
+    """Reward and accuracy over EVERY tree sampled this step (before any filter: what the policy does)."""
+    rewards = np.concatenate(rewards_T_L) if rewards_T_L else np.zeros(0)
+    if not len(rewards):
+        return {}
+    return {"rollout/reward": float(rewards.mean()), "rollout/accuracy": float((rewards > 0).mean())}
+
+
+def rollout_metrics(trees: Sequence[Any]) -> dict[str, float]:
+    """Reward of the trees trained on (after filtering), response length and leaves per tree."""
+    rewards = np.concatenate([t.rewards_L for t in trees])
+    lengths = [lf.length for t in trees for lf in t.leaves]
+    return {
+        "rollout/trained_reward": float(rewards.mean()),
+        "rollout/response_len": float(np.mean(lengths)),
+        "tree/leaves_per_tree": float(np.mean([len(t.leaves) for t in trees])),
+    }
+
+
+def staleness_metrics(trees: Sequence[Any], stale_L: Sequence[int]) -> dict[str, float]:
+    """The versions a trained batch was sampled under and how far its leaves lag the learner."""
+    versions = [s.version for t in trees for s in t.segments]
+    return {
+        "rollout/segment_version_min": float(min(versions)),
+        "rollout/segment_version_max": float(max(versions)),
+        "staleness/mean": float(np.mean(stale_L)) if len(stale_L) else 0.0,
+        "staleness/max": float(max(stale_L)) if len(stale_L) else 0.0,
+    }
