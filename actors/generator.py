@@ -5,28 +5,17 @@ The loop (:meth:`Generator.step_once`, repeated by :meth:`Generator.run`):
 
 1. Apply a pending weight update, if one arrived (segment boundaries are the only place the engine's
    weights change, so every segment is sampled under one known policy version).
-2. Admission control: claim new prompts while the budget of :func:`admission_budget` is positive and
+2. Admission control: claim new prompts while the budget of
+   :func:`common.schedule.admission_budget` is positive and
    fewer than ``generators.trees_in_flight`` trees grow here.
 3. One sampler step (one batched engine call over every live path of every tree in flight).
 4. Score finished trees (the reward objects live in this process) and push each with
    :meth:`common.prompts.PromptDispatcher.push_and_done`: the push and the end of the prompt's flight
    are one atomic script, and a prompt re-issued to another generator is refused (no duplicate).
 
-Admission rule. With ``S`` the staleness bound, ``v`` the version of the weights this engine samples
-under, ``B = learner.prompts_per_step`` and ``D`` the trees the controller discarded so far
-(dynamic-sampling and staleness drops: they used budget without advancing the version), new prompts
-are admitted while ``(S + v + 1)·B + D − (accepted + running) > 0``. ``v`` and ``S`` count
-controller steps (batches of ``B`` trees): ``v`` is the step at which the controller published the
-weights held, ``S = algo.max_staleness // k`` with ``k`` optimizer steps (policy versions) per
-controller step (``ppo_epochs · prompts_per_step / mini_batch_prompts``; 1 by default, where this
-is the rule verbatim). Counting steps rather than raw versions keeps the schedule alive when the
-learner refuses a non-finite step (the version does not move, the step does). ``accepted + running`` is
-counted over ALL generators from Redis (prompts handed out minus prompts waiting for re-issue), so
-G generators together stay inside the bound (up to claims racing in the same instant: the read and
-the claim are two calls; the controller's staleness filter catches the rare excess). With ``S = 0``
-this is the synchronous schedule: exactly ``B`` trees (plus replacements for drops) per step.
-``D`` is an addition to the rule as usually written: without it, a step whose trees were partly
-filtered out would wait forever for trees nobody is allowed to sample.
+Admission control follows the off-policy schedule of :mod:`common.schedule` (the budget, the
+staleness bound in steps and the sync bound are defined there); the generator counts ``accepted +
+running`` over all generators from Redis and reads the controller's drop count ``D``.
 
 A generator restarted under the same id first re-issues the prompts it had in flight when it died.
 """
@@ -41,24 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from common import schedule
+
 log = logging.getLogger("treepo.generator")
-
-
-def admission_budget(
-    max_staleness: int, version: int, prompts_per_step: int, accepted: int, running: int, dropped: int = 0
-) -> int:
-    """How many more prompts may be admitted now: ``(S + v + 1)·B + D − (accepted + running)``, ≥ 0."""
-    return max(0, (max_staleness + version + 1) * prompts_per_step + dropped - accepted - running)
-
-
-def versions_per_step(learner_cfg: Any) -> int:
-    """Policy versions (optimizer steps) one controller step makes: ``ppo_epochs · B / mini-batch``."""
-    return max(1, learner_cfg.ppo_epochs * (learner_cfg.prompts_per_step // learner_cfg.mini_batch_prompts))
-
-
-def staleness_in_steps(cfg: Any) -> int:
-    """``algo.max_staleness`` (policy versions) as whole controller steps."""
-    return cfg.algo.max_staleness // versions_per_step(cfg.learner)
 
 
 def prompt_metadata(row: Any, epoch: int) -> dict[str, Any]:
@@ -90,11 +64,6 @@ class _StagedInEngine:
 
 
 STAGED_IN_ENGINE = _StagedInEngine()
-
-
-def dropped_key(run_name: str) -> str:
-    """Redis key holding the controller's count of discarded trees (the ``D`` of the admission rule)."""
-    return f"treepo:{run_name}:pipeline:dropped"
 
 
 class Generator:
@@ -153,7 +122,7 @@ class Generator:
         self.dispatcher = PromptDispatcher(
             self.queue.redis, run_name, [p.row.id for p in prompts], cfg.data.shuffle_seed, cfg.data.epochs
         )
-        self._dropped_key = dropped_key(run_name)
+        self._dropped_key = self.dispatcher.run_keys.dropped
         self.requeued_on_start = self.dispatcher.requeue_generator(self.id)
         if backend is None:
             longest = max(len(p.prompt_ids) for p in [*prompts, *self._eval_prompts])
@@ -173,7 +142,7 @@ class Generator:
         self._lock = threading.Lock()
         self._pending: tuple[Mapping[str, Any] | _StagedInEngine, int, int] | None = None
         self.weights_step = 0  # controller step at which the weights held were published
-        self._staleness_steps = staleness_in_steps(cfg)
+        self._staleness_steps = schedule.staleness_in_steps(cfg)
         self._stop = threading.Event()
         # the engine is used by one thread at a time: the run loop, or an evaluation between two steps
         self._engine_lock = threading.Lock()
@@ -363,7 +332,7 @@ class Generator:
             return 0
         outstanding, dropped = self._outstanding()
         running = self.sampler.in_flight
-        budget = admission_budget(
+        budget = schedule.admission_budget(
             self._staleness_steps,
             self.weights_step,
             self.cfg.learner.prompts_per_step,

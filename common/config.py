@@ -22,6 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from common.errors import ConfigError
+from common.schedule import check_sync_every
 
 
 def doc(default: Any, help: str, **kw: Any) -> Any:
@@ -534,6 +535,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.eval.every_steps and not cfg.data.eval:
         raise ConfigError("eval.every_steps > 0 but data.eval is empty: set data.eval or eval.every_steps=0")
+    if cfg.driver == "ray":  # the pipeline's off-policy schedule (generators admit by the weights they hold)
+        check_sync_every(cfg)
 
 
 # --------------------------------------------------------------------------------------------------

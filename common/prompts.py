@@ -18,7 +18,7 @@ mapping needs no shared state beyond the cursor.
   the same for prompts in flight too long (a hung generator, or a claim whose reply was lost and
   retried by the client, which leaves prompts recorded that nobody works on).
 
-State lives under ``treepo:<run>:prompts:*`` and persists with Redis's AOF, so a resumed run
+State lives under the run's ``prompts:*`` keys (:class:`common.keys.RunKeys`) and persists with Redis's AOF, so a resumed run
 continues where it stopped; :meth:`state` is a JSON-able snapshot for checkpoints. The dataset size,
 seed and a digest of the prompt ids are recorded on first use; a later dispatcher with different
 ones is refused (its positions would name other prompts). ``epochs`` may grow on resume.
@@ -35,7 +35,8 @@ import numpy as np
 import redis
 
 from common.errors import QueueError
-from common.replay import FIELD_SCHEMA, FIELD_TREE, ReplayQueue, _sid, guarded, stream_keys
+from common.keys import RunKeys
+from common.replay import FIELD_SCHEMA, FIELD_TREE, ReplayQueue, _sid, guarded
 from common.tree import SCHEMA_VERSION, Tree
 
 _CLAIM = """
@@ -153,15 +154,14 @@ class PromptDispatcher:
         self.seed = int(seed)
         self.epochs = int(epochs)
         self._index = {p: i for i, p in enumerate(self.prompt_ids)}
-        self.stream_key = stream_keys(run_name)["trees"]
-        base = f"treepo:{run_name}:prompts"
+        self.run_keys = RunKeys(run_name)
+        self.stream_key = self.run_keys.trees
         self.keys = {
-            "meta": f"{base}:meta",
-            "cursor": f"{base}:cursor",
-            "retry": f"{base}:retry",
-            "generators": f"{base}:generators",
+            "meta": self.run_keys.prompts_meta,
+            "cursor": self.run_keys.prompts_cursor,
+            "retry": self.run_keys.prompts_retry,
+            "generators": self.run_keys.prompts_generators,
         }
-        self._inflight_prefix = f"{base}:inflight:"
         self._claim = client.register_script(_CLAIM)
         self._requeue = client.register_script(_REQUEUE)
         self._requeue_some = client.register_script(_REQUEUE_SOME)
@@ -200,7 +200,7 @@ class PromptDispatcher:
         return int(epoch) * self.n + int(_inverse(self.n, self.seed, int(epoch))[index])
 
     def _inflight_key(self, generator_id: int | str) -> str:
-        return f"{self._inflight_prefix}{generator_id}"
+        return self.run_keys.prompts_inflight(generator_id)
 
     # ------------------------------------------------------------------ dispatch
     def claim(self, generator_id: int | str, n: int) -> list[tuple[int, str]]:

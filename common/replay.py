@@ -1,8 +1,8 @@
 """The durable replay queue: finished trees in a Redis stream read through a consumer group.
 
-Keys of a run ``R``: the stream ``treepo:R:trees`` (entries ``{tree: <encode_tree bytes>,
-schema: <version>}``), the dead-letter stream ``treepo:R:dead`` and the counter
-``treepo:R:dead_count``; consumers read in the group ``learners``.
+Keys of a run (:class:`common.keys.RunKeys`): the stream ``trees`` (entries ``{tree: <encode_tree
+bytes>, schema: <version>}``), the dead-letter stream ``dead`` and the counter ``dead_count``;
+consumers read in the group ``learners``.
 
 Delivery contract (DESIGN.md): at-least-once into Redis, exactly-once into training relative to
 checkpoints.
@@ -39,6 +39,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from common.errors import QueueError, WireError
+from common.keys import RunKeys
 from common.tree import SCHEMA_VERSION, Tree, decode_tree, encode_tree
 
 GROUP = "learners"
@@ -49,11 +50,9 @@ _T = TypeVar("_T")
 
 
 def stream_keys(run_name: str) -> dict[str, str]:
-    """Redis keys used by the queue of ``run_name``."""
-    if not run_name or any(c in run_name for c in " \n\t{}"):
-        raise QueueError(f"run name {run_name!r} must be non-empty without spaces or braces")
-    base = f"treepo:{run_name}"
-    return {"trees": f"{base}:trees", "dead": f"{base}:dead", "dead_count": f"{base}:dead_count"}
+    """Redis keys used by the queue of ``run_name`` (spelled by :class:`common.keys.RunKeys`)."""
+    k = RunKeys(run_name)
+    return {"trees": k.trees, "dead": k.dead, "dead_count": k.dead_count}
 
 
 def _sid(x: bytes | str) -> str:
@@ -136,7 +135,7 @@ def guarded(client: redis.Redis, url: str, fn: Callable[..., _T], *args: Any, **
         ) from None
     except redis.OutOfMemoryError as e:
         raise QueueError(
-            f"Redis at {where} is full ({e}): raise queue.maxmemory_mb or lower generators.max_staleness "
+            f"Redis at {where} is full ({e}): raise queue.maxmemory_mb or lower algo.max_staleness "
             "(admission control bounds the queue; entries are never evicted)"
         ) from None
     except redis.ResponseError as e:

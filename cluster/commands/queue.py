@@ -1,6 +1,6 @@
 """``treepo queue inspect``: the replay queue's streams at a glance.
 
-For every run on the server (or the one named by ``--run-name``): length of ``treepo:<run>:trees``,
+For every run on the server (or the one named by ``--run-name``): length of the run's tree stream,
 undelivered and pending entries, pending per consumer, the oldest pending entry's age, the
 dead-letter stream's length and count, and the reasons of its last few entries; then the prompt
 cursor when dispatch state exists. ``--run-dir`` reads the embedded Redis's endpoint and password
@@ -31,42 +31,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _runs(client) -> list[str]:
-    names = set()
-    for key in client.scan_iter(match="treepo:*:trees", count=1000):
-        k = key.decode() if isinstance(key, bytes) else key
-        names.add(k[len("treepo:") : -len(":trees")])
-    return sorted(names)
+    from common.keys import TREES_PATTERN, RunKeys
+
+    return sorted(
+        {RunKeys.of_trees_key(key).run for key in client.scan_iter(match=TREES_PATTERN, count=1000)}
+    )
 
 
 def inspect(url: str, password: str | None, run_name: str = "", dead: int = 5) -> list[dict[str, Any]]:
     """One report dict per run: :meth:`ReplayQueue.stats` plus the last dead entries and the prompt cursor."""
+    from common.keys import RunKeys
     from common.replay import ReplayQueue, connect, guarded
 
     client = connect(url, password)
     runs = [run_name] if run_name else guarded(client, url, _runs, client)
     out = []
     for run in runs:
-        if not client.exists(f"treepo:{run}:trees"):
+        keys = RunKeys(run)
+        if not client.exists(keys.trees):
             out.append({"run": run, "missing": True})
             continue
         q = ReplayQueue(url, run, client=client)
         s = q.stats()
         s["dead_last"] = [{k: v for k, v in d.items() if k != "data"} for d in q.dead_entries(dead)]
-        cursor = client.get(f"treepo:{run}:prompts:cursor")
-        meta = client.hgetall(f"treepo:{run}:prompts:meta")
+        cursor = client.get(keys.prompts_cursor)
+        meta = client.hgetall(keys.prompts_meta)
         if meta:
             n, epochs = int(meta[b"n"]), int(meta[b"epochs"])
             c = int(cursor or 0)
             inflight = 0
-            for g in client.smembers(f"treepo:{run}:prompts:generators"):
-                inflight += client.hlen(f"treepo:{run}:prompts:inflight:{g.decode()}")
+            for g in client.smembers(keys.prompts_generators):
+                inflight += client.hlen(keys.prompts_inflight(g.decode()))
             s["prompts"] = {
                 "n": n,
                 "epochs": epochs,
                 "epoch": c // n,
                 "position": c % n,
                 "claimed": c,
-                "retry": client.llen(f"treepo:{run}:prompts:retry"),
+                "retry": client.llen(keys.prompts_retry),
                 "in_flight": inflight,
             }
         out.append(s)
@@ -75,12 +77,14 @@ def inspect(url: str, password: str | None, run_name: str = "", dead: int = 5) -
 
 
 def _print(reports: list[dict[str, Any]], where: str) -> None:
+    from common.keys import RunKeys
+
     print(f"replay queue at {where}")
     if not reports:
         print("  no treepo streams on this server")
     for r in reports:
         if r.get("missing"):
-            print(f"\nrun {r['run']}: no stream treepo:{r['run']}:trees")
+            print(f"\nrun {r['run']}: no stream {RunKeys(r['run']).trees}")
             continue
         age = r["oldest_pending_age_s"]
         print(f"\nrun {r['run']}")
@@ -92,7 +96,7 @@ def _print(reports: list[dict[str, Any]], where: str) -> None:
         for consumer, n in sorted(r["pending_per_consumer"].items()):
             print(f"    consumer {consumer:<28} pending {n:>6}")
         print(
-            f"  {'treepo:' + r['run'] + ':dead':<40} length {r['dead_length']:>7}  dead-lettered {r['dead_count']:>6}"
+            f"  {RunKeys(r['run']).dead:<40} length {r['dead_length']:>7}  dead-lettered {r['dead_count']:>6}"
         )
         for d in r["dead_last"]:
             print(f"    {d['id']} (source {d['source_id']}, {d['bytes']} B): {d['reason']}")

@@ -9,7 +9,7 @@ generators (``cluster/pipeline/topology.py``). Then the loops, each one named me
   drops duplicates (by tree id), trees with a leaf past ``algo.max_staleness`` and, with dynamic
   sampling, trees whose leaves all agree; waits until ``learner.prompts_per_step`` trees are kept.
   Unblocked by generators pushing. Every drop raises the Redis counter ``D`` the generators' admission
-  rule adds (:mod:`actors.generator`), so a dropped tree is replaced instead of stalling the step.
+  rule adds (:mod:`common.schedule`), so a dropped tree is replaced instead of stalling the step.
   While it waits it also watches the generators: a dead one is restarted by Ray (``max_restarts``),
   receives the current weights and starts its loop again; its in-flight prompts are re-issued.
 - ``learn`` — tree advantages over the whole batch, each rank's share (rank ``r`` gets
@@ -38,17 +38,15 @@ backend, the generator's process is the one rank and hands the tensors to the en
 says how many ranks it takes (``sync_ranks``); generator ``g`` gets the ranks after those of the
 members before it, so the group's world size is 1 + the sum.
 
-Run name: Redis keys live under ``treepo:<run name>:``, derived from the run directory's absolute
-path, so a resume must use the same ``run_dir`` (an absolute path on clusters: ``ray job submit``
-unpacks the working directory somewhere new for every job).
+Run name: the run's Redis keys (:class:`common.keys.RunKeys`) are named after the run directory's
+absolute path, so a resume must use the same ``run_dir`` (an absolute path on clusters: ``ray job
+submit`` unpacks the working directory somewhere new for every job).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -64,28 +62,6 @@ CONSUMER = "controller"
 STEP_TIMEOUT_S = 3600.0  # one learner step; generous: a 7B step on a slow node takes minutes
 STALL_TIMEOUT_S = 1800.0  # no tree at all for this long while generators live: something is wrong
 STATS_TIMEOUT_S = 10.0
-
-
-def run_name_for(run_dir: str | Path) -> str:
-    """A queue/prompt key namespace unique to a run directory (shared Redis servers stay separate)."""
-    path = Path(run_dir).resolve()
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name) or "run"
-    return f"{safe}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
-
-
-def check_pipeline_config(cfg: TrainConfig) -> None:
-    """Settings the pipeline cannot run with (the schedule would deadlock)."""
-    from actors.generator import staleness_in_steps, versions_per_step
-
-    bound = staleness_in_steps(cfg) + 1
-    if cfg.sync.every_steps > bound:
-        k = versions_per_step(cfg.learner)
-        raise ConfigError(
-            f"sync.every_steps={cfg.sync.every_steps} is more than algo.max_staleness={cfg.algo.max_staleness} "
-            f"allows ({k} policy version(s) per step: at most {bound}): generators admit trees by the weights "
-            f"they hold, so the learner would wait for trees nobody may sample; set sync.every_steps <= {bound} "
-            "or raise algo.max_staleness"
-        )
 
 
 def _connect_ray() -> bool:
@@ -107,9 +83,11 @@ def run_pipeline(cfg: TrainConfig) -> int:
     """``treepo train driver=ray``: the asynchronous pipeline; returns the exit code."""
     from cluster.pipeline.redis_launcher import queue_endpoint
     from cluster.rundir import check_run_dir
+    from common.keys import run_name_for
     from common.models import resolve_model
+    from common.schedule import check_sync_every
 
-    check_pipeline_config(cfg)
+    check_sync_every(cfg)  # config validation refuses it already; a cfg built another way is checked here
     run_dir = Path(cfg.run_dir)
     check_run_dir(cfg, run_dir / "checkpoints")
     save_resolved(cfg, run_dir)
@@ -154,6 +132,7 @@ class Controller:
     def __init__(self, cfg: TrainConfig, queue_url: str, password: str | None, run_name: str) -> None:
         from cluster.pipeline import topology
         from common.data import resolve_data_path
+        from common.keys import RunKeys
         from common.metrics import MetricsLog
         from common.prompts import PromptDispatcher
         from common.replay import ReplayQueue
@@ -170,9 +149,7 @@ class Controller:
         self.dispatcher = PromptDispatcher(
             self.queue.redis, run_name, self._prompt_ids, cfg.data.shuffle_seed, cfg.data.epochs
         )
-        from actors.generator import dropped_key
-
-        self._dropped_key = dropped_key(run_name)
+        self._dropped_key = RunKeys(run_name).dropped
         self.metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.log.tensorboard)
         self.topo = topology.start(cfg, queue_url, password, run_name)
         self.gens = [_GenSlot(h) for h in self.topo.generators]

@@ -3,7 +3,8 @@ a vLLM CPU engine inside the generator actor, the real learner rank in its own a
 
 Checks: a short run trains unique trees under bounded staleness with weights reaching the generator;
 a generator killed mid-run restarts and no prompt is trained twice; a controller crash after a
-checkpoint resumes without losing or repeating a tree. The admission rule is tested as a pure function.
+checkpoint resumes without losing or repeating a tree. The schedule's rules are tested as
+pure functions in ``tests/unit/test_schedule.py``.
 """
 
 from __future__ import annotations
@@ -15,68 +16,9 @@ import time
 import pytest
 from ray_nodes import small_pipeline_overrides
 
-from actors.generator import admission_budget
 from common.config import load_config
 
 PW_ENV = "TREEPO_TEST_PIPELINE_REDIS_PASSWORD"
-
-
-# ------------------------------------------------------------------ the admission rule (pure)
-
-
-def test_admission_budget_matches_the_rule():
-    # (S + v + 1)·B − (accepted + running), floored at 0
-    assert admission_budget(1, 0, 4, accepted=0, running=0) == 8
-    assert admission_budget(1, 0, 4, accepted=5, running=3) == 0
-    assert admission_budget(1, 2, 4, accepted=9, running=2) == 5
-    assert admission_budget(0, 3, 2, accepted=20, running=5) == 0  # never negative
-    # synchronous mode: exactly one step's worth per version
-    assert admission_budget(0, 0, 4, accepted=0, running=0) == 4
-    assert admission_budget(0, 0, 4, accepted=4, running=0) == 0
-    assert admission_budget(0, 1, 4, accepted=4, running=0) == 4
-    # trees the controller dropped are replaced, not waited for
-    assert admission_budget(0, 0, 4, accepted=4, running=0, dropped=3) == 3
-
-
-def test_staleness_counts_whole_steps_of_policy_versions():
-    from actors.generator import staleness_in_steps, versions_per_step
-
-    def cfg(*extra):
-        return load_config(None, ["learner.prompts_per_step=8", *extra])
-
-    assert versions_per_step(cfg("learner.mini_batch_prompts=8").learner) == 1
-    assert versions_per_step(cfg("learner.mini_batch_prompts=2", "learner.ppo_epochs=2").learner) == 8
-    assert staleness_in_steps(cfg("learner.mini_batch_prompts=8", "algo.max_staleness=3")) == 3
-    assert staleness_in_steps(cfg("learner.mini_batch_prompts=4", "algo.max_staleness=3")) == 1
-    assert staleness_in_steps(cfg("learner.mini_batch_prompts=4", "algo.max_staleness=1")) == 0
-
-
-def test_pipeline_refuses_a_sync_interval_the_staleness_bound_cannot_feed():
-    from cluster.pipeline.controller import check_pipeline_config
-    from common.errors import ConfigError
-
-    check_pipeline_config(load_config(None, ["algo.max_staleness=1", "sync.every_steps=2"]))
-    with pytest.raises(ConfigError, match="sync.every_steps"):
-        check_pipeline_config(load_config(None, ["algo.max_staleness=0", "sync.every_steps=2"]))
-
-
-def test_admission_budget_bounds_staleness_of_a_fifo_consumer():
-    """Simulate one generator and a consumer training B trees per version in push order: the version
-    a tree was admitted under is never more than S behind the learner that trains it."""
-    for S in (0, 1, 2):
-        for B in (1, 3):
-            admitted_at: list[int] = []  # generator version when each tree was admitted
-            gen_version = learner_version = 0
-            for _ in range(40):
-                n = admission_budget(S, gen_version, B, accepted=len(admitted_at), running=0)
-                admitted_at += [gen_version] * n
-                start = learner_version * B
-                if len(admitted_at) >= start + B:
-                    batch = admitted_at[start : start + B]
-                    assert all(learner_version - v <= S for v in batch), (S, B, batch, learner_version)
-                    learner_version += 1
-                    gen_version = learner_version  # weights published and applied
-            assert learner_version > 5
 
 
 # ------------------------------------------------------------------ the pipeline (real Ray)
@@ -240,8 +182,9 @@ def test_synchronous_pipeline_trains_every_prompt_once_on_fresh_weights(
 def test_generator_killed_mid_run_restarts_and_no_prompt_repeats(
     tmp_path, tiny_model_dir, ray_local, redis_server, monkeypatch
 ):
-    from cluster.pipeline.controller import run_name_for, run_pipeline
+    from cluster.pipeline.controller import run_pipeline
     from cluster.pipeline.topology import generator_name
+    from common.keys import run_name_for
 
     run = tmp_path / "run"
     cfg = _cfg(run, tiny_model_dir, "learner.total_steps=4", *_queue_cfg(redis_server, monkeypatch))
@@ -322,8 +265,9 @@ def test_redis_restart_mid_run_and_a_malformed_entry(tmp_path, tiny_model_dir, r
     """Redis (AOF, appendfsync always) restarts while generators push and the controller reads: the
     run finishes, every prompt is trained exactly once. A malformed entry in the stream lands in the
     dead-letter stream (counted) instead of stopping the run."""
-    from cluster.pipeline.controller import run_name_for, run_pipeline
+    from cluster.pipeline.controller import run_pipeline
     from cluster.pipeline.redis_launcher import EmbeddedRedis
+    from common.keys import RunKeys, run_name_for
     from common.replay import FIELD_SCHEMA, FIELD_TREE, SCHEMA_VERSION, connect
 
     server = EmbeddedRedis(tmp_path / "redis", appendfsync="always", maxmemory_mb=256).start()
@@ -340,7 +284,7 @@ def test_redis_restart_mid_run_and_a_malformed_entry(tmp_path, tiny_model_dir, r
         # a producer bug or a foreign writer: an entry that is not a tree, queued before the run starts
         client = connect(server.url, server.password)
         client.xadd(
-            f"treepo:{run_name_for(run)}:trees", {FIELD_TREE: b"\x00not a tree", FIELD_SCHEMA: SCHEMA_VERSION}
+            RunKeys(run_name_for(run)).trees, {FIELD_TREE: b"\x00not a tree", FIELD_SCHEMA: SCHEMA_VERSION}
         )
         client.close()
         th, result = _run_until_first_step(run_pipeline, cfg, run)

@@ -56,9 +56,9 @@ TOPOLOGY = "cluster/pipeline/topology.py"
 def _applies_remote(path: Path) -> bool:
     """Code (not prose) that names ``ray.remote``, a ``remote`` decorator or calls ``.options(...)``."""
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Attribute) and node.attr == "remote" and isinstance(node.value, ast.Name):
-            if node.value.id == "ray":
-                return True
+        is_attr = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+        if is_attr and node.attr == "remote" and node.value.id == "ray":
+            return True
         if isinstance(node, ast.Name) and node.id == "remote":
             return True
         if (

@@ -1,0 +1,89 @@
+"""Every Redis key of a training run, spelled in one place.
+
+A run's keys live under ``treepo:<run name>:``; the run name is derived from the run directory's
+absolute path (:func:`run_name_for`), so several runs share one Redis server and a resume must use the
+same ``run_dir`` (an absolute path on clusters: ``ray job submit`` unpacks the working directory
+somewhere new for every job).
+
+- ``trees`` (stream), ``dead`` (dead-letter stream), ``dead_count`` (counter): the replay queue
+  (:mod:`common.replay`).
+- ``prompts:meta``, ``prompts:cursor``, ``prompts:retry``, ``prompts:generators``,
+  ``prompts:inflight:<generator>``: prompt dispatch (:mod:`common.prompts`).
+- ``pipeline:dropped``: the controller's count of discarded trees, the ``D`` of the admission rule
+  (:mod:`common.schedule`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import QueueError
+
+PREFIX = "treepo"
+TREES_PATTERN = f"{PREFIX}:*:trees"  # matches every run's tree stream (``SCAN MATCH``)
+
+
+def run_name_for(run_dir: str | Path) -> str:
+    """A key namespace unique to a run directory (shared Redis servers stay separate)."""
+    path = Path(run_dir).resolve()
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name) or "run"
+    return f"{safe}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """The keys of run ``run``."""
+
+    run: str
+
+    def __post_init__(self) -> None:
+        if not self.run or any(c in self.run for c in " \n\t{}"):
+            raise QueueError(f"run name {self.run!r} must be non-empty without spaces or braces")
+
+    @classmethod
+    def of_trees_key(cls, key: str | bytes) -> RunKeys:
+        """The run whose ``trees`` stream is ``key`` (as found with :data:`TREES_PATTERN`)."""
+        k = key.decode() if isinstance(key, bytes) else key
+        return cls(k[len(PREFIX) + 1 : -len(":trees")])
+
+    @property
+    def base(self) -> str:
+        return f"{PREFIX}:{self.run}"
+
+    @property
+    def trees(self) -> str:
+        return f"{self.base}:trees"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.base}:dead"
+
+    @property
+    def dead_count(self) -> str:
+        return f"{self.base}:dead_count"
+
+    @property
+    def prompts_meta(self) -> str:
+        return f"{self.base}:prompts:meta"
+
+    @property
+    def prompts_cursor(self) -> str:
+        return f"{self.base}:prompts:cursor"
+
+    @property
+    def prompts_retry(self) -> str:
+        return f"{self.base}:prompts:retry"
+
+    @property
+    def prompts_generators(self) -> str:
+        return f"{self.base}:prompts:generators"
+
+    def prompts_inflight(self, generator_id: int | str) -> str:
+        return f"{self.base}:prompts:inflight:{generator_id}"
+
+    @property
+    def dropped(self) -> str:
+        return f"{self.base}:pipeline:dropped"

@@ -1,0 +1,70 @@
+"""The trees a learner step trains on (learner/selection.py), pure: staleness per leaf, the staleness
+and dynamic-sampling filter, and the step's selection metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from test_tree_wire import make_tree
+
+from learner.selection import (
+    KEPT,
+    STALE,
+    UNIFORM,
+    Selection,
+    leaf_staleness_L,
+    record_staleness,
+    rollout_metrics,
+    staleness_metrics,
+    tree_staleness,
+)
+
+
+def _tree(tree_id: str, rewards: list[float], version_shift: int = 0):
+    t = make_tree()
+    t.tree_id = tree_id
+    for leaf, r in zip(t.leaves, rewards):
+        leaf.reward = r
+    t.segments = [dataclasses.replace(s, version=s.version + version_shift) for s in t.segments]
+    return t
+
+
+def test_a_leaf_is_as_stale_as_the_oldest_segment_on_its_path():
+    t = make_tree()  # leaf 2's path holds versions 0 and 1, leaf 3's too, leaf 4's only 0
+    assert leaf_staleness_L(t, 3) == [3, 3, 3]
+    assert tree_staleness(t, 3) == 3
+    hist: dict[int, int] = {}
+    assert record_staleness([t, t], 1, hist) == [1] * 6
+    assert hist == {1: 6}
+
+
+def test_selection_drops_stale_then_uniform_trees_and_counts_everything():
+    sel = Selection(version=5, max_staleness=1, dynamic_sampling=True)
+    assert sel.offer(_tree("old", [1.0, -1.0, 1.0], version_shift=3)) == STALE  # 5 - 3 = 2 > 1
+    assert sel.offer(_tree("same", [1.0, 1.0, 1.0], version_shift=4)) == UNIFORM
+    assert sel.offer(_tree("good", [1.0, -1.0, -1.0], version_shift=4)) == KEPT
+    sel.skip_duplicate()
+    assert [t.tree_id for t in sel.kept] == ["good"]
+    assert (sel.sampled, sel.dropped_stale, sel.dropped_uniform, sel.dropped) == (4, 1, 1, 2)
+    m = sel.metrics()
+    assert m["rollout/trees_sampled"] == 4 and m["rollout/trees_dropped_uniform"] == 1
+    assert m["rollout/reward"] == pytest.approx(3 / 9)  # every non-duplicate tree's leaves
+    assert m["rollout/accuracy"] == pytest.approx(6 / 9)
+
+
+def test_without_a_staleness_limit_only_uniform_trees_are_dropped():
+    sel = Selection(version=100, max_staleness=None, dynamic_sampling=True)
+    assert sel.offer(_tree("old", [1.0, -1.0, 1.0])) == KEPT
+    assert Selection(version=0, dynamic_sampling=False).offer(_tree("u", [1.0, 1.0, 1.0])) == KEPT
+
+
+def test_batch_metrics():
+    trees = [_tree("a", [1.0, -1.0, 1.0]), _tree("b", [-1.0, -1.0, 1.0], version_shift=2)]
+    m = rollout_metrics(trees)
+    assert m["rollout/trained_reward"] == pytest.approx(0.0)
+    assert m["rollout/response_len"] == pytest.approx(3.0)
+    assert m["tree/leaves_per_tree"] == 3.0
+    s = staleness_metrics(trees, record_staleness(trees, 3, {}))
+    assert (s["rollout/segment_version_min"], s["rollout/segment_version_max"]) == (0.0, 3.0)
+    assert (s["staleness/mean"], s["staleness/max"]) == (2.0, 3.0)
