@@ -3,7 +3,8 @@
 Per problem: mean@k (share of correct answers), pass@k (unbiased estimator; with exactly k samples
 it is "any correct"), maj@k (bootstrap majority vote, 1000 draws, seed 42). Per file and overall
 (weighted by problem count). A sample is correct when its reward is above the midpoint of the
-reward's correct and wrong values; evaluation rewards carry no overlong penalty.
+reward's correct and wrong values (:func:`actors.scoring.correct_threshold`); evaluation rewards are
+:func:`actors.engine_inputs.eval_reward`'s.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.backends.base import GenerationBackend
+from actors.engine_inputs import prompt_metadata
 from actors.sampler import TreeSampler
-from actors.scoring import leaf_texts, score_trees
+from actors.scoring import correct_threshold, leaf_texts, score_trees
 from common.config import SamplingConfig, TreeConfig
 from common.eval_metrics import maj_at_k, majority_vote, pass_at_k
 from common.rewards import RewardFn
@@ -73,6 +75,28 @@ class EvalResult:
         return out
 
 
+def run_eval(
+    backend: GenerationBackend,
+    inputs: Any,
+    prompts: Sequence[Any],
+    reward: RewardFn,
+    *,
+    k: int | None = None,
+    sampling: str = "flat",
+    tree_cfg: TreeConfig | None = None,
+    **kw: Any,
+) -> EvalResult:
+    """:func:`evaluate` with a run's settings: ``inputs`` is an :class:`actors.engine_inputs.EngineInputs`
+    (its config's tree, sampling and ``generators.trees_in_flight``, its EOS ids and decode);
+    ``k`` defaults to ``eval.k``. ``kw`` goes to :func:`evaluate` (``keep_texts``, ``progress``)."""
+    cfg = inputs.cfg
+    return evaluate(
+        backend, prompts, reward, tree_cfg=tree_cfg or cfg.tree, sampling_cfg=cfg.sampling,
+        eos_ids=inputs.eos_ids, decode=inputs.decode, k=k or cfg.eval.k, sampling=sampling,
+        max_in_flight=cfg.generators.trees_in_flight, **kw,
+    )  # fmt: skip
+
+
 def eval_tree_config(tree_cfg: TreeConfig, k: int, sampling: str) -> TreeConfig:
     """The sampler shape for k answers per problem: flat = k independent samples; tree = w=k leaves."""
     if sampling == "flat":
@@ -114,8 +138,8 @@ def evaluate(
         generator_id=-1,
     )
     eos = frozenset(int(i) for i in eos_ids)
-    items = [(p.row.id, p.prompt_ids, {"answer": p.row.answer, **_scalars(p.row.metadata)}) for p in prompts]
-    threshold = (reward_bounds(reward)[0] + reward_bounds(reward)[1]) / 2
+    items = [(p.row.id, p.prompt_ids, prompt_metadata(p.row)) for p in prompts]
+    threshold = correct_threshold(reward)
     t0 = time.perf_counter()
     results: dict[str, ProblemResult] = {}
     for tree in sampler.run(items, max_in_flight):
@@ -147,12 +171,3 @@ def evaluate(
         prefill_tokens_computed=stats.prefill_tokens_computed,
         trajectory_tokens=stats.leaf_tokens,
     )
-
-
-def reward_bounds(reward: RewardFn) -> tuple[float, float]:
-    """(correct, wrong) values of a reward (defaults +1/-1 for user functions without them)."""
-    return float(getattr(reward, "correct", 1.0)), float(getattr(reward, "wrong", -1.0))
-
-
-def _scalars(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None}

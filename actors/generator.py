@@ -23,6 +23,7 @@ A generator restarted under the same id first re-issues the prompts it had in fl
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -30,18 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from actors.engine_inputs import prompt_metadata
 from common import schedule
 
 log = logging.getLogger("treepo.generator")
-
-
-def prompt_metadata(row: Any, epoch: int) -> dict[str, Any]:
-    """A tree's flat metadata: the gold answer, the epoch and the row's scalar metadata."""
-    return {
-        "answer": row.answer,
-        "epoch": int(epoch),
-        **{k: v for k, v in row.metadata.items() if isinstance(v, (str, int, float, bool))},
-    }
 
 
 def tree_id_for(prompt_id: str, epoch: int) -> str:
@@ -51,8 +44,6 @@ def tree_id_for(prompt_id: str, epoch: int) -> str:
 
 def _faults() -> set[str]:
     """Failure injection for tests (``TREEPO_FAULTS=sync_stall,...``); empty in normal runs."""
-    import os
-
     return {f for f in os.environ.get("TREEPO_FAULTS", "").split(",") if f}
 
 
@@ -83,71 +74,46 @@ class Generator:
         *,
         backend: Any = None,
     ) -> None:
-        from actors.backends import backend_for_run
-        from actors.sampler import TreeSampler
-        from common.data import load_prompts, resolve_data_path
-        from common.models import eos_token_ids, load_tokenizer
+        from actors.engine_inputs import EngineInputs
         from common.prompts import PromptDispatcher
         from common.replay import ReplayQueue
-        from common.rewards import resolve_reward
         from common.sampling_metrics import SamplingStats
 
         self.cfg = cfg
         self.id = int(generator_id)
         self.run_name = run_name
-        model_path = cfg.model.path
-        tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-        self._tokenizer = tokenizer
-        eos = eos_token_ids(model_path)
-        self._eos_set = frozenset(eos)
-        train_path, task = resolve_data_path(cfg.data.train, "train", cfg.data)
-        prompts = load_prompts(train_path, tokenizer, cfg.data)
-        self._prompts = {p.row.id: p for p in prompts}
-        # rewards hold verifier subprocess pipes: they must be created in this process
-        self.reward = resolve_reward(
-            cfg.reward.fn, task, cfg=cfg.reward, max_response_tokens=cfg.tree.max_response_tokens
-        )
-        self._eval_prompts: list = []
-        if cfg.eval.every_steps:
-            import dataclasses
-
-            eval_path, eval_task = resolve_data_path(cfg.data.eval, "eval", cfg.data)
-            self._eval_prompts = list(load_prompts(eval_path, tokenizer, cfg.data))
-            if cfg.eval.max_problems:
-                self._eval_prompts = self._eval_prompts[: cfg.eval.max_problems]
-            self.eval_reward = resolve_reward(
-                cfg.reward.fn, eval_task, cfg=dataclasses.replace(cfg.reward, overlong_buffer=0)
-            )
+        # cfg.model.path is resolved by the driver; rewards hold verifier subprocess pipes, so they are
+        # built here, in this process
+        self.inputs = EngineInputs.load(cfg, model_path=cfg.model.path)
+        train = self.inputs.training_set()
+        self._prompts = {p.row.id: p for p in train.prompts}
+        self.reward = train.reward
+        self._held_out = self.inputs.held_out_set()
         self.queue = ReplayQueue.from_config(cfg.queue, queue_url, run_name, queue_password)
         self.dispatcher = PromptDispatcher(
-            self.queue.redis, run_name, [p.row.id for p in prompts], cfg.data.shuffle_seed, cfg.data.epochs
+            self.queue.redis, run_name, list(self._prompts), cfg.data.shuffle_seed, cfg.data.epochs
         )
         self._dropped_key = self.dispatcher.run_keys.dropped
         self.requeued_on_start = self.dispatcher.requeue_generator(self.id)
         if backend is None:
-            longest = max(len(p.prompt_ids) for p in [*prompts, *self._eval_prompts])
-            backend = backend_for_run(cfg, model_path, eos, longest, seed=cfg.seed + 1000 * self.id)
+            backend = self.inputs.open_backend(train, self._held_out, seed=cfg.seed + 1000 * self.id)
         self.backend = backend
         self.sampling_stats = SamplingStats()
-        self.sampler = TreeSampler(
-            backend,
-            cfg.tree,
-            cfg.sampling,
-            eos,
-            self._decode,
-            generator_id=self.id,
-            stats=self.sampling_stats,
-        )
+        self.sampler = self.inputs.sampler(backend, generator_id=self.id, stats=self.sampling_stats)
+        self._init_state()
+        self._init_sync(cfg, backend)
+
+    def _init_state(self) -> None:
+        """Loop, weight-offer and counter state."""
         self._epochs: dict[str, tuple[int, str]] = {}  # tree id -> (epoch, prompt id)
         self._lock = threading.Lock()
         self._pending: tuple[Mapping[str, Any] | _StagedInEngine, int, int] | None = None
         self.weights_step = 0  # controller step at which the weights held were published
-        self._staleness_steps = schedule.staleness_in_steps(cfg)
+        self._staleness_steps = schedule.staleness_in_steps(self.cfg)
         self._stop = threading.Event()
         # the engine is used by one thread at a time: the run loop, or an evaluation between two steps
         self._engine_lock = threading.Lock()
         self._eval_waiting = threading.Event()
-        self._eos = list(eos)
         self._exhausted = False
         self.counters = {
             "pushed": 0,
@@ -159,11 +125,17 @@ class Generator:
             "sync_s": 0.0,
             "receive_s": 0.0,
         }
-        self._receiver = None  # common.weight_sync.WeightReceiver, once the controller sent group info
-        # sync.receiver: the engine's worker processes are the receiver ranks (the update is staged in
-        # them and applied at a segment boundary), or this process is the one rank
+        # `treepo bench pipeline`'s synthetic workload: a known cost per sampler step
+        self._bench_delay_s = float(os.environ.get("TREEPO_BENCH_GEN_DELAY_S", "0") or 0)
+        self._t_start = time.perf_counter()
+
+    def _init_sync(self, cfg: Any, backend: Any) -> None:
+        """Weight-sync receiving: the engine's worker processes are the receiver ranks (the update is
+        staged in them and applied at a segment boundary), or this process is the one rank
+        (``sync.receiver``)."""
         from actors.backends.worker_sync import receives_per_worker
 
+        self._receiver = None  # common.weight_sync.WeightReceiver, once the controller sent group info
         self._per_worker = receives_per_worker(
             cfg.sync.receiver,
             engine_in_workers=not getattr(backend, "in_process", True),
@@ -172,13 +144,6 @@ class Generator:
         self._worker_joined = False
         # held while a staged update is applied, and while a refused one is dropped from the workers
         self._staged_lock = threading.Lock()
-        import os
-
-        self._bench_delay_s = float(os.environ.get("TREEPO_BENCH_GEN_DELAY_S", "0") or 0)
-        self._t_start = time.perf_counter()
-
-    def _decode(self, ids) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ------------------------------------------------------------------ control (any thread)
     def ready(self) -> int:
@@ -273,19 +238,15 @@ class Generator:
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out evaluation (flat sampling, ``eval.k`` answers per problem) on this engine, between
         two sampler steps, with the newest offered weights applied first. Keys as the local driver's."""
-        from actors.evaluator import evaluate
+        from actors.evaluator import run_eval
 
-        if not self._eval_prompts:
+        if self._held_out is None:
             return {}
         self._eval_waiting.set()  # the run loop yields the engine at its next step boundary
         with self._engine_lock:
             self._eval_waiting.clear()
             self._apply_pending()
-            res = evaluate(
-                self.backend, self._eval_prompts, self.eval_reward, tree_cfg=self.cfg.tree,
-                sampling_cfg=self.cfg.sampling, eos_ids=self._eos, decode=self._decode, k=self.cfg.eval.k,
-                sampling="flat", max_in_flight=self.cfg.generators.trees_in_flight,
-            )  # fmt: skip
+            res = run_eval(self.backend, self.inputs, self._held_out.prompts, self._held_out.reward)
         out = res.train_metrics()
         out["eval/version"] = float(self.backend.policy_version)
         return out
@@ -367,7 +328,7 @@ class Generator:
             done = self.sampler.step()
             if self._bench_delay_s > 0:  # `treepo bench pipeline`'s synthetic workload: known cost per step
                 time.sleep(self._bench_delay_s)
-        score_trees(done, self.reward, self._decode, self._eos_set)
+        score_trees(done, self.reward, self.inputs.decode, self.inputs.eos_set)
         pushed = refused = 0
         for tree in done:
             epoch, prompt_id = self._epochs.pop(tree.tree_id)

@@ -80,9 +80,6 @@ def stable_hash(*parts: Any) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-find_boxed = last_boxed  # a path is answered when its tail holds a complete box (common/answers.py)
-
-
 def has_repetition(text: str, substring_chars: int, min_count: int) -> bool:
     """True if some ``substring_chars``-character substring occurs ≥ ``min_count`` times (overlapping)."""
     n = len(text) - substring_chars + 1
@@ -444,7 +441,7 @@ class TreeSampler:
             return False
         n = self.cfg.answer_tail_chars
         tail = self.decode_fn(st.response(node.node_id)[-n:])[-n:]
-        return find_boxed(tail) is not None
+        return last_boxed(tail) is not None  # answered: its tail holds a complete box
 
     def _repetitive(self, node: _Node) -> bool:
         if not self.cfg.repetition_check or self.decode_fn is None:

@@ -2,7 +2,7 @@
 learner step → weight update → checkpoint → evaluate, with every piece the real one (vLLM or hf
 backend, the segment-tree sampler, isolated reward workers, the learner rank, atomic checkpoints).
 
-The loop (one screen, :func:`train`):
+The loop (:meth:`LocalRun.loop`, one screen):
 
 - ``collect``: keeps up to ``generators.trees_in_flight`` trees growing on the engine, takes prompts
   from the seeded per-epoch cursor, scores finished trees, drops trees whose leaves all agree
@@ -25,8 +25,9 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
-from cluster.rundir import append_trained, check_run_dir, final_plots, truncate_logs
+from cluster.rundir import append_trained, check_run_dir, checkpoint_dir, final_plots, truncate_logs
 from common.config import TrainConfig, save_resolved
 from common.metrics import MetricsLog
 from common.prompts import EpochCursor
@@ -42,175 +43,182 @@ def train(cfg: TrainConfig, backend=None) -> int:
     # and keeps its per-step INFO lines off the progress bar.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    import torch
-    from tqdm import tqdm
-
-    from actors.backends import backend_for_run
-    from actors.evaluator import evaluate
-    from actors.generator import prompt_metadata, tree_id_for
-    from actors.sampler import TreeSampler
-    from actors.scoring import score_trees
-    from common.data import load_prompts, resolve_data_path
-    from common.models import eos_token_ids, load_tokenizer, resolve_model
-    from common.rewards import resolve_reward
-    from common.sampling_metrics import SamplingStats
-    from learner.advantages import tree_advantages
-    from learner.rank import LearnerRank
-
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    check_run_dir(cfg, ckpt_dir)
-    save_resolved(cfg, run_dir)
-    torch.manual_seed(cfg.seed)
-
-    model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    eos = eos_token_ids(model_path)
-    eos_set = frozenset(eos)
-
-    def decode(ids):
-        return tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    train_path, task = resolve_data_path(cfg.data.train, "train", cfg.data)
-    prompts = load_prompts(train_path, tokenizer, cfg.data)
-    eval_prompts = []
-    if cfg.eval.every_steps:
-        eval_path, eval_task = resolve_data_path(cfg.data.eval, "eval", cfg.data)
-        eval_prompts = list(load_prompts(eval_path, tokenizer, cfg.data))
-        if cfg.eval.max_problems:
-            eval_prompts = eval_prompts[: cfg.eval.max_problems]
-    reward = resolve_reward(
-        cfg.reward.fn, task, cfg=cfg.reward, max_response_tokens=cfg.tree.max_response_tokens
+    run = LocalRun(cfg, backend)
+    try:
+        step = run.loop()
+    finally:
+        run.close()
+    final_plots(run.run_dir, run.staleness_hist)
+    print(
+        f"[train] done: {step} steps, metrics in {run.run_dir / 'metrics.jsonl'}, plots in {run.run_dir}",
+        flush=True,
     )
-    eval_reward = resolve_reward(cfg.reward.fn, task, cfg=dataclasses.replace(cfg.reward, overlong_buffer=0))
+    return 0
 
-    learner = LearnerRank(
-        dataclasses.replace(cfg.model, path=model_path),
-        cfg.algo,
-        cfg.learner,
-        seed=cfg.seed,
-        temperature=cfg.sampling.temperature,
-    )
-    extra = learner.load(ckpt_dir, required=True) if cfg.resume else None
-    start_step = int(extra["step"]) if extra else 0
-    truncate_logs(run_dir, start_step)
-    cursor = EpochCursor(
-        len(prompts), cfg.data.shuffle_seed, cfg.data.epochs, extra.get("cursor") if extra else None
-    )
 
-    owns_backend = backend is None
-    if owns_backend:
-        backend = backend_for_run(
-            cfg, model_path, eos, max(len(p.prompt_ids) for p in [*prompts, *eval_prompts])
+class LocalRun:
+    """The engine, the sampler, the learner rank and the prompt cursor of one local run."""
+
+    def __init__(self, cfg: TrainConfig, backend: Any = None) -> None:
+        import torch
+
+        from actors.engine_inputs import EngineInputs
+        from common.sampling_metrics import SamplingStats
+        from learner.rank import LearnerRank
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = checkpoint_dir(self.run_dir)
+        check_run_dir(cfg, self.ckpt_dir)
+        save_resolved(cfg, self.run_dir)
+        torch.manual_seed(cfg.seed)
+        self.inputs = EngineInputs.load(cfg)
+        self.train_set = self.inputs.training_set()
+        self.held_out = self.inputs.held_out_set()
+        self.learner = LearnerRank(
+            dataclasses.replace(cfg.model, path=self.inputs.model_path),
+            cfg.algo,
+            cfg.learner,
+            seed=cfg.seed,
+            temperature=cfg.sampling.temperature,
         )
-    if learner.version or not owns_backend:  # resumed or borrowed: the engine takes the learner's weights
-        backend.update_weights(learner.weights_for_sync(), learner.version)
-    stats = SamplingStats()
-    sampler = TreeSampler(backend, cfg.tree, cfg.sampling, eos, decode, stats=stats)
-    metrics_log = MetricsLog(run_dir, tensorboard=cfg.log.tensorboard)
-    staleness_hist: dict[int, int] = {}
+        extra = self.learner.load(self.ckpt_dir, required=True) if cfg.resume else None
+        self.start_step = int(extra["step"]) if extra else 0
+        truncate_logs(self.run_dir, self.start_step)
+        self.cursor = EpochCursor(
+            len(self.train_set.prompts),
+            cfg.data.shuffle_seed,
+            cfg.data.epochs,
+            extra.get("cursor") if extra else None,
+        )
+        self.owns_backend = backend is None
+        self.backend = self.inputs.open_backend(self.train_set, self.held_out) if backend is None else backend
+        if self.learner.version or not self.owns_backend:  # resumed or borrowed: the learner's weights
+            self.backend.update_weights(self.learner.weights_for_sync(), self.learner.version)
+        self.stats = SamplingStats()
+        self.sampler = self.inputs.sampler(self.backend, stats=self.stats)
+        self.metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.log.tensorboard)
+        self.staleness_hist: dict[int, int] = {}
 
-    def run_eval(step: int) -> dict[str, float]:
-        res = evaluate(
-            backend, eval_prompts, eval_reward, tree_cfg=cfg.tree, sampling_cfg=cfg.sampling, eos_ids=eos,
-            decode=decode, k=cfg.eval.k, sampling="flat", max_in_flight=cfg.generators.trees_in_flight,
-        )  # fmt: skip
-        out = res.train_metrics()
+    @property
+    def evaluates(self) -> bool:
+        return self.held_out is not None and bool(self.held_out.prompts)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out evaluation on the engine (flat sampling, ``eval.k`` answers per problem)."""
+        from actors.evaluator import run_eval
+
+        out = run_eval(self.backend, self.inputs, self.held_out.prompts, self.held_out.reward).train_metrics()
         print(f"[eval] step {step}: " + "  ".join(f"{k}={v:.3f}" for k, v in out.items()), flush=True)
         return out
 
-    def collect(need: int) -> tuple[list, dict[str, float]] | None:
-        sel = Selection(learner.version, dynamic_sampling=cfg.algo.dynamic_sampling)  # no staleness limit
+    def collect(self, need: int) -> tuple[list, dict[str, float]] | None:
+        """``need`` kept trees, all sampled under the current weights (fewer when the data is used up;
+        None if none)."""
+        from actors.engine_inputs import prompt_metadata
+        from actors.generator import tree_id_for
+        from actors.scoring import score_trees
+
+        sampler, prompts = self.sampler, self.train_set.prompts
+        sel = Selection(self.learner.version, dynamic_sampling=self.cfg.algo.dynamic_sampling)  # no limit
         data_left = True
         while len(sel.kept) < need:
             while data_left and sampler.in_flight + len(sel.kept) < need:
-                item = cursor.next()
+                item = self.cursor.next()
                 if item is None:
                     data_left = False
                     break
                 epoch, idx = item
                 p = prompts[idx]
-                sampler.submit(
-                    p.row.id,
-                    p.prompt_ids,
-                    prompt_metadata(p.row, epoch),
-                    tree_id=tree_id_for(p.row.id, epoch),
-                )
+                tree_id = tree_id_for(p.row.id, epoch)
+                sampler.submit(p.row.id, p.prompt_ids, prompt_metadata(p.row, epoch), tree_id=tree_id)
             if not sampler.in_flight:
                 break
             done = sampler.step()
-            score_trees(done, reward, decode, eos_set)
+            score_trees(done, self.train_set.reward, self.inputs.decode, self.inputs.eos_set)
             for tree in done:
                 sel.offer(tree)
         if not sel.kept:
             return None
         return sel.kept, sel.metrics()
 
-    progress = tqdm(
-        total=cfg.learner.total_steps,
-        initial=start_step,
-        desc="train",
-        disable=not cfg.log.progress,
-        dynamic_ncols=True,
-    )
-    if eval_prompts and start_step == 0:
-        metrics_log.log(0, run_eval(0))
-    step = start_step
-    try:
-        while step < cfg.learner.total_steps:
-            t0 = time.perf_counter()
-            got = collect(cfg.learner.prompts_per_step)
-            if got is None:
-                print(
-                    f"[train] prompts exhausted after {cfg.data.epochs} epoch(s) at step {step}", flush=True
+    def step(self, step: int, trees: list, m: dict[str, float], t0: float) -> dict[str, float]:
+        """Train on ``trees`` (the ``step``-th step), push weights, evaluate and checkpoint on schedule."""
+        from learner.advantages import tree_advantages
+
+        cfg, learner = self.cfg, self.learner
+        t_gen = time.perf_counter() - t0
+        advantages = tree_advantages(trees, cfg.algo)
+        record_staleness(trees, learner.version, self.staleness_hist)
+        t1 = time.perf_counter()
+        m.update(learner.train_step(trees, advantages))
+        t_train = time.perf_counter() - t1
+        if step % cfg.sync.every_steps == 0:
+            t2 = time.perf_counter()
+            # the backend resets its prefix cache or keeps it, per generators.reset_prefix_cache_on_update
+            self.backend.update_weights(learner.weights_for_sync(), learner.version)
+            m["timing/sync_s"] = time.perf_counter() - t2
+        m.update(rollout_metrics(trees))
+        m.update(
+            {
+                "timing/generate_s": t_gen,
+                "timing/train_s": t_train,
+                "timing/step_s": time.perf_counter() - t0,
+                **{k: v.value for k, v in self.stats.metrics().items() if isinstance(v.value, (int, float))},
+                **self.train_set.reward.stats.as_metrics(),
+            }
+        )
+        if self.evaluates and step % cfg.eval.every_steps == 0:
+            m.update(self.evaluate(step))
+        if step % cfg.checkpoint.every_steps == 0 or step == cfg.learner.total_steps:
+            extra = {"step": step, "cursor": self.cursor.state()}
+            learner.save(self.ckpt_dir, extra=extra, step=step, keep_last=cfg.checkpoint.keep_last)
+        return m
+
+    def loop(self) -> int:
+        """Steps until ``learner.total_steps`` or the data is used up; returns the last step."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        progress = tqdm(
+            total=cfg.learner.total_steps,
+            initial=self.start_step,
+            desc="train",
+            disable=not cfg.log.progress,
+            dynamic_ncols=True,
+        )
+        if self.evaluates and self.start_step == 0:
+            self.metrics_log.log(0, self.evaluate(0))
+        step = self.start_step
+        try:
+            while step < cfg.learner.total_steps:
+                t0 = time.perf_counter()
+                got = self.collect(cfg.learner.prompts_per_step)
+                if got is None:
+                    print(
+                        f"[train] prompts exhausted after {cfg.data.epochs} epoch(s) at step {step}",
+                        flush=True,
+                    )
+                    break
+                trees, m = got
+                step += 1
+                m = self.step(step, trees, m, t0)
+                self.metrics_log.log(step, m)
+                append_trained(
+                    self.run_dir, step, self.learner.version, trees
+                )  # the exactly-once audit trail
+                progress.update(1)
+                progress.set_postfix(
+                    reward=f"{m['rollout/reward']:+.3f}",
+                    acc=f"{m['rollout/accuracy']:.2f}",
+                    v=self.learner.version,
                 )
-                break
-            trees, m = got
-            t_gen = time.perf_counter() - t0
-            advantages = tree_advantages(trees, cfg.algo)
-            record_staleness(trees, learner.version, staleness_hist)
-            t1 = time.perf_counter()
-            m.update(learner.train_step(trees, advantages))
-            t_train = time.perf_counter() - t1
-            step += 1
-            if step % cfg.sync.every_steps == 0:
-                t2 = time.perf_counter()
-                # the backend resets its prefix cache or keeps it, per generators.reset_prefix_cache_on_update
-                backend.update_weights(learner.weights_for_sync(), learner.version)
-                m["timing/sync_s"] = time.perf_counter() - t2
-            m.update(rollout_metrics(trees))
-            m.update(
-                {
-                    "timing/generate_s": t_gen,
-                    "timing/train_s": t_train,
-                    "timing/step_s": time.perf_counter() - t0,
-                    **{k: v.value for k, v in stats.metrics().items() if isinstance(v.value, (int, float))},
-                    **reward.stats.as_metrics(),
-                }
-            )
-            if eval_prompts and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-                m.update(run_eval(step))
-            if step % cfg.checkpoint.every_steps == 0 or step == cfg.learner.total_steps:
-                learner.save(
-                    ckpt_dir,
-                    extra={"step": step, "cursor": cursor.state()},
-                    step=step,
-                    keep_last=cfg.checkpoint.keep_last,
-                )
-            metrics_log.log(step, m)
-            append_trained(run_dir, step, learner.version, trees)  # the exactly-once audit trail
-            progress.update(1)
-            progress.set_postfix(
-                reward=f"{m['rollout/reward']:+.3f}", acc=f"{m['rollout/accuracy']:.2f}", v=learner.version
-            )
-    finally:
-        progress.close()
-        metrics_log.close()
-        if owns_backend:
-            backend.close()
-        learner.close()
-    final_plots(run_dir, staleness_hist)
-    print(
-        f"[train] done: {step} steps, metrics in {run_dir / 'metrics.jsonl'}, plots in {run_dir}", flush=True
-    )
-    return 0
+        finally:
+            progress.close()
+        return step
+
+    def close(self) -> None:
+        self.metrics_log.close()
+        if self.owns_backend:
+            self.backend.close()
+        self.learner.close()

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.answers import last_boxed
 from common.data import DataReport, _BadRows, _jsonl_records, _parquet_records
 from common.errors import DataError
-from common.rewards import last_boxed
 
 
 @dataclass(frozen=True)

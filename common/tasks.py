@@ -203,13 +203,10 @@ def task_vocabulary(task: str) -> str:
     return get_task(task).vocabulary()
 
 
-extract_last_boxed = last_boxed  # the one extraction rule of the project (common/answers.py)
-
-
 def check_answer(task: str, response_text: str, answer: str) -> bool:
     """True iff the last ``\\boxed{}`` of the response holds exactly the integer ``answer``."""
     get_task(task)
-    boxed = extract_last_boxed(response_text)
+    boxed = last_boxed(response_text)
     if boxed is None:
         return False
     # ASCII digits only: int() would also accept "1_000" or non-ASCII digits.

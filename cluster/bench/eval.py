@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-from pathlib import Path
 from typing import Any
+
+from cluster.bench.report import emit_json, print_table, ratio
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +56,44 @@ def _modes(branching: list[int]) -> list[tuple[str, int]]:
     return [("flat", 0)] + [("tree", b) for b in branching]
 
 
+def _measure(
+    args: argparse.Namespace,
+    cfg: Any,
+    inputs: Any,
+    backend: Any,
+    reward: Any,
+    warm: list,
+    timed: list,
+    branching: list[int],
+) -> dict[str, dict[str, float]]:
+    """Every mode on the warm-up problems (not timed), then on the timed ones, each from an empty
+    prefix cache; the summary of each timed mode."""
+    from actors.evaluator import run_eval
+
+    def tree_cfg(b: int):
+        if not b:  # flat: evaluate() turns it into k independent samples
+            return cfg.tree
+        rd = args.root_divergence or b
+        return dataclasses.replace(cfg.tree, b=b, root_divergence_min=rd, root_divergence_max=rd)
+
+    for sampling, b in _modes(branching):  # warm-up, not timed
+        if warm:
+            run_eval(backend, inputs, warm, reward, k=args.k, sampling=sampling, tree_cfg=tree_cfg(b))
+    results: dict[str, dict[str, float]] = {}
+    for sampling, b in _modes(branching):
+        backend.reset_prefix_cache()
+        res = run_eval(backend, inputs, timed, reward, k=args.k, sampling=sampling, tree_cfg=tree_cfg(b))
+        name = "flat" if sampling == "flat" else f"tree_b{b}"
+        results[name] = s = res.summary()
+        print(
+            f"[bench eval] {name}: mean@{args.k}={s[f'mean@{args.k}']:.3f} "
+            f"decoded={s['decoded_tokens']:.0f} wall={s['wall_s']:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return results
+
+
 def run(args: argparse.Namespace, backend: Any = None) -> int:
     """``backend``: reuse an already-open backend (tests share one engine); otherwise one is built."""
     from common.config import load_config
@@ -80,81 +118,29 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
         shape.append("tree.align_segments_to_blocks=false")
     cfg = load_config(args.config, [*shape, *user])
 
-    from actors.backends import backend_for_run
-    from actors.evaluator import evaluate
-    from common.data import load_prompts, resolve_data_path
-    from common.models import eos_token_ids, load_tokenizer, resolve_model
-    from common.rewards import resolve_reward
+    from actors.engine_inputs import EngineInputs
 
-    model = resolve_model(cfg.model)
-    tok = load_tokenizer(model, trust_remote_code=cfg.model.trust_remote_code)
-    eos = eos_token_ids(model)
-    path, task = resolve_data_path(args.data, "eval", cfg.data)
-    prompts = list(load_prompts(path, tok, cfg.data))
-    warm = prompts[: args.warmup_problems]
-    timed = prompts[args.warmup_problems :]
+    inputs = EngineInputs.load(cfg)
+    data = inputs.prompt_set(args.data, "eval", reward="eval")
+    warm = data.prompts[: args.warmup_problems]
+    timed = data.prompts[args.warmup_problems :]
     if args.max_problems:
         timed = timed[: args.max_problems]
     if not timed:
-        raise ConfigError(f"{path} has no problems left after {args.warmup_problems} warm-up problems")
-    reward = resolve_reward(cfg.reward.fn, task, cfg=dataclasses.replace(cfg.reward, overlong_buffer=0))
-
-    def decode(ids):
-        return tok.decode(list(ids), skip_special_tokens=True)
-
+        raise ConfigError(f"{data.path} has no problems left after {args.warmup_problems} warm-up problems")
     own_backend = backend is None
     if own_backend:
-        longest = max(len(p.prompt_ids) for p in prompts[: len(warm) + len(timed)])
-        backend = backend_for_run(cfg, model, eos, longest)
-
-    def tree_cfg(b: int):
-        if not b:  # flat: evaluate() turns it into k independent samples
-            return cfg.tree
-        rd = args.root_divergence or b
-        return dataclasses.replace(cfg.tree, b=b, root_divergence_min=rd, root_divergence_max=rd)
-
-    results: dict[str, dict[str, float]] = {}
+        # room for the prompts that run, not the whole file
+        backend = inputs.open_backend(dataclasses.replace(data, prompts=[*warm, *timed]))
     try:
-        for sampling, b in _modes(branching):  # warm-up, not timed
-            if warm:
-                evaluate(
-                    backend, warm, reward, tree_cfg=tree_cfg(b), sampling_cfg=cfg.sampling, eos_ids=eos,
-                    decode=decode, k=args.k, sampling=sampling, max_in_flight=cfg.generators.trees_in_flight,
-                )  # fmt: skip
-        for sampling, b in _modes(branching):
-            backend.reset_prefix_cache()
-            res = evaluate(
-                backend, timed, reward, tree_cfg=tree_cfg(b), sampling_cfg=cfg.sampling, eos_ids=eos,
-                decode=decode, k=args.k, sampling=sampling, max_in_flight=cfg.generators.trees_in_flight,
-            )  # fmt: skip
-            name = "flat" if sampling == "flat" else f"tree_b{b}"
-            results[name] = s = res.summary()
-            print(
-                f"[bench eval] {name}: mean@{args.k}={s[f'mean@{args.k}']:.3f} "
-                f"decoded={s['decoded_tokens']:.0f} wall={s['wall_s']:.1f}s",
-                file=sys.stderr,
-                flush=True,
-            )
+        results = _measure(args, cfg, inputs, backend, data.reward, warm, timed, branching)
     finally:
         if own_backend:
             backend.close()
+    model, path = inputs.model_path, data.path
 
     k = args.k
-    flat = results["flat"]
-    ratio = lambda s, key: s[key] / flat[key] if flat[key] else float("nan")  # noqa: E731
-    ratios = {
-        name: {
-            "decoded_tokens": ratio(s, "decoded_tokens"),
-            "prefill_tokens_computed": ratio(s, "prefill_tokens_computed"),
-            "wall_s": ratio(s, "wall_s"),
-            "trajectories_per_s": ratio(s, "trajectories_per_s"),
-            f"mean@{k}_minus_flat": s[f"mean@{k}"] - flat[f"mean@{k}"],
-            f"maj@{k}_minus_flat": s[f"maj@{k}"] - flat[f"maj@{k}"],
-            f"pass@{k}_minus_flat": s[f"pass@{k}"] - flat[f"pass@{k}"],
-        }
-        for name, s in results.items()
-        if name != "flat"
-    }
+    ratios = _ratios_vs_flat(results, k)
     result = {
         "config": {
             "model": model,
@@ -174,25 +160,38 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
         "results": results,
         "ratios_vs_flat": ratios,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    w = sys.stdout.write
-    cols = [
-        (f"mean@{k}", "{:.3f}"),
-        (f"maj@{k}", "{:.3f}"),
-        (f"pass@{k}", "{:.3f}"),
-        ("decoded_tokens", "{:.0f}"),
-        ("prefill_tokens_computed", "{:.0f}"),
-        ("wall_s", "{:.2f}"),
-        ("trajectories_per_s", "{:.1f}"),
-    ]
-    w(f"\n{'mode':<10}" + "".join(f"{c:>14}" for c, _ in cols[:3]) + f"{'decoded':>12}{'prefill':>12}")
-    w(f"{'wall s':>10}{'traj/s':>10}{'tokens/flat':>13}{'wall/flat':>11}\n")
+    emit_json(result, args.json)
+    _print_table(results, ratios, k)
+    return 0
+
+
+def _ratios_vs_flat(results: dict[str, dict[str, float]], k: int) -> dict[str, dict[str, float]]:
+    """Each tree mode against flat sampling: cost ratios and accuracy differences."""
+    flat = results["flat"]
+    return {
+        name: {
+            "decoded_tokens": ratio(s["decoded_tokens"], flat["decoded_tokens"]),
+            "prefill_tokens_computed": ratio(s["prefill_tokens_computed"], flat["prefill_tokens_computed"]),
+            "wall_s": ratio(s["wall_s"], flat["wall_s"]),
+            "trajectories_per_s": ratio(s["trajectories_per_s"], flat["trajectories_per_s"]),
+            f"mean@{k}_minus_flat": s[f"mean@{k}"] - flat[f"mean@{k}"],
+            f"maj@{k}_minus_flat": s[f"maj@{k}"] - flat[f"maj@{k}"],
+            f"pass@{k}_minus_flat": s[f"pass@{k}"] - flat[f"pass@{k}"],
+        }
+        for name, s in results.items()
+        if name != "flat"
+    }
+
+
+def _print_table(results: dict[str, dict[str, float]], ratios: dict[str, dict[str, float]], k: int) -> None:
+    columns = [("mode", 10), (f"mean@{k}", 14), (f"maj@{k}", 14), (f"pass@{k}", 14), ("decoded", 12)]
+    columns += [("prefill", 12), ("wall s", 10), ("traj/s", 10), ("tokens/flat", 13), ("wall/flat", 11)]
+    rows = []
     for name, s in results.items():
         r = ratios.get(name, {"decoded_tokens": 1.0, "wall_s": 1.0})
-        w(f"{name:<10}" + "".join(f"{fmt.format(s[c]):>14}" for c, fmt in cols[:3]))
-        w(f"{s['decoded_tokens']:>12.0f}{s['prefill_tokens_computed']:>12.0f}{s['wall_s']:>10.2f}")
-        w(f"{s['trajectories_per_s']:>10.1f}{r['decoded_tokens']:>13.3f}{r['wall_s']:>11.3f}\n")
-    return 0
+        rows.append(
+            [name, *(f"{s[c]:.3f}" for c in (f"mean@{k}", f"maj@{k}", f"pass@{k}"))]
+            + [f"{s['decoded_tokens']:.0f}", f"{s['prefill_tokens_computed']:.0f}", f"{s['wall_s']:.2f}"]
+            + [f"{s['trajectories_per_s']:.1f}", f"{r['decoded_tokens']:.3f}", f"{r['wall_s']:.3f}"]
+        )
+    print_table(columns, rows)

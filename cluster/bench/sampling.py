@@ -13,12 +13,12 @@ The default model is a random-init tiny Qwen2 of size "s" built in a temp dir (s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from cluster.bench.report import emit_json, print_table, ratio
 from common.errors import ConfigError
 
 
@@ -64,27 +64,80 @@ def _model_dir(spec: str, tmp: str) -> str:
     return resolve_model_path(spec)
 
 
-def _run_mode(
-    sampler_cls, backend, tree_cfg, sampling, eos, decode, prompts, stats_cls
-) -> tuple[dict, float, list]:
-    stats = stats_cls()
-    sampler = sampler_cls(backend, tree_cfg, sampling, eos, decode, stats=stats, require_eos=False)
+def _run_mode(backend, tree_cfg, sampling, inputs, eos, prompts) -> tuple[dict, float]:
+    """One mode over ``prompts`` from an empty prefix cache: its sampling metrics and wall time."""
+    from actors.sampler import TreeSampler
+    from common.sampling_metrics import SamplingStats
+
+    stats = SamplingStats()
+    sampler = TreeSampler(backend, tree_cfg, sampling, eos, inputs.decode, stats=stats, require_eos=False)
     backend.reset_prefix_cache()
     t0 = time.perf_counter()
-    trees = list(sampler.run(prompts, max_in_flight=len(prompts)))
+    list(sampler.run(prompts, max_in_flight=len(prompts)))
     wall = time.perf_counter() - t0
     out = stats.as_dict(wall_s=wall)
     out["wall_s"] = wall
-    return out, wall, trees
+    return out, wall
+
+
+def _tree_shape(args: argparse.Namespace) -> dict:
+    """The shape both modes share (``mode`` aside)."""
+    return dict(
+        w=args.w,
+        d=args.d,
+        l=args.l,
+        b=args.b,
+        max_response_tokens=args.d * args.l,
+        seed=args.seed,
+        root_divergence_min=args.root_divergence,
+        root_divergence_max=args.root_divergence,
+        align_segments_to_blocks=not args.no_align,
+        repetition_check=False,
+    )
+
+
+def _measure(args: argparse.Namespace, model: str) -> tuple[dict, dict, int, list]:
+    """Warm-up of both modes on other prompts (untimed, one block per segment), then flat and tree;
+    returns (tree metrics, flat metrics, the engine's block size, the timed prompts)."""
+    from actors.backends import make_backend
+    from actors.engine_inputs import EngineInputs
+    from common.config import GeneratorConfig, SamplingConfig, TreeConfig
+    from common.tasks import generate
+
+    inputs = EngineInputs.for_model(model)
+    eos = inputs.eos_ids if args.stop_at_eos else []
+    rows = generate("arith", 2 * args.prompts, seed=args.seed, split="eval")
+    encoded = [(r["id"], inputs.tokenizer.encode(r["prompt"], add_special_tokens=False)) for r in rows]
+    # distinct warm-up prompts (no cache reuse) with the same batch-size ladder
+    warm, prompts = encoded[: args.prompts], encoded[args.prompts :]
+    gen = GeneratorConfig(backend=args.backend, block_size=args.block_size, kv_cache_gib=args.kv_cache_gib)
+    sampling = SamplingConfig()
+    max_len = max(len(p) for _, p in encoded) + args.d * args.l + args.block_size + 8
+    backend = make_backend(
+        args.backend,
+        model,
+        gen,
+        sampling,
+        dtype=args.dtype,
+        eos_ids=eos,
+        seed=args.seed,
+        max_model_len=max_len,
+    )
+    base = _tree_shape(args)
+    try:
+        bs = backend.block_size
+        short = dict(base, l=bs, max_response_tokens=args.d * bs)
+        for mode in ("flat", "tree"):  # warm-up, not timed
+            _run_mode(backend, TreeConfig(mode=mode, **short), sampling, inputs, eos, warm)
+        flat, _ = _run_mode(backend, TreeConfig(mode="flat", **base), sampling, inputs, eos, prompts)
+        tree, _ = _run_mode(backend, TreeConfig(mode="tree", **base), sampling, inputs, eos, prompts)
+    finally:
+        backend.close()
+    return tree, flat, bs, prompts
 
 
 def run(args: argparse.Namespace) -> int:
-    from actors.backends import make_backend
-    from actors.sampler import TreeSampler, analytic_decoded_tokens
-    from common.config import GeneratorConfig, SamplingConfig, TreeConfig
-    from common.models import eos_token_ids, load_tokenizer
-    from common.sampling_metrics import SamplingStats
-    from common.tasks import generate
+    from actors.sampler import analytic_decoded_tokens
 
     if args.l % args.block_size and not args.no_align and args.backend == "vllm":
         raise ConfigError(
@@ -94,75 +147,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--root-divergence {args.root_divergence} > --w {args.w}: lower it")
     lmax = args.d * args.l
     with tempfile.TemporaryDirectory(prefix="treepo-bench-") as tmp:
-        model = _model_dir(args.model, tmp)
-        tok = load_tokenizer(model)
-        true_eos = eos_token_ids(model)
-        eos = true_eos if args.stop_at_eos else []
-        rows = generate("arith", 2 * args.prompts, seed=args.seed, split="eval")
-        encoded = [(r["id"], tok.encode(r["prompt"], add_special_tokens=False)) for r in rows]
-        # distinct warm-up prompts (no cache reuse) with the same batch-size ladder, one block per segment
-        warm, prompts = encoded[: args.prompts], encoded[args.prompts :]
-        gen = GeneratorConfig(
-            backend=args.backend, block_size=args.block_size, kv_cache_gib=args.kv_cache_gib
-        )
-        sampling = SamplingConfig()
-        max_len = max(len(p) for _, p in encoded) + lmax + args.block_size + 8
-        backend = make_backend(
-            args.backend,
-            model,
-            gen,
-            sampling,
-            dtype=args.dtype,
-            eos_ids=eos,
-            seed=args.seed,
-            max_model_len=max_len,
-        )
-        bs = backend.block_size
-        base = dict(
-            w=args.w,
-            d=args.d,
-            l=args.l,
-            b=args.b,
-            max_response_tokens=lmax,
-            seed=args.seed,
-            root_divergence_min=args.root_divergence,
-            root_divergence_max=args.root_divergence,
-            align_segments_to_blocks=not args.no_align,
-            repetition_check=False,
-        )
-        tree_cfg, flat_cfg = TreeConfig(mode="tree", **base), TreeConfig(mode="flat", **base)
-
-        def decode(ids):
-            return tok.decode(ids)
-
-        try:
-            short = dict(base, l=bs, max_response_tokens=args.d * bs)
-            for mode in ("flat", "tree"):  # warm-up, not timed
-                _run_mode(
-                    TreeSampler,
-                    backend,
-                    TreeConfig(mode=mode, **short),
-                    sampling,
-                    eos,
-                    decode,
-                    warm,
-                    SamplingStats,
-                )
-            flat, flat_wall, _ = _run_mode(
-                TreeSampler, backend, flat_cfg, sampling, eos, decode, prompts, SamplingStats
-            )
-            tree, tree_wall, _ = _run_mode(
-                TreeSampler, backend, tree_cfg, sampling, eos, decode, prompts, SamplingStats
-            )
-        finally:
-            backend.close()
+        tree, flat, bs, prompts = _measure(args, _model_dir(args.model, tmp))
     a_tree = a_flat = 0
     for _, p in prompts:
         t, f = analytic_decoded_tokens(
             args.w, args.d, args.l, args.b, args.root_divergence, lmax, len(p), bs, not args.no_align
         )
         a_tree, a_flat = a_tree + t, a_flat + f
-    ratio = lambda k: tree[k] / flat[k] if flat[k] else float("nan")  # noqa: E731
     result = {
         "config": {
             "model": args.model,
@@ -183,19 +174,25 @@ def run(args: argparse.Namespace) -> int:
         "tree": tree,
         "flat": flat,
         "ratios": {
-            "wall_tree_over_flat": tree_wall / flat_wall,
-            "decoded_tokens_tree_over_flat": ratio("rollout/decoded_tokens"),
+            "wall_tree_over_flat": tree["wall_s"] / flat["wall_s"],
+            "decoded_tokens_tree_over_flat": ratio(
+                tree["rollout/decoded_tokens"], flat["rollout/decoded_tokens"]
+            ),
             "analytic_decoded_tokens_tree_over_flat": a_tree / a_flat,
             "analytic_saving": 1 - a_tree / a_flat,
-            "trajectories_per_s_tree_over_flat": ratio("rollout/trajectories_per_s"),
-            "tokens_per_s_tree_over_flat": ratio("rollout/tokens_per_s"),
+            "trajectories_per_s_tree_over_flat": ratio(
+                tree["rollout/trajectories_per_s"], flat["rollout/trajectories_per_s"]
+            ),
+            "tokens_per_s_tree_over_flat": ratio(tree["rollout/tokens_per_s"], flat["rollout/tokens_per_s"]),
         },
         "analytic_decoded_tokens": {"tree": a_tree, "flat": a_flat},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit_json(result, args.json)
+    _print_table(tree, flat, result["ratios"])
+    return 0
+
+
+def _print_table(tree: dict, flat: dict, rr: dict) -> None:
     rows_out = [
         ("wall s", "wall_s", "{:.2f}"),
         ("trajectories/s", "rollout/trajectories_per_s", "{:.1f}"),
@@ -205,14 +202,13 @@ def run(args: argparse.Namespace) -> int:
         ("prefill cached", "rollout/prefill_tokens_cached", "{:.0f}"),
         ("engine calls", "rollout/steps", "{:.0f}"),
     ]
-    w = sys.stdout.write
-    w(f"\n{'metric':<24}{'tree':>14}{'flat':>14}{'tree/flat':>12}\n")
-    for label, key, fmt in rows_out:
-        r = tree[key] / flat[key] if flat[key] else float("nan")
-        w(f"{label:<24}{fmt.format(tree[key]):>14}{fmt.format(flat[key]):>14}{r:>12.3f}\n")
-    rr = result["ratios"]
-    w(
+    columns = [("metric", 24), ("tree", 14), ("flat", 14), ("tree/flat", 12)]
+    rows = [
+        [label, fmt.format(tree[key]), fmt.format(flat[key]), f"{ratio(tree[key], flat[key]):.3f}"]
+        for label, key, fmt in rows_out
+    ]
+    print_table(columns, rows)
+    sys.stdout.write(
         f"\nwall-clock ratio tree/flat {rr['wall_tree_over_flat']:.3f} vs analytic decoded-token bound "
         f"{rr['analytic_decoded_tokens_tree_over_flat']:.3f} (measured decoded ratio {rr['decoded_tokens_tree_over_flat']:.3f})\n"
     )
-    return 0

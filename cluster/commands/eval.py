@@ -94,47 +94,32 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
 
     from tqdm import tqdm
 
-    from actors.backends import backend_for_run
-    from actors.evaluator import eval_tree_config, evaluate
-    from common.data import load_prompts, resolve_data_path
-    from common.models import eos_token_ids, load_tokenizer, resolve_model
-    from common.rewards import resolve_reward
+    from actors.engine_inputs import EngineInputs
+    from actors.evaluator import eval_tree_config, run_eval
 
-    model = resolve_model(cfg.model)
-    tok = load_tokenizer(model, trust_remote_code=cfg.model.trust_remote_code)
-    eos = eos_token_ids(model)
-    files = []
-    for spec in args.data:
-        path, task = resolve_data_path(spec, "eval", cfg.data)
-        prompts = list(load_prompts(path, tok, cfg.data))
-        if args.max_problems:
-            prompts = prompts[: args.max_problems]
-        files.append((spec, path, task, prompts))
-    if len({spec for spec, *_ in files}) != len(files):
+    inputs = EngineInputs.load(cfg)
+    model = inputs.model_path
+    files = [
+        inputs.prompt_set(spec, "eval", reward="eval", max_problems=args.max_problems) for spec in args.data
+    ]
+    if len({f.spec for f in files}) != len(files):
         raise ConfigError(
             "the same --data file is given twice: it would be counted twice in the overall numbers"
         )
     own_backend = backend is None
     if own_backend:
-        longest = max(len(p.prompt_ids) for *_, ps in files for p in ps)
-        backend = backend_for_run(cfg, model, eos, longest)
+        backend = inputs.open_backend(*files)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    eval_reward_cfg = dataclasses.replace(cfg.reward, overlong_buffer=0)
     summary: dict[str, dict[str, float]] = {}
     outputs: dict[str, str] = {}
-
-    def decode(ids):
-        return tok.decode(list(ids), skip_special_tokens=True)
-
     try:
-        for (spec, path, task, prompts), name in zip(files, _output_names([p for _, p, *_ in files])):
-            reward = resolve_reward(cfg.reward.fn, task, cfg=eval_reward_cfg)
-            with tqdm(total=len(prompts), desc=Path(str(path)).name, dynamic_ncols=True) as bar:
-                res = evaluate(
-                    backend, prompts, reward, tree_cfg=cfg.tree, sampling_cfg=cfg.sampling, eos_ids=eos,
-                    decode=decode, k=args.k, sampling=args.sampling,
-                    max_in_flight=cfg.generators.trees_in_flight, keep_texts=True, progress=bar.update,
+        for f, name in zip(files, _output_names([f.path for f in files])):
+            spec = f.spec
+            with tqdm(total=len(f.prompts), desc=Path(str(f.path)).name, dynamic_ncols=True) as bar:
+                res = run_eval(
+                    backend, inputs, f.prompts, f.reward, k=args.k, sampling=args.sampling, keep_texts=True,
+                    progress=bar.update,
                 )  # fmt: skip
             summary[spec] = res.summary()
             problems_file = out / f"{name}.problems.jsonl"

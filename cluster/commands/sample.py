@@ -16,11 +16,8 @@ import math
 import struct
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
-
-_SCALARS = (str, int, float, bool, type(None))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,18 +68,9 @@ def _load_cfg(args: argparse.Namespace):
     return load_config(args.config, list(args.overrides) + flags)
 
 
-def majority(answers: list[str | None]) -> str | None:
-    """Most frequent extracted answer (ties: the one seen first); None when no leaf has an answer."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == best)
-
-
 def tree_record(
     tree: Any,
-    tok: Any,
+    decode: Any,
     prompt_text: str,
     gold: str | None,
     majority_answer: str | None,
@@ -98,7 +86,7 @@ def tree_record(
                 "length": leaf.length,
                 "reward": None if math.isnan(leaf.reward) else leaf.reward,
                 "answer": leaf.answer,
-                "response": tok.decode(tree.response_ids(leaf).tolist(), skip_special_tokens=True),
+                "response": decode(tree.response_ids(leaf).tolist()),
             }
         )
     return {
@@ -118,89 +106,80 @@ def tree_record(
 
 def run(args: argparse.Namespace, backend: Any = None) -> int:
     """``backend``: reuse an already-open backend (tests share one engine); otherwise one is built."""
-    from tqdm import tqdm
-
-    from actors.sampler import TreeSampler
-    from common.data import encode_rows, load_rows, resolve_data_path
-    from common.models import eos_token_ids, load_tokenizer, resolve_model
-    from common.rewards import resolve_reward
+    from actors.engine_inputs import EngineInputs, train_reward
     from common.sampling_metrics import SamplingStats
-    from common.tasks import extract_last_boxed
-    from common.tree import encode_tree
 
     cfg = _load_cfg(args)
-    model_dir = resolve_model(cfg.model)
-    tok = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    eos = eos_token_ids(model_dir)
-    data_path, task = resolve_data_path(args.data or cfg.data.eval, "eval", cfg.data)
-    rows = load_rows(data_path, bad_rows=cfg.data.bad_rows)
-    if args.limit:
-        rows = rows[: args.limit]
-    prompts = encode_rows(
-        rows, tok, cfg.data.template, cfg.data.system_prompt, cfg.data.max_prompt_tokens, cfg.data.bad_rows
-    )
-    reward_fn = None
+    inputs = EngineInputs.load(cfg)
+    data = inputs.prompt_set(args.data or cfg.data.eval, "eval", reward=None, first_rows=args.limit)
     spec = args.reward or cfg.reward.fn
     if spec != "none":
-        reward_fn = resolve_reward(
-            spec, task, cfg=cfg.reward, max_response_tokens=cfg.tree.max_response_tokens
-        )
-
+        data.reward = train_reward(cfg, data.task, spec)
     own_backend = backend is None
     if own_backend:
-        longest = max(len(p.prompt_ids) for p in prompts)
-        from actors.backends import backend_for_run
-
-        backend = backend_for_run(cfg, model_dir, eos, longest)
+        backend = inputs.open_backend(data)
     stats = SamplingStats()
-    sampler = TreeSampler(backend, cfg.tree, cfg.sampling, eos, lambda ids: tok.decode(ids), stats=stats)
-    by_id = {p.row.id: p for p in prompts}
-
-    def items():
-        for p in prompts:
-            meta = {k: v for k, v in p.row.metadata.items() if isinstance(v, _SCALARS)}
-            meta["answer"] = p.row.answer
-            yield p.row.id, p.prompt_ids, meta
-
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wire = open(args.wire, "wb") if args.wire else None
-    rewards_L: list[float] = []
-    maj_hits: list[bool] = []
     t0 = time.perf_counter()
     try:
-        with (
-            open(out, "w") as fh,
-            tqdm(
-                total=len(prompts),
-                desc="trees",
-                disable=args.no_progress or not cfg.log.progress,
-                dynamic_ncols=True,
-            ) as bar,
-        ):
-            for tree in sampler.run(items(), max_in_flight=cfg.generators.trees_in_flight):
+        scores = _sample_to_files(args, cfg, inputs, data, inputs.sampler(backend, stats=stats), out)
+    finally:
+        if own_backend:
+            backend.close()
+    wall = time.perf_counter() - t0
+    summary: dict[str, Any] = {
+        "model": cfg.model.path,
+        "data": str(data.path),
+        "prompts": len(data.prompts),
+        "wall_s": wall,
+    }
+    summary.update(stats.as_dict(wall_s=wall))
+    summary.update(scores)
+    summary_path = out.with_suffix(".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary, sys.stdout)
+    print(f"trees: {out}  summary: {summary_path}" + (f"  wire: {args.wire}" if args.wire else ""))
+    return 0
+
+
+def _sample_to_files(
+    args: argparse.Namespace, cfg: Any, inputs: Any, data: Any, sampler: Any, out: Path
+) -> dict:
+    """Sample one tree per prompt, score it, write it (readable jsonl, optionally the wire form);
+    returns the reward summary (empty without a reward)."""
+    from tqdm import tqdm
+
+    from actors.engine_inputs import prompt_metadata
+    from actors.scoring import correct_threshold, majority_verdict, score_trees
+    from common.tree import encode_tree
+
+    by_id = {p.row.id: p for p in data.prompts}
+    items = [(p.row.id, p.prompt_ids, prompt_metadata(p.row)) for p in data.prompts]
+    reward = data.reward
+    threshold = correct_threshold(reward) if reward is not None else 0.0
+    rewards_L: list[float] = []
+    maj_hits: list[bool] = []
+    wire = open(args.wire, "wb") if args.wire else None
+    bar = tqdm(
+        total=len(items), desc="trees", disable=args.no_progress or not cfg.log.progress, dynamic_ncols=True
+    )
+    try:
+        with open(out, "w") as fh, bar:
+            for tree in sampler.run(items, max_in_flight=cfg.generators.trees_in_flight):
                 row = by_id[tree.prompt_id].row
-                texts = [
-                    tok.decode(tree.response_ids(lf).tolist(), skip_special_tokens=True) for lf in tree.leaves
-                ]
-                for leaf, text in zip(tree.leaves, texts):
-                    leaf.answer = extract_last_boxed(text)
-                maj_correct = None
-                if reward_fn is not None:
-                    scores = reward_fn.score_many(
-                        [(t, row.answer, tree.metadata, lf.length) for t, lf in zip(texts, tree.leaves)]
-                    )
-                    for leaf, r in zip(tree.leaves, scores):
-                        leaf.reward = float(r)
-                    rewards_L.extend(scores)
-                maj = majority([lf.answer for lf in tree.leaves])
-                if reward_fn is not None:
-                    mid = (cfg.reward.correct + cfg.reward.wrong) / 2
-                    maj_correct = maj is not None and any(
-                        lf.answer == maj and lf.reward > mid for lf in tree.leaves
-                    )
+                score_trees([tree], reward, inputs.decode, inputs.eos_set)
+                answers = [lf.answer for lf in tree.leaves]
+                maj, maj_correct = majority_verdict(answers, [lf.reward > threshold for lf in tree.leaves])
+                if reward is None:
+                    maj_correct = None
+                else:
+                    rewards_L.extend(lf.reward for lf in tree.leaves)
                     maj_hits.append(maj_correct)
-                fh.write(json.dumps(tree_record(tree, tok, row.prompt, row.answer, maj, maj_correct)) + "\n")
+                fh.write(
+                    json.dumps(tree_record(tree, inputs.decode, row.prompt, row.answer, maj, maj_correct))
+                    + "\n"
+                )
                 if wire is not None:
                     blob = encode_tree(tree)
                     wire.write(struct.pack("<I", len(blob)) + blob)
@@ -208,26 +187,13 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
     finally:
         if wire is not None:
             wire.close()
-        if own_backend:
-            backend.close()
-    wall = time.perf_counter() - t0
-    summary: dict[str, Any] = {
-        "model": cfg.model.path,
-        "data": str(data_path),
-        "prompts": len(prompts),
-        "wall_s": wall,
+    if not rewards_L:
+        return {}
+    return {
+        "reward/mean": sum(rewards_L) / len(rewards_L),
+        "reward/pass_rate": sum(r > threshold for r in rewards_L) / len(rewards_L),
+        f"reward/maj@{cfg.tree.w}": sum(maj_hits) / len(maj_hits),
     }
-    summary.update(stats.as_dict(wall_s=wall))
-    if reward_fn is not None and rewards_L:
-        mid = (cfg.reward.correct + cfg.reward.wrong) / 2
-        summary["reward/mean"] = sum(rewards_L) / len(rewards_L)
-        summary["reward/pass_rate"] = sum(r > mid for r in rewards_L) / len(rewards_L)
-        summary[f"reward/maj@{cfg.tree.w}"] = sum(maj_hits) / len(maj_hits)
-    summary_path = out.with_suffix(".summary.json")
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print_summary(summary, sys.stdout)
-    print(f"trees: {out}  summary: {summary_path}" + (f"  wire: {args.wire}" if args.wire else ""))
-    return 0
 
 
 def print_summary(summary: dict[str, Any], stream: Any) -> None:

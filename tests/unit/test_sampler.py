@@ -23,11 +23,11 @@ from actors.sampler import (
     analytic_decoded_tokens,
     child_budget,
     cosine_tau,
-    find_boxed,
     has_repetition,
     prob_weights,
     segment_tokens,
 )
+from common.answers import last_boxed
 from common.config import SamplingConfig, TreeConfig
 from common.tree import ROOT_ID, decode_tree, encode_tree
 
@@ -114,9 +114,9 @@ def leaf_by_reason(tree):
 
 
 def test_find_boxed_and_repetition():
-    assert find_boxed(r"so \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
-    assert find_boxed(r"\boxed{1} then \boxed{2") == "1"  # last COMPLETE one
-    assert find_boxed("no answer") is None
+    assert last_boxed(r"so \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed{1} then \boxed{2") == "1"  # last COMPLETE one
+    assert last_boxed("no answer") is None
     assert has_repetition("ab" * 40, 32, 8)
     assert not has_repetition("".join(chr(97 + (i * 7) % 26) + str(i) for i in range(40)), 32, 8)
     assert not has_repetition("ab" * 15, 32, 8)  # shorter than the window

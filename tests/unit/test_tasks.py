@@ -7,10 +7,10 @@ import re
 
 import pytest
 
+from common.answers import last_boxed
 from common.errors import DataError
 from common.tasks import (
     check_answer,
-    extract_last_boxed,
     generate,
     get_task,
     split_of,
@@ -98,9 +98,9 @@ def test_check_answer(text, answer, ok):
 
 
 def test_extract_last_boxed_handles_nested_braces():
-    assert extract_last_boxed("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
-    assert extract_last_boxed("\\boxed{{{x}}}") == "{{x}}"
-    assert extract_last_boxed("no box") is None
+    assert last_boxed("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{{{x}}}") == "{{x}}"
+    assert last_boxed("no box") is None
 
 
 def test_unknown_task_and_split_are_rejected():

@@ -1,0 +1,156 @@
+"""Engine-side set-up, once for every entry point (the generator, the local driver, ``treepo sample``,
+``treepo eval`` and the benchmarks): model → tokenizer → EOS ids → prompts → rewards → backend →
+sampler.
+
+Rules kept here and nowhere else:
+
+- The training reward is the configured one (``reward.*``) with the overlong penalty measured
+  against ``tree.max_response_tokens``.
+- The evaluation reward has NO overlong buffer: a held-out answer is right or wrong whatever its
+  length (``reward.overlong_buffer`` is ignored), so numbers compare across length settings.
+- The held-out set is ``data.eval``, cut to ``eval.max_problems`` (0 = all), and exists only when
+  ``eval.every_steps`` is set.
+- Every text is decoded without special tokens.
+- The engine has room for the longest prompt it will see (:func:`actors.backends.backend_for_run`).
+
+Rewards hold verifier subprocess pipes: build them in the process that scores (the generator actor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def prompt_metadata(row: Any, epoch: int | None = None) -> dict[str, Any]:
+    """A tree's flat metadata: the gold answer, the epoch (when training) and the row's scalar metadata
+    (the scalars the wire format carries: str, int, float, bool, None)."""
+    out: dict[str, Any] = {"answer": row.answer}
+    if epoch is not None:
+        out["epoch"] = int(epoch)
+    out.update({k: v for k, v in row.metadata.items() if v is None or isinstance(v, (str, int, float, bool))})
+    return out
+
+
+def train_reward(cfg: Any, task: str | None, spec: str | None = None) -> Any:
+    """The training reward for ``task`` (``spec`` overrides ``reward.fn``)."""
+    from common.rewards import resolve_reward
+
+    return resolve_reward(
+        spec or cfg.reward.fn, task, cfg=cfg.reward, max_response_tokens=cfg.tree.max_response_tokens
+    )
+
+
+def eval_reward(cfg: Any, task: str | None) -> Any:
+    """The evaluation reward for ``task``: the training reward without the overlong buffer."""
+    from common.rewards import resolve_reward
+
+    return resolve_reward(cfg.reward.fn, task, cfg=dataclasses.replace(cfg.reward, overlong_buffer=0))
+
+
+@dataclass
+class PromptSet:
+    """Encoded prompts of one data file with the task they belong to and the reward that scores them."""
+
+    spec: str
+    path: Path
+    task: str | None
+    prompts: list = field(default_factory=list)  # common.data.EncodedPrompt
+    reward: Any = None
+
+    @property
+    def longest(self) -> int:
+        return max((len(p.prompt_ids) for p in self.prompts), default=0)
+
+
+@dataclass
+class EngineInputs:
+    """A model's tokenizer and EOS ids, and the prompt sets and backend of a run's config."""
+
+    cfg: Any
+    model_path: str
+    tokenizer: Any
+    eos_ids: list[int]
+
+    @classmethod
+    def load(cls, cfg: Any, model_path: str | None = None) -> EngineInputs:
+        """For ``cfg`` (a :class:`common.config.TrainConfig`): ``model.path`` resolved (a ``tiny:`` model
+        is built once and cached) unless ``model_path`` is given already resolved."""
+        from common.models import resolve_model
+
+        path = model_path or resolve_model(cfg.model)
+        return cls.for_model(path, trust_remote_code=cfg.model.trust_remote_code, cfg=cfg)
+
+    @classmethod
+    def for_model(cls, model_path: str, *, trust_remote_code: bool = False, cfg: Any = None) -> EngineInputs:
+        from common.models import eos_token_ids, load_tokenizer
+
+        tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        return cls(cfg, str(model_path), tokenizer, eos_token_ids(model_path))
+
+    @property
+    def eos_set(self) -> frozenset[int]:
+        return frozenset(self.eos_ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_set(
+        self,
+        spec: str,
+        split: str,
+        *,
+        reward: str | None = "train",
+        first_rows: int = 0,
+        max_problems: int = 0,
+    ) -> PromptSet:
+        """The prompts of ``spec`` (a file or ``synthetic:<task>`` of ``split``). ``reward``: "train",
+        "eval" or None. ``first_rows``: only the file's first rows (before encoding); ``max_problems``:
+        only the first encoded prompts."""
+        from common.data import encode_rows, load_rows, resolve_data_path
+
+        data = self.cfg.data
+        path, task = resolve_data_path(spec, split, data)
+        rows = load_rows(path, bad_rows=data.bad_rows)
+        if first_rows:
+            rows = rows[:first_rows]
+        prompts = list(
+            encode_rows(
+                rows, self.tokenizer, data.template, data.system_prompt, data.max_prompt_tokens, data.bad_rows
+            )
+        )
+        if max_problems:
+            prompts = prompts[:max_problems]
+        scorer = {"train": train_reward, "eval": eval_reward}[reward](self.cfg, task) if reward else None
+        return PromptSet(spec, path, task, prompts, scorer)
+
+    def training_set(self) -> PromptSet:
+        """``data.train`` with the training reward."""
+        return self.prompt_set(self.cfg.data.train, "train")
+
+    def held_out_set(self) -> PromptSet | None:
+        """``data.eval`` (``eval.max_problems`` of it) with the evaluation reward; None without
+        ``eval.every_steps``."""
+        if not self.cfg.eval.every_steps:
+            return None
+        return self.prompt_set(
+            self.cfg.data.eval, "eval", reward="eval", max_problems=self.cfg.eval.max_problems
+        )
+
+    # ------------------------------------------------------------------ engine
+    def open_backend(self, *sets: PromptSet | None, seed: int | None = None) -> Any:
+        """The configured backend, with room for the longest prompt of ``sets``."""
+        from actors.backends import backend_for_run
+
+        longest = max((s.longest for s in sets if s is not None), default=0)
+        return backend_for_run(self.cfg, self.model_path, self.eos_ids, longest, seed=seed)
+
+    def sampler(self, backend: Any, **kw: Any) -> Any:
+        """A :class:`actors.sampler.TreeSampler` on ``backend`` with the config's tree and sampling."""
+        from actors.sampler import TreeSampler
+
+        return TreeSampler(backend, self.cfg.tree, self.cfg.sampling, self.eos_ids, self.decode, **kw)
