@@ -61,6 +61,10 @@ class ModelConfig:
         "instead of \\boxed{21}, which the reward requires (0 <= x < 1). The model then uses both forms, as "
         "base models do; RL learns the boxed one from the reward, a gain that carries over to held-out problems.",
     )
+    tiny_seed: int = doc(
+        0,
+        "Seed of a 'tiny:' model's initialisation and warm-start data (each seed is its own cached build).",
+    )
 
 
 @dataclass
@@ -377,6 +381,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 # key -> (lowest allowed value, inclusive)
 _MINIMUMS: dict[str, float] = {
     "model.tiny_warmup_steps": 0,
+    "model.tiny_seed": 0,
     "tree.w": 1,
     "tree.d": 1,
     "tree.l": 1,

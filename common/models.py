@@ -24,7 +24,12 @@ def _looks_local(name: str) -> bool:
 
 
 def resolve_model_path(
-    path_or_id: str, *, tiny_size: str = "s", tiny_warmup_steps: int = 500, tiny_unboxed_share: float = 0.5
+    path_or_id: str,
+    *,
+    tiny_size: str = "s",
+    tiny_warmup_steps: int = 500,
+    tiny_unboxed_share: float = 0.5,
+    tiny_seed: int = 0,
 ) -> str:
     """A loadable model location: the cached tiny build, the local directory, or the hub id unchanged.
     The defaults of the ``tiny_*`` options are ``ModelConfig``'s."""
@@ -36,7 +41,11 @@ def resolve_model_path(
 
         return str(
             resolve_tiny(
-                path_or_id, size=tiny_size, warmup_steps=tiny_warmup_steps, unboxed_share=tiny_unboxed_share
+                path_or_id,
+                size=tiny_size,
+                warmup_steps=tiny_warmup_steps,
+                unboxed_share=tiny_unboxed_share,
+                seed=tiny_seed,
             )
         )
     if _looks_local(path_or_id):
@@ -58,6 +67,7 @@ def tiny_options(model_cfg) -> dict:
         tiny_size=model_cfg.tiny_size,
         tiny_warmup_steps=model_cfg.tiny_warmup_steps,
         tiny_unboxed_share=model_cfg.tiny_unboxed_share,
+        tiny_seed=model_cfg.tiny_seed,
     )
 
 
