@@ -33,6 +33,7 @@ import numpy as np
 
 from actors.engine_inputs import prompt_metadata
 from common import schedule
+from common.metrics import Metric
 
 log = logging.getLogger("treepo.generator")
 
@@ -224,15 +225,17 @@ class Generator:
     def stop(self) -> None:
         self._stop.set()
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Metric]:
+        """This generator's counters, each with how the controller combines it over generators:
+        counts and seconds add up; the idle fraction, the version and the weights' step average."""
         with self._lock:
-            out: dict[str, float] = {f"generator/{k}": float(v) for k, v in self.counters.items()}
+            out = {f"generator/{k}": Metric.sum(v) for k, v in self.counters.items()}
         wall = time.perf_counter() - self._t_start
-        out["generator/wall_s"] = wall
-        out["generator/idle_frac"] = out["generator/idle_s"] / wall if wall > 0 else 0.0
-        out["generator/version"] = float(self.backend.policy_version)
-        out["generator/weights_step"] = float(self.weights_step)
-        out["generator/in_flight"] = float(self.sampler.in_flight)
+        out["generator/wall_s"] = Metric.sum(wall)
+        out["generator/idle_frac"] = Metric.mean(out["generator/idle_s"].value / wall if wall > 0 else 0.0)
+        out["generator/version"] = Metric.mean(self.backend.policy_version)
+        out["generator/weights_step"] = Metric.mean(self.weights_step)
+        out["generator/in_flight"] = Metric.sum(self.sampler.in_flight)
         return out
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -343,7 +346,7 @@ class Generator:
             self.counters["busy_s"] += time.perf_counter() - t0
         return pushed
 
-    def run(self, max_steps: int | None = None, idle_sleep_s: float = 0.05) -> dict[str, float]:
+    def run(self, max_steps: int | None = None, idle_sleep_s: float = 0.05) -> dict[str, Metric]:
         """Loop :meth:`step_once` until :meth:`stop`, ``max_steps`` sampler steps, or the data is used
         up with nothing in flight. Returns :meth:`stats`."""
         steps = 0

@@ -164,7 +164,7 @@ class LocalRun:
                 "timing/generate_s": t_gen,
                 "timing/train_s": t_train,
                 "timing/step_s": time.perf_counter() - t0,
-                **{k: v.value for k, v in self.stats.metrics().items() if isinstance(v.value, (int, float))},
+                **self.stats.as_dict(),
                 **self.train_set.reward.stats.as_metrics(),
             }
         )

@@ -1,8 +1,10 @@
 """Metrics with explicit reductions, a local JSONL log (always), TensorBoard (optional) and PNG plots.
 
 Keys are namespaced: ``rollout/``, ``tree/``, ``learner/``, ``sync/``, ``staleness/``, ``timing/``,
-``eval/``. A :class:`Reducer` collects values under a key with a declared reduction (mean, sum, max,
-min, last) so that nothing is averaged that should have been summed.
+``eval/``. A value that will be combined with others (micro-batches, ranks, generators) is a
+:class:`Metric`, which carries its reduction (mean, sum, max, min, last) and a weight for means;
+:class:`Reducer` / :func:`reduce_metrics` combine them, so nothing is averaged that should have been
+summed and nothing is guessed from a key's name.
 """
 
 from __future__ import annotations
@@ -11,47 +13,99 @@ import json
 import math
 import os
 import time
-from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REDUCTIONS = ("mean", "sum", "max", "min", "last")
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A value that carries how it combines with the same key's values from elsewhere (other
+    micro-batches, ranks, generators): ``reduce`` is one of :data:`REDUCTIONS`; ``weight`` weighs a
+    mean (e.g. by tokens). A plain frozen dataclass, so it crosses the Ray boundary intact; nothing
+    is ever reduced by guessing from a key's name."""
+
+    value: float
+    reduce: str = "mean"
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.reduce not in REDUCTIONS:
+            raise ValueError(f"reduction {self.reduce!r} is not one of {REDUCTIONS}")
+
+    @classmethod
+    def mean(cls, value: float, weight: float = 1.0) -> Metric:
+        return cls(float(value), "mean", float(weight))
+
+    @classmethod
+    def sum(cls, value: float) -> Metric:
+        return cls(float(value), "sum")
+
+    @classmethod
+    def max(cls, value: float) -> Metric:
+        return cls(float(value), "max")
+
+    @classmethod
+    def min(cls, value: float) -> Metric:
+        return cls(float(value), "min")
+
+
+def values(metrics: Mapping[str, Metric]) -> dict[str, float]:
+    """The values of one source's metrics (nothing to combine)."""
+    return {k: m.value for k, m in metrics.items()}
+
+
 class Reducer:
-    """Accumulate ``(key, value)`` pairs with a per-key reduction; ``result()`` gives one dict."""
+    """Accumulate metrics under keys, each with its declared reduction; ``result()`` gives one dict.
+
+    A key keeps the reduction it was first added with (a second one raises: that is a bug, not a
+    choice). Means are weighted by each :class:`Metric`'s ``weight``."""
 
     def __init__(self) -> None:
-        self._values: dict[str, list[float]] = defaultdict(list)
+        self._acc: dict[str, list[float]] = {}  # key -> [value or weighted sum, total weight]
         self._how: dict[str, str] = {}
 
-    def add(self, key: str, value: float, how: str = "mean") -> None:
-        if how not in REDUCTIONS:
-            raise ValueError(f"reduction {how!r} is not one of {REDUCTIONS}")
-        prev = self._how.setdefault(key, how)
-        if prev != how:
-            raise ValueError(f"metric {key!r} was declared with reduction {prev!r}, now {how!r}")
-        self._values[key].append(float(value))
+    def add(self, key: str, value: float | Metric, how: str | None = None) -> None:
+        """Add a :class:`Metric`, or a plain value with reduction ``how`` (default mean, weight 1)."""
+        m = value if isinstance(value, Metric) else Metric(float(value), how or "mean")
+        prev = self._how.setdefault(key, m.reduce)
+        if prev != m.reduce:
+            raise ValueError(f"metric {key!r} was declared with reduction {prev!r}, now {m.reduce!r}")
+        acc = self._acc.get(key)
+        if acc is None:
+            self._acc[key] = [m.value * m.weight if m.reduce == "mean" else m.value, m.weight]
+        elif m.reduce == "mean":
+            acc[0] += m.value * m.weight
+            acc[1] += m.weight
+        elif m.reduce == "sum":
+            acc[0] += m.value
+        elif m.reduce == "max":
+            acc[0] = max(acc[0], m.value)
+        elif m.reduce == "min":
+            acc[0] = min(acc[0], m.value)
+        else:
+            acc[0] = m.value
 
-    def update(self, metrics: dict[str, float], how: str = "mean") -> None:
+    def update(self, metrics: Mapping[str, float | Metric], how: str | None = None) -> None:
         for k, v in metrics.items():
             self.add(k, v, how)
 
     def result(self) -> dict[str, float]:
-        out = {}
-        for key, vals in self._values.items():
-            how = self._how[key]
-            if how == "mean":
-                out[key] = sum(vals) / len(vals)
-            elif how == "sum":
-                out[key] = sum(vals)
-            elif how == "max":
-                out[key] = max(vals)
-            elif how == "min":
-                out[key] = min(vals)
-            else:
-                out[key] = vals[-1]
-        return out
+        return {
+            key: (total / weight if self._how[key] == "mean" and weight else total)
+            for key, (total, weight) in self._acc.items()
+        }
+
+
+def reduce_metrics(parts: Iterable[Mapping[str, Metric]]) -> dict[str, float]:
+    """Combine several sources' metrics, each key by its declared reduction (weighted means)."""
+    red = Reducer()
+    for part in parts:
+        red.update(part)
+    return red.result()
 
 
 class MetricsLog:

@@ -2,8 +2,8 @@
 
 ``rollout/`` keys describe engine work (decoded tokens, prefill tokens computed vs served from the
 prefix cache, throughput); ``tree/`` keys describe the trees (leaves per tree, fallbacks, leaf depth
-histogram, finish reasons). :meth:`SamplingStats.metrics` returns ``{key: Metric}``; a logger
-combining several generators reduces each key with its own ``reduce`` (sum, mean or max).
+histogram, finish reasons). :meth:`SamplingStats.metrics` returns ``{key: common.metrics.Metric}``;
+a logger combining several generators reduces each key with its own ``reduce`` (sum, mean or max).
 """
 
 from __future__ import annotations
@@ -13,11 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Metric:
-    value: float
-    reduce: str  # "sum" | "mean" | "max": how values from several sources combine
+from common.metrics import Metric
 
 
 @dataclass

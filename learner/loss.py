@@ -24,8 +24,9 @@ tokens of the WHOLE mini-batch across micro-batches and ranks: accumulating micr
 averaging across data-parallel ranks, after multiplying by the world size) then gives exactly the
 gradient of one big batch. The paper's release uses the same token-mean; it has no IS weight.
 
-Metrics are returned as ``(value, reduction, weight)`` triples: ``mean`` values are token-weighted
-means over this call's valid tokens (``weight`` = that count), ``max``/``min`` combine as such.
+Metrics are returned as :class:`common.metrics.Metric`: ``mean`` values are token-weighted means over
+this call's valid tokens (``weight`` = that count), ``max``/``min``/``sum`` combine as such
+(:func:`common.metrics.reduce_metrics`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from common.errors import ConfigError
+from common.metrics import Metric
 
 IS_VARIANTS = ("token", "sequence", "sequence_product", "mask", "none")
 
@@ -98,7 +100,7 @@ def policy_loss(
     ref_logprobs_B_T: torch.Tensor | None = None,
     entropy_B_T: torch.Tensor | None = None,
     staleness_B_T: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, tuple[float, str, float]]]:
+) -> tuple[torch.Tensor, dict[str, Metric]]:
     """Loss contribution of one micro-batch (sum over its valid tokens / ``total_tokens``) and metrics."""
     mask = mask_B_T.to(logprobs_B_T.dtype)
     prox = prox_logprobs_B_T.detach()
@@ -123,13 +125,13 @@ def policy_loss(
 
     with torch.no_grad():
         n = float(mask.sum())
-        metrics: dict[str, tuple[float, str, float]] = {"learner/tokens": (n, "sum", 1.0)}
+        metrics: dict[str, Metric] = {"learner/tokens": Metric.sum(n)}
         if n == 0:
             return loss, metrics
         valid = mask.bool()
 
-        def mean(x: torch.Tensor) -> tuple[float, str, float]:
-            return (float((x.float() * mask).sum()) / n, "mean", n)
+        def mean(x: torch.Tensor) -> Metric:  # token-weighted, so micro-batches combine exactly
+            return Metric.mean(float((x.float() * mask).sum()) / n, weight=n)
 
         metrics["learner/pg_loss"] = mean(pg)
         metrics["learner/clip_frac_low"] = mean(neg & (ratio < 1.0 - params.clip_low))
@@ -138,9 +140,9 @@ def policy_loss(
             metrics["learner/clip_frac_dual"] = mean(neg & (ratio > params.dual_clip))
         metrics["learner/ratio_mean"] = mean(ratio)
         metrics["learner/is_weight_mean"] = mean(w)
-        metrics["learner/is_weight_max"] = (float(w[valid].max()), "max", n)
-        metrics["learner/is_weight_min"] = (float(w[valid].min()), "min", n)
-        metrics["learner/is_raw_max"] = (float(raw_w[valid].max()), "max", n)
+        metrics["learner/is_weight_max"] = Metric.max(float(w[valid].max()))
+        metrics["learner/is_weight_min"] = Metric.min(float(w[valid].min()))
+        metrics["learner/is_raw_max"] = Metric.max(float(raw_w[valid].max()))
         metrics["learner/is_truncated_frac"] = mean((raw_w > params.is_cap) | (raw_w < 1.0 / params.is_cap))
         # train/inference mismatch, estimated with samples from the behavior policy:
         # k1 = mean(beh - prox), k3 = mean(r - 1 - log r) with r = prox/beh (>= 0, lower variance)
@@ -153,7 +155,7 @@ def policy_loss(
             metrics["learner/entropy"] = mean(entropy_B_T)
         if staleness_B_T is not None:
             metrics["staleness/token_mean"] = mean(staleness_B_T)
-            metrics["staleness/token_max"] = (float(staleness_B_T[valid].max()), "max", n)
+            metrics["staleness/token_max"] = Metric.max(float(staleness_B_T[valid].max()))
     return loss, metrics
 
 
@@ -161,23 +163,3 @@ def entropy_from_logits(logits_B_T_V: torch.Tensor) -> torch.Tensor:
     """Per-token entropy of the categorical distribution given by logits (no grad needed)."""
     logp = torch.log_softmax(logits_B_T_V.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
-
-
-def reduce_metrics(parts: list[dict[str, tuple[float, str, float]]]) -> dict[str, float]:
-    """Combine per-micro-batch metrics by their declared reduction (token-weighted means)."""
-    acc: dict[str, tuple[float, str, float]] = {}
-    for part in parts:
-        for key, (value, how, weight) in part.items():
-            if key not in acc:
-                acc[key] = (value * weight if how == "mean" else value, how, weight)
-                continue
-            v, _, wsum = acc[key]
-            if how == "mean":
-                acc[key] = (v + value * weight, how, wsum + weight)
-            elif how == "sum":
-                acc[key] = (v + value, how, wsum)
-            elif how == "max":
-                acc[key] = (max(v, value), how, wsum)
-            else:
-                acc[key] = (min(v, value), how, wsum)
-    return {k: (v / w if how == "mean" and w else v) for k, (v, how, w) in acc.items()}

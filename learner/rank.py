@@ -38,9 +38,10 @@ import torch
 import torch.distributed as dist
 
 from common.errors import ConfigError, ModelError
+from common.metrics import Metric, reduce_metrics
 from learner import checkpoint as ckpt
 from learner.batching import LeafSequence, collate, leaf_sequences, pack_micro_batches
-from learner.loss import LossParams, entropy_from_logits, policy_loss, reduce_metrics
+from learner.loss import LossParams, entropy_from_logits, policy_loss
 
 
 def _load_model(model_cfg, device: torch.device):
@@ -243,13 +244,18 @@ class LearnerRank:
 
     # ------------------------------------------------------------------ update
     def forward_backward(
-        self, seqs: Sequence[LeafSequence], global_tokens: int | None = None
+        self,
+        seqs: Sequence[LeafSequence],
+        global_tokens: int | None = None,
+        *,
+        parts: list[dict[str, Metric]] | None = None,
     ) -> dict[str, float]:
         """Accumulate gradients of this rank's share of a mini-batch; call once per mini-batch.
 
         ``global_tokens``: valid response tokens of the whole mini-batch over all ranks (None: counted
         here with an all-reduce, see :meth:`global_token_count`). Sequences need ``prox_logprobs_R``
         (see :meth:`prepare`). Gradients are synchronised across ranks at the end of the call.
+        Returns the micro-batches' metrics combined; ``parts`` also receives them as typed metrics.
         """
         if global_tokens is None:
             global_tokens = self.global_token_count(seqs)
@@ -262,7 +268,7 @@ class LearnerRank:
         groups = self._micro_batches(seqs)
         # DDP/FSDP average gradients over ranks: scale the normaliser so the sum over ranks results
         normaliser = float(global_tokens) / self.world_size
-        parts = []
+        mine: list[dict[str, Metric]] = []
         for k, group in enumerate(groups):
             last = k == len(groups) - 1
             if self.fsdp:
@@ -292,8 +298,10 @@ class LearnerRank:
             value = float(loss.detach()) / self.world_size  # this rank's share of the global token-mean
             self._loss_sum += value
             self._nonfinite |= not math.isfinite(value)
-            parts.append(metrics)
-        return reduce_metrics(parts)
+            mine.append(metrics)
+        if parts is not None:
+            parts.extend(mine)
+        return reduce_metrics(mine)
 
     def global_token_count(self, seqs: Sequence[LeafSequence]) -> int:
         return int(self._all_reduce([float(sum(s.response_len for s in seqs))])[0])
@@ -334,7 +342,7 @@ class LearnerRank:
         for _ in range(self.cfg.ppo_epochs):
             for mb in mini_batches:
                 total = self.global_token_count(mb)
-                parts.append(self._as_parts(self.forward_backward(mb, total)))
+                self.forward_backward(mb, total, parts=parts)
                 self.optim_step()
                 steps.append(self.last_step)
         metrics = reduce_metrics(parts)
@@ -345,17 +353,6 @@ class LearnerRank:
         metrics["learner/skipped_steps"] = float(self.skipped_steps)
         metrics["learner/version"] = float(self.version)
         return metrics
-
-    @staticmethod
-    def _as_parts(metrics: dict[str, float]) -> dict[str, tuple[float, str, float]]:
-        tokens = metrics.get("learner/tokens", 1.0)
-        how = {"learner/tokens": "sum"}
-        for k in metrics:
-            if k.endswith("_max"):
-                how[k] = "max"
-            elif k.endswith("_min"):
-                how[k] = "min"
-        return {k: (v, how.get(k, "mean"), tokens) for k, v in metrics.items()}
 
     def train_step(self, trees: Sequence, advantages_P_L: Sequence[np.ndarray]) -> dict[str, float]:
         """One controller step on this rank's trees (advantages already computed over the whole batch).

@@ -543,6 +543,7 @@ class Controller:
 
     # ------------------------------------------------------------------ metrics
     def generator_stats(self) -> dict[str, float]:
+        """The live generators' counters, each combined by the reduction it carries."""
         import ray
 
         from common.metrics import Reducer
@@ -555,9 +556,7 @@ class Controller:
                 stats = ray.get(ref, timeout=STATS_TIMEOUT_S)
             except Exception:  # a generator dying right now: its numbers are missing this step
                 continue
-            for k, v in stats.items():
-                how = "mean" if k.endswith(("_frac", "version", "hit_rate")) else "sum"
-                red.add(k, v, how)
+            red.update(stats)
         return red.result()
 
     def log(self, m: dict[str, float], trees: list) -> None:

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from learner.loss import LossParams, entropy_from_logits, policy_loss, reduce_metrics
+from common.metrics import reduce_metrics
+from learner.loss import LossParams, entropy_from_logits, policy_loss
 
 D = torch.float64  # exact comparisons; never change the global default dtype in a test
 
@@ -83,8 +84,8 @@ def test_on_policy_reduces_to_plain_ppo_clip():
             logp, prox, prox, adv, mask, float(mask.sum()), LossParams(0.2, 0.28, 10.0, variant, 2.0)
         )
         assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-12)
-        assert m["learner/is_weight_mean"][0] == pytest.approx(1.0)
-        assert m["learner/mismatch_kl_k3"][0] == pytest.approx(0.0, abs=1e-12)
+        assert m["learner/is_weight_mean"].value == pytest.approx(1.0)
+        assert m["learner/mismatch_kl_k3"].value == pytest.approx(0.0, abs=1e-12)
 
 
 def _single(ratio: float, adv: float, p: LossParams):
@@ -99,12 +100,12 @@ def test_clip_higher_regions():
     p = LossParams(0.2, 0.28, 0.0, "none")
     # positive advantage: 1.25 is inside the higher bound (gradient flows), 1.3 is clipped
     loss, g, m = _single(1.25, 1.0, p)
-    assert g == pytest.approx(-1.25) and m["learner/clip_frac_high"][0] == 0.0
+    assert g == pytest.approx(-1.25) and m["learner/clip_frac_high"].value == 0.0
     loss, g, m = _single(1.3, 1.0, p)
-    assert g == 0.0 and loss == pytest.approx(-1.28) and m["learner/clip_frac_high"][0] == 1.0
+    assert g == 0.0 and loss == pytest.approx(-1.28) and m["learner/clip_frac_high"].value == 1.0
     # negative advantage: below 1 - eps_low is clipped
     loss, g, m = _single(0.7, -1.0, p)
-    assert g == 0.0 and loss == pytest.approx(0.8) and m["learner/clip_frac_low"][0] == 1.0
+    assert g == 0.0 and loss == pytest.approx(0.8) and m["learner/clip_frac_low"].value == 1.0
     loss, g, _ = _single(0.85, -1.0, p)
     assert g == pytest.approx(0.85)
 
@@ -112,9 +113,9 @@ def test_clip_higher_regions():
 def test_dual_clip_bounds_negative_advantages():
     p = LossParams(0.2, 0.28, 3.0, "none")
     loss, g, m = _single(5.0, -2.0, p)
-    assert loss == pytest.approx(6.0) and g == 0.0 and m["learner/clip_frac_dual"][0] == 1.0
+    assert loss == pytest.approx(6.0) and g == 0.0 and m["learner/clip_frac_dual"].value == 1.0
     loss, g, m = _single(2.0, -2.0, p)  # below c: ordinary unclipped region
-    assert loss == pytest.approx(4.0) and g == pytest.approx(4.0) and m["learner/clip_frac_dual"][0] == 0.0
+    assert loss == pytest.approx(4.0) and g == pytest.approx(4.0) and m["learner/clip_frac_dual"].value == 0.0
     # without dual clip the same token is unbounded
     loss, _, _ = _single(5.0, -2.0, LossParams(0.2, 0.28, 0.0, "none"))
     assert loss == pytest.approx(10.0)
@@ -126,13 +127,13 @@ def test_importance_weight_truncation_and_mask():
     logp = prox.clone().requires_grad_(True)
     adv, mask = torch.ones(1, 3, dtype=D), torch.ones(1, 3, dtype=D)
     _, m = policy_loss(logp, prox, beh, adv, mask, 3.0, LossParams(is_correction="token", is_cap=2.0))
-    assert m["learner/is_weight_max"][0] == pytest.approx(2.0)
-    assert m["learner/is_weight_min"][0] == pytest.approx(0.25)
-    assert m["learner/is_truncated_frac"][0] == pytest.approx(2 / 3)
+    assert m["learner/is_weight_max"].value == pytest.approx(2.0)
+    assert m["learner/is_weight_min"].value == pytest.approx(0.25)
+    assert m["learner/is_truncated_frac"].value == pytest.approx(2 / 3)
     _, m = policy_loss(logp, prox, beh, adv, mask, 3.0, LossParams(is_correction="mask", is_cap=2.0))
-    assert m["learner/is_weight_mean"][0] == pytest.approx(1 / 3)  # only the 1.2 token kept
+    assert m["learner/is_weight_mean"].value == pytest.approx(1 / 3)  # only the 1.2 token kept
     _, m = policy_loss(logp, prox, beh, adv, mask, 3.0, LossParams(is_correction="sequence", is_cap=2.0))
-    assert m["learner/is_weight_mean"][0] == pytest.approx((3 * 1.2 * 0.25) ** (1 / 3))
+    assert m["learner/is_weight_mean"].value == pytest.approx((3 * 1.2 * 0.25) ** (1 / 3))
 
 
 def test_micro_batches_sum_to_the_big_batch():
@@ -149,8 +150,8 @@ def test_micro_batches_sum_to_the_big_batch():
     merged = reduce_metrics([parts[0][1], parts[1][1]])
     _, m_whole = policy_loss(logp, prox, beh, adv, mask, total, p)
     for key in ("learner/clip_frac_low", "learner/is_weight_mean", "learner/mismatch_kl_k3"):
-        assert merged[key] == pytest.approx(m_whole[key][0])
-    assert merged["learner/is_weight_max"] == pytest.approx(m_whole["learner/is_weight_max"][0])
+        assert merged[key] == pytest.approx(m_whole[key].value)
+    assert merged["learner/is_weight_max"] == pytest.approx(m_whole["learner/is_weight_max"].value)
     assert merged["learner/tokens"] == total
 
 
@@ -172,5 +173,5 @@ def test_entropy_and_staleness_metrics():
         ent,
         stale,
     )
-    assert m["learner/entropy"][0] == pytest.approx(math.log(4))
-    assert m["staleness/token_mean"][0] == 1.0 and m["staleness/token_max"][0] == 2.0
+    assert m["learner/entropy"].value == pytest.approx(math.log(4))
+    assert m["staleness/token_mean"].value == 1.0 and m["staleness/token_max"].value == 2.0

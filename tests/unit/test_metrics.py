@@ -36,3 +36,18 @@ def test_log_read_and_plots(tmp_path):
     h = plot_histogram({0: 5, 1: 2}, tmp_path / "stale.png", "staleness", "versions")
     assert h is not None and h.stat().st_size > 1000
     assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_a_metric_carries_its_reduction_whatever_its_name():
+    import pickle  # what Ray does to a return value
+
+    from common.metrics import Metric, reduce_metrics
+
+    a = {"x/peak_rate": Metric.sum(2.0), "x/frac": Metric.max(0.5), "x/tok": Metric.mean(1.0, weight=3)}
+    b = {"x/peak_rate": Metric.sum(3.0), "x/frac": Metric.max(0.25), "x/tok": Metric.mean(3.0, weight=1)}
+    assert pickle.loads(pickle.dumps(a)) == a
+    assert reduce_metrics([a, b]) == {"x/peak_rate": 5.0, "x/frac": 0.5, "x/tok": 1.5}
+    with pytest.raises(ValueError, match="declared"):
+        reduce_metrics([a, {"x/frac": Metric.mean(1.0)}])
+    with pytest.raises(ValueError):
+        Metric(1.0, "median")
