@@ -27,7 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.rundir import append_trained, check_run_dir, checkpoint_dir, final_plots, truncate_logs
+from cluster.rundir import (
+    append_trained,
+    check_run_dir,
+    checkpoint_dir,
+    final_plots,
+    progress_bar,
+    truncate_logs,
+)
 from common.config import TrainConfig, save_resolved
 from common.metrics import MetricsLog
 from common.prompts import EpochCursor
@@ -177,16 +184,8 @@ class LocalRun:
 
     def loop(self) -> int:
         """Steps until ``learner.total_steps`` or the data is used up; returns the last step."""
-        from tqdm import tqdm
-
         cfg = self.cfg
-        progress = tqdm(
-            total=cfg.learner.total_steps,
-            initial=self.start_step,
-            desc="train",
-            disable=not cfg.log.progress,
-            dynamic_ncols=True,
-        )
+        progress = progress_bar(cfg, self.start_step, "train")
         if self.evaluates and self.start_step == 0:
             self.metrics_log.log(0, self.evaluate(0))
         step = self.start_step

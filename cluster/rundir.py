@@ -61,6 +61,19 @@ def trained_tree_ids(run_dir: Path) -> set[str]:
     return {tree_id for row in read_metrics(path) for tree_id in row.get("trees", [])}
 
 
+def progress_bar(cfg: Any, initial: int, desc: str) -> Any:
+    """The step progress bar of a training run (``log.progress``), from ``initial`` to ``learner.total_steps``."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=cfg.learner.total_steps,
+        initial=initial,
+        desc=desc,
+        disable=not cfg.log.progress,
+        dynamic_ncols=True,
+    )
+
+
 def final_plots(run_dir: Path, staleness_hist: dict[int, int]) -> None:
     """The reward-curve and staleness PNGs of a finished run."""
     rows = read_metrics(run_dir / "metrics.jsonl")

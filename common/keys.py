@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import QueueError
@@ -33,15 +33,39 @@ def run_name_for(run_dir: str | Path) -> str:
     return f"{safe}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
+# attribute of RunKeys -> the key's name under ``treepo:<run>:``
+_NAMES = {
+    "trees": "trees",
+    "dead": "dead",
+    "dead_count": "dead_count",
+    "prompts_meta": "prompts:meta",
+    "prompts_cursor": "prompts:cursor",
+    "prompts_retry": "prompts:retry",
+    "prompts_generators": "prompts:generators",
+    "dropped": "pipeline:dropped",
+}
+
+
 @dataclass(frozen=True)
 class RunKeys:
-    """The keys of run ``run``."""
+    """The keys of run ``run``: one attribute per key of :data:`_NAMES`, plus
+    :meth:`prompts_inflight` per generator."""
 
     run: str
+    trees: str = field(init=False)
+    dead: str = field(init=False)
+    dead_count: str = field(init=False)
+    prompts_meta: str = field(init=False)
+    prompts_cursor: str = field(init=False)
+    prompts_retry: str = field(init=False)
+    prompts_generators: str = field(init=False)
+    dropped: str = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.run or any(c in self.run for c in " \n\t{}"):
             raise QueueError(f"run name {self.run!r} must be non-empty without spaces or braces")
+        for attr, name in _NAMES.items():
+            object.__setattr__(self, attr, f"{self.base}:{name}")
 
     @classmethod
     def of_trees_key(cls, key: str | bytes) -> RunKeys:
@@ -53,37 +77,5 @@ class RunKeys:
     def base(self) -> str:
         return f"{PREFIX}:{self.run}"
 
-    @property
-    def trees(self) -> str:
-        return f"{self.base}:trees"
-
-    @property
-    def dead(self) -> str:
-        return f"{self.base}:dead"
-
-    @property
-    def dead_count(self) -> str:
-        return f"{self.base}:dead_count"
-
-    @property
-    def prompts_meta(self) -> str:
-        return f"{self.base}:prompts:meta"
-
-    @property
-    def prompts_cursor(self) -> str:
-        return f"{self.base}:prompts:cursor"
-
-    @property
-    def prompts_retry(self) -> str:
-        return f"{self.base}:prompts:retry"
-
-    @property
-    def prompts_generators(self) -> str:
-        return f"{self.base}:prompts:generators"
-
     def prompts_inflight(self, generator_id: int | str) -> str:
         return f"{self.base}:prompts:inflight:{generator_id}"
-
-    @property
-    def dropped(self) -> str:
-        return f"{self.base}:pipeline:dropped"

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cluster.bench.report import emit_json, print_table
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -85,16 +87,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, model_di
     )
     vocab = int(r.module.config.vocab_size)
     tokens, elapsed = 0, 0.0
+    shape = dict(w=args.leaves, depth=args.depth, seg_len=args.segment, prompt_len=args.prompt_len)
     for step in range(args.warmup + args.steps):
-        trees = synthetic_trees(
-            args.prompts,
-            w=args.leaves,
-            depth=args.depth,
-            seg_len=args.segment,
-            prompt_len=args.prompt_len,
-            vocab_size=vocab,
-            seed=step,
-        )
+        trees = synthetic_trees(args.prompts, vocab_size=vocab, seed=step, **shape)
         adv = tree_advantages(trees, AlgoConfig())
         share = slice(rank * args.prompts // world, (rank + 1) * args.prompts // world)
         seqs = leaf_sequences(trees[share], adv[share])
@@ -166,12 +161,13 @@ def run(args: argparse.Namespace) -> int:
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         "results": results,
     }
-    print(json.dumps(report, indent=1))
-    print(f"\n{'ranks':>5} {'tokens/s':>10} {'seconds':>8} {'peak RSS MiB/rank':>20} {'ratio':>6}")
-    for r in results:
-        rss = "/".join(f"{x:.0f}" for x in r["peak_rss_mib_per_rank"])
-        print(
-            f"{r['ranks']:>5} {r['tokens_per_s']:>10.1f} {r['seconds']:>8.2f} {rss:>20} {r['ratio_vs_first']:>6.3f}"
-        )
+    emit_json(report, indent=1)
+    columns = [("ranks", 5), ("tokens/s", 10), ("seconds", 8), ("peak RSS MiB/rank", 20), ("ratio", 6)]
+    rows = [
+        [r["ranks"], f"{r['tokens_per_s']:.1f}", f"{r['seconds']:.2f}"]
+        + ["/".join(f"{x:.0f}" for x in r["peak_rss_mib_per_rank"]), f"{r['ratio_vs_first']:.3f}"]
+        for r in results
+    ]
+    print_table(columns, rows, left=0, sep=" ")
     sys.stdout.flush()
     return 0

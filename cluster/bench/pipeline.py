@@ -28,13 +28,14 @@ the CPU demo: 122 %).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cluster.bench.report import emit_json
 
 MODES = {"async": "algo.max_staleness=1", "sync": "algo.max_staleness=0"}
 
@@ -194,11 +195,9 @@ def run(args: argparse.Namespace) -> int:
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         "results": results,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench_pipeline.json").write_text(text)
+    emit_json(report, Path(args.out) / "bench_pipeline.json" if args.out else "", indent=1)
     print(
         f"\n{'case':<10} {'mode':<6} {'trees/s':>8} {'samples/s':>10} {'step s':>7} {'G busy':>6} {'T busy':>6} "
         f"{'learner idle':>12} {'gen idle':>8} {'stale':>5}"

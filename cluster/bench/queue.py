@@ -22,7 +22,6 @@ It also times ``encode_tree``/``decode_tree`` alone (in-process), which is where
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -36,6 +35,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from cluster.bench.report import emit_json, print_table
 from common.tree import Leaf, Segment, Tree, decode_tree, encode_tree
 
 SIZES = {
@@ -302,16 +302,13 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    emit_json(report, args.json, indent=1)
     cols = [
         ("size", 6), ("entry KB", 9), ("enc ms", 7), ("dec ms", 7), ("trees/s", 8), ("MB/s", 7),
         ("p50 ms", 7), ("p99 ms", 7), ("raw MB/s", 9), ("SET c1 MB/s", 12), ("ratio", 6),
         ("SET c8 MB/s", 12), ("ratio", 6),
     ]  # fmt: skip
-    print("\n" + " ".join(f"{name:>{w}}" for name, w in cols))
+    rows = []
     for size, r in report["sizes"].items():
         b1, b8 = r["redis_benchmark_set"].get("c1"), r["redis_benchmark_set"].get("c8")
         vals = [
@@ -329,7 +326,8 @@ def run(args: argparse.Namespace) -> int:
             f"{b8['mb_per_s']:.1f}" if b8 else "n/a",
             f"{r['ratio_vs_set_c8']:.3f}" if b8 else "n/a",
         ]
-        print(" ".join(f"{v:>{w}}" for v, (_, w) in zip(vals, cols)))
+        rows.append(vals)
+    print_table(cols, rows, left=0, sep=" ")
     print(
         "\nMB/s: end to end (encode, XADD, XREADGROUP, decode+validate, XACK); raw: the same bytes "
         "without the codec; ratio: ours / redis-benchmark SET of the same size (1 and 8 clients)."

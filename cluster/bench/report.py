@@ -25,15 +25,25 @@ def emit_json(report: Any, path: str | Path = "", indent: int = 2) -> str:
 
 
 def print_table(
-    columns: Sequence[tuple[str, int]], rows: Sequence[Sequence[str]], stream: TextIO | None = None
+    columns: Sequence[tuple[str, int]],
+    rows: Sequence[Sequence[Any]],
+    *,
+    left: int = 1,
+    sep: str = "",
+    stream: TextIO | None = None,
 ) -> None:
-    """A blank line, the header, then one line per row: the first column left-aligned to its width,
-    the others right-aligned (cells are already formatted)."""
+    """A blank line, the header, then one line per row: the first ``left`` columns left-aligned to
+    their widths, the others right-aligned, joined by ``sep`` (cells are already formatted)."""
     out = stream or sys.stdout
 
-    def line(cells: Sequence[str]) -> str:
-        (_, w0), rest = columns[0], columns[1:]
-        return f"{cells[0]:<{w0}}" + "".join(f"{c:>{w}}" for c, (_, w) in zip(cells[1:], rest)) + "\n"
+    def line(cells: Sequence[Any]) -> str:
+        return (
+            sep.join(
+                f"{c!s:<{w}}" if i < left else f"{c!s:>{w}}"
+                for i, (c, (_, w)) in enumerate(zip(cells, columns))
+            )
+            + "\n"
+        )
 
     out.write("\n" + line([name for name, _ in columns]))
     for row in rows:

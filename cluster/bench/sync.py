@@ -27,6 +27,8 @@ import os
 import tempfile
 import time
 
+from cluster.bench.report import emit_json, print_table
+
 BENCH_HOST = "127.0.0.1"
 
 
@@ -250,10 +252,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "rows": rows,
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    emit_json(report, args.json)
     cols = [
         "size_mb",
         "receivers",
@@ -264,10 +263,7 @@ def run(args: argparse.Namespace) -> int:
         "shm_gbps",
         "ours_vs_shm",
     ]
-    print()
-    print(" | ".join(f"{c:>11}" for c in cols))
-    for r in rows:
-        print(" | ".join(f"{r.get(c, '-')!s:>11}" for c in cols))
+    print_table([(c, 11) for c in cols], [[r.get(c, "-") for c in cols] for r in rows], left=0, sep=" | ")
     print(
         f"\n(GB/s = payload bytes / s; ratios = ours / baseline, > 1 is faster; {report['seconds']} s total)"
     )

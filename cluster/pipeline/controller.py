@@ -188,9 +188,8 @@ class Controller:
     # ------------------------------------------------------------------ the run
     def run(self) -> int:
         import ray
-        from tqdm import tqdm
 
-        from cluster.rundir import final_plots, trained_tree_ids, truncate_logs
+        from cluster.rundir import final_plots, progress_bar, trained_tree_ids, truncate_logs
 
         cfg = self.cfg
         if cfg.resume:
@@ -219,13 +218,7 @@ class Controller:
             slot.run_ref = slot.handle.run.remote()
         self.t_start, self.wait_s = time.perf_counter(), 0.0  # idle fractions count from here
         last_ckpt = self.step
-        progress = tqdm(
-            total=cfg.learner.total_steps,
-            initial=self.step,
-            desc="train[ray]",
-            disable=not cfg.log.progress,
-            dynamic_ncols=True,
-        )
+        progress = progress_bar(cfg, self.step, "train[ray]")
         try:
             while self.step < cfg.learner.total_steps:
                 t0 = time.perf_counter()
@@ -330,47 +323,54 @@ class Controller:
         """Restart handling: a loop that failed because its actor died waits for Ray's restart, gets
         the current weights and runs again; a loop that returned means the data is used up there."""
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError
 
         for g, slot in enumerate(self.gens):
             if slot.ready_ref is not None:
-                done, _ = ray.wait([slot.ready_ref], timeout=0)
-                if not done:
-                    continue
-                slot.ready_ref = None
-                try:
-                    ray.get(done[0])
-                except ActorUnavailableError:  # still restarting: ask again on the next round
-                    slot.ready_ref = slot.handle.ready.remote()
-                    continue
-                except RayActorError as e:  # out of restarts (or its constructor fails)
-                    self.dispatcher.requeue_generator(g)  # for good: others take its prompts
-                    slot.done = slot.dead = True
-                    if all(s.done for s in self.gens) and not self.dispatcher.finished():
-                        raise TreepoError(
-                            f"every generator is dead (generator {g}: {e}): see the generator logs (ray logs)"
-                        ) from None
-                    continue
-                if self.published is not None:  # it joins the group and gets the current weights
-                    self.publish(step=self.published[1])
-                slot.run_ref = slot.handle.run.remote()
-                print(f"[pipeline] generator {g} restarted ({slot.restarts}x), loop resumed", flush=True)
-                continue
-            if slot.run_ref is None or slot.done:
-                continue
-            done, _ = ray.wait([slot.run_ref], timeout=0)
-            if not done:
-                continue
-            slot.run_ref = None
-            try:
-                ray.get(done[0])
-                slot.done = True
-            except RayActorError:
-                slot.restarts += 1
-                self.counts["restarts"] += 1
-                self.sync_members = None  # its receiver is gone: the next sync rebuilds the group
-                print(f"[pipeline] generator {g} died; waiting for its restart", flush=True)
-                slot.ready_ref = slot.handle.ready.remote()
+                if ray.wait([slot.ready_ref], timeout=0)[0]:
+                    self._restart_settled(g, slot)
+            elif slot.run_ref is not None and not slot.done and ray.wait([slot.run_ref], timeout=0)[0]:
+                self._loop_ended(g, slot)
+
+    def _restart_settled(self, g: int, slot: _GenSlot) -> None:
+        """A restarting generator answered: resume its loop with the current weights, ask again, or
+        give it up for good."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        ref, slot.ready_ref = slot.ready_ref, None
+        try:
+            ray.get(ref)
+        except ActorUnavailableError:  # still restarting: ask again on the next round
+            slot.ready_ref = slot.handle.ready.remote()
+            return
+        except RayActorError as e:  # out of restarts (or its constructor fails)
+            self.dispatcher.requeue_generator(g)  # for good: others take its prompts
+            slot.done = slot.dead = True
+            if all(s.done for s in self.gens) and not self.dispatcher.finished():
+                raise TreepoError(
+                    f"every generator is dead (generator {g}: {e}): see the generator logs (ray logs)"
+                ) from None
+            return
+        if self.published is not None:  # it joins the group and gets the current weights
+            self.publish(step=self.published[1])
+        slot.run_ref = slot.handle.run.remote()
+        print(f"[pipeline] generator {g} restarted ({slot.restarts}x), loop resumed", flush=True)
+
+    def _loop_ended(self, g: int, slot: _GenSlot) -> None:
+        """A generator's loop returned (the data is used up there) or died with its actor."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        ref, slot.run_ref = slot.run_ref, None
+        try:
+            ray.get(ref)
+            slot.done = True
+        except RayActorError:
+            slot.restarts += 1
+            self.counts["restarts"] += 1
+            self.sync_members = None  # its receiver is gone: the next sync rebuilds the group
+            print(f"[pipeline] generator {g} died; waiting for its restart", flush=True)
+            slot.ready_ref = slot.handle.ready.remote()
 
     # ------------------------------------------------------------------ learn / publish / checkpoint
     def learn(self, trees: list) -> dict[str, float]:
