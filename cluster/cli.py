@@ -1,6 +1,7 @@
 """The ``treepo`` command line (also ``python -m cluster``).
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+Each subcommand lives in its own module of ``cluster/commands/`` exposing ``add_arguments(parser)`` and
+``run(args) -> int``;
 modules are imported when their subcommand is parsed so ``treepo --help`` stays fast and needs no
 torch, ray or vllm import. Errors of the project's own hierarchy print one line and exit 2.
 """

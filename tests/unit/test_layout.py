@@ -126,3 +126,17 @@ def test_the_rule_checker_catches_a_violation(tmp_path):
     bad = tmp_path / "m.py"
     bad.write_text("import os\nfrom learner.loss import x\nimport cluster.cli\n")
     assert [t for _l, t in _imports(bad)] == ["os", "learner", "cluster"]
+
+
+def test_the_readme_layout_lists_every_room():
+    """README's Layout section: one line per room, and every package folder is one."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = {line.split()[0].rstrip("/") for line in block.splitlines() if line.strip()}
+    rooms = {
+        str(p.parent.relative_to(ROOT)) for package in PACKAGES for p in (ROOT / package).rglob("__init__.py")
+    }
+    assert rooms <= listed, f"rooms missing from README's Layout: {sorted(rooms - listed)}"
+    assert all((ROOT / room).is_dir() for room in listed), (
+        "README's Layout names a folder that does not exist"
+    )
