@@ -1,9 +1,8 @@
 """The ``treepo`` command line (also ``python -m cluster``).
 
-Each subcommand lives in its own module of ``cluster/commands/`` exposing ``add_arguments(parser)`` and
-``run(args) -> int``;
-modules are imported when their subcommand is parsed so ``treepo --help`` stays fast and needs no
-torch, ray or vllm import. Errors of the project's own hierarchy print one line and exit 2.
+Each subcommand lives in its own module of ``cluster/commands/`` exposing ``add_arguments(parser)``
+and ``run(args) -> int``; modules are imported when their subcommand is parsed so ``treepo --help``
+stays fast and needs no torch, ray or vllm import. Errors of the project's own hierarchy print one line and exit 2.
 """
 
 from __future__ import annotations

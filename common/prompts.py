@@ -18,8 +18,8 @@ mapping needs no shared state beyond the cursor.
   the same for prompts in flight too long (a hung generator, or a claim whose reply was lost and
   retried by the client, which leaves prompts recorded that nobody works on).
 
-State lives under the run's ``prompts:*`` keys (:class:`common.keys.RunKeys`) and persists with Redis's AOF, so a resumed run
-continues where it stopped; :meth:`state` is a JSON-able snapshot for checkpoints. The dataset size,
+State lives under the run's ``prompts:*`` keys (:class:`common.keys.RunKeys`) and persists with
+Redis's AOF, so a resumed run continues where it stopped; :meth:`state` is a JSON-able snapshot for checkpoints. The dataset size,
 seed and a digest of the prompt ids are recorded on first use; a later dispatcher with different
 ones is refused (its positions would name other prompts). ``epochs`` may grow on resume.
 """
