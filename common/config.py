@@ -54,7 +54,11 @@ class ModelConfig:
     )
     trust_remote_code: bool = doc(False, "Allow model code from the model directory (hub models only).")
     tiny_size: str = doc("s", "Size of a 'tiny:' model: xs | s | m (see `treepo make-tiny-model --help`).")
-    tiny_warmup_steps: int = doc(500, "Supervised warm-start steps for a 'tiny:' model (0 = random init).")
+    tiny_warmup_steps: int = doc(
+        1000,
+        "Most supervised warm-start steps for a 'tiny:' model (0 = random init); the warm-start stops "
+        "earlier, after a short cool-down, once the model solves a set share of probe problems.",
+    )
     tiny_unboxed_share: float = doc(
         0.5,
         "Share of a 'tiny:' model's warm-start solutions that end in the bare answer ('The answer is 21') "

@@ -27,7 +27,7 @@ def resolve_model_path(
     path_or_id: str,
     *,
     tiny_size: str = "s",
-    tiny_warmup_steps: int = 500,
+    tiny_warmup_steps: int = 1000,
     tiny_unboxed_share: float = 0.5,
     tiny_seed: int = 0,
 ) -> str:

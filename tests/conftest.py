@@ -2,7 +2,9 @@
 
 ``tiny_model_dir``: size "xs", random init, built once per session in a temp dir (well under a second).
 ``warm_model_dir``: the demo's model (``ModelConfig``'s defaults: size "s" warm-started on arith),
-cached under $TREEPO_CACHE (or ~/.cache/treepo) so only the first session pays the ~6 minute build.
+cached under $TREEPO_CACHE (or ~/.cache/treepo) so only the first session pays the 3-8 minute build.
+``TREEPO_TEST_TINY_SEED=N`` makes it the build of seed N (``model.tiny_seed``), to check that what the
+tests assert of the demo model holds for other builds too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # 2 unless the caller says otherwise
 
 ARITH_SEED = 1234
 
@@ -42,7 +44,7 @@ def warm_model_dir():
     from common.config import ModelConfig
     from common.models import resolve_model
 
-    return Path(resolve_model(ModelConfig()))
+    return Path(resolve_model(ModelConfig(tiny_seed=int(os.environ.get("TREEPO_TEST_TINY_SEED", "0")))))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--warmup-steps",
         type=int,
         default=0,
-        help="Supervised warm-start steps on the task (0 = random init).",
+        help="Most supervised warm-start steps on the task (0 = random init); it stops earlier once "
+        "a greedy probe solves most problems (see common/tiny.py).",
     )
     p.add_argument(
         "--unboxed-share",

@@ -107,7 +107,7 @@ def test_demo_recipe_raises_held_out_accuracy(tmp_path, warm_model_dir):
         "log.progress=false",
         "log.tensorboard=false",
     ]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the session's thread count: 1 or 2
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
