@@ -93,7 +93,7 @@ class DataConfig:
     shuffle_seed: int = doc(0, "Seed of the per-epoch prompt shuffle.")
     epochs: int = doc(1, "Passes over the training prompts.")
     synthetic_train_size: int = doc(
-        1024,
+        4096,
         "Rows in a synthetic task's train split (the demo's 60 steps see each problem at most once, so its "
         "rollout accuracy, like the held-out one, measures what carries over to new problems).",
     )

@@ -9,10 +9,9 @@ line per operation, ending in ``\\boxed{N}``::
 Each scratchpad line is a small reasoning step whose error ruins the answer, so a tree that branches
 between lines has something to choose between. With character-level tokens (``common.tiny``) every
 target response is 30-120 tokens, i.e. one to four 32-token segments. The difficulty (digits per
-number, operations per problem) was tuned so that the default tiny model, warm-started for about a
-minute on CPU, solves a minority of held-out problems at temperature 1: RL has room to improve it
-(measured: 1-digit operands, 2-3 operations -> 20 % greedy, 18 % at T=1; 1-2 digit operands gave 1-2 %).
-``arith2`` (1-2 digit operands) is the harder variant for larger models.
+number, operations per problem) is one the default tiny model learns in a few minutes of CPU
+warm-start (``common.tiny``: its build notes give the measured spread); 1-2 digit operands were
+out of its reach. ``arith2`` (1-2 digit operands) is the harder variant for larger models.
 
 Splits are decided by a hash of the problem text, not by the seed: a problem is held out ("eval") for
 every seed or for none, so no seed can leak a held-out problem into "train".
