@@ -2,9 +2,8 @@
 
 Per problem: mean@k (share of correct answers), pass@k (unbiased estimator; with exactly k samples
 it is "any correct"), maj@k (bootstrap majority vote, 1000 draws, seed 42). Per file and overall
-(weighted by problem count). A sample is correct when its reward is above the midpoint of the
-reward's correct and wrong values (:func:`actors.scoring.correct_threshold`); evaluation rewards are
-:func:`actors.engine_inputs.eval_reward`'s.
+(weighted by problem count). A sample is correct when the reward's verdict says so (``Leaf.correct``,
+see :mod:`actors.scoring`); evaluation rewards are :func:`actors.engine_inputs.eval_reward`'s.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Any
 from actors.backends.base import GenerationBackend
 from actors.engine_inputs import prompt_metadata
 from actors.sampler import TreeSampler
-from actors.scoring import correct_threshold, leaf_texts, score_trees
+from actors.scoring import leaf_texts, score_trees
 from common.config import SamplingConfig, TreeConfig
 from common.eval_metrics import maj_at_k, majority_vote, pass_at_k
 from common.rewards import RewardFn
@@ -139,12 +138,11 @@ def evaluate(
     )
     eos = frozenset(int(i) for i in eos_ids)
     items = [(p.row.id, p.prompt_ids, prompt_metadata(p.row)) for p in prompts]
-    threshold = correct_threshold(reward)
     t0 = time.perf_counter()
     results: dict[str, ProblemResult] = {}
     for tree in sampler.run(items, max_in_flight):
         score_trees([tree], reward, decode, eos)
-        correct = [lf.reward > threshold for lf in tree.leaves]
+        correct = [bool(lf.correct) for lf in tree.leaves]
         answers = [lf.answer for lf in tree.leaves]
         results[tree.prompt_id] = ProblemResult(
             prompt_id=tree.prompt_id,

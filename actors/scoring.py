@@ -1,10 +1,14 @@
-"""Scoring finished trees: decode each leaf's response, fill its reward and extracted answer; the
-verdict on one problem's answers.
+"""Scoring finished trees: decode each leaf's response, fill its reward, its verdict and its extracted
+answer; the verdict on one problem's answers.
 
-Rewards are computed in one batch per tree (``RewardFn.score_many``), so verifier subprocesses work
+Rewards are computed in one batch per tree (``RewardFn.judge_many``), so verifier subprocesses work
 in parallel; a crashing or timed-out reward scores as wrong and is counted by the reward's stats.
-A leaf is correct when its reward is above the midpoint of the reward's correct and wrong values
-(:func:`correct_threshold`); the majority answer is :func:`common.eval_metrics.majority_vote`'s.
+A leaf's verdict (``Leaf.correct``) is the reward's (:mod:`common.rewards`: above the midpoint of its
+correct and wrong values, before the overlong penalty); the majority answer is
+:func:`common.eval_metrics.majority_vote`'s.
+
+The text scored is the response up to its first stop token (EOS or the chat template's end of turn,
+:func:`common.models.stop_token_ids`), that token excluded: nothing after a stop can count.
 """
 
 from __future__ import annotations
@@ -19,44 +23,32 @@ from common.tree import Tree
 DecodeFn = Callable[[Sequence[int]], str]
 
 
-def leaf_texts(tree: Tree, decode: DecodeFn, eos_ids: frozenset[int] = frozenset()) -> list[str]:
-    """Response text of every leaf (a trailing EOS token is not part of the text)."""
+def leaf_texts(tree: Tree, decode: DecodeFn, stop_ids: frozenset[int] = frozenset()) -> list[str]:
+    """Response text of every leaf, up to (not including) its first stop token."""
     texts = []
     for leaf in tree.leaves:
         ids = tree.response_ids(leaf).tolist()
-        if ids and ids[-1] in eos_ids:
-            ids = ids[:-1]
-        texts.append(decode(ids))
+        cut = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+        texts.append(decode(ids[:cut]))
     return texts
 
 
 def score_trees(
-    trees: Sequence[Tree], reward: RewardFn | None, decode: DecodeFn, eos_ids: frozenset[int] = frozenset()
+    trees: Sequence[Tree], reward: RewardFn | None, decode: DecodeFn, stop_ids: frozenset[int] = frozenset()
 ) -> None:
-    """Set ``leaf.answer`` and (unless ``reward`` is None) ``leaf.reward`` for every leaf of every tree
-    (in place)."""
+    """Set ``leaf.answer`` and (unless ``reward`` is None) ``leaf.reward`` and ``leaf.correct`` for every
+    leaf of every tree (in place)."""
     items, slots = [], []
     for tree in trees:
         answer = str(tree.metadata.get("answer", ""))
-        for leaf, text in zip(tree.leaves, leaf_texts(tree, decode, eos_ids)):
+        for leaf, text in zip(tree.leaves, leaf_texts(tree, decode, stop_ids)):
             leaf.answer = last_boxed(text)
             items.append(RewardItem(text, answer, dict(tree.metadata), leaf.length))
             slots.append(leaf)
     if reward is None:
         return
-    for leaf, value in zip(slots, reward.score_many(items)):
-        leaf.reward = float(value)
-
-
-def reward_bounds(reward: RewardFn) -> tuple[float, float]:
-    """(correct, wrong) values of a reward (defaults +1/-1 for user functions without them)."""
-    return float(getattr(reward, "correct", 1.0)), float(getattr(reward, "wrong", -1.0))
-
-
-def correct_threshold(reward: RewardFn) -> float:
-    """A reward above this value means a correct answer: the midpoint of correct and wrong."""
-    correct, wrong = reward_bounds(reward)
-    return (correct + wrong) / 2
+    for leaf, scored in zip(slots, reward.judge_many(items)):
+        leaf.reward, leaf.correct = float(scored.reward), bool(scored.correct)
 
 
 def majority_verdict(answers: Sequence[str | None], correct: Sequence[bool]) -> tuple[str | None, bool]:

@@ -213,7 +213,10 @@ class RewardConfig:
     workers: int = doc(
         2, "Verifier subprocesses per generator (isolate math-verify and user rewards from hangs)."
     )
-    correct: float = doc(1.0, "Reward of a correct answer.")
+    correct: float = doc(
+        1.0,
+        "Reward of a correct answer (> wrong); a reward above the midpoint of the two is a correct verdict.",
+    )
     wrong: float = doc(-1.0, "Reward of a wrong or missing answer.")
     overlong_buffer: int = doc(
         0,
@@ -227,7 +230,10 @@ class AlgoConfig:
     aggregation: str = doc("average", "TreePO subgroup aggregation: 'average' | 'group_size'.")
     subgroup_std_filter: bool = doc(False, "Drop subgroup terms whose rewards all agree (hurt in the paper).")
     whiten: bool = doc(True, "Token-weighted whitening of advantages over the batch.")
-    dynamic_sampling: bool = doc(True, "Drop prompts whose leaves are all correct or all wrong.")
+    dynamic_sampling: bool = doc(
+        True,
+        "Drop prompts whose leaves are all correct or all wrong (the reward's verdict, before the overlong penalty).",
+    )
     clip_low: float = doc(0.2, "PPO clip epsilon below 1.")
     clip_high: float = doc(0.28, "PPO clip epsilon above 1 (clip-higher).")
     dual_clip: float = doc(10.0, "Dual-clip constant c > 1 for negative advantages (0 disables).")
@@ -533,6 +539,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"reward.overlong_buffer={cfg.reward.overlong_buffer} > tree.max_response_tokens={t.max_response_tokens}: "
             f"set it <= {t.max_response_tokens}"
+        )
+    if cfg.reward.correct <= cfg.reward.wrong:
+        raise ConfigError(
+            f"reward.correct={cfg.reward.correct} <= reward.wrong={cfg.reward.wrong}: a correct answer must "
+            "score higher (the verdict is 'above their midpoint'); set reward.correct > reward.wrong"
         )
     if cfg.reward.fn not in ("auto", "math", "arith") and ":" not in cfg.reward.fn:
         raise ConfigError(

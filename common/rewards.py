@@ -31,6 +31,11 @@ Deviations and decisions:
 - A truncated final box (``\\boxed{2`` at the end of a cut response) is not an answer: the last
   COMPLETE box wins.
 
+The verdict: a leaf is CORRECT when its reward before the overlong penalty is above the midpoint of
+``correct`` and ``wrong`` (:meth:`_Reward.judge_many`; for the built-in rewards the base reward is
+exactly one of the two). It is judged before the penalty so that a long right answer stays right and
+a long wrong one stays wrong: dynamic sampling and accuracies use the verdict, never the shaped value.
+
 ``auto`` picks the task's reward: the synthetic ``arith`` task's exact-integer check for rows whose
 ``metadata["task"] == "arith"`` (or when the task is known at start-up), math-verify otherwise.
 """
@@ -493,6 +498,13 @@ class RewardStats:
             }
 
 
+class Scored(NamedTuple):
+    """One scored response: the reward (penalty included) and the verdict (judged before the penalty)."""
+
+    reward: float
+    correct: bool
+
+
 class RewardItem(NamedTuple):
     """One response to score (a plain 4-tuple works too)."""
 
@@ -514,6 +526,8 @@ class RewardFn(Protocol):
     ) -> float: ...
 
     def score_many(self, items: Iterable[RewardItem | tuple]) -> list[float]: ...
+
+    def judge_many(self, items: Iterable[RewardItem | tuple]) -> list[Scored]: ...
 
 
 class _Job(NamedTuple):
@@ -594,6 +608,10 @@ class _Reward(abc.ABC):
         return self.score_many([(response_text, answer, metadata, response_len)])[0]
 
     def score_many(self, items: Iterable[RewardItem | tuple]) -> list[float]:
+        return [s.reward for s in self.judge_many(items)]
+
+    def judge_many(self, items: Iterable[RewardItem | tuple]) -> list[Scored]:
+        """Reward and verdict of every item (one batch: verifier calls run in parallel)."""
         t0 = time.perf_counter()
         items = [RewardItem(*it) for it in items]
         base_I: list[float | None] = [None] * len(items)
@@ -609,7 +627,11 @@ class _Reward(abc.ABC):
             for (i, _), out in zip(jobs, outcomes):
                 base_I[i] = self._resolve(out)
         self.stats.add(calls=len(items), in_process=len(items) - len(jobs), seconds=time.perf_counter() - t0)
-        return [self._shape(b, it.response_len) for b, it in zip(base_I, items)]  # type: ignore[arg-type]
+        midpoint = (self.correct + self.wrong) / 2
+        return [
+            Scored(self._shape(b, it.response_len), b > midpoint)  # type: ignore[arg-type,operator]
+            for b, it in zip(base_I, items)
+        ]
 
 
 class MathReward(_Reward):
@@ -761,6 +783,7 @@ __all__ = [
     "RewardFn",
     "RewardItem",
     "RewardStats",
+    "Scored",
     "UserReward",
     "VerifierPool",
     "last_boxed",

@@ -2,7 +2,7 @@
 
 A tree is a set of segment nodes (node id, parent id, depth, token ids, behavior logprobs, the
 policy version each segment was sampled under) plus the leaves (the last node of each trajectory,
-its finish reason, its response length and a reward slot). The prompt is the implicit root, node
+its finish reason, its response length, a reward slot and the reward's correct/wrong verdict). The prompt is the implicit root, node
 id 0; root children have ``parent_id == 0`` and ``depth == 1``.
 
 Two leaves share a subtree at depth ``j`` iff their first ``j`` path nodes are the same nodes,
@@ -10,7 +10,9 @@ which is all the tree advantage needs (see :meth:`Tree.leaf_paths`).
 
 Serialization is msgpack with raw little-endian array bytes and a schema version. Never pickle:
 the replay queue is an input boundary, so :func:`decode_tree` validates every size, type and id and
-raises :class:`WireError` with the reason.
+raises :class:`WireError` with the reason. Schema versions: 2 added each leaf's verdict (``correct``);
+a decoder reads its own version only (an entry of another version is rejected with the reason, into
+the dead-letter stream), so producers and consumers of one queue must run the same build.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from common.errors import WireError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROOT_ID = 0
 FINISH_REASONS = ("finished", "eos", "max_tokens", "max_depth", "repetition")
 _META_TYPES = (str, int, float, bool, type(None))
@@ -51,6 +53,7 @@ class Leaf:
     length: int  # response tokens (sum of the path's segment lengths)
     reward: float = math.nan  # filled by the generator's reward step
     answer: str | None = None  # extracted final answer (majority vote, metrics)
+    correct: bool | None = None  # the reward's verdict (None = not scored): what dynamic sampling judges
 
 
 @dataclass
@@ -105,6 +108,13 @@ class Tree:
     @property
     def rewards_L(self) -> np.ndarray:
         return np.array([lf.reward for lf in self.leaves], dtype=np.float64)
+
+    @property
+    def correct_L(self) -> np.ndarray:
+        """The verdict of every leaf; WireError if some leaf has none (the tree was not scored)."""
+        missing = [lf.node_id for lf in self.leaves if lf.correct is None]
+        _check(not missing, f"tree {self.tree_id}: leaves {missing} have no verdict: score the tree first")
+        return np.array([lf.correct for lf in self.leaves], dtype=bool)
 
     def num_tokens(self) -> int:
         """Distinct response tokens decoded for this tree (shared prefixes counted once)."""
@@ -162,6 +172,10 @@ class Tree:
                 leaf.length == length, f"leaf {leaf.node_id}: length {leaf.length} != path tokens {length}"
             )
             _check(isinstance(leaf.reward, float), f"leaf {leaf.node_id}: reward must be a float")
+            _check(
+                leaf.correct is None or isinstance(leaf.correct, bool),
+                f"leaf {leaf.node_id}: correct must be true, false or null",
+            )
         for key, value in {**self.metadata, **self.timings}.items():
             _check(
                 isinstance(key, str) and isinstance(value, _META_TYPES), f"metadata {key!r} must be a scalar"
@@ -206,7 +220,8 @@ def encode_tree(tree: Tree) -> bytes:
             .tobytes(),
         },
         "leaves": [
-            [lf.node_id, lf.finish_reason, lf.length, float(lf.reward), lf.answer] for lf in tree.leaves
+            [lf.node_id, lf.finish_reason, lf.length, float(lf.reward), lf.answer, lf.correct]
+            for lf in tree.leaves
         ],
     }
     return msgpack.packb(payload, use_bin_type=True)
@@ -277,14 +292,15 @@ def decode_tree(data: bytes, *, max_bytes: int | None = None) -> Tree:
     leaves = []
     for item in leaves_raw:
         _check(
-            isinstance(item, list) and len(item) == 5,
-            "each leaf must be [node_id, reason, length, reward, answer]",
+            isinstance(item, list) and len(item) == 6,
+            "each leaf must be [node_id, reason, length, reward, answer, correct]",
         )
-        node_id, reason, length, reward, answer = item
+        node_id, reason, length, reward, answer, correct = item
         _check(isinstance(node_id, int) and isinstance(length, int), "leaf node_id and length must be ints")
         _check(isinstance(reward, (int, float)), "leaf reward must be a number")
         _check(answer is None or isinstance(answer, str), "leaf answer must be a string or null")
-        leaves.append(Leaf(node_id, reason, length, float(reward), answer))
+        _check(correct is None or isinstance(correct, bool), "leaf correct must be true, false or null")
+        leaves.append(Leaf(node_id, reason, length, float(reward), answer, correct))
     for name in ("metadata", "timings"):
         _check(isinstance(obj[name], dict), f"{name} must be a map")
     _check(isinstance(obj["generator_id"], int), "generator_id must be an int")

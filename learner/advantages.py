@@ -23,8 +23,8 @@ Baselines for comparison:
   DeepSeekMath's GRPO); a group of one gets 0. Batch whitening still follows ``AlgoConfig.whiten``.
 - ``reinforce_pp_baseline``: ``R_i - mean(R)`` per prompt, then the batch whitening.
 
-Prompt-level dynamic sampling (DAPO): a prompt whose leaf rewards are all equal (all correct or all
-wrong) has zero advantage everywhere and is dropped before advantages are computed.
+Prompt-level dynamic sampling (DAPO) drops prompts whose leaves are all correct or all wrong before
+advantages are computed: :mod:`learner.selection` holds that rule.
 
 Everything here is pure numpy: no torch, no distributed state.
 """
@@ -122,12 +122,6 @@ def whiten_token_weighted(
     var = (flat_n * (flat_A - mean) ** 2).sum() / (total - 1) if total > 1 else 0.0
     scale = 1.0 / np.sqrt(var + WHITEN_EPS)
     return [(a - mean) * scale for a in adv]
-
-
-def dynamic_sampling_keep(rewards_L: np.ndarray) -> bool:
-    """DAPO's prompt filter: keep a prompt only if its leaves' rewards are not all equal."""
-    rewards_L = np.asarray(rewards_L, dtype=np.float64)
-    return len(rewards_L) > 1 and float(np.ptp(rewards_L)) > 0.0
 
 
 def batch_advantages(

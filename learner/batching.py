@@ -159,7 +159,7 @@ def synthetic_trees(
         if np.ptp(rewards) == 0:
             rewards[0] = -rewards[0]
         for leaf, r in zip(leaves, rewards):
-            leaf.reward = float(r)
+            leaf.reward, leaf.correct = float(r), bool(r > 0)
         tree = Tree(f"t{seed}-{p}", f"p{p}", rng.integers(4, vocab_size, prompt_len), segments, leaves)
         tree.validate()
         trees.append(tree)

@@ -6,10 +6,14 @@ both drivers (the local one and the asynchronous pipeline).
   stalest leaf.
 - A tree past the staleness limit (``algo.max_staleness`` in the pipeline; the local driver samples
   every tree under the current weights and has no limit) is dropped and counted.
-- With ``algo.dynamic_sampling`` a tree whose leaves all have the same reward is dropped and counted
-  (:func:`learner.advantages.dynamic_sampling_keep`: it has no advantage to learn from).
-- Everything sampled counts in the step's reward metrics (what the policy does, before any filter);
-  the trained trees give the trained reward, response length and leaves per tree.
+- With ``algo.dynamic_sampling`` (DAPO's filter, as the release runs it on accuracy) a tree whose
+  leaves are all correct or all wrong is dropped and counted (:func:`dynamic_sampling_keep`). It is
+  judged on each leaf's verdict (``Leaf.correct``, the reward's correct/wrong before the overlong
+  penalty), never on the spread of the rewards: a length penalty makes an all-wrong tree's rewards
+  differ (``[-1, -1, -1.4, -1]``) without giving it anything to learn but length.
+- Everything sampled counts in the step's reward metrics (what the policy does, before any filter;
+  accuracy is the share of correct verdicts); the trained trees give the trained reward, response
+  length and leaves per tree.
 
 Pure: no torch, ray or redis.
 """
@@ -22,9 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from learner.advantages import dynamic_sampling_keep
-
 KEPT, STALE, UNIFORM = "kept", "stale", "uniform"
+
+
+def dynamic_sampling_keep(correct_L: Sequence[bool] | np.ndarray) -> bool:
+    """Keep a prompt only if some of its leaves are correct and some wrong (a single leaf never is)."""
+    correct_L = np.asarray(correct_L, dtype=bool)
+    return bool(correct_L.any()) and not bool(correct_L.all())
 
 
 def leaf_staleness_L(tree: Any, version: int) -> list[int]:
@@ -59,6 +67,7 @@ class Selection:
     dropped_stale: int = 0
     dropped_uniform: int = 0
     rewards_T_L: list = field(default_factory=list)  # every non-duplicate tree's leaf rewards
+    correct_T_L: list = field(default_factory=list)  # ... and verdicts
 
     def skip_duplicate(self) -> None:
         """A tree seen before (at-least-once delivery): counted as sampled, never trained twice."""
@@ -68,10 +77,11 @@ class Selection:
         """Judge one tree: :data:`KEPT` (appended to :attr:`kept`), :data:`STALE` or :data:`UNIFORM`."""
         self.sampled += 1
         self.rewards_T_L.append(tree.rewards_L)
+        self.correct_T_L.append(tree.correct_L)
         if self.max_staleness is not None and tree_staleness(tree, self.version) > self.max_staleness:
             self.dropped_stale += 1
             return STALE
-        if self.dynamic_sampling and not dynamic_sampling_keep(tree.rewards_L):
+        if self.dynamic_sampling and not dynamic_sampling_keep(self.correct_T_L[-1]):
             self.dropped_uniform += 1
             return UNIFORM
         self.kept.append(tree)
@@ -86,16 +96,20 @@ class Selection:
         return {
             "rollout/trees_sampled": self.sampled,
             "rollout/trees_dropped_uniform": self.dropped_uniform,
-            **sampled_reward_metrics(self.rewards_T_L),
+            **sampled_reward_metrics(self.rewards_T_L, self.correct_T_L),
         }
 
 
-def sampled_reward_metrics(rewards_T_L: list[np.ndarray]) -> dict[str, float]:
-    """Reward and accuracy over EVERY tree sampled this step (before any filter: what the policy does)."""
+def sampled_reward_metrics(rewards_T_L: list[np.ndarray], correct_T_L: list[np.ndarray]) -> dict[str, float]:
+    """Reward and accuracy (share of correct verdicts) over EVERY tree sampled this step (before any
+    filter: what the policy does)."""
     rewards = np.concatenate(rewards_T_L) if rewards_T_L else np.zeros(0)
     if not len(rewards):
         return {}
-    return {"rollout/reward": float(rewards.mean()), "rollout/accuracy": float((rewards > 0).mean())}
+    return {
+        "rollout/reward": float(rewards.mean()),
+        "rollout/accuracy": float(np.concatenate(correct_T_L).mean()),
+    }
 
 
 def rollout_metrics(trees: Sequence[Any]) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 One tree per prompt (``tree.*`` settings; ``tree.mode=flat`` for independent samples), many trees in
 flight on one engine (``generators.trees_in_flight``). Writes one readable JSON object per tree (prompt
-id, prompt text, gold answer, leaves with node path, response text, finish reason, length, reward and
+id, prompt text, gold answer, leaves with node path, response text, finish reason, length, reward, verdict and
 extracted answer, the majority-vote answer) and optionally the binary wire form (``--wire``: each
 tree as a 4-byte little-endian length followed by :func:`common.tree.encode_tree` bytes). Prints a
 progress bar and a summary table; the summary is also written as JSON next to ``--out``.
@@ -85,6 +85,7 @@ def tree_record(
                 "finish_reason": leaf.finish_reason,
                 "length": leaf.length,
                 "reward": None if math.isnan(leaf.reward) else leaf.reward,
+                "correct": leaf.correct,
                 "answer": leaf.answer,
                 "response": decode(tree.response_ids(leaf).tolist()),
             }
@@ -151,14 +152,14 @@ def _sample_to_files(
     from tqdm import tqdm
 
     from actors.engine_inputs import prompt_metadata
-    from actors.scoring import correct_threshold, majority_verdict, score_trees
+    from actors.scoring import majority_verdict, score_trees
     from common.tree import encode_tree
 
     by_id = {p.row.id: p for p in data.prompts}
     items = [(p.row.id, p.prompt_ids, prompt_metadata(p.row)) for p in data.prompts]
     reward = data.reward
-    threshold = correct_threshold(reward) if reward is not None else 0.0
     rewards_L: list[float] = []
+    correct_L: list[bool] = []
     maj_hits: list[bool] = []
     wire = open(args.wire, "wb") if args.wire else None
     bar = tqdm(
@@ -170,11 +171,12 @@ def _sample_to_files(
                 row = by_id[tree.prompt_id].row
                 score_trees([tree], reward, inputs.decode, inputs.eos_set)
                 answers = [lf.answer for lf in tree.leaves]
-                maj, maj_correct = majority_verdict(answers, [lf.reward > threshold for lf in tree.leaves])
+                maj, maj_correct = majority_verdict(answers, [bool(lf.correct) for lf in tree.leaves])
                 if reward is None:
                     maj_correct = None
                 else:
                     rewards_L.extend(lf.reward for lf in tree.leaves)
+                    correct_L.extend(bool(lf.correct) for lf in tree.leaves)
                     maj_hits.append(maj_correct)
                 fh.write(
                     json.dumps(tree_record(tree, inputs.decode, row.prompt, row.answer, maj, maj_correct))
@@ -191,7 +193,7 @@ def _sample_to_files(
         return {}
     return {
         "reward/mean": sum(rewards_L) / len(rewards_L),
-        "reward/pass_rate": sum(r > threshold for r in rewards_L) / len(rewards_L),
+        "reward/pass_rate": sum(correct_L) / len(correct_L),
         f"reward/maj@{cfg.tree.w}": sum(maj_hits) / len(maj_hits),
     }
 

@@ -9,7 +9,6 @@ from common.config import AlgoConfig
 from learner.advantages import (
     baseline_advantages_L,
     batch_advantages,
-    dynamic_sampling_keep,
     grpo_advantages_L,
     tree_advantages,
     treepo_advantages_L,
@@ -119,13 +118,6 @@ def test_batch_estimators_and_whitening_switch():
         np.testing.assert_allclose(a, b)
     grpo = batch_advantages(rewards, paths, lens, "grpo", whiten=False)
     np.testing.assert_allclose(grpo[1], grpo_advantages_L(rewards[1]))
-
-
-def test_dynamic_sampling_filter():
-    assert not dynamic_sampling_keep(np.ones(4))
-    assert not dynamic_sampling_keep(-np.ones(4))
-    assert not dynamic_sampling_keep(np.array([1.0]))
-    assert dynamic_sampling_keep(np.array([1.0, -1.0, -1.0]))
 
 
 def test_tree_objects_match_arrays():

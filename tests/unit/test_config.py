@@ -85,6 +85,7 @@ def test_bad_overrides_name_the_key(override, key):
         (["reward.fn=nonsense"], "reward.fn", "package.module:function"),
         (["sampling.top_p=1.5"], "sampling.top_p", "(0, 1]"),
         (["learner.num_workers=3"], "learner.num_workers", "multiple"),
+        (["reward.correct=-1", "reward.wrong=1"], "reward.correct", "reward.correct > reward.wrong"),
     ],
 )
 def test_inconsistent_values_fail_with_key_and_fix(overrides, key, fix):

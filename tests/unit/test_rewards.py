@@ -210,6 +210,21 @@ def test_overlong_penalty_added_to_reward(math_fn, pool):
         MathReward(overlong_buffer=512)
 
 
+def test_the_verdict_is_judged_before_the_overlong_penalty(pool):
+    fn = MathReward(pool=pool, max_response_tokens=7168, overlong_buffer=512)
+    items = [
+        ("\\boxed{2}", "2", None, 7168),
+        ("\\boxed{2}", "2", None, 7168 - 256),
+        ("\\boxed{2}", "3", None, 7168),
+    ]
+    got = fn.judge_many(items)
+    assert [s.reward for s in got] == pytest.approx([0.0, 0.5, -2.0])  # a full penalty lands on the midpoint
+    assert [s.correct for s in got] == [True, True, False]
+    # judged against the midpoint of reward.correct and reward.wrong
+    shifted = MathReward(pool=pool, correct=2.0, wrong=0.0)
+    assert [s.correct for s in shifted.judge_many([("\\boxed{1}", "1"), ("none", "1")])] == [True, False]
+
+
 # ---------------------------------------------------------------------------------- arith and auto
 
 
@@ -241,6 +256,11 @@ def test_auto_picks_task_reward():
 def test_user_reward_runs_isolated(user_path, pool):
     fn = resolve_reward("treepo_test_rewards:length_bonus", pool=pool)
     assert fn.score_many([("it is 42", "42", {}, 0), ("nope", "42", {"miss": -0.25}, 0)]) == [0.5, -0.25]
+    # a user function's value is judged against the midpoint of correct (1) and wrong (-1)
+    assert [s.correct for s in fn.judge_many([("it is 42", "42"), ("nope", "42", {"miss": -0.25})])] == [
+        True,
+        False,
+    ]
     noisy = UserReward("treepo_test_rewards:prints_noise", pool=pool)
     assert noisy("x", "y") == 1.0 and noisy("x", "y") == 1.0
 

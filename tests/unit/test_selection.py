@@ -8,11 +8,13 @@ import dataclasses
 import pytest
 from test_tree_wire import make_tree
 
+from common.errors import WireError
 from learner.selection import (
     KEPT,
     STALE,
     UNIFORM,
     Selection,
+    dynamic_sampling_keep,
     leaf_staleness_L,
     record_staleness,
     rollout_metrics,
@@ -21,11 +23,12 @@ from learner.selection import (
 )
 
 
-def _tree(tree_id: str, rewards: list[float], version_shift: int = 0):
+def _tree(tree_id: str, rewards: list[float], version_shift: int = 0, correct: list[bool] | None = None):
+    """``make_tree``'s three leaves with these rewards and verdicts (default: reward > 0)."""
     t = make_tree()
     t.tree_id = tree_id
-    for leaf, r in zip(t.leaves, rewards):
-        leaf.reward = r
+    for leaf, r, c in zip(t.leaves, rewards, correct or [r > 0 for r in rewards]):
+        leaf.reward, leaf.correct = r, c
     t.segments = [dataclasses.replace(s, version=s.version + version_shift) for s in t.segments]
     return t
 
@@ -68,3 +71,26 @@ def test_batch_metrics():
     s = staleness_metrics(trees, record_staleness(trees, 3, {}))
     assert (s["rollout/segment_version_min"], s["rollout/segment_version_max"]) == (0.0, 3.0)
     assert (s["staleness/mean"], s["staleness/max"]) == (2.0, 3.0)
+
+
+def test_dynamic_sampling_judges_correctness_not_reward_spread():
+    # the overlong penalty spreads the rewards of uniform trees: all wrong with one long leaf, all right
+    # with one long leaf; both are dropped, whatever their rewards, and a mixed tree is kept
+    assert not dynamic_sampling_keep([False, False, False, False])  # rewards [-1, -1, -1.4, -1]
+    assert not dynamic_sampling_keep([True, True, True, True])  # rewards [1, 1, 0.6, 1]
+    assert not dynamic_sampling_keep([True])
+    assert dynamic_sampling_keep([True, False, False, False])
+    sel = Selection(version=0, dynamic_sampling=True)
+    assert sel.offer(_tree("wrong", [-1.0, -1.4, -1.0], correct=[False] * 3)) == UNIFORM
+    assert sel.offer(_tree("right", [1.0, 0.6, 1.0], correct=[True] * 3)) == UNIFORM
+    # a right answer with the full penalty (1 - 1 = 0) is still right: the verdict, not the value
+    assert sel.offer(_tree("mixed", [1.0, 0.0, -1.4], correct=[True, True, False])) == KEPT
+    assert [t.tree_id for t in sel.kept] == ["mixed"]
+    assert sel.metrics()["rollout/accuracy"] == pytest.approx(5 / 9)
+
+
+def test_an_unscored_tree_is_refused():
+    t = _tree("u", [1.0, -1.0, 1.0])
+    t.leaves[1].correct = None
+    with pytest.raises(WireError, match="no verdict"):
+        Selection(version=0).offer(t)

@@ -20,7 +20,11 @@ def make_tree() -> Tree:
         Segment(3, 1, 2, [13, 14, 15], [-0.1, -0.2, -0.3], 1),
         Segment(4, 0, 1, [16], [-2.0], 0),
     ]
-    leaves = [Leaf(2, "eos", 3, 1.0, "7"), Leaf(3, "max_depth", 5, -1.0), Leaf(4, "finished", 1, 1.0, "7")]
+    leaves = [
+        Leaf(2, "eos", 3, 1.0, "7", True),
+        Leaf(3, "max_depth", 5, -1.0, None, False),
+        Leaf(4, "finished", 1, 1.0, "7", True),
+    ]
     return Tree(
         "t-1",
         "p-1",
@@ -54,15 +58,19 @@ def test_round_trip_is_exact():
         assert (a.node_id, a.parent_id, a.depth, a.version) == (b.node_id, b.parent_id, b.depth, b.version)
         assert a.token_ids.tolist() == b.token_ids.tolist()
         assert a.logprobs.tobytes() == b.logprobs.tobytes()
-    assert [(x.node_id, x.finish_reason, x.length, x.reward, x.answer) for x in back.leaves] == [
-        (x.node_id, x.finish_reason, x.length, x.reward, x.answer) for x in t.leaves
+    assert [(x.node_id, x.finish_reason, x.length, x.reward, x.answer, x.correct) for x in back.leaves] == [
+        (x.node_id, x.finish_reason, x.length, x.reward, x.answer, x.correct) for x in t.leaves
     ]
 
 
 def test_unscored_reward_survives_as_nan():
     t = make_tree()
     t.leaves[0].reward = math.nan
-    assert math.isnan(decode_tree(encode_tree(t)).leaves[0].reward)
+    t.leaves[0].correct = None
+    back = decode_tree(encode_tree(t))
+    assert math.isnan(back.leaves[0].reward) and back.leaves[0].correct is None
+    with pytest.raises(WireError, match="no verdict"):
+        back.correct_L  # noqa: B018 - the property raises
 
 
 def _payload(t: Tree) -> dict:
@@ -85,11 +93,14 @@ def _pack(obj) -> bytes:
         (lambda p: p["nodes"].update(logprobs=p["nodes"]["logprobs"][:-1]), "whole number"),
         (lambda p: p["nodes"].update(logprobs=np.full(7, np.nan, "<f4").tobytes()), "non-finite"),
         (lambda p: p["nodes"].update(logprobs=np.full(7, 3.0, "<f4").tobytes()), "logprob > 0"),
-        (lambda p: p["leaves"].__setitem__(0, [2, "bored", 3, 1.0, None]), "finish reason"),
-        (lambda p: p["leaves"].__setitem__(0, [2, "eos", 4, 1.0, None]), "length"),
-        (lambda p: p["leaves"].__setitem__(0, [77, "eos", 3, 1.0, None]), "unknown node"),
-        (lambda p: p["leaves"].__setitem__(1, [2, "eos", 3, 1.0, None]), "two leaves"),
-        (lambda p: p["leaves"].__setitem__(0, [2, "eos", 3, "x", None]), "reward"),
+        (lambda p: p["leaves"].__setitem__(0, [2, "bored", 3, 1.0, None, True]), "finish reason"),
+        (lambda p: p["leaves"].__setitem__(0, [2, "eos", 4, 1.0, None, True]), "length"),
+        (lambda p: p["leaves"].__setitem__(0, [77, "eos", 3, 1.0, None, True]), "unknown node"),
+        (lambda p: p["leaves"].__setitem__(1, [2, "eos", 3, 1.0, None, True]), "two leaves"),
+        (lambda p: p["leaves"].__setitem__(0, [2, "eos", 3, "x", None, True]), "reward"),
+        (lambda p: p["leaves"].__setitem__(0, [2, "eos", 3, 1.0, None, 1]), "correct"),
+        (lambda p: p["leaves"].__setitem__(0, [2, "eos", 3, 1.0, None]), "each leaf"),
+        (lambda p: p.update(schema=1), "schema version"),
         (lambda p: p.update(prompt_ids=b""), "prompt_ids"),
         (lambda p: p.update(metadata={"k": [1, 2]}), "scalar"),
         (lambda p: p.update(tree_id=""), "tree_id"),
