@@ -24,10 +24,10 @@ The rules (``../shared/TREEPO.md``), per tree, level-synchronous:
 Deviations from the authors' release (deliberate, see TREEPO.md):
 
 - EOS is detected anywhere in a segment (including its first token) and for every id of a list;
-  tokens after the first EOS are dropped. A boxed answer is looked for in the tail of the whole
-  response (``answer_tail_chars``), not only in the last segment, so an answer split across a
-  segment boundary is seen. The tail is decoded from the last ``answer_tail_chars`` tokens (every
-  token of a text tokenizer decodes to at least one character).
+  tokens after the first EOS are dropped. A boxed answer is looked for in the whole last segment plus
+  the ``answer_overlap_tokens`` tokens before it (the release looks in the last segment only), so an
+  answer split across a segment boundary is seen; a window scales with ``l``, unlike a fixed tail of
+  characters, so a box followed by a long segment still ends the path.
 - A segment that would cross Lmax is truncated BEFORE classification (the tokens past Lmax are not
   part of the trajectory, so an EOS past Lmax does not count).
 - Segment alignment: a path's segment ends where (prompt + response length − 1) is a multiple of the
@@ -439,9 +439,13 @@ class TreeSampler:
             return False
         if self.cfg.answer_policy == "boxed_and_eos_first" and not eos_hit:
             return False
-        n = self.cfg.answer_tail_chars
-        tail = self.decode_fn(st.response(node.node_id)[-n:])[-n:]
-        return last_boxed(tail) is not None  # answered: its tail holds a complete box
+        return last_boxed(self.decode_fn(self._answer_window(st, node))) is not None
+
+    def _answer_window(self, st: _TreeState, node: _Node) -> list[int]:
+        """The last segment and the ``answer_overlap_tokens`` before it (a box split across the
+        boundary is whole in here)."""
+        ids = st.response(node.node_id)
+        return ids[max(0, len(ids) - len(node.token_ids) - self.cfg.answer_overlap_tokens) :]
 
     def _repetitive(self, node: _Node) -> bool:
         if not self.cfg.repetition_check or self.decode_fn is None:

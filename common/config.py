@@ -140,9 +140,10 @@ class TreeConfig:
         "boxed_and_eos_first",
         "When a path is finished: 'boxed_and_eos_first' (boxed answer AND EOS; the release) | 'boxed_as_eos' (a complete boxed answer ends it).",
     )
-    answer_tail_chars: int = doc(
-        200,
-        "A boxed answer is searched in this many trailing characters of the whole response (catches answers split across segments).",
+    answer_overlap_tokens: int = doc(
+        64,
+        "A boxed answer is looked for in the whole last segment plus this many tokens before it (so a box "
+        "split across a segment boundary is seen). Replaces tree.answer_tail_chars.",
     )
     repetition_check: bool = doc(True, "Stop a path whose segment repeats some substring too often.")
     repetition_substring_chars: int = doc(32, "Length of the repeated substring checked.")
@@ -400,7 +401,7 @@ _MINIMUMS: dict[str, float] = {
     "tree.root_divergence_max": 1,
     "tree.max_response_tokens": 1,
     "tree.prob_temperature": 1e-6,
-    "tree.answer_tail_chars": 1,
+    "tree.answer_overlap_tokens": 0,
     "tree.repetition_substring_chars": 1,
     "tree.repetition_min_count": 2,
     "sampling.temperature": 1e-6,
@@ -608,12 +609,21 @@ def _suggest(key: str) -> str:
     return f"did you mean {(parent + '.' if parent else '') + close[0]!r}? " if close else ""
 
 
+# key -> what replaced it: a removed key fails with this, never silently mapped onto its replacement
+_REPLACED: dict[str, str] = {
+    "tree.answer_tail_chars": "the answer is now looked for in the last segment plus "
+    "tree.answer_overlap_tokens tokens before it (default 64); remove tree.answer_tail_chars",
+}
+
+
 def _check_keys(node: Any, prefix: str, origin: str) -> None:
     """Reject unknown keys naming the full dotted key (OmegaConf only names the first unknown part)."""
     if not isinstance(node, DictConfig):
         return
     for k in node:
         key = f"{prefix}{k}"
+        if key in _REPLACED:
+            raise ConfigError(f"{key} (in {origin}) was removed: {_REPLACED[key]}")
         hint = _schema_field(key)
         if hint is None:
             value = node._get_node(k)

@@ -96,6 +96,13 @@ def test_inconsistent_values_fail_with_key_and_fix(overrides, key, fix):
     assert key in msg and fix in msg, msg
 
 
+def test_a_replaced_key_names_its_replacement():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["tree.answer_tail_chars=200"])
+    msg = str(e.value)
+    assert "\n" not in msg and "tree.answer_tail_chars" in msg and "tree.answer_overlap_tokens" in msg
+
+
 def test_flat_mode_allows_any_root_divergence_setting():
     cfg = load_config(None, ["tree.mode=flat", "tree.root_divergence_max=9", "tree.root_divergence_min=9"])
     assert cfg.tree.mode == "flat"

@@ -402,6 +402,33 @@ def test_boxed_answer_split_across_two_segments():
             assert not reasons  # no answer without EOS under the release's policy: the path goes on
 
 
+def test_the_answer_window_is_the_last_segment_plus_an_overlap():
+    # a box followed by 300 characters inside one long segment ends the path (a 200-character tail
+    # missed it); a box that sits wholly before the overlap does not end a later segment's path
+    box_then_text = text(r"so \boxed{5}") + text("x y " * 75)  # 12 + 300 tokens
+
+    def script(prefix, resp_len, n, rng):
+        return box_then_text[:n] if resp_len == 0 else None
+
+    c = cfg(w=1, d=2, l=320, b=1, answer_policy="boxed_as_eos", max_response_tokens=640, fallback="none")
+    c = dataclasses.replace(c, root_divergence_min=1, root_divergence_max=1, repetition_check=False)
+    tree, _ = sample_one(c, FakeBackend(script))
+    assert [lf.finish_reason for lf in tree.leaves] == ["finished"] and tree.leaves[0].length == 312
+
+    early_box = text(r"\boxed{5}") + text("z" * 10)  # the box ends 10 tokens before the boundary
+
+    def script2(prefix, resp_len, n, rng):
+        if resp_len == 0:
+            return early_box
+        return [int(t) for t in rng.integers(97, 123, size=n - 1)] + [0]
+
+    c2 = cfg(w=1, d=2, l=20, b=1, max_response_tokens=40, fallback="none", repetition_check=False)
+    c2 = dataclasses.replace(c2, root_divergence_min=1, root_divergence_max=1)
+    for overlap, reason in ((30, "finished"), (5, "eos")):
+        tree, _ = sample_one(dataclasses.replace(c2, answer_overlap_tokens=overlap), FakeBackend(script2))
+        assert [lf.finish_reason for lf in tree.leaves] == [reason], overlap
+
+
 def test_repetition_and_its_priority_option():
     rep = lambda n: text("ab" * n)[: n - 1] + [0]  # noqa: E731 - repetitive AND ends with EOS
     c = cfg(w=2, d=2, l=80, b=1, max_response_tokens=160, fallback="none")
