@@ -1,5 +1,5 @@
 """Engine-side set-up, once for every entry point (the generator, the local driver, ``treepo sample``,
-``treepo eval`` and the benchmarks): model → tokenizer → EOS ids → prompts → rewards → backend →
+``treepo eval`` and the benchmarks): model → tokenizer → stop ids → prompts → rewards → backend →
 sampler.
 
 Rules kept here and nowhere else:
@@ -10,6 +10,10 @@ Rules kept here and nowhere else:
   length (``reward.overlong_buffer`` is ignored), so numbers compare across length settings.
 - The held-out set is ``data.eval``, cut to ``eval.max_problems`` (0 = all), and exists only when
   ``eval.every_steps`` is set.
+- A response ends at its first stop token: an EOS id, or the chat template's end-of-turn token with
+  ``data.template=chat`` (``generators.stop_token_ids`` replaces the derived ones;
+  :func:`common.models.stop_token_ids`). The engine stops there, the sampler cuts there and the reward
+  scores the text before it.
 - Every text is decoded without special tokens.
 - The engine has room for the longest prompt it will see (:func:`actors.backends.backend_for_run`).
 
@@ -68,12 +72,13 @@ class PromptSet:
 
 @dataclass
 class EngineInputs:
-    """A model's tokenizer and EOS ids, and the prompt sets and backend of a run's config."""
+    """A model's tokenizer and stop ids (EOS and end of turn), and the prompt sets and backend of a run's
+    config."""
 
     cfg: Any
     model_path: str
     tokenizer: Any
-    eos_ids: list[int]
+    stop_ids: list[int]
 
     @classmethod
     def load(cls, cfg: Any, model_path: str | None = None) -> EngineInputs:
@@ -86,14 +91,18 @@ class EngineInputs:
 
     @classmethod
     def for_model(cls, model_path: str, *, trust_remote_code: bool = False, cfg: Any = None) -> EngineInputs:
-        from common.models import eos_token_ids, load_tokenizer
+        """Without ``cfg`` the stop ids are the EOS ids only (no template, no override)."""
+        from common.models import eos_token_ids, load_tokenizer, stop_token_ids
 
         tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-        return cls(cfg, str(model_path), tokenizer, eos_token_ids(model_path))
+        eos = eos_token_ids(model_path)
+        if cfg is not None:
+            eos = stop_token_ids(tokenizer, eos, cfg.data.template, list(cfg.generators.stop_token_ids))
+        return cls(cfg, str(model_path), tokenizer, eos)
 
     @property
-    def eos_set(self) -> frozenset[int]:
-        return frozenset(self.eos_ids)
+    def stop_set(self) -> frozenset[int]:
+        return frozenset(self.stop_ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -147,10 +156,10 @@ class EngineInputs:
         from actors.backends import backend_for_run
 
         longest = max((s.longest for s in sets if s is not None), default=0)
-        return backend_for_run(self.cfg, self.model_path, self.eos_ids, longest, seed=seed)
+        return backend_for_run(self.cfg, self.model_path, self.stop_ids, longest, seed=seed)
 
     def sampler(self, backend: Any, **kw: Any) -> Any:
         """A :class:`actors.sampler.TreeSampler` on ``backend`` with the config's tree and sampling."""
         from actors.sampler import TreeSampler
 
-        return TreeSampler(backend, self.cfg.tree, self.cfg.sampling, self.eos_ids, self.decode, **kw)
+        return TreeSampler(backend, self.cfg.tree, self.cfg.sampling, self.stop_ids, self.decode, **kw)

@@ -86,12 +86,12 @@ def run_eval(
     **kw: Any,
 ) -> EvalResult:
     """:func:`evaluate` with a run's settings: ``inputs`` is an :class:`actors.engine_inputs.EngineInputs`
-    (its config's tree, sampling and ``generators.trees_in_flight``, its EOS ids and decode);
+    (its config's tree, sampling and ``generators.trees_in_flight``, its stop ids and decode);
     ``k`` defaults to ``eval.k``. ``kw`` goes to :func:`evaluate` (``keep_texts``, ``progress``)."""
     cfg = inputs.cfg
     return evaluate(
         backend, prompts, reward, tree_cfg=tree_cfg or cfg.tree, sampling_cfg=cfg.sampling,
-        eos_ids=inputs.eos_ids, decode=inputs.decode, k=k or cfg.eval.k, sampling=sampling,
+        eos_ids=inputs.stop_ids, decode=inputs.decode, k=k or cfg.eval.k, sampling=sampling,
         max_in_flight=cfg.generators.trees_in_flight, **kw,
     )  # fmt: skip
 

@@ -331,7 +331,7 @@ class Generator:
             done = self.sampler.step()
             if self._bench_delay_s > 0:  # `treepo bench pipeline`'s synthetic workload: known cost per step
                 time.sleep(self._bench_delay_s)
-        score_trees(done, self.reward, self.inputs.decode, self.inputs.eos_set)
+        score_trees(done, self.reward, self.inputs.decode, self.inputs.stop_set)
         pushed = refused = 0
         for tree in done:
             epoch, prompt_id = self._epochs.pop(tree.tree_id)

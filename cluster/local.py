@@ -142,7 +142,7 @@ class LocalRun:
             if not sampler.in_flight:
                 break
             done = sampler.step()
-            score_trees(done, self.train_set.reward, self.inputs.decode, self.inputs.eos_set)
+            score_trees(done, self.train_set.reward, self.inputs.decode, self.inputs.stop_set)
             for tree in done:
                 sel.offer(tree)
         if not sel.kept:

@@ -194,6 +194,12 @@ class GeneratorConfig:
     reset_prefix_cache_on_update: bool = doc(
         True, "Drop cached KV after a weight update (exact) or keep it (faster, slightly stale)."
     )
+    stop_token_ids: list[int] = doc(
+        [],
+        "Token ids that end a response besides the model's EOS ids ([] = derived: with data.template=chat, "
+        "the token the chat template writes after an assistant turn, e.g. <|im_end|>). Set, they replace "
+        "the derived ones. Sampling stops at the first stop token; the reward scores the text before it.",
+    )
     ray_resources: dict[str, float] = doc(
         {},
         "Extra Ray resources each generator actor requests, e.g. {generator_node: 1} to pin generators "
@@ -540,6 +546,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"reward.overlong_buffer={cfg.reward.overlong_buffer} > tree.max_response_tokens={t.max_response_tokens}: "
             f"set it <= {t.max_response_tokens}"
+        )
+    if any(i < 0 for i in cfg.generators.stop_token_ids):
+        raise ConfigError(
+            f"generators.stop_token_ids={list(cfg.generators.stop_token_ids)} has negative ids: token ids are >= 0"
         )
     if cfg.reward.correct <= cfg.reward.wrong:
         raise ConfigError(

@@ -11,9 +11,10 @@ allocation.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
-from common.errors import CheckpointError, ModelError
+from common.errors import CheckpointError, ConfigError, ModelError
 
 LATEST = "latest"  # the pointer file naming a checkpoint root's newest complete checkpoint
 
@@ -145,6 +146,52 @@ def eos_token_ids(path: str, **resolve_kw) -> list[int]:
             f"model {resolved!r} defines no EOS token in generation_config.json or its tokenizer"
         )
     return [int(i) for i in ids]
+
+
+_TURN_MARK = "TREEPO-END-OF-TURN-PROBE"  # assistant content whose closing the chat template shows
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token(s) the tokenizer's chat template writes right after an assistant message
+    (Qwen/ChatML ``<|im_end|>``, Llama 3 ``<|eot_id|>``, Gemma ``<end_of_turn>``): found by rendering a
+    user/assistant exchange, not from a table of model names. [] when the template closes a turn with
+    plain text (then only the EOS ids end a response). ModelError if the template cannot render it."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_MARK}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # jinja errors come in many types
+        raise ModelError(
+            f"data.template=chat: the tokenizer's chat template cannot render an assistant turn "
+            f"({type(e).__name__}: {e}), so its end-of-turn token is unknown: set generators.stop_token_ids"
+        ) from None
+    at = text.rfind(_TURN_MARK)
+    if at < 0:
+        raise ModelError(
+            "data.template=chat: the tokenizer's chat template drops the assistant's message, so its "
+            "end-of-turn token is unknown: set generators.stop_token_ids"
+        )
+    ids = tokenizer.encode(text[at + len(_TURN_MARK) :].lstrip(), add_special_tokens=False)
+    special = set(tokenizer.all_special_ids) | {
+        int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special
+    }
+    return [int(ids[0])] if ids and ids[0] in special else []
+
+
+def stop_token_ids(
+    tokenizer, eos_ids: Sequence[int], template: str = "plain", extra: Sequence[int] = ()
+) -> list[int]:
+    """Every id that ends a response: the EOS ids, then ``extra`` (``generators.stop_token_ids``) if
+    given, else the chat template's end-of-turn token(s) when ``template == "chat"``. Sampling stops at
+    the first of them, and the reward scores the text before it (the same in training, ``treepo
+    sample`` and ``treepo eval``)."""
+    vocab = len(tokenizer)
+    bad = [i for i in extra if not 0 <= int(i) < vocab]
+    if bad:
+        raise ConfigError(
+            f"generators.stop_token_ids has ids {bad} outside the tokenizer's vocabulary (size {vocab}): fix them"
+        )
+    added = [int(i) for i in extra] if extra else (end_of_turn_ids(tokenizer) if template == "chat" else [])
+    return list(dict.fromkeys([*eos_ids, *added]))
 
 
 def resolve_eval_model(spec: str) -> str:

@@ -105,7 +105,7 @@ def _measure(args: argparse.Namespace, model: str) -> tuple[dict, dict, int, lis
     from common.tasks import generate
 
     inputs = EngineInputs.for_model(model)
-    eos = inputs.eos_ids if args.stop_at_eos else []
+    eos = inputs.stop_ids if args.stop_at_eos else []
     rows = generate("arith", 2 * args.prompts, seed=args.seed, split="eval")
     encoded = [(r["id"], inputs.tokenizer.encode(r["prompt"], add_special_tokens=False)) for r in rows]
     # distinct warm-up prompts (no cache reuse) with the same batch-size ladder

@@ -169,7 +169,7 @@ def _sample_to_files(
         with open(out, "w") as fh, bar:
             for tree in sampler.run(items, max_in_flight=cfg.generators.trees_in_flight):
                 row = by_id[tree.prompt_id].row
-                score_trees([tree], reward, inputs.decode, inputs.eos_set)
+                score_trees([tree], reward, inputs.decode, inputs.stop_set)
                 answers = [lf.answer for lf in tree.leaves]
                 maj, maj_correct = majority_verdict(answers, [bool(lf.correct) for lf in tree.leaves])
                 if reward is None:
