@@ -72,7 +72,10 @@ def synthetic_tree(
                 new_frontier.append(next_id)
                 next_id += 1
         frontier = new_frontier
-    leaves = [Leaf(node, "eos", depth * seg_tokens, float(i % 2)) for i, node in enumerate(frontier)]
+    leaves = [
+        Leaf(node, "eos", depth * seg_tokens, float(i % 2), None, bool(i % 2))
+        for i, node in enumerate(frontier)
+    ]
     return Tree(
         tree_id,
         f"p-{tree_id}",
