@@ -95,10 +95,10 @@ class EngineInputs:
         from common.models import eos_token_ids, load_tokenizer, stop_token_ids
 
         tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-        eos = eos_token_ids(model_path)
+        stop = eos_token_ids(model_path)
         if cfg is not None:
-            eos = stop_token_ids(tokenizer, eos, cfg.data.template, list(cfg.generators.stop_token_ids))
-        return cls(cfg, str(model_path), tokenizer, eos)
+            stop = stop_token_ids(tokenizer, stop, cfg.data.template, list(cfg.generators.stop_token_ids))
+        return cls(cfg, str(model_path), tokenizer, stop)
 
     @property
     def stop_set(self) -> frozenset[int]:
