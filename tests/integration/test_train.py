@@ -115,12 +115,12 @@ def test_demo_recipe_raises_held_out_accuracy(tmp_path, warm_model_dir):
     assert sorted(held_out) == [0, 30]
     before, after = held_out[0], held_out[30]
     summary = {k: (before[k], after[k]) for k in ("eval/mean@4", "eval/answered")}
-    # 128 problems x 4 samples: the standard error of each accuracy is about 0.015
-    assert after["eval/answered"] >= before["eval/answered"] + 0.15, f"no format learned: {summary}"
-    assert after["eval/mean@4"] >= before["eval/mean@4"] + 0.04, f"held-out accuracy did not rise: {summary}"
+    # 128 problems x 4 samples: the standard error of each accuracy is about 0.02. The demo runs of
+    # model seeds 0-2 at OMP_NUM_THREADS 1 and 2 rose by 0.27-0.41 (accuracy) and 0.40-0.46 (boxed
+    # share) by step 30: these bounds keep a margin of more than half.
+    assert after["eval/answered"] >= before["eval/answered"] + 0.2, f"no format learned: {summary}"
+    assert after["eval/mean@4"] >= before["eval/mean@4"] + 0.1, f"held-out accuracy did not rise: {summary}"
     acc = [m["rollout/accuracy"] for m in metrics if "rollout/accuracy" in m]
     assert len(acc) == 30
     first, last = sum(acc[:5]) / 5, sum(acc[-5:]) / 5
-    assert last >= first + 0.05, (
-        f"rollout accuracy did not rise: first 5 steps {first:.3f}, last 5 {last:.3f}"
-    )
+    assert last >= first + 0.1, f"rollout accuracy did not rise: first 5 steps {first:.3f}, last 5 {last:.3f}"
