@@ -86,13 +86,15 @@ SIZES: dict[str, dict] = {
 
 # Warm-start recipe ("s" model, arith), measured on 2 cores. A fixed-length cosine schedule (the earlier
 # recipe: 500 steps) ended mid-transition: T=1 accuracy 0.07 on one machine and 0.34 on another, and
-# 0.25-0.34 over seeds here. A constant 3e-3 never made the transition (probe 0.03-0.16 at 700 steps).
+# 0.25-0.34 over seeds here. A constant 3e-3 never made the transition (probe 0.03-0.16 from step 300 to 600, seeds 0 and 1).
 # What ships: warm-up to 3e-3, cosine down to 1e-3 by step 400, hold; cool down over 150 steps once
 # the greedy probe solves 75 % (seed 0: target at step 500, 650 steps, 2.5 minutes; held-out greedy
 # solved 0.98, T=1 accuracy 0.55-0.57 with a boxed share of 0.57-0.60). Some seeds settle on a partial
-# skill instead (seed 1: probe 0.55-0.70 from step 600 to 2000, held-out T=1 accuracy 0.37, solved
-# 0.60-0.69): the cap of 1000 steps (model.tiny_warmup_steps) stops those at ~4 minutes, since more
-# steps did not help them. Either way about half the right answers are unboxed: RL has room.
+# skill instead (seed 1: probe 0.55-0.70 from step 600 to 2000; greedy, 97 % of the three-operation
+# problems but 32 % of the two-operation ones): the cap of 1000 steps (model.tiny_warmup_steps) stops
+# those at ~4 minutes, since more steps did not help them. Seeds 0-2 with the cap: 650-1000 steps,
+# held-out T=1 accuracy 0.39-0.57, solved 0.68-0.92. Either way about half the right answers are
+# unboxed: RL has room.
 WARMUP_BATCH = 24
 # Intra-op threads of every build, whatever OMP_NUM_THREADS says (fewer only on a 1-core machine).
 WARMUP_THREADS = min(
