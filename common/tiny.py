@@ -460,7 +460,7 @@ def make_tiny_model(
             "params": sum(p.numel() for p in model.parameters()),
             "vocab_size": config.vocab_size,
             "torch": torch.__version__,
-            "threads": WARMUP_THREADS,
+            "threads": torch.get_num_threads(),  # what the build ran at (WARMUP_THREADS unless vLLM bound them)
         }
         if warmup_steps:
             info.update(
