@@ -244,8 +244,8 @@ def warm_start_rows(task: str, n: int, seed: int, unboxed_share: float = 0.0) ->
 def reproducible_torch(threads: int = WARMUP_THREADS) -> Iterator[None]:
     """A fixed intra-op thread count and torch's deterministic algorithms for the block; both restored after.
 
-    The thread count is part of the build's arithmetic (it splits float reductions differently), so a
-    build must not depend on ``OMP_NUM_THREADS`` or on how many cores the machine has."""
+    The thread count can be part of the build's arithmetic (kernels may split float reductions by
+    thread), so a build must not depend on ``OMP_NUM_THREADS`` or on how many cores the machine has."""
     prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)  # never more threads than cores: oversubscribed OpenMP crawls
     torch.use_deterministic_algorithms(True)
@@ -262,7 +262,7 @@ def warm_start(
     """Supervised warm-start on the task's train split (see :func:`warm_start_rows`) until the model
     reaches :data:`WARMUP_TARGET_SOLVED`, then a short cool-down; ``max_steps`` caps the whole.
 
-    The learning rate warms up linearly over :data:`WARMUP_WARM` steps and then stays constant. From
+    The learning rate warms up, decays and holds (:func:`_scheduled_lr_factor`). From
     step :data:`WARMUP_PROBE_FROM`, every :data:`WARMUP_PROBE_EVERY` steps a greedy probe on train-split
     problems measures the share solved (the right final number, boxed or bare: the unboxed share is
     a format choice, not skill). Once it reaches the target, or when only the cool-down fits under
@@ -305,11 +305,16 @@ def warm_start(
 
 
 def _warmup_lr_factor(step: int, cooldown_from: int) -> float:
-    """Linear warm-up, a cosine decay to the hold level, the hold, then a linear cool-down to 10 % of
-    the peak from ``cooldown_from`` on (from the level reached there)."""
-    if step >= cooldown_from:
-        level = _warmup_lr_factor(cooldown_from - 1, cooldown_from + 1) if cooldown_from else 1.0
-        return max(0.1, level - (level - 0.1) * (step - cooldown_from + 1) / WARMUP_COOLDOWN)
+    """:func:`_scheduled_lr_factor` until ``cooldown_from``, then a linear cool-down from the level
+    reached there to 10 % of the peak."""
+    if step < cooldown_from:
+        return _scheduled_lr_factor(step)
+    level = _scheduled_lr_factor(cooldown_from - 1) if cooldown_from else 1.0
+    return max(0.1, level - (level - 0.1) * (step - cooldown_from + 1) / WARMUP_COOLDOWN)
+
+
+def _scheduled_lr_factor(step: int) -> float:
+    """Linear warm-up, a cosine decay to :data:`WARMUP_HOLD` by :data:`WARMUP_DECAY_END`, then the hold."""
     if step < WARMUP_WARM:
         return (step + 1) / WARMUP_WARM
     frac = min(1.0, (step - WARMUP_WARM) / max(1, WARMUP_DECAY_END - WARMUP_WARM))
