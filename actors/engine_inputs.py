@@ -30,12 +30,15 @@ from typing import Any
 
 
 def prompt_metadata(row: Any, epoch: int | None = None) -> dict[str, Any]:
-    """A tree's flat metadata: the gold answer, the epoch (when training) and the row's scalar metadata
-    (the scalars the wire format carries: str, int, float, bool, None)."""
+    """A tree's flat metadata: the gold answer, the epoch (when training) and the row's metadata (the
+    scalars the wire format carries: str, int, float, bool, None; nested values such as verl's
+    ``extra_info`` as one JSON string, :func:`common.data.wire_metadata`)."""
+    from common.data import wire_metadata
+
     out: dict[str, Any] = {"answer": row.answer}
     if epoch is not None:
         out["epoch"] = int(epoch)
-    out.update({k: v for k, v in row.metadata.items() if v is None or isinstance(v, (str, int, float, bool))})
+    out.update(wire_metadata(row.metadata))
     return out
 
 
@@ -117,21 +120,14 @@ class EngineInputs:
         first_rows: int = 0,
         max_problems: int = 0,
     ) -> PromptSet:
-        """The prompts of ``spec`` (a file or ``synthetic:<task>`` of ``split``). ``reward``: "train",
+        """The prompts of ``spec`` (a file, a dataset directory, ``synthetic:<task>`` of ``split``, or a
+        list of them: :func:`common.data.load_prompt_set`). ``reward``: "train",
         "eval" or None. ``first_rows``: only the file's first rows (before encoding); ``max_problems``:
         only the first encoded prompts."""
-        from common.data import encode_rows, load_rows, resolve_data_path
+        from common.data import load_prompt_set
 
-        data = self.cfg.data
-        path, task = resolve_data_path(spec, split, data)
-        rows = load_rows(path, bad_rows=data.bad_rows)
-        if first_rows:
-            rows = rows[:first_rows]
-        prompts = list(
-            encode_rows(
-                rows, self.tokenizer, data.template, data.system_prompt, data.max_prompt_tokens, data.bad_rows
-            )
-        )
+        encoded, path, task = load_prompt_set(spec, split, self.tokenizer, self.cfg.data, first_rows=first_rows)
+        prompts = list(encoded)
         if max_problems:
             prompts = prompts[:max_problems]
         scorer = {"train": train_reward, "eval": eval_reward}[reward](self.cfg, task) if reward else None

@@ -73,10 +73,25 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = doc(
+    train: Any = doc(
         "synthetic:arith",
-        "Training prompts: a .jsonl or .parquet file of rows {id, prompt, answer, ...}, or "
-        "'synthetic:<task>' for the generated task (train split).",
+        "Training prompts: a .jsonl/.parquet/.arrow file of rows {id, prompt, answer, ...}, a Hugging Face "
+        "datasets directory (save_to_disk, or parquet/arrow shards), 'synthetic:<task>' for the generated "
+        "task (train split), or a list of them mixed by data.train_weights.",
+    )
+    train_weights: list = doc(
+        [],
+        "With data.train a list: one weight per file; file i makes w_i/sum(w) of the mixture (which holds "
+        "as many prompts as the files together: a seeded subset, or repeats). [] = every file once, whole.",
+    )
+    prompt_key: str = doc(
+        "prompt",
+        "Column of the prompt (dotted for nested fields): a string, or a list of chat messages {role, content}.",
+    )
+    answer_key: str = doc(
+        "auto",
+        "Column of the gold answer, dotted for nested fields (e.g. reward_model.ground_truth). 'auto': "
+        "'answer', or reward_model.ground_truth in verl's layout (detected per file, logged once).",
     )
     eval: str = doc(
         "synthetic:arith", "Held-out prompts (same formats); 'synthetic:<task>' uses the held-out split."
@@ -564,10 +579,37 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"algo.dual_clip={cfg.algo.dual_clip} must be > 1, or 0 to disable it: fix algo.dual_clip"
         )
+    _check_data(cfg.data)
     if cfg.eval.every_steps and not cfg.data.eval:
         raise ConfigError("eval.every_steps > 0 but data.eval is empty: set data.eval or eval.every_steps=0")
     if cfg.driver == "ray":  # the pipeline's off-policy schedule (generators admit by the weights they hold)
         check_sync_every(cfg)
+
+
+def _check_data(d: DataConfig) -> None:
+    """data.train (a spec or a list of specs), its weights, the column keys."""
+    train = list(d.train) if isinstance(d.train, (list, tuple)) else d.train
+    specs = train if isinstance(train, list) else [train]
+    if not specs or not all(isinstance(s, str) and s.strip() for s in specs):
+        raise ConfigError(
+            f"data.train={train!r} must be a data path or synthetic:<task>, or a non-empty list of them: "
+            "fix data.train"
+        )
+    weights = list(d.train_weights)
+    if weights and not isinstance(train, list):
+        raise ConfigError(
+            "data.train_weights is set but data.train is one file: give data.train as a list "
+            "(data.train=[a.parquet,b.jsonl]) or remove data.train_weights"
+        )
+    if weights and len(weights) != len(specs):
+        raise ConfigError(
+            f"data.train_weights has {len(weights)} weights for {len(specs)} files in data.train: give one per file"
+        )
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < float("inf") for w in weights):
+        raise ConfigError(f"data.train_weights={weights} must be positive numbers: fix data.train_weights")
+    for key in ("prompt_key", "answer_key"):
+        if not getattr(d, key).strip():
+            raise ConfigError(f"data.{key} is empty: name a column (dotted for nested fields)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -131,7 +131,6 @@ class Controller:
 
     def __init__(self, cfg: TrainConfig, queue_url: str, password: str | None, run_name: str) -> None:
         from cluster.pipeline import topology
-        from common.data import resolve_data_path
         from common.keys import RunKeys
         from common.metrics import MetricsLog
         from common.prompts import PromptDispatcher
@@ -144,8 +143,7 @@ class Controller:
         self.queue = ReplayQueue.from_config(cfg.queue, queue_url, run_name, password)
         # the dispatcher here only reads state (for checkpoints and the end-of-data test): the
         # generators claim; the prompt id list must be the one the generators use
-        train_path, _ = resolve_data_path(cfg.data.train, "train", cfg.data)
-        self._prompt_ids = self._encoded_prompt_ids(cfg, train_path)
+        self._prompt_ids = self._encoded_prompt_ids(cfg)
         self.dispatcher = PromptDispatcher(
             self.queue.redis, run_name, self._prompt_ids, cfg.data.shuffle_seed, cfg.data.epochs
         )
@@ -176,14 +174,14 @@ class Controller:
         self.sync_stats: dict[str, float] = {}
 
     @staticmethod
-    def _encoded_prompt_ids(cfg: TrainConfig, train_path: Path) -> list[str]:
-        """The ids of the prompts the generators will use (same tokenizer filter: too-long prompts
-        are skipped there, so they must be skipped here too)."""
-        from common.data import load_prompts
+    def _encoded_prompt_ids(cfg: TrainConfig) -> list[str]:
+        """The ids of the prompts the generators will use, in their order (the same loader: too-long
+        prompts are skipped there, so they must be skipped here too; a mixture is built the same way)."""
+        from common.data import load_prompt_set
         from common.models import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        return [p.row.id for p in load_prompts(train_path, tokenizer, cfg.data)]
+        return [p.row.id for p in load_prompt_set(cfg.data.train, "train", tokenizer, cfg.data)[0]]
 
     # ------------------------------------------------------------------ the run
     def run(self) -> int:
