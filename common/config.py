@@ -283,6 +283,17 @@ class LearnerConfig:
     micro_batch_tokens: int = doc(
         4096, "Token budget of one packed micro-batch (gradient accumulation fills the mini-batch)."
     )
+    packing: str = doc(
+        "none",
+        "How leaves become model rows: 'tree' (each prompt's leaves packed as a prefix tree, every "
+        "distinct token computed once) | 'flat' (padding-free: sequences concatenated, block-diagonal "
+        "attention) | 'none' (one right-padded row per leaf).",
+    )
+    packed_attention: str = doc(
+        "auto",
+        "Attention of packed rows: 'auto' = 'runs' (each run of new tokens attends to its ancestors, one "
+        "sdpa call per run, no T x T mask) | 'mask' (the model's sdpa/eager attention with a dense 4-D mask).",
+    )
     ppo_epochs: int = doc(1, "Passes over each batch.")
     lr: float = doc(1e-4, "AdamW learning rate.")
     warmup_steps: int = doc(2, "Linear learning-rate warm-up steps.")
@@ -405,6 +416,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "algo.aggregation": ("average", "group_size"),
     "algo.is_correction": ("token", "sequence", "sequence_product", "mask", "none"),
     "learner.mixed_precision": ("none", "bf16"),
+    "learner.packing": ("tree", "flat", "none"),
+    "learner.packed_attention": ("auto", "runs", "mask"),
     "queue.appendfsync": ("everysec", "always"),
     "sync.backend": ("auto", "gloo", "nccl"),
     "sync.receiver": ("auto", "generator", "engine_workers"),

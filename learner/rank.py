@@ -42,6 +42,13 @@ from common.metrics import Metric, reduce_metrics
 from learner import checkpoint as ckpt
 from learner.batching import LeafSequence, collate, leaf_sequences, pack_micro_batches
 from learner.loss import LossParams, entropy_from_logits, policy_loss
+from learner.packing import (
+    attention_inputs,
+    check_attention_ran,
+    enable_packed_attention,
+    pack,
+    plan_micro_batches,
+)
 
 
 def _load_model(model_cfg, device: torch.device):
@@ -132,6 +139,9 @@ class LearnerRank:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.module = module  # the HF model (FSDP2 shards it in place; DDP wraps it)
         self.pad_id = int(module.config.pad_token_id or 0)
+        # learner.packing: one row per leaf ('none'), or packed rows (see learner/packing.py)
+        self.packing = learner_cfg.packing
+        self.attention = enable_packed_attention(module, self.packing, learner_cfg.packed_attention)
         self.fsdp = bool(learner_cfg.fsdp)
         if self.fsdp:
             self.model = self._shard(module)
@@ -144,6 +154,7 @@ class LearnerRank:
         self.ref_model = None
         if algo_cfg.kl_coef > 0:
             self.ref_model = _load_model(model_cfg, self.device).eval().requires_grad_(False)
+            enable_packed_attention(self.ref_model, self.packing, learner_cfg.packed_attention)
 
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
@@ -190,7 +201,11 @@ class LearnerRank:
         return t.tolist()
 
     # ------------------------------------------------------------------ forward
-    def _token_logprobs(self, model, batch: dict[str, torch.Tensor], entropy: bool = False):
+    def _token_logprobs(self, model, batch: dict, entropy: bool = False):
+        """Logprobs (and entropies) of the response targets: [rows, T - 1] aligned with ``input_ids[:, 1:]``
+        for padded rows, [leaves, longest response] for a packed batch (see learner/packing.py)."""
+        if "layout" in batch:
+            return self._packed_logprobs(model, batch, entropy)
         ids = batch["input_ids"].to(self.device)
         out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(self.device), use_cache=False)
         logits = out.logits[:, :-1].float()
@@ -201,11 +216,35 @@ class LearnerRank:
         ent = entropy_from_logits(logits.detach()) if entropy else None
         return logp, ent
 
+    def _packed_logprobs(self, model, batch: dict, entropy: bool):
+        """One forward over the packed row; logits only at the rows that predict a response token,
+        each computed once and gathered per (leaf, token) pair."""
+        module = self.ref_model if model is self.ref_model else self.module
+        out = model(
+            input_ids=batch["input_ids"].to(self.device),
+            position_ids=batch["position_ids"].to(self.device),
+            logits_to_keep=batch["keep"].to(self.device),
+            use_cache=False,
+            **attention_inputs(batch, self.attention, module, self.device),
+        )
+        check_attention_ran(batch, self.attention, module)
+        logits = out.logits[0].float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        src, tgt = batch["src"].to(self.device), batch["tgt"].to(self.device)
+        logp = logits[src, tgt] - torch.logsumexp(logits, dim=-1)[src]
+        ent = entropy_from_logits(logits.detach())[src] if entropy else None
+        return logp, ent
+
     def _micro_batches(self, seqs: Sequence[LeafSequence]) -> list[list[int]]:
-        # longest first, stable: less padding, and the same grouping wherever the same data is seen
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].token_ids))
-        groups = pack_micro_batches([len(seqs[i].token_ids) for i in order], self.cfg.micro_batch_tokens)
-        groups = [[order[i] for i in g] for g in groups]
+        if self.packing == "none":
+            # longest first, stable: less padding, and the same grouping wherever the same data is seen
+            order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].token_ids))
+            lengths = [len(seqs[i].token_ids) for i in order]
+            groups = pack_micro_batches(lengths, self.cfg.micro_batch_tokens)
+            groups = [[order[i] for i in g] for g in groups]
+        else:
+            groups = plan_micro_batches(seqs, self.cfg.micro_batch_tokens, self.packing)
         if self.fsdp and self.distributed:
             # every FSDP forward/backward is collective: all ranks must run as many micro-batches, so a
             # rank with fewer runs idle ones (an empty list: its first sequence with no loss tokens)
@@ -213,12 +252,20 @@ class LearnerRank:
             groups += [[] for _ in range(most - len(groups))]
         return groups
 
-    def _collate(self, seqs: Sequence[LeafSequence], group: list[int]) -> dict[str, torch.Tensor]:
-        if group:
-            return collate([seqs[i] for i in group], self.pad_id, current_version=self.version)
-        batch = collate([seqs[0]], self.pad_id, current_version=self.version)
-        batch["mask"].zero_()  # an idle micro-batch: the forward runs, nothing is learned from it
+    def _collate(self, seqs: Sequence[LeafSequence], group: list[int]) -> dict:
+        chosen = [seqs[i] for i in group] if group else [seqs[0]]
+        if self.packing == "none":
+            batch = collate(chosen, self.pad_id, current_version=self.version)
+        else:
+            batch = pack(chosen, self.packing, current_version=self.version)
+        if not group:
+            batch["mask"].zero_()  # an idle micro-batch: the forward runs, nothing is learned from it
         return batch
+
+    def _response_logprobs(self, logp: torch.Tensor, row: int, s: LeafSequence) -> np.ndarray:
+        if self.packing == "none":
+            return logp[row, s.prompt_len - 1 : len(s.token_ids) - 1].numpy().astype(np.float32)
+        return logp[row, : s.response_len].numpy().astype(np.float32)
 
     @torch.no_grad()
     def compute_logprobs(self, seqs: Sequence[LeafSequence], reference: bool = False) -> list[np.ndarray]:
@@ -231,7 +278,7 @@ class LearnerRank:
             logp = logp.cpu()
             for row, i in enumerate(group):
                 s = seqs[i]
-                out[i] = logp[row, s.prompt_len - 1 : len(s.token_ids) - 1].numpy().astype(np.float32)
+                out[i] = self._response_logprobs(logp, row, s)
         return out  # type: ignore[return-value]
 
     def prepare(self, seqs: Sequence[LeafSequence]) -> None:
@@ -281,7 +328,7 @@ class LearnerRank:
             batch = self._collate(seqs, group)
             with sync:
                 logp, ent = self._token_logprobs(self.model, batch, entropy=True)
-                dev = {k: v.to(self.device) for k, v in batch.items()}
+                dev = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 loss, metrics = policy_loss(
                     logp,
                     dev["prox_logprobs"],
@@ -295,6 +342,8 @@ class LearnerRank:
                     staleness_B_T=dev["staleness"],
                 )
                 loss.backward()
+            # model positions run (padding included; each distinct token once when packed)
+            metrics["learner/forward_tokens"] = Metric.sum(float(batch["input_ids"].numel()))
             value = float(loss.detach()) / self.world_size  # this rank's share of the global token-mean
             self._loss_sum += value
             self._nonfinite |= not math.isfinite(value)
