@@ -50,7 +50,9 @@ class ModelConfig:
         "cached under $TREEPO_CACHE) a tiny Qwen2 model warm-started on that synthetic task.",
     )
     dtype: str = doc(
-        "float32", "Parameter dtype for the learner and the engine: float32 | bfloat16 | float16."
+        "float32",
+        "dtype of the engine's weights, of the weights the learner sends to engines and of checkpoint "
+        "exports: float32 | bfloat16 | float16 (the learner's master weights use learner.param_dtype).",
     )
     trust_remote_code: bool = doc(False, "Allow model code from the model directory (hub models only).")
     tiny_size: str = doc("s", "Size of a 'tiny:' model: xs | s | m (see `treepo make-tiny-model --help`).")
@@ -301,7 +303,17 @@ class LearnerConfig:
     betas: list = doc([0.9, 0.999], "AdamW betas.")
     grad_clip: float = doc(1.0, "Gradient-norm clip.")
     fsdp: bool = doc(False, "Shard with FSDP2 (GPU); DDP otherwise.")
-    mixed_precision: str = doc("none", "Mixed precision on GPU: 'bf16' | 'none'.")
+    param_dtype: str = doc(
+        "float32",
+        "dtype of the learner's master weights and optimizer state: float32 | bfloat16 | float16. fp32 "
+        "keeps small updates (a 1e-6 step on a bf16 weight of 0.02 rounds away); model.dtype is what "
+        "engines and checkpoint exports get.",
+    )
+    mixed_precision: str = doc(
+        "none",
+        "Compute dtype of the learner's forward/backward: 'bf16' (FSDP2's MixedPrecisionPolicy when "
+        "sharded, torch.autocast otherwise, on GPU and CPU; gradients reduced in fp32) | 'none' (param_dtype).",
+    )
     activation_checkpointing: bool = doc(False, "Recompute activations in the backward pass.")
     total_steps: int = doc(60, "Optimizer steps to run (stops earlier when the data runs out).")
     ray_resources: dict[str, float] = doc(
@@ -416,6 +428,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "algo.aggregation": ("average", "group_size"),
     "algo.is_correction": ("token", "sequence", "sequence_product", "mask", "none"),
     "learner.mixed_precision": ("none", "bf16"),
+    "learner.param_dtype": ("float32", "bfloat16", "float16"),
     "learner.packing": ("tree", "flat", "none"),
     "learner.packed_attention": ("auto", "runs", "mask"),
     "queue.appendfsync": ("everysec", "always"),
@@ -556,10 +569,6 @@ def validate(cfg: TrainConfig) -> None:
     if lr.fsdp and lr.gpus_per_worker == 0:
         raise ConfigError(
             "learner.fsdp=true needs GPUs: set learner.gpus_per_worker >= 1 or learner.fsdp=false"
-        )
-    if lr.mixed_precision != "none" and lr.gpus_per_worker == 0:
-        raise ConfigError(
-            f"learner.mixed_precision={lr.mixed_precision} needs GPUs: set learner.mixed_precision=none on CPU"
         )
     if cfg.sync.backend == "nccl" and (lr.gpus_per_worker == 0 or cfg.generators.gpus_per_engine == 0):
         raise ConfigError(

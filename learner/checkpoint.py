@@ -7,6 +7,11 @@ Layout of a run's checkpoint root::
         config.json ...     tokenizer files copied from the model directory): transformers and vLLM
                             load the directory as is
         optimizer.pt        optimizer state dict  (torch.save; loaded with weights_only=True)
+        sharded/            instead of optimizer.pt when the learner is sharded (FSDP2) or its master
+                            weights' dtype (learner.param_dtype) differs from model.dtype: the master
+                            weights and the optimizer state, each rank writing its own shard
+                            (torch.distributed.checkpoint), so a resume reads 1/world of it per rank
+                            and may reshard; model.safetensors is then the export in model.dtype
         scheduler.pt        scheduler state dict  (same)
         rng-rank<r>.pt      torch/numpy/python (and CUDA) RNG states of every rank
         trainer.json        step, policy version, skipped steps, the controller's ``extra`` dict
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TRAINER = "trainer.json"
+SHARDED_DIR = "sharded"
 FORMAT_VERSION = 1
 _DIR_RE = re.compile(r"^ckpt-(\d+)$")
 TOKENIZER_FILES = (
@@ -150,18 +156,53 @@ def write_rng(tmp: Path, rank: int) -> None:
     _fsync_file(path)
 
 
+def write_sharded(tmp: Path, state: dict[str, Any]) -> None:
+    """Every rank writes its shard of ``state`` (master weights and optimizer state, DTensors or plain
+    tensors) into ``tmp/sharded`` with torch.distributed.checkpoint. Collective in a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=tmp / SHARDED_DIR, no_dist=_no_process_group())
+
+
+def _no_process_group() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def export_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state`` cast to ``dtype`` (tensors that shared storage, e.g. tied embeddings, still do)."""
+    cast: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+    out = {}
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in cast:
+            cast[key] = t.detach().to(dtype)
+        out[name] = cast[key]
+    return out
+
+
 def write_state(
     tmp: Path,
     model,
     model_state: dict[str, torch.Tensor] | None,
-    optimizer_state: dict,
+    optimizer_state: dict | None,
     scheduler_state: dict,
     trainer: dict[str, Any],
     tokenizer_dir: str | os.PathLike | None = None,
+    export_dtype: str | None = None,
 ) -> None:
-    """Write the model (HF format), optimizer, scheduler and trainer state into ``tmp`` (rank 0)."""
+    """Write the model (HF format), optimizer (None: it is in ``sharded/``), scheduler and trainer
+    state into ``tmp`` (rank 0). ``export_dtype`` names the saved weights' dtype in config.json."""
     model.save_pretrained(tmp, state_dict=model_state)
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+    if export_dtype is not None:
+        config = json.loads((tmp / "config.json").read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = export_dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler_state, tmp / "scheduler.pt")
     if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
         for name in TOKENIZER_FILES:
@@ -249,6 +290,18 @@ class Checkpoint:
         for shard in shards:
             out.update(load_file(self.path / shard))
         return out
+
+    @property
+    def sharded(self) -> bool:
+        """Whether master weights and optimizer state are in ``sharded/`` (see :func:`write_sharded`)."""
+        return (self.path / SHARDED_DIR).is_dir()
+
+    def read_sharded(self, state: dict[str, Any]) -> None:
+        """Fill ``state`` (shaped like :func:`write_sharded`'s, sharded as this rank holds it) in place
+        from ``sharded/``; each rank reads only what its shards need. Collective in a process group."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(state, checkpoint_id=self.path / SHARDED_DIR, no_dist=_no_process_group())
 
     def optimizer_state(self) -> dict:
         return torch.load(self.path / "optimizer.pt", weights_only=True, map_location="cpu")

@@ -51,7 +51,9 @@ from learner.packing import (
 )
 
 
-def _load_model(model_cfg, device: torch.device):
+def _load_model(model_cfg, device: torch.device, dtype: str | None = None):
+    """The model in ``dtype`` (default ``model.dtype``) on ``device``."""
+    dtype = dtype or model_cfg.dtype
     try:
         from common.models import load_model, tiny_options
     except ImportError:  # pragma: no cover - common.models is part of the package
@@ -59,16 +61,26 @@ def _load_model(model_cfg, device: torch.device):
     if load_model is not None:
         return load_model(
             model_cfg.path,
-            model_cfg.dtype,
+            dtype,
             str(device),
             trust_remote_code=model_cfg.trust_remote_code,
             **tiny_options(model_cfg),
         )
     from transformers import AutoModelForCausalLM  # pragma: no cover
 
-    return AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype)).to(
-        device
-    )
+    return AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=getattr(torch, dtype)).to(device)
+
+
+def autocast_forward(module: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Run ``module``'s forward under ``torch.autocast(device_type, dtype)`` (mixed precision without
+    FSDP2): matmuls in ``dtype`` on the master weights, which stay in their own dtype for the update."""
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return inner(*args, **kwargs)
+
+    module.forward = forward
 
 
 def shard_for_rank(items: Sequence, rank: int, world_size: int, mini_batch_prompts: int) -> list:
@@ -132,7 +144,11 @@ class LearnerRank:
         torch.manual_seed(seed)
         np.random.seed(seed)
 
-        module = _load_model(model_cfg, self.device)
+        # master weights (and so the optimizer state) in learner.param_dtype; engines and checkpoint
+        # exports get model.dtype; compute in learner.mixed_precision
+        self.export_dtype = getattr(torch, model_cfg.dtype)
+        self.compute_dtype = torch.bfloat16 if learner_cfg.mixed_precision == "bf16" else None
+        module = _load_model(model_cfg, self.device, learner_cfg.param_dtype)
         module.train()
         module.config.use_cache = False
         if learner_cfg.activation_checkpointing:
@@ -143,6 +159,8 @@ class LearnerRank:
         self.packing = learner_cfg.packing
         self.attention = enable_packed_attention(module, self.packing, learner_cfg.packed_attention)
         self.fsdp = bool(learner_cfg.fsdp)
+        if self.compute_dtype is not None and not self.fsdp:
+            autocast_forward(module, self.device.type, self.compute_dtype)
         if self.fsdp:
             self.model = self._shard(module)
         elif self.distributed:
@@ -154,6 +172,8 @@ class LearnerRank:
         self.ref_model = None
         if algo_cfg.kl_coef > 0:
             self.ref_model = _load_model(model_cfg, self.device).eval().requires_grad_(False)
+            if self.compute_dtype is not None:
+                autocast_forward(self.ref_model, self.device.type, self.compute_dtype)
             enable_packed_attention(self.ref_model, self.packing, learner_cfg.packed_attention)
 
         self.optimizer = torch.optim.AdamW(
@@ -419,20 +439,36 @@ class LearnerRank:
 
     # ------------------------------------------------------------------ weights and checkpoints
     def weights_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor) per parameter. Every rank must drive the iterator (FSDP gathers are
-        collective); only rank 0's tensors are meant to be sent."""
+        """(HF name, full tensor in ``model.dtype``) per parameter. Every rank must drive the iterator
+        (FSDP gathers are collective); only rank 0's tensors are meant to be sent."""
         # remove_duplicate=False: a tied lm_head must be sent too, or the engine keeps its old head
         for name, p in self.module.named_parameters(remove_duplicate=False):
             t = p.full_tensor() if hasattr(p, "full_tensor") else p
-            yield name, t.detach()
+            yield name, t.detach().to(self.export_dtype)
 
-    def _full_states(self) -> tuple[dict | None, dict]:
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    @property
+    def _sharded_checkpoint(self) -> bool:
+        """Master weights and optimizer go to ``sharded/`` (each rank its shard) when FSDP shards them or
+        when their dtype differs from the export's (model.dtype); else into model.safetensors/optimizer.pt."""
+        return self.fsdp or self.cfg.param_dtype != self.model_cfg.dtype
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_state_dict(self.module, self.optimizer, options=opts)
-        return None, self.optimizer.state_dict()
+    def _checkpoint_states(self, tmp: Path) -> tuple[dict | None, dict | None]:
+        """Write the sharded part (collective) and return rank 0's (export state, optimizer state)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_state_dict,
+        )
+
+        if not self._sharded_checkpoint:
+            return None, self.optimizer.state_dict()
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        ckpt.write_sharded(tmp, {"model": model_sd, "optim": optim_sd})
+        del model_sd, optim_sd
+        full = get_model_state_dict(
+            self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return (ckpt.export_state(full, self.export_dtype) if self.rank == 0 else None), None
 
     def save(
         self, root: str | os.PathLike, extra: dict | None = None, step: int | None = None, keep_last: int = 2
@@ -442,7 +478,7 @@ class LearnerRank:
         tmp = ckpt.begin(root, step) if self.rank == 0 else Path(root) / f".tmp-{ckpt.ckpt_name(step)}"
         self.barrier()
         ckpt.write_rng(tmp, self.rank)
-        model_state, optim_state = self._full_states()
+        model_state, optim_state = self._checkpoint_states(tmp)
         self.barrier()
         final = None
         if self.rank == 0:
@@ -456,7 +492,14 @@ class LearnerRank:
             src = self.model_cfg.path
             tok_dir = src if Path(src).is_dir() else None
             ckpt.write_state(
-                tmp, self.module, model_state, optim_state, self.scheduler.state_dict(), trainer, tok_dir
+                tmp,
+                self.module,
+                model_state,
+                optim_state,
+                self.scheduler.state_dict(),
+                trainer,
+                tok_dir,
+                export_dtype=self.model_cfg.dtype,
             )
             final = ckpt.publish(root, tmp, step, keep_last)
         self.barrier()
@@ -467,19 +510,25 @@ class LearnerRank:
         found = ckpt.require_checkpoint(root) if required else ckpt.find_checkpoint(root)
         if found is None:
             return None
-        state = found.model_state()
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-            full = {k: v for k, v in state.items()}
+        if found.sharded:  # each rank reads its own shards (any world size: DCP reshards)
+            model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            found.read_sharded(state)
+            set_state_dict(
+                self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
+        elif self.fsdp:
             set_state_dict(
                 self.module,
                 self.optimizer,
-                model_state_dict=full,
+                model_state_dict=found.model_state(),
                 optim_state_dict=found.optimizer_state(),
                 options=StateDictOptions(full_state_dict=True, strict=False),
             )
         else:
+            state = found.model_state()
             missing, unexpected = self.module.load_state_dict(state, strict=False)
             tied = set(getattr(self.module, "_tied_weights_keys", None) or [])
             if unexpected or [k for k in missing if k not in tied]:
