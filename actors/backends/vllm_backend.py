@@ -29,15 +29,18 @@ vLLM does not drop cached KV after an update: ``generators.reset_prefix_cache_on
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from actors.backends.base import BackendCounters, GenRequest, GenResult
+from actors.backends.engine_guard import mark_owner
 from common.config import GeneratorConfig, SamplingConfig
 from common.errors import ModelError, SyncError
 
@@ -144,6 +147,7 @@ class VLLMBackend:
             kwargs["gpu_memory_utilization"] = gen_cfg.gpu_memory_utilization
             kwargs["tensor_parallel_size"] = max(gen_cfg.gpus_per_engine, 1)
         kwargs.update(llm_kwargs)
+        mark_owner()  # engine processes started now stop themselves if this process dies first
         try:
             self.llm = LLM(**kwargs)
         except Exception as e:  # vLLM raises many types at start-up; name the model and the settings
@@ -154,6 +158,9 @@ class VLLMBackend:
         self._block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size)
         self._workers = int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
         self._serialize_client_sends()
+        # at interpreter exit, before multiprocessing joins the (non-daemon) engine core process
+        # forever: atexit runs in reverse order and multiprocessing registered its hook at import
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def _serialize_client_sends(self) -> None:
         """vLLM's multiprocess client sends every call on one ZMQ socket without a lock; the generation
@@ -320,12 +327,19 @@ class VLLMBackend:
         self._sync_rpc("treepo_sync_close")
 
     def close(self) -> None:
-        """Shut the engine down. In-process engines share vLLM's process-global distributed state:
-        closing one breaks any other in-process engine of the same process (one engine per process)."""
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            engine = getattr(llm, "llm_engine", None)
-            shutdown = getattr(engine, "shutdown", None) if engine is not None else None
-            if callable(shutdown):
-                shutdown()
-            self.llm = None
+        """Shut the engine down and wait for its processes to end (vLLM terminates them after a grace
+        period). In-process engines share vLLM's process-global distributed state: closing one breaks
+        any other in-process engine of the same process (one engine per process). Idempotent."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        shutdown = getattr(client, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    backend = ref()
+    if backend is not None:
+        backend.close()
