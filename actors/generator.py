@@ -48,6 +48,22 @@ def _faults() -> set[str]:
     return {f for f in os.environ.get("TREEPO_FAULTS", "").split(",") if f}
 
 
+def _take_fault(generator_id: int) -> str | None:
+    """Failure injection for tests, one shot: the file ``<TREEPO_FAULT_DIR>/<kind>-<generator id>``
+    (kind ``loop_error`` or ``hang``) is removed and its kind returned; None in normal runs."""
+    root = os.environ.get("TREEPO_FAULT_DIR")
+    if not root:
+        return None
+    for kind in ("loop_error", "hang"):
+        path = os.path.join(root, f"{kind}-{generator_id}")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        return kind
+    return None
+
+
 class _StagedInEngine:
     """Marks a pending update whose tensors are staged inside the engine's workers (per-worker receivers)."""
 
@@ -116,6 +132,7 @@ class Generator:
         self._engine_lock = threading.Lock()
         self._eval_waiting = threading.Event()
         self._exhausted = False
+        self._beat = time.monotonic()  # the loop's last sign of life (heartbeat)
         self.counters = {
             "pushed": 0,
             "refused": 0,
@@ -225,9 +242,19 @@ class Generator:
     def stop(self) -> None:
         self._stop.set()
 
+    def pid(self) -> int:
+        """This actor's process id (a restart answers with a new one)."""
+        return os.getpid()
+
+    def heartbeat(self) -> float:
+        """Seconds since the loop last made progress (a sampler step or an idle round): the controller
+        restarts a generator whose loop is silent for ``generators.hang_timeout_s``."""
+        return time.monotonic() - self._beat
+
     def stats(self) -> dict[str, Metric]:
         """This generator's counters, each with how the controller combines it over generators:
-        counts and seconds add up; the idle fraction, the version and the weights' step average."""
+        counts and seconds add up; the idle fraction, the version and the weights' step average; the
+        engine's ``rollout/`` work (decoded and prefill tokens, prefix-cache hit rate) since it started."""
         with self._lock:
             out = {f"generator/{k}": Metric.sum(v) for k, v in self.counters.items()}
         wall = time.perf_counter() - self._t_start
@@ -307,6 +334,7 @@ class Generator:
         want = min(room, budget)
         if want <= 0:
             return 0
+        self._reconcile_claims()
         claimed = self.dispatcher.claim(self.id, want)
         # re-checked every time: a dead generator's prompts can come back to the retry list
         self._exhausted = not claimed and self.dispatcher.exhausted()
@@ -317,11 +345,26 @@ class Generator:
             self.sampler.submit(prompt_id, p.prompt_ids, prompt_metadata(p.row, epoch), tree_id=tree_id)
         return len(claimed)
 
+    def _reconcile_claims(self) -> int:
+        """Re-issue prompts recorded in flight for this generator in Redis that it does not grow: a
+        claim whose reply was lost and retried by the client. Returns how many were re-issued."""
+        known = {self.dispatcher.position_of(e, p) for e, p in self._epochs.values()}
+        return self.dispatcher.requeue_positions(self.id, exclude=known)
+
+    def _injected_fault(self) -> None:
+        kind = _take_fault(self.id)
+        if kind == "loop_error":
+            raise RuntimeError(f"injected loop failure in generator {self.id}")
+        if kind == "hang":
+            while True:  # a hung engine call: only a restart of the actor ends it
+                time.sleep(3600)
+
     def step_once(self) -> int:
         """Apply a pending update, admit, run one sampler step, score and push; returns trees pushed
         (0 also when there was nothing to do)."""
         from actors.scoring import score_trees
 
+        self._injected_fault()
         with self._engine_lock:
             self._apply_pending()
             self._admit()
@@ -351,6 +394,7 @@ class Generator:
         up with nothing in flight. Returns :meth:`stats`."""
         steps = 0
         while not self._stop.is_set() and (max_steps is None or steps < max_steps):
+            self._beat = time.monotonic()
             if self._eval_waiting.is_set():  # let an evaluation take the engine
                 time.sleep(0.01)
                 continue
@@ -359,7 +403,7 @@ class Generator:
             if self.counters["steps"] > before:
                 steps += 1
                 continue
-            if self._exhausted and not self.sampler.in_flight:
+            if self._exhausted and not self.sampler.in_flight and not self._reconcile_claims():
                 break
             t0 = time.perf_counter()
             self._stop.wait(idle_sleep_s)  # at the admission bound: wait for a new version or drops

@@ -49,8 +49,32 @@ def truncate_logs(run_dir: Path, step: int) -> None:
 
 def append_trained(run_dir: Path, step: int, version: int, trees) -> None:
     """One line of the exactly-once audit trail: the tree ids trained at ``step``."""
+    append_row(run_dir, trained_row(step, version, trees))
+
+
+def trained_row(step: int, version: int, trees) -> dict:
+    """The audit row of one step: its number, the policy version it produced and its tree ids."""
+    return {"step": step, "version": version, "trees": [t.tree_id for t in trees]}
+
+
+def append_row(run_dir: Path, row: dict) -> None:
     with open(run_dir / "trained_trees.jsonl", "a") as fh:
-        fh.write(json.dumps({"step": step, "version": version, "trees": [t.tree_id for t in trees]}) + "\n")
+        fh.write(json.dumps(row) + "\n")
+
+
+def restore_trained_rows(run_dir: Path, rows: list[dict]) -> int:
+    """Add the rows of ``rows`` whose step is missing from the audit trail (a checkpoint holds the
+    rows of its window); the file stays sorted by step. Returns how many were added."""
+    path = run_dir / "trained_trees.jsonl"
+    have = read_metrics(path) if path.exists() else []
+    steps = {r.get("step") for r in have}
+    missing = [r for r in rows if r.get("step") not in steps]
+    if missing:
+        merged = sorted([*have, *missing], key=lambda r: r.get("step", 0))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in merged))
+        tmp.replace(path)
+    return len(missing)
 
 
 def trained_tree_ids(run_dir: Path) -> set[str]:

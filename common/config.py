@@ -217,6 +217,11 @@ class GeneratorConfig:
         "the token the chat template writes after an assistant turn, e.g. <|im_end|>). Set, they replace "
         "the derived ones. Sampling stops at the first stop token; the reward scores the text before it.",
     )
+    hang_timeout_s: float = doc(
+        600.0,
+        "A generator whose loop made no progress (no sampler step, no idle round) for this long is "
+        "hung: the controller restarts it and re-issues its prompts.",
+    )
     ray_resources: dict[str, float] = doc(
         {},
         "Extra Ray resources each generator actor requests, e.g. {generator_node: 1} to pin generators "
@@ -339,6 +344,11 @@ class QueueConfig:
         2048, "maxmemory of the embedded Redis (policy noeviction: data is never dropped)."
     )
     block_ms: int = doc(2000, "Longest blocking read before the consumer re-checks its state.")
+    outage_s: float = doc(
+        60.0,
+        "How long every Redis client (controller, generators) retries a broken connection before failing: "
+        "a restart or an outage shorter than this is ridden out.",
+    )
 
 
 @dataclass
@@ -484,6 +494,8 @@ _MINIMUMS: dict[str, float] = {
     "queue.max_entry_mb": 0.001,
     "queue.maxmemory_mb": 1,
     "queue.block_ms": 1,
+    "queue.outage_s": 0.0,
+    "generators.hang_timeout_s": 1.0,
     "sync.every_steps": 1,
     "sync.bucket_mb": 0.001,
     "sync.timeout_s": 0.001,

@@ -11,6 +11,8 @@ somewhere new for every job).
   ``prompts:inflight:<generator>``: prompt dispatch (:mod:`common.prompts`).
 - ``pipeline:dropped``: the controller's count of discarded trees, the ``D`` of the admission rule
   (:mod:`common.schedule`).
+- ``pipeline:version``: the highest policy version ever published, so a resumed run numbers its
+  versions past every version a queued tree may carry.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ _NAMES = {
     "prompts_retry": "prompts:retry",
     "prompts_generators": "prompts:generators",
     "dropped": "pipeline:dropped",
+    "version": "pipeline:version",
 }
 
 
@@ -60,6 +63,7 @@ class RunKeys:
     prompts_retry: str = field(init=False)
     prompts_generators: str = field(init=False)
     dropped: str = field(init=False)
+    version: str = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.run or any(c in self.run for c in " \n\t{}"):

@@ -249,6 +249,25 @@ class PromptDispatcher:
             self._call(self._requeue, keys=[self._inflight_key(generator_id), self.keys["retry"]], args=[])
         )
 
+    def requeue_positions(self, generator_id: int | str, exclude: set[int]) -> int:
+        """Re-issue the prompts in flight for ``generator_id`` except the positions ``exclude`` (what
+        the generator knows it grows): the rest were claimed by a call whose reply was lost."""
+        rows = self._call(self.redis.hkeys, self._inflight_key(generator_id))
+        orphans = sorted(int(p) for p in rows if int(p) not in exclude)
+        if not orphans:
+            return 0
+        return int(
+            self._call(
+                self._requeue_some,
+                keys=[self._inflight_key(generator_id), self.keys["retry"]],
+                args=[str(p) for p in orphans],
+            )
+        )
+
+    def generator_ids(self) -> list[str]:
+        """Every generator id that ever claimed a prompt in this run."""
+        return sorted(_sid(x) for x in self._call(self.redis.smembers, self.keys["generators"]))
+
     def requeue_older_than(self, max_age_s: float) -> int:
         """Re-issue every prompt in flight for longer than ``max_age_s`` (a hung generator, or a
         claim whose reply was lost and retried); returns how many."""

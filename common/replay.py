@@ -80,16 +80,20 @@ def connect(
     *,
     socket_timeout_s: float = 10.0,
     connect_timeout_s: float = 5.0,
+    outage_s: float = 10.0,
 ) -> redis.Redis:
-    """A binary-safe redis-py client for any ``redis://`` or ``rediss://`` (TLS) URL; checked with PING."""
+    """A binary-safe redis-py client for any ``redis://`` or ``rediss://`` (TLS) URL; checked with PING.
+
+    After the first PING (which fails fast), a command whose connection broke is retried for about
+    ``outage_s`` seconds (``queue.outage_s``): a server restart or a short outage is ridden out."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise QueueError(f"queue URL {url!r} must start with redis://, rediss:// (TLS) or unix://")
     kwargs: dict[str, Any] = dict(
         decode_responses=False,
         protocol=2,  # the reply shapes parsed here (redis-py >= 5 defaults differ)
         # Retries ride out a blip or a server restart (AOF replay of a large queue takes seconds);
-        # a dead server still fails within about 10 s, with the URL in the message.
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 8),
+        # a dead server still fails after about outage_s, with the URL in the message.
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries_for(outage_s)),
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=connect_timeout_s,
         health_check_interval=30,
@@ -102,6 +106,15 @@ def connect(
     guarded(client, url, client.ping)
     client.set_retry(kwargs["retry"])
     return client
+
+
+def retries_for(outage_s: float) -> int:
+    """Retries of the client's backoff (0.05 s doubling to a 2 s cap) that span about ``outage_s``."""
+    waited, n = 0.0, 0
+    while waited < outage_s:
+        waited += min(2.0, 0.05 * 2**n)
+        n += 1
+    return max(n, 1)
 
 
 def describe(url: str) -> str:
@@ -166,6 +179,7 @@ class ReplayQueue:
         connect_timeout_s: float = 5.0,
         dead_maxlen: int = 1000,
         client: redis.Redis | None = None,
+        outage_s: float = 10.0,
     ) -> None:
         if max_entry_bytes <= 0 or block_ms < 0:
             raise QueueError("max_entry_bytes must be > 0 and block_ms >= 0")
@@ -181,8 +195,11 @@ class ReplayQueue:
             raise QueueError(f"socket_timeout_s ({timeout}) must exceed block_ms ({block_ms}) / 1000")
         self._socket_timeout_s = timeout
         self.redis = client or connect(
-            url, password, socket_timeout_s=timeout, connect_timeout_s=connect_timeout_s
+            url, password, socket_timeout_s=timeout, connect_timeout_s=connect_timeout_s, outage_s=outage_s
         )
+        # The consumer's run-level check of a decoded tree (common.tree.check_for_run): a tree it
+        # rejects with WireError is quarantined like an undecodable one.
+        self.check: Callable[[Tree], None] | None = None
         self._ensure_group()
 
     @classmethod
@@ -194,6 +211,7 @@ class ReplayQueue:
             password=password,
             max_entry_bytes=int(cfg.max_entry_mb * MiB),
             block_ms=int(cfg.block_ms),
+            outage_s=float(getattr(cfg, "outage_s", 10.0)),
         )
 
     def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -267,10 +285,29 @@ class ReplayQueue:
                     raise WireError("entry was deleted from the stream while pending (data lost)")
                 if data is None:
                     raise WireError(f"entry has no {FIELD_TREE.decode()!r} field (fields: {sorted(fields)})")
-                out.append((entry_id, decode_tree(data, max_bytes=self.max_entry_bytes)))
+                tree = decode_tree(data, max_bytes=self.max_entry_bytes)
+                if self.check is not None:
+                    self.check(tree)
+                out.append((entry_id, tree))
             except WireError as e:
                 self._dead_letter(entry_id, str(e), data or b"", consumer)
         return out
+
+    def quarantine(self, entry_id: str, reason: str, consumer: str = "learner") -> None:
+        """Move one delivered entry to the dead-letter stream with ``reason`` (acknowledged on the main
+        stream in the same transaction): a tree that decoded but failed later, e.g. in training."""
+        rows = self._call(self.redis.xrange, self.keys["trees"], min=entry_id, max=entry_id)
+        data = (rows[0][1] or {}).get(FIELD_TREE, b"") if rows else b""
+        self._dead_letter(entry_id, reason, data, consumer)
+
+    def entries(self, ids: Iterable[str], consumer: str) -> list[tuple[str, Tree]]:
+        """The entries ``ids`` (delivered earlier, e.g. by a read whose reply was lost), decoded and
+        checked like :meth:`read`'s; missing ones are dead-lettered as lost."""
+        found: list[tuple[bytes, dict | None]] = []
+        for entry_id in ids:
+            rows = self._call(self.redis.xrange, self.keys["trees"], min=entry_id, max=entry_id)
+            found.append((entry_id.encode(), rows[0][1] if rows else None))
+        return self._decode_entries(found, consumer)
 
     def _dead_letter(self, entry_id: str, reason: str, data: bytes, consumer: str) -> None:
         pipe = self.redis.pipeline(transaction=True)

@@ -176,14 +176,79 @@ class Tree:
                 leaf.correct is None or isinstance(leaf.correct, bool),
                 f"leaf {leaf.node_id}: correct must be true, false or null",
             )
-        for key, value in {**self.metadata, **self.timings}.items():
+        for key, value in self.metadata.items():
             _check(
                 isinstance(key, str) and isinstance(value, _META_TYPES), f"metadata {key!r} must be a scalar"
+            )
+        for key, value in self.timings.items():
+            _check(
+                isinstance(key, str)
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value),
+                f"timing {key!r} must be a finite number, not {value!r}",
             )
 
 
 _EMPTY_I = np.zeros(0, dtype=np.int32)
 _EMPTY_F = np.zeros(0, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """What a tree must satisfy to be trained by one run (its config, model and data): checked by
+    :func:`check_for_run` at the queue boundary, after :func:`decode_tree`'s structural checks.
+
+    ``max_version`` is read at check time (a callable: the learner's version moves); ``prompt_ids``
+    is the run's training prompt id set (None: not checked).
+    """
+
+    vocab_size: int
+    max_prompt_tokens: int
+    max_response_tokens: int
+    leaves: int  # tree.w: every tree ends with exactly w leaves
+    epochs: int
+    max_version: Any = None  # () -> int
+    prompt_ids: frozenset[str] | None = None
+
+
+def check_for_run(tree: Tree, limits: RunLimits) -> None:
+    """Raise WireError naming the first way ``tree`` (decodable, structurally valid) does not fit the
+    run: token ids outside the vocabulary, prompt or response over its cap, a leaf count other than
+    ``tree.w``, a non-finite reward, a segment version from the future, an unknown prompt or a tree id
+    that is not ``<prompt id>@e<epoch>`` of a run epoch."""
+    v = limits.vocab_size
+    _check(int(tree.prompt_ids.max()) < v, f"prompt token id {int(tree.prompt_ids.max())} >= vocab size {v}")
+    _check(
+        len(tree.prompt_ids) <= limits.max_prompt_tokens,
+        f"prompt of {len(tree.prompt_ids)} tokens exceeds data.max_prompt_tokens={limits.max_prompt_tokens}",
+    )
+    for s in tree.segments:
+        if len(s.token_ids):
+            top = int(s.token_ids.max())
+            _check(top < v, f"node {s.node_id}: token id {top} >= vocab size {v}")
+    _check(
+        len(tree.leaves) == limits.leaves,
+        f"{len(tree.leaves)} leaves, expected tree.w={limits.leaves}",
+    )
+    for leaf in tree.leaves:
+        _check(
+            leaf.length <= limits.max_response_tokens,
+            f"leaf {leaf.node_id}: {leaf.length} response tokens exceed tree.max_response_tokens="
+            f"{limits.max_response_tokens}",
+        )
+        _check(math.isfinite(leaf.reward), f"leaf {leaf.node_id}: reward {leaf.reward} is not finite")
+    if limits.max_version is not None and tree.segments:
+        newest, now = max(s.version for s in tree.segments), int(limits.max_version())
+        _check(newest <= now, f"segment version {newest} is from the future (the learner is at {now})")
+    if limits.prompt_ids is not None:
+        _check(tree.prompt_id in limits.prompt_ids, f"unknown prompt id {tree.prompt_id!r}")
+    pid, sep, epoch = tree.tree_id.rpartition("@e")
+    _check(
+        bool(sep) and pid == tree.prompt_id and epoch.isdigit() and int(epoch) < limits.epochs,
+        f"tree id {tree.tree_id!r} is not '<prompt id>@e<epoch>' of prompt {tree.prompt_id!r} "
+        f"with an epoch < data.epochs={limits.epochs}",
+    )
 
 
 def _check(ok: bool, reason: str) -> None:

@@ -352,10 +352,12 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def find_checkpoint(root: str | os.PathLike) -> Checkpoint | None:
+def find_checkpoint(root: str | os.PathLike, fallback: bool = True) -> Checkpoint | None:
     """The published checkpoint, or the newest older intact one (with a warning); None if none exist.
 
-    Raises CheckpointError when checkpoints exist but none is intact.
+    Raises CheckpointError when checkpoints exist but none is intact, and, with ``fallback=False``
+    (the pipeline: the queue entries a checkpoint covers are acknowledged once it is published, so an
+    older one would silently lose them), when the published one is not intact.
     """
     root_p = Path(root)
     dirs = _checkpoint_dirs(root_p)
@@ -378,6 +380,8 @@ def find_checkpoint(root: str | os.PathLike) -> Checkpoint | None:
     reasons = []
     for cand in candidates:
         reason = verify(cand) if cand.is_dir() else "directory is missing"
+        if reason is not None and not fallback and cand.name == published:
+            raise CheckpointError(_refusal(root_p, published, reason))
         if reason is None:
             if published is not None and cand.name != published:
                 log.warning(
@@ -395,9 +399,24 @@ def find_checkpoint(root: str | os.PathLike) -> Checkpoint | None:
     )
 
 
-def require_checkpoint(root: str | os.PathLike) -> Checkpoint:
+def _refusal(root: Path, published: str, reason: str) -> str:
+    older = [d.name for d in _checkpoint_dirs(root) if d.name < published]
+    fix = (
+        f"or, accepting that the trees trained after {older[0]} are lost, delete {root / published} and "
+        f"{root / LATEST} to resume from {older[0]}"
+        if older
+        else "or start a new run_dir"
+    )
+    return (
+        f"the newest checkpoint {root / published} is unusable ({reason}) and the queue entries it covers "
+        f"are already acknowledged, so resuming from an older one would lose them: restore {published} "
+        f"from a copy, {fix}"
+    )
+
+
+def require_checkpoint(root: str | os.PathLike, fallback: bool = True) -> Checkpoint:
     """``find_checkpoint`` for a resume: a missing checkpoint is an error."""
-    ckpt = find_checkpoint(root)
+    ckpt = find_checkpoint(root, fallback)
     if ckpt is None:
         raise CheckpointError(
             f"resume was requested but {root} holds no checkpoint: run without resume, or point run_dir "

@@ -11,7 +11,14 @@ generators (``cluster/pipeline/topology.py``). Then the loops, each one named me
   Unblocked by generators pushing. Every drop raises the Redis counter ``D`` the generators' admission
   rule adds (:mod:`common.schedule`), so a dropped tree is replaced instead of stalling the step.
   While it waits it also watches the generators: a dead one is restarted by Ray (``max_restarts``),
-  receives the current weights and starts its loop again; its in-flight prompts are re-issued.
+  receives the current weights and starts its loop again; its in-flight prompts are re-issued. A
+  generator whose loop raised while its actor lives (a dead engine core, a Redis outage past
+  ``queue.outage_s``) or whose loop is silent for ``generators.hang_timeout_s`` (its heartbeat) is
+  restarted the same way. Every tree is checked against the run (:func:`common.tree.check_for_run`:
+  vocabulary, length caps, leaf count, finite rewards, no version from the future, a known prompt)
+  and run through what training does to it (advantages, encoding); one that fails is quarantined in
+  the dead-letter stream with the reason, and the run goes on. Entries delivered by a read whose
+  reply was lost (the client retried it) are found in the pending list and taken in.
 - ``learn`` — tree advantages over the whole batch, each rank's share (rank ``r`` gets
   ``shard_for_rank``), one learner step on every rank (``ray.get`` with a timeout).
 - ``publish`` — every ``sync.every_steps``: learner rank 0 broadcasts its weights over the
@@ -24,9 +31,14 @@ generators (``cluster/pipeline/topology.py``). Then the loops, each one named me
   With ``algo.max_staleness=0`` the admission rule makes generation wait for each publish: the
   synchronous schedule, through the same code.
 - ``checkpoint`` — every ``checkpoint.every_steps`` (and at the end): the learner checkpoint with
-  the step, dropped-tree count, prompt-dispatch state and stream state in ``extra``, THEN the
-  acknowledgement of every entry consumed since the previous checkpoint, then trimming of acknowledged
-  entries. A crash between the two re-delivers entries whose update is lost with the crash.
+  the step, dropped-tree count, prompt-dispatch state, stream state, the resolved config and the
+  window (the entries consumed and the audit rows written since the previous checkpoint) in
+  ``extra``, THEN the acknowledgement of the window's entries, then trimming of acknowledged entries.
+  A crash before the publish re-delivers the window; a crash after it is finished on resume
+  (:mod:`cluster.pipeline.recovery`: the window's entries are acknowledged, its rows restored).
+  With several ranks, trees short of a mini-batch at the end of the data stay pending (never
+  acknowledged untrained). A resume checks Redis against the checkpoint and continues the policy
+  version numbering past every version published before the crash.
 - ``log`` — metrics JSONL (+ TensorBoard) with the local driver's keys plus staleness, queue depth,
   generator and learner idle fractions; the audit trail ``trained_trees.jsonl``; a progress bar.
 
@@ -62,6 +74,7 @@ CONSUMER = "controller"
 STEP_TIMEOUT_S = 3600.0  # one learner step; generous: a 7B step on a slow node takes minutes
 STALL_TIMEOUT_S = 1800.0  # no tree at all for this long while generators live: something is wrong
 STATS_TIMEOUT_S = 10.0
+ORPHAN_CHECK_S = 10.0  # how often an idle collect compares the pending list with what it consumed
 
 
 def _connect_ray() -> bool:
@@ -97,6 +110,7 @@ def run_pipeline(cfg: TrainConfig) -> int:
     import ray
 
     with queue_endpoint(cfg.queue, run_dir) as (url, password):
+        _check_queue_state(cfg, url, password, run_name_for(run_dir))
         started = _connect_ray()
         try:
             if not cfg.queue.url and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
@@ -114,6 +128,18 @@ def run_pipeline(cfg: TrainConfig) -> int:
                 ray.shutdown()
 
 
+def _check_queue_state(cfg: TrainConfig, url: str, password: str | None, run_name: str) -> None:
+    """The resume's Redis-against-checkpoint check, or a fresh start's reset (see recovery.py)."""
+    from cluster.pipeline.recovery import check_queue_state
+    from common.replay import connect, describe
+
+    client = connect(url, password)
+    try:
+        check_queue_state(cfg, client, run_name, describe(url))
+    finally:
+        client.close()
+
+
 @dataclasses.dataclass
 class _GenSlot:
     """The controller's view of one generator actor."""
@@ -124,6 +150,8 @@ class _GenSlot:
     done: bool = False  # its loop returned (data used up) or it is dead for good
     dead: bool = False  # out of restarts: no engine any more
     restarts: int = 0
+    old_pid: int | None = None  # the process a deliberate restart killed (its answers are ignored)
+    beat_at: float = 0.0  # when the heartbeat is asked next
 
 
 class Controller:
@@ -170,8 +198,18 @@ class Controller:
             "dropped_uniform": 0,
             "restarts": 0,
             "sync_failures": 0,
+            "quarantined": 0,
+            "loop_failures": 0,
+            "hangs": 0,
+            "orphans": 0,
         }
         self.sync_stats: dict[str, float] = {}
+        self.window_rows: list[dict] = []  # audit rows since the last checkpoint (kept in the next one)
+        self.held: list[str] = []  # trees short of a mini-batch: pending, neither trained nor acked
+        self._orphans_at = 0.0  # when the pending list is compared with what was consumed next
+        self._version_key = RunKeys(run_name).version
+        self.queue.check = self._check_tree
+        self._limits = self._run_limits(cfg, self._prompt_ids)
 
     @staticmethod
     def _encoded_prompt_ids(cfg: TrainConfig) -> list[str]:
@@ -183,29 +221,92 @@ class Controller:
         tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         return [p.row.id for p in load_prompt_set(cfg.data.train, "train", tokenizer, cfg.data)[0]]
 
+    @staticmethod
+    def _run_limits(cfg: TrainConfig, prompt_ids: list[str]) -> Any:
+        """What every tree of this run must satisfy (:class:`common.tree.RunLimits`)."""
+        from transformers import AutoConfig
+
+        from common.tree import RunLimits
+
+        mcfg = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        vocab = getattr(mcfg, "vocab_size", None) or mcfg.get_text_config().vocab_size
+        return RunLimits(
+            vocab_size=int(vocab),
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_response_tokens=cfg.tree.max_response_tokens,
+            leaves=cfg.tree.w,
+            epochs=cfg.data.epochs,
+            prompt_ids=frozenset(prompt_ids),
+        )
+
+    def _check_tree(self, tree: Any) -> None:
+        """The queue's run-level check of a decoded tree (WireError quarantines it)."""
+        from common.tree import check_for_run
+
+        check_for_run(tree, dataclasses.replace(self._limits, max_version=lambda: self.version))
+
     # ------------------------------------------------------------------ the run
+    def _resume(self) -> None:
+        """Load the checkpoint on every rank, finish its window, continue the version numbering,
+        re-issue the prompts of generators this run no longer has, and re-deliver pending entries."""
+        import ray
+
+        from cluster.pipeline.recovery import reconcile_window
+        from cluster.rundir import trained_tree_ids, truncate_logs
+        from common.metrics import MetricsLog
+
+        cfg = self.cfg
+        extras = ray.get([h.load.remote(str(self.ckpt_dir)) for h in self.topo.learners], timeout=600)
+        extra = extras[0] or {}
+        self.step = int(extra.get("step", 0))
+        self.dropped = int(extra.get("dropped", 0))
+        truncate_logs(self.run_dir, self.step)
+        self.metrics_log.close()  # it was opened on the file truncation just replaced
+        self.metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.log.tensorboard)
+        reconcile_window(self.run_dir, self.queue, extra)
+        self.trained_ids = trained_tree_ids(self.run_dir)
+        self.version = ray.get(self.topo.learners[0].version.remote(), timeout=60)
+        newest = int(self.queue.redis.get(self._version_key) or 0)
+        if newest > self.version:  # versions published after the checkpoint: never reuse their numbers
+            self.version = newest + 1
+            ray.get([h.set_version.remote(self.version) for h in self.topo.learners], timeout=60)
+        for gid in self.dispatcher.generator_ids():
+            if not gid.isdigit() or int(gid) >= cfg.generators.num:  # a generator this run does not have
+                n = self.dispatcher.requeue_generator(gid)
+                if n:
+                    print(f"[pipeline] re-issued {n} prompt(s) of retired generator {gid}", flush=True)
+        self.backlog = self.queue.reclaim(CONSUMER, min_idle_ms=0)
+        print(
+            f"[pipeline] resumed at step {self.step} (policy version {self.version}): "
+            f"{len(self.backlog)} unacknowledged tree(s) re-delivered",
+            flush=True,
+        )
+
+    def _finish(self, last_ckpt: int) -> None:
+        """The end of the run: a checkpoint of the steps since the last one; entries consumed after
+        it without training (duplicates, drops: their twins and drops are covered) acknowledged."""
+        if self.step > last_ckpt:
+            self.checkpoint()
+        elif self.unacked:
+            self.queue.ack(self.unacked)
+            self.unacked = []
+            self.queue.trim_acked()
+        if self.held:
+            print(
+                f"[pipeline] {len(self.held)} tree(s) short of a mini-batch "
+                f"(learner.mini_batch_prompts={self.cfg.learner.mini_batch_prompts} x "
+                f"{self.world} ranks) stay pending, untrained: a resume with more data or steps trains them",
+                flush=True,
+            )
+
     def run(self) -> int:
         import ray
 
-        from cluster.rundir import final_plots, progress_bar, trained_tree_ids, truncate_logs
+        from cluster.rundir import append_row, final_plots, progress_bar, trained_row
 
         cfg = self.cfg
         if cfg.resume:
-            extras = ray.get([h.load.remote(str(self.ckpt_dir)) for h in self.topo.learners], timeout=600)
-            extra = extras[0] or {}
-            self.step = int(extra.get("step", 0))
-            self.dropped = int(extra.get("dropped", 0))
-            truncate_logs(self.run_dir, self.step)
-            from common.metrics import MetricsLog
-
-            self.metrics_log.close()  # it was opened on the file truncation just replaced
-            self.metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.log.tensorboard)
-            self.trained_ids = trained_tree_ids(self.run_dir)
-            self.backlog = self.queue.reclaim(CONSUMER, min_idle_ms=0)
-            print(
-                f"[pipeline] resumed at step {self.step}: {len(self.backlog)} unacknowledged tree(s) re-delivered",
-                flush=True,
-            )
+            self._resume()
         self.version = ray.get(self.topo.learners[0].version.remote(), timeout=60)
         self.queue.redis.set(self._dropped_key, self.dropped)
         if self.step or self.version:  # resumed: generators start from the checkpoint's weights
@@ -231,6 +332,9 @@ class Controller:
                 m.update(self.learn(trees))
                 t_train = time.perf_counter() - t1
                 self.step += 1
+                # the audit row is written before the checkpoint that covers it (and kept in it)
+                self.window_rows.append(trained_row(self.step, self.version, trees))
+                append_row(self.run_dir, self.window_rows[-1])
                 if self.step % cfg.sync.every_steps == 0:
                     m["timing/sync_s"] = self.publish()
                     m.update(self.sync_stats)
@@ -250,8 +354,7 @@ class Controller:
                     stale=f"{m['staleness/mean']:.2f}",
                     trees_s=f"{m['pipeline/trees_per_s']:.2f}",
                 )
-            if self.step > last_ckpt:
-                self.checkpoint()
+            self._finish(last_ckpt)
         finally:
             progress.close()
         final_plots(self.run_dir, self.staleness_hist)
@@ -268,21 +371,17 @@ class Controller:
 
     def collect(self, need: int) -> tuple[list, dict[str, float]] | None:
         """``need`` kept trees from the queue (fewer only when the data is used up; None if none)."""
-        from learner.selection import KEPT, Selection
+        from learner.selection import Selection
 
         cfg = self.cfg
         sel = Selection(self.version, cfg.algo.max_staleness, cfg.algo.dynamic_sampling)
         last_tree = time.perf_counter()
+        entry_of: dict[str, str] = {}  # tree id -> entry id of the kept trees
         while len(sel.kept) < need:
             entries = self._next_entries(need - len(sel.kept))
             before = self.dropped
             for entry_id, tree in entries:
-                self.unacked.append(entry_id)
-                if tree.tree_id in self.trained_ids or any(t.tree_id == tree.tree_id for t in sel.kept):
-                    sel.skip_duplicate()
-                    self.counts["duplicates"] += 1  # at-least-once delivery: a retried XADD
-                    continue
-                if sel.offer(tree) != KEPT:
+                if self._take(entry_id, tree, sel, entry_of) == "dropped":
                     self.dropped += 1
             if self.dropped != before:
                 self._set_dropped()
@@ -290,7 +389,9 @@ class Controller:
                 last_tree = time.perf_counter()
                 continue
             self.watch_generators()
-            if self._data_finished():
+            if self._recover_orphans():
+                continue
+            if self._data_finished() and not self._recover_orphans(force=True):
                 break
             if time.perf_counter() - last_tree > STALL_TIMEOUT_S:
                 raise QueueError(
@@ -298,13 +399,68 @@ class Controller:
                     "generator logs (ray logs) and queue state (`treepo queue inspect`)"
                 )
         kept = sel.kept
-        if len(kept) < need and self.world > 1:  # every rank needs the same share: drop the rest
-            kept = kept[: len(kept) - len(kept) % cfg.learner.mini_batch_prompts]
+        if len(kept) < need and self.world > 1:  # every rank needs the same share: the rest stays pending
+            keep = len(kept) - len(kept) % cfg.learner.mini_batch_prompts
+            short = {entry_of[t.tree_id] for t in kept[keep:]}
+            self.unacked = [i for i in self.unacked if i not in short]
+            self.held += sorted(short)
+            kept = kept[:keep]
         if not kept:
             return None
         self.counts["dropped_stale"] += sel.dropped_stale
         self.counts["dropped_uniform"] += sel.dropped_uniform
         return kept, {**sel.metrics(), "staleness/trees_dropped": sel.dropped_stale}
+
+    def _take(self, entry_id: str, tree: Any, sel: Any, entry_of: dict[str, str]) -> str:
+        """One delivered tree: ``quarantined`` when checking or preparing it raises (it goes to the
+        dead-letter stream with the reason), else ``duplicate``, ``dropped`` or ``kept``."""
+        from learner.selection import KEPT
+
+        try:
+            self._prepare(tree)
+            duplicate = tree.tree_id in self.trained_ids or tree.tree_id in entry_of
+            verdict = None if duplicate else sel.offer(tree)
+        except Exception as e:  # one bad tree must not stop (nor, re-delivered, crash-loop) the run
+            reason = f"{type(e).__name__}: {e}"
+            self.queue.quarantine(entry_id, reason, CONSUMER)
+            self.counts["quarantined"] += 1
+            print(f"[pipeline] entry {entry_id} quarantined in the dead-letter stream: {reason}", flush=True)
+            return "quarantined"
+        self.unacked.append(entry_id)
+        if duplicate:
+            sel.skip_duplicate()
+            self.counts["duplicates"] += 1  # at-least-once delivery: a retried XADD
+            return "duplicate"
+        if verdict != KEPT:
+            return "dropped"
+        entry_of[tree.tree_id] = entry_id
+        return "kept"
+
+    def _prepare(self, tree: Any) -> None:
+        """What training does to one tree alone: its advantages (finite) and its wire encoding."""
+        from common.errors import WireError
+        from common.tree import encode_tree
+        from learner.advantages import tree_advantages
+
+        adv = tree_advantages([tree], self.cfg.algo)
+        if not all(np.isfinite(a).all() for a in adv):
+            raise WireError("non-finite advantages")
+        encode_tree(tree)
+
+    def _recover_orphans(self, force: bool = False) -> int:
+        """Entries delivered to this consumer by a read whose reply was lost (the client retried it):
+        pending in Redis, never seen here. They join the backlog; returns how many."""
+        now = time.monotonic()
+        if not force and now < self._orphans_at:
+            return 0
+        self._orphans_at = now + ORPHAN_CHECK_S
+        known = {*self.unacked, *self.held, *(i for i, _ in self.backlog)}
+        orphans = [i for i in self.queue.pending(CONSUMER) if i not in known]
+        if orphans:
+            self.counts["orphans"] += len(orphans)
+            self.backlog += self.queue.entries(orphans, CONSUMER)
+            print(f"[pipeline] {len(orphans)} entr(ies) delivered by a lost read taken in", flush=True)
+        return len(orphans)
 
     def _next_entries(self, n: int) -> list[tuple[str, Any]]:
         """Up to ``n`` queue entries: the ones re-delivered on resume first, then new ones."""
@@ -319,15 +475,67 @@ class Controller:
 
     def watch_generators(self) -> None:
         """Restart handling: a loop that failed because its actor died waits for Ray's restart, gets
-        the current weights and runs again; a loop that returned means the data is used up there."""
+        the current weights and runs again; a loop that raised, or is silent for
+        ``generators.hang_timeout_s``, gets its actor restarted the same way; a loop that returned
+        means the data is used up there."""
         import ray
 
         for g, slot in enumerate(self.gens):
             if slot.ready_ref is not None:
                 if ray.wait([slot.ready_ref], timeout=0)[0]:
                     self._restart_settled(g, slot)
-            elif slot.run_ref is not None and not slot.done and ray.wait([slot.run_ref], timeout=0)[0]:
-                self._loop_ended(g, slot)
+            elif slot.run_ref is not None and not slot.done:
+                if ray.wait([slot.run_ref], timeout=0)[0]:
+                    self._loop_ended(g, slot)
+                else:
+                    self._check_heartbeat(g, slot)
+
+    def _check_heartbeat(self, g: int, slot: _GenSlot) -> None:
+        """Restart a generator whose loop made no progress for ``generators.hang_timeout_s`` (or whose
+        actor does not answer at all)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        now, limit = time.monotonic(), self.cfg.generators.hang_timeout_s
+        if now < slot.beat_at:
+            return
+        slot.beat_at = now + min(5.0, limit / 4)
+        try:
+            silent = float(ray.get(slot.handle.heartbeat.remote(), timeout=min(STATS_TIMEOUT_S, limit)))
+        except GetTimeoutError:
+            silent = float("inf")
+        except RayActorError:  # dying: its loop's failure is handled on the next round
+            return
+        if silent > limit:
+            self.counts["hangs"] += 1
+            why = f"its loop made no progress for {silent:.0f} s (generators.hang_timeout_s={limit:g})"
+            self._restart(g, slot, why)
+
+    def _restart(self, g: int, slot: _GenSlot, why: str) -> None:
+        """Kill a live generator's actor for Ray to restart (a fresh engine; the new actor re-issues the
+        prompts the old one had in flight), then wait for it like for one that died."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        print(f"[pipeline] generator {g} restarts: {why}", flush=True)
+        try:
+            slot.old_pid = int(ray.get(slot.handle.pid.remote(), timeout=STATS_TIMEOUT_S))
+        except (GetTimeoutError, RayActorError):
+            slot.old_pid = None
+        ray.kill(slot.handle, no_restart=False)
+        deadline = time.monotonic() + 60
+        while slot.old_pid is not None and time.monotonic() < deadline:  # until the old process is gone
+            try:
+                if ray.get(slot.handle.pid.remote(), timeout=5) != slot.old_pid:
+                    break
+            except (GetTimeoutError, RayActorError):
+                break
+            time.sleep(0.2)
+        slot.run_ref = None
+        slot.restarts += 1
+        self.counts["restarts"] += 1
+        self.sync_members = None  # its receiver is gone: the next sync rebuilds the group
+        slot.ready_ref = slot.handle.pid.remote()
 
     def _restart_settled(self, g: int, slot: _GenSlot) -> None:
         """A restarting generator answered: resume its loop with the current weights, ask again, or
@@ -337,7 +545,7 @@ class Controller:
 
         ref, slot.ready_ref = slot.ready_ref, None
         try:
-            ray.get(ref)
+            answer = ray.get(ref)
         except ActorUnavailableError:  # still restarting: ask again on the next round
             slot.ready_ref = slot.handle.ready.remote()
             return
@@ -349,6 +557,10 @@ class Controller:
                     f"every generator is dead (generator {g}: {e}): see the generator logs (ray logs)"
                 ) from None
             return
+        if slot.old_pid is not None and answer == slot.old_pid:  # the killed process, still answering
+            slot.ready_ref = slot.handle.pid.remote()
+            return
+        slot.old_pid = None
         if self.published is not None:  # it joins the group and gets the current weights
             self.publish(step=self.published[1])
         slot.run_ref = slot.handle.run.remote()
@@ -369,6 +581,10 @@ class Controller:
             self.sync_members = None  # its receiver is gone: the next sync rebuilds the group
             print(f"[pipeline] generator {g} died; waiting for its restart", flush=True)
             slot.ready_ref = slot.handle.ready.remote()
+        except Exception as e:  # the loop raised while the actor lives (a dead engine core, Redis gone)
+            self.counts["loop_failures"] += 1
+            reason = str(e).strip().splitlines()[-1][:400] if str(e).strip() else type(e).__name__
+            self._restart(g, slot, f"its loop failed: {reason}")
 
     # ------------------------------------------------------------------ learn / publish / checkpoint
     def learn(self, trees: list) -> dict[str, float]:
@@ -484,11 +700,14 @@ class Controller:
                 print(f"[pipeline] weight sync failed ({reason}); rebuilding the group", flush=True)
                 self._drop_unreachable_generators()
         self.published = (self.version, step)
+        self.queue.redis.set(self._version_key, self.version)  # a resume numbers past it
         return time.perf_counter() - t0
 
     def checkpoint(self) -> float:
         """Checkpoint, THEN acknowledge what it covers, then trim acknowledged entries."""
         import ray
+
+        from cluster.pipeline.recovery import config_snapshot
 
         t0 = time.perf_counter()
         extra = {
@@ -501,6 +720,9 @@ class Controller:
                 "acked_at_checkpoint": len(self.unacked),
                 "depth": self.queue.depth(),
             },
+            "config": config_snapshot(self.cfg),
+            # acknowledged only after the publish: a resume finishes a window whose ack was lost
+            "window": {"entries": list(self.unacked), "rows": list(self.window_rows)},
         }
         ray.get(
             [
@@ -510,7 +732,7 @@ class Controller:
             timeout=STEP_TIMEOUT_S,
         )
         self.queue.ack(self.unacked)
-        self.unacked = []
+        self.unacked, self.window_rows = [], []
         self.queue.trim_acked()
         return time.perf_counter() - t0
 
@@ -558,8 +780,6 @@ class Controller:
         return red.result()
 
     def log(self, m: dict[str, float], trees: list) -> None:
-        from cluster.rundir import append_trained
-
         wall = time.perf_counter() - self.t_start
         m.update(self.generator_stats())
         m["learner/idle_frac"] = self.wait_s / wall if wall > 0 else 0.0
@@ -571,11 +791,12 @@ class Controller:
         m["pipeline/duplicates"] = float(self.counts["duplicates"])
         m["pipeline/generator_restarts"] = float(self.counts["restarts"])
         m["pipeline/sync_failures"] = float(self.counts["sync_failures"])
+        for key in ("quarantined", "loop_failures", "hangs", "orphans"):
+            m[f"pipeline/{key}"] = float(self.counts[key])
         m["pipeline/trees_per_s"] = self.trained_here / wall if wall > 0 else 0.0
         for s, n in sorted(self.staleness_hist.items()):
             m[f"staleness/hist/{s}"] = float(n)
         self.metrics_log.log(self.step, m)
-        append_trained(self.run_dir, self.step, self.version, trees)
 
     def close(self) -> None:
         from cluster.pipeline import topology

@@ -79,6 +79,11 @@ class LearnerHost:
     def version(self) -> int:
         return int(self.learner.version)
 
+    def set_version(self, version: int) -> int:
+        """Number the current weights ``version`` (a resume continues past every published version)."""
+        self.learner.version = int(version)
+        return int(self.learner.version)
+
     def train_step(self, encoded_trees: list[bytes], advantages_P_L: list[np.ndarray]) -> dict[str, float]:
         from common.tree import decode_tree
 
@@ -140,6 +145,7 @@ PASSTHROUGH_ENV = (
     "HF_HUB_OFFLINE",
     "TOKENIZERS_PARALLELISM",
     "TREEPO_FAULTS",
+    "TREEPO_FAULT_DIR",
     "TREEPO_BENCH_GEN_DELAY_S",
     "TREEPO_BENCH_TRAIN_DELAY_S",
 )

@@ -281,13 +281,14 @@ def test_redis_restart_mid_run_and_a_malformed_entry(tmp_path, tiny_model_dir, r
             f"queue.url={server.url}",
             f"queue.password_env={PW_ENV}",
         )
-        # a producer bug or a foreign writer: an entry that is not a tree, queued before the run starts
+        th, result = _run_until_first_step(run_pipeline, cfg, run)
+        # a producer bug or a foreign writer: an entry that is not a tree (queued once the run runs: a
+        # fresh start clears what an earlier attempt left in Redis)
         client = connect(server.url, server.password)
         client.xadd(
             RunKeys(run_name_for(run)).trees, {FIELD_TREE: b"\x00not a tree", FIELD_SCHEMA: SCHEMA_VERSION}
         )
         client.close()
-        th, result = _run_until_first_step(run_pipeline, cfg, run)
         server.restart()
         m = _finished_with_every_prompt_once(th, result, run, "the Redis restart")
         assert m[-1]["queue/dead_count"] == 1
