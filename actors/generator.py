@@ -263,6 +263,7 @@ class Generator:
         out["generator/version"] = Metric.mean(self.backend.policy_version)
         out["generator/weights_step"] = Metric.mean(self.weights_step)
         out["generator/in_flight"] = Metric.sum(self.sampler.in_flight)
+        out.update(self.sampling_stats.engine_metrics())  # rollout/: this engine's work since it started
         return out
 
     def evaluate(self, step: int) -> dict[str, float]:

@@ -61,7 +61,7 @@ from actors.backends.base import GenerationBackend, GenRequest, GenResult
 from common.answers import last_boxed
 from common.config import SamplingConfig, TreeConfig
 from common.errors import ConfigError
-from common.sampling_metrics import SamplingStats
+from common.sampling_metrics import FALLBACKS_KEY, RESTARTS_KEY, SamplingStats
 from common.tree import ROOT_ID, Leaf, Segment, Tree
 
 FINISHED, EOS, MAX_TOKENS, MAX_DEPTH, REPETITION = "finished", "eos", "max_tokens", "max_depth", "repetition"
@@ -217,6 +217,7 @@ class _TreeState:
     leaves: list[Leaf] = field(default_factory=list)
     next_id: int = ROOT_ID + 1
     fallbacks: int = 0
+    restarts: int = 0  # fallbacks with no candidate leaf: re-seeded from the root
     steps: int = 0
     t_start: float = 0.0
 
@@ -501,6 +502,7 @@ class TreeSampler:
         cands = [lf for lf in st.leaves if lf.finish_reason in allowed]
         st.fallbacks += 1
         if not cands:  # restart from the root, like a fresh start
+            st.restarts += 1
             for _ in range(min(st.root_divergence, remaining)):
                 st.new_pending(ROOT_ID, 1)
             return
@@ -534,10 +536,8 @@ class TreeSampler:
             segments=segments,
             leaves=st.leaves,
             generator_id=self.generator_id,
-            metadata=dict(st.metadata),
+            metadata={**st.metadata, FALLBACKS_KEY: st.fallbacks, RESTARTS_KEY: st.restarts},
             timings={"sample_s": time.perf_counter() - st.t_start},
         )
-        self.stats.record_tree(
-            tree, fallbacks=st.fallbacks, root_divergence=st.root_divergence, steps=st.steps
-        )
+        self.stats.record_tree(tree)
         return tree

@@ -36,8 +36,9 @@ from cluster.rundir import (
     truncate_logs,
 )
 from common.config import TrainConfig, save_resolved
-from common.metrics import MetricsLog
+from common.metrics import MetricsLog, values
 from common.prompts import EpochCursor
+from common.tree_render import write_step_pictures
 from learner.selection import Selection, record_staleness, rollout_metrics
 
 log = logging.getLogger("treepo.train")
@@ -171,12 +172,16 @@ class LocalRun:
                 "timing/generate_s": t_gen,
                 "timing/train_s": t_train,
                 "timing/step_s": time.perf_counter() - t0,
-                **self.stats.as_dict(),
+                **values(self.stats.engine_metrics()),  # the engine's work so far; tree/: this step's
                 **self.train_set.reward.stats.as_metrics(),
             }
         )
         if self.evaluates and step % cfg.eval.every_steps == 0:
             m.update(self.evaluate(step))
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+            write_step_pictures(
+                self.run_dir, step, trees, advantages, self.inputs.decode, cfg.log.tree_pictures
+            )
         if step % cfg.checkpoint.every_steps == 0 or step == cfg.learner.total_steps:
             extra = {"step": step, "cursor": self.cursor.state()}
             learner.save(self.ckpt_dir, extra=extra, step=step, keep_last=cfg.checkpoint.keep_last)
@@ -210,6 +215,8 @@ class LocalRun:
                 progress.set_postfix(
                     reward=f"{m['rollout/reward']:+.3f}",
                     acc=f"{m['rollout/accuracy']:.2f}",
+                    depth=f"{m.get('tree/leaf_depth_mean', 0.0):.2f}",
+                    tok=f"{m.get('tree/decoded_vs_flat', 1.0):.2f}",
                     v=self.learner.version,
                 )
         finally:

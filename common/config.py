@@ -382,6 +382,12 @@ class EvalConfig:
 class LogConfig:
     tensorboard: bool = doc(True, "Also write TensorBoard events.")
     wandb_project: str = doc("", "Weights & Biases project ('' = off).")
+    tree_pictures: int = doc(
+        3,
+        "At every eval step, draw this many of the step's trained trees (the most branched) into "
+        "<run_dir>/trees/step-<k>.html: segments as nodes with their text, leaf rewards, verdicts, finish "
+        "reasons and the advantages trained with (0 = off).",
+    )
     progress: bool = doc(True, "Show a progress bar.")
 
 
@@ -504,6 +510,7 @@ _MINIMUMS: dict[str, float] = {
     "eval.every_steps": 0,
     "eval.k": 1,
     "eval.max_problems": 0,
+    "log.tree_pictures": 0,
 }
 
 

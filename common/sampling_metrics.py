@@ -1,19 +1,108 @@
 """Typed sampling metrics with an explicit reduction per key, namespaced ``rollout/`` and ``tree/``.
 
 ``rollout/`` keys describe engine work (decoded tokens, prefill tokens computed vs served from the
-prefix cache, throughput); ``tree/`` keys describe the trees (leaves per tree, fallbacks, leaf depth
-histogram, finish reasons). :meth:`SamplingStats.metrics` returns ``{key: common.metrics.Metric}``;
-a logger combining several generators reduces each key with its own ``reduce`` (sum, mean or max).
+prefix cache as the engine reports them, throughput); ``tree/`` keys describe the trees
+(:class:`TreeTally`):
+
+- ``tree/leaf_depth/<k>`` leaves ending at depth ``k`` (segments), ``tree/leaf_depth_mean``;
+- ``tree/branching/<k>`` mean children of a node at depth ``k`` that has children (``0`` = the
+  root: its children are the root divergence, plus any restart's);
+- ``tree/fallbacks`` (a tree with no live path re-seeded from a kept prefix) and ``tree/restarts``
+  (no candidate: re-seeded from the root), read from the tree's metadata (:data:`FALLBACKS_KEY`,
+  :data:`RESTARTS_KEY`, written by the sampler) so they survive the replay queue;
+- ``tree/distinct_tokens`` (response tokens stored in the trees: shared prefixes once, what the
+  tree decoded) against ``tree/leaf_tokens`` (the flat equivalent: the same leaves sampled
+  independently, every leaf's full response); ``tree/decoded_vs_flat`` is their ratio and
+  ``tree/decoded_per_leaf`` / ``tree/flat_per_leaf`` the per-leaf figures;
+- ``tree/finish/<reason>`` leaves per finish reason.
+
+:meth:`SamplingStats.metrics` and :meth:`TreeTally.metrics` return ``{key: common.metrics.Metric}``;
+a logger combining several sources reduces each key with its own ``reduce`` (sum, mean or max),
+means weighted by what they average over (trees, leaves, nodes, tokens).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.metrics import Metric
+from common.metrics import Metric, values
+
+FALLBACKS_KEY = "sampler_fallbacks"
+RESTARTS_KEY = "sampler_restarts"
+
+
+@dataclass
+class TreeTally:
+    """Structure counts over a set of finished trees (pure: reads segments, leaves and metadata)."""
+
+    trees: int = 0
+    leaves: int = 0
+    leaf_tokens: int = 0  # response tokens over all trajectories (shared prefixes counted per leaf)
+    tree_tokens: int = 0  # distinct response tokens stored in the trees
+    fallbacks: int = 0
+    restarts: int = 0
+    finish_reasons: Counter = field(default_factory=Counter)
+    depth_hist: Counter = field(default_factory=Counter)  # leaf depth -> leaves
+    children: Counter = field(default_factory=Counter)  # parent depth -> children of such parents
+    parents: Counter = field(default_factory=Counter)  # depth -> nodes with at least one child
+
+    def add(self, tree: Any) -> None:
+        self.trees += 1
+        self.leaves += len(tree.leaves)
+        self.tree_tokens += tree.num_tokens()
+        self.fallbacks += int(tree.metadata.get(FALLBACKS_KEY, 0))
+        self.restarts += int(tree.metadata.get(RESTARTS_KEY, 0))
+        depth = {0: 0, **{s.node_id: s.depth for s in tree.segments}}
+        kids = Counter(s.parent_id for s in tree.segments)
+        for parent, n in kids.items():
+            self.children[depth[parent]] += n
+            self.parents[depth[parent]] += 1
+        for leaf in tree.leaves:
+            self.leaf_tokens += leaf.length
+            self.finish_reasons[leaf.finish_reason] += 1
+            self.depth_hist[depth[leaf.node_id]] += 1
+
+    def update(self, trees: Iterable[Any]) -> TreeTally:
+        for tree in trees:
+            self.add(tree)
+        return self
+
+    def metrics(self) -> dict[str, Metric]:
+        """The ``tree/`` keys (empty when no tree was added)."""
+        if not self.trees:
+            return {}
+        leaves = max(self.leaves, 1)
+        depth_sum = sum(d * n for d, n in self.depth_hist.items())
+        out = {
+            "tree/trees": Metric.sum(self.trees),
+            "tree/leaves": Metric.sum(self.leaves),
+            "tree/leaves_per_tree": Metric.mean(self.leaves / self.trees, self.trees),
+            "tree/leaf_depth_mean": Metric.mean(depth_sum / leaves, self.leaves),
+            "tree/fallbacks": Metric.sum(self.fallbacks),
+            "tree/restarts": Metric.sum(self.restarts),
+            "tree/leaf_tokens": Metric.sum(self.leaf_tokens),
+            "tree/distinct_tokens": Metric.sum(self.tree_tokens),
+            "tree/decoded_vs_flat": Metric.mean(
+                self.tree_tokens / self.leaf_tokens if self.leaf_tokens else 1.0, max(self.leaf_tokens, 1)
+            ),
+            "tree/decoded_per_leaf": Metric.mean(self.tree_tokens / leaves, self.leaves),
+            "tree/flat_per_leaf": Metric.mean(self.leaf_tokens / leaves, self.leaves),
+        }
+        for reason, n in sorted(self.finish_reasons.items()):
+            out[f"tree/finish/{reason}"] = Metric.sum(n)
+        for depth, n in sorted(self.depth_hist.items()):
+            out[f"tree/leaf_depth/{depth}"] = Metric.sum(n)
+        for depth, n in sorted(self.parents.items()):
+            out[f"tree/branching/{depth}"] = Metric.mean(self.children[depth] / n, n)
+        return out
+
+
+def tree_metrics(trees: Iterable[Any]) -> dict[str, float]:
+    """The ``tree/`` metrics of ``trees`` as plain values (see :class:`TreeTally`)."""
+    return values(TreeTally().update(trees).metrics())
 
 
 @dataclass
@@ -25,14 +114,23 @@ class SamplingStats:
     prefill_tokens_cached: int = 0
     backend_s: float = 0.0
     max_batch: int = 0
-    trees: int = 0
-    leaves: int = 0
-    leaf_tokens: int = 0  # response tokens over all trajectories (shared prefixes counted per leaf)
-    tree_tokens: int = 0  # distinct response tokens stored in the trees
-    fallbacks: int = 0
-    root_divergence_sum: int = 0
-    finish_reasons: Counter = field(default_factory=Counter)
-    depth_hist: Counter = field(default_factory=Counter)
+    tally: TreeTally = field(default_factory=TreeTally)
+
+    @property
+    def trees(self) -> int:
+        return self.tally.trees
+
+    @property
+    def leaves(self) -> int:
+        return self.tally.leaves
+
+    @property
+    def leaf_tokens(self) -> int:
+        return self.tally.leaf_tokens
+
+    @property
+    def fallbacks(self) -> int:
+        return self.tally.fallbacks
 
     def record_step(self, results: Sequence[Any], wall_s: float) -> None:
         """One backend call: ``results`` are GenResult-like (token_ids, num_prompt_tokens, num_cached_tokens)."""
@@ -45,51 +143,33 @@ class SamplingStats:
             self.prefill_tokens_cached += r.num_cached_tokens
             self.prefill_tokens_computed += r.num_prompt_tokens - r.num_cached_tokens
 
-    def record_tree(self, tree: Any, fallbacks: int = 0, root_divergence: int = 0, steps: int = 0) -> None:
-        self.trees += 1
-        self.leaves += len(tree.leaves)
-        self.fallbacks += fallbacks
-        self.root_divergence_sum += root_divergence
-        self.tree_tokens += tree.num_tokens()
-        depth = {s.node_id: s.depth for s in tree.segments}
-        for leaf in tree.leaves:
-            self.leaf_tokens += leaf.length
-            self.finish_reasons[leaf.finish_reason] += 1
-            self.depth_hist[depth[leaf.node_id]] += 1
+    def record_tree(self, tree: Any) -> None:
+        self.tally.add(tree)
 
-    def metrics(self, wall_s: float | None = None) -> dict[str, Metric]:
-        """All metrics; throughput uses ``wall_s`` (default: time spent in backend calls)."""
+    def engine_metrics(self, wall_s: float | None = None) -> dict[str, Metric]:
+        """The ``rollout/`` keys: the engine's work since this object was made (cumulative).
+        Throughput uses ``wall_s`` (default: time spent in backend calls)."""
         wall = wall_s if wall_s is not None else self.backend_s
         prefill = self.prefill_tokens_computed + self.prefill_tokens_cached
-        out = {
-            "rollout/steps": Metric(self.steps, "sum"),
-            "rollout/requests": Metric(self.requests, "sum"),
-            "rollout/max_batch": Metric(self.max_batch, "max"),
-            "rollout/decoded_tokens": Metric(self.decoded_tokens, "sum"),
-            "rollout/prefill_tokens_computed": Metric(self.prefill_tokens_computed, "sum"),
-            "rollout/prefill_tokens_cached": Metric(self.prefill_tokens_cached, "sum"),
-            "rollout/prefix_cache_hit_rate": Metric(
-                self.prefill_tokens_cached / prefill if prefill else 0.0, "mean"
+        return {
+            "rollout/steps": Metric.sum(self.steps),
+            "rollout/requests": Metric.sum(self.requests),
+            "rollout/max_batch": Metric.max(self.max_batch),
+            "rollout/decoded_tokens": Metric.sum(self.decoded_tokens),
+            "rollout/prefill_tokens_computed": Metric.sum(self.prefill_tokens_computed),
+            "rollout/prefill_tokens_cached": Metric.sum(self.prefill_tokens_cached),
+            "rollout/prefix_cache_hit_rate": Metric.mean(
+                self.prefill_tokens_cached / prefill if prefill else 0.0, max(prefill, 1)
             ),
-            "rollout/backend_s": Metric(self.backend_s, "sum"),
-            "rollout/trajectories_per_s": Metric(self.leaves / wall if wall else 0.0, "sum"),
-            "rollout/tokens_per_s": Metric(self.leaf_tokens / wall if wall else 0.0, "sum"),
-            "rollout/decoded_tokens_per_s": Metric(self.decoded_tokens / wall if wall else 0.0, "sum"),
-            "tree/trees": Metric(self.trees, "sum"),
-            "tree/leaves": Metric(self.leaves, "sum"),
-            "tree/leaves_per_tree": Metric(self.leaves / self.trees if self.trees else 0.0, "mean"),
-            "tree/fallbacks": Metric(self.fallbacks, "sum"),
-            "tree/root_divergence": Metric(
-                self.root_divergence_sum / self.trees if self.trees else 0.0, "mean"
-            ),
-            "tree/leaf_tokens": Metric(self.leaf_tokens, "sum"),
-            "tree/distinct_tokens": Metric(self.tree_tokens, "sum"),
+            "rollout/backend_s": Metric.sum(self.backend_s),
+            "rollout/trajectories_per_s": Metric.sum(self.leaves / wall if wall else 0.0),
+            "rollout/tokens_per_s": Metric.sum(self.tally.leaf_tokens / wall if wall else 0.0),
+            "rollout/decoded_tokens_per_s": Metric.sum(self.decoded_tokens / wall if wall else 0.0),
         }
-        for reason, n in sorted(self.finish_reasons.items()):
-            out[f"tree/finish/{reason}"] = Metric(n, "sum")
-        for depth, n in sorted(self.depth_hist.items()):
-            out[f"tree/leaf_depth/{depth}"] = Metric(n, "sum")
-        return out
+
+    def metrics(self, wall_s: float | None = None) -> dict[str, Metric]:
+        """The engine's ``rollout/`` keys and the ``tree/`` keys of every tree recorded."""
+        return {**self.engine_metrics(wall_s), **self.tally.metrics()}
 
     def as_dict(self, wall_s: float | None = None) -> dict[str, float]:
-        return {k: m.value for k, m in self.metrics(wall_s).items()}
+        return values(self.metrics(wall_s))

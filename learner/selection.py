@@ -12,8 +12,9 @@ both drivers (the local one and the asynchronous pipeline).
   penalty), never on the spread of the rewards: a length penalty makes an all-wrong tree's rewards
   differ (``[-1, -1, -1.4, -1]``) without giving it anything to learn but length.
 - Everything sampled counts in the step's reward metrics (what the policy does, before any filter;
-  accuracy is the share of correct verdicts); the trained trees give the trained reward, response
-  length and leaves per tree.
+  accuracy is the share of correct verdicts) and in its ``tree/`` metrics (depths, branching,
+  fallbacks, decoded vs flat tokens, finish reasons: :class:`common.sampling_metrics.TreeTally`); the
+  trained trees give the trained reward, response length and leaves per tree.
 
 Pure: no torch, ray or redis.
 """
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from common.sampling_metrics import TreeTally
 
 KEPT, STALE, UNIFORM = "kept", "stale", "uniform"
 
@@ -68,6 +71,7 @@ class Selection:
     dropped_uniform: int = 0
     rewards_T_L: list = field(default_factory=list)  # every non-duplicate tree's leaf rewards
     correct_T_L: list = field(default_factory=list)  # ... and verdicts
+    tally: TreeTally = field(default_factory=TreeTally)  # ... and their structure
 
     def skip_duplicate(self) -> None:
         """A tree seen before (at-least-once delivery): counted as sampled, never trained twice."""
@@ -78,6 +82,7 @@ class Selection:
         self.sampled += 1
         self.rewards_T_L.append(tree.rewards_L)
         self.correct_T_L.append(tree.correct_L)
+        self.tally.add(tree)
         if self.max_staleness is not None and tree_staleness(tree, self.version) > self.max_staleness:
             self.dropped_stale += 1
             return STALE
@@ -92,11 +97,12 @@ class Selection:
         return self.dropped_stale + self.dropped_uniform
 
     def metrics(self) -> dict[str, float]:
-        """Counts of the step's selection and the reward over everything sampled."""
+        """Counts of the step's selection, the reward and the tree structure over everything sampled."""
         return {
             "rollout/trees_sampled": self.sampled,
             "rollout/trees_dropped_uniform": self.dropped_uniform,
             **sampled_reward_metrics(self.rewards_T_L, self.correct_T_L),
+            **{k: m.value for k, m in self.tally.metrics().items()},
         }
 
 
@@ -113,13 +119,12 @@ def sampled_reward_metrics(rewards_T_L: list[np.ndarray], correct_T_L: list[np.n
 
 
 def rollout_metrics(trees: Sequence[Any]) -> dict[str, float]:
-    """Reward of the trees trained on (after filtering), response length and leaves per tree."""
+    """Reward of the trees trained on (after filtering) and their response length."""
     rewards = np.concatenate([t.rewards_L for t in trees])
     lengths = [lf.length for t in trees for lf in t.leaves]
     return {
         "rollout/trained_reward": float(rewards.mean()),
         "rollout/response_len": float(np.mean(lengths)),
-        "tree/leaves_per_tree": float(np.mean([len(t.leaves) for t in trees])),
     }
 
 

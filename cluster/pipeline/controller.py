@@ -343,12 +343,15 @@ class Controller:
                     last_ckpt = self.step
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                     m.update(self.evaluate())
+                    self.tree_pictures(trees)
                 m.update({"timing/generate_s": t_gen, "timing/train_s": t_train})
                 m["timing/step_s"] = time.perf_counter() - t0
                 self.log(m, trees)
                 progress.update(1)
                 progress.set_postfix(
                     reward=f"{m['rollout/reward']:+.3f}",
+                    depth=f"{m.get('tree/leaf_depth_mean', 0.0):.2f}",
+                    tok=f"{m.get('tree/decoded_vs_flat', 1.0):.2f}",
                     v=self.version,
                     q=int(m.get("queue/depth", 0)),
                     stale=f"{m['staleness/mean']:.2f}",
@@ -797,6 +800,22 @@ class Controller:
         for s, n in sorted(self.staleness_hist.items()):
             m[f"staleness/hist/{s}"] = float(n)
         self.metrics_log.log(self.step, m)
+
+    def tree_pictures(self, trees: list) -> None:
+        """An eval step's page of ``log.tree_pictures`` trained trees in ``<run_dir>/trees/``."""
+        from common.models import load_tokenizer
+        from common.tree_render import write_step_pictures
+        from learner.advantages import tree_advantages
+
+        cfg = self.cfg
+        if cfg.log.tree_pictures <= 0:
+            return
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        tok = self._tokenizer
+        advantages = tree_advantages(trees, cfg.algo)  # as trained: the same batch, the same whitening
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        write_step_pictures(self.run_dir, self.step, trees, advantages, decode, cfg.log.tree_pictures)
 
     def close(self) -> None:
         from cluster.pipeline import topology

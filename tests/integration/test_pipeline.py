@@ -149,10 +149,20 @@ def test_synchronous_pipeline_trains_every_prompt_once_on_fresh_weights(
     for x in m:  # every segment of step k's trees was sampled under the weights of version k−1
         assert x["rollout/segment_version_min"] == x["rollout/segment_version_max"] == x["step"] - 1, x
     assert m[-1]["generator/updates"] >= 2 and m[-1]["generator/version"] >= 2
+    for x in m:  # the tree metrics of every tree sampled in the step; the engine's work from the generator
+        assert x["tree/leaves"] == x["rollout/trees_sampled"] * cfg.tree.w
+        assert sum(v for k, v in x.items() if k.startswith("tree/leaf_depth/")) == x["tree/leaves"]
+        assert sum(v for k, v in x.items() if k.startswith("tree/finish/")) == x["tree/leaves"]
+        assert 1 <= x["tree/leaf_depth_mean"] <= cfg.tree.d and 0 < x["tree/decoded_vs_flat"] <= 1
+        assert x["tree/branching/0"] >= 1 and x["tree/fallbacks"] >= x["tree/restarts"] >= 0
+        assert x["rollout/decoded_tokens"] > 0 and 0 <= x["rollout/prefix_cache_hit_rate"] <= 1
     assert m[-1]["queue/dead_count"] == 0
     for name in ("config.yaml", "reward_curve.png", "staleness.png"):
         assert (run / name).exists(), name
     assert (run / "checkpoints" / "latest").exists()
+    page = (run / "trees" / "step-000003.html").read_text()  # the eval step's tree pictures
+    assert all(f'data-tree="{t.tree_id}"' in page for t in captured[2])  # both trees, every leaf
+    assert page.count('data-leaf="') == sum(len(t.leaves) for t in captured[2])
 
     # the synchronous reference: the same trees, the same order, a fresh learner from the same model
     from learner.advantages import tree_advantages

@@ -29,6 +29,7 @@ from actors.sampler import (
 )
 from common.answers import last_boxed
 from common.config import SamplingConfig, TreeConfig
+from common.sampling_metrics import FALLBACKS_KEY, RESTARTS_KEY, tree_metrics
 from common.tree import ROOT_ID, decode_tree, encode_tree
 
 EOS_IDS = (0, 1)
@@ -576,6 +577,19 @@ def test_fallback_trees_finish_with_exactly_w_leaves():
         )
         assert len(tree.leaves) == 8 and sampler.stats.fallbacks >= 1
         tree.validate()
+        # the counts travel on the tree (the replay queue's consumer reports them)
+        assert tree.metadata[FALLBACKS_KEY] >= 1 and tree.metadata[RESTARTS_KEY] == 0
+        assert tree_metrics([tree])["tree/fallbacks"] == tree.metadata[FALLBACKS_KEY]
+
+
+def test_a_fallback_without_candidates_is_counted_as_a_restart():
+    script = at_depth(2, 8, lambda n: [98] * (n - 1) + [0])  # every path ends in EOS at depth 2
+    tree, sampler = sample_one(
+        cfg(w=8, d=3, l=8, b=1, max_response_tokens=24, fallback="none"), FakeBackend(script, seed=0)
+    )
+    m = sampler.stats.as_dict()
+    assert len(tree.leaves) == 8 and m["tree/restarts"] >= 1
+    assert m["tree/restarts"] == m["tree/fallbacks"] == tree.metadata[RESTARTS_KEY]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_batch_metrics():
     m = rollout_metrics(trees)
     assert m["rollout/trained_reward"] == pytest.approx(0.0)
     assert m["rollout/response_len"] == pytest.approx(3.0)
-    assert m["tree/leaves_per_tree"] == 3.0
+    assert "tree/leaves_per_tree" not in m  # the step's tree/ keys count every tree sampled (Selection)
     s = staleness_metrics(trees, record_staleness(trees, 3, {}))
     assert (s["rollout/segment_version_min"], s["rollout/segment_version_max"]) == (0.0, 3.0)
     assert (s["staleness/mean"], s["staleness/max"]) == (2.0, 3.0)
