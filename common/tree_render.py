@@ -4,8 +4,8 @@ external resource), so a run directory shows what the sampler grew and what trai
 Every segment is a node, drawn as an indented outline (children below their parent, joined by
 lines), with its decoded text and a header: node id, depth, tokens, the leaves below it, their mean
 reward and mean advantage (the advantage its tokens are trained with, averaged over the leaves that
-share it). A leaf adds its finish reason, reward, verdict, advantage and extracted answer (from
-:func:`common.rollouts.tree_record`, the one readable form of a leaf). All text is HTML-escaped.
+share it). A leaf adds its finish reason, reward, verdict, advantage and extracted answer. All text is
+HTML-escaped.
 
 :func:`render_page` returns the page; :func:`write_tree_page` writes it; :func:`pick_trees` chooses
 the trees worth drawing (the most segments first). Pure: reads trees, writes nothing else.
@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.rollouts import tree_record
 from common.tree import ROOT_ID
 
 DecodeFn = Callable[[Sequence[int]], str]
@@ -57,21 +56,41 @@ def _fmt(x: float | None) -> str:
     return f'<span class="{cls}">{x:+.3f}</span>'
 
 
+def _num(x: Any) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def leaf_records(tree: Any, advantages_L: Sequence[float] | None) -> list[dict[str, Any]]:
+    """Per leaf (``tree.leaves`` order): finish reason, reward, verdict, advantage, answer, tokens."""
+    if advantages_L is not None and len(advantages_L) != len(tree.leaves):
+        raise ValueError(f"tree {tree.tree_id}: {len(advantages_L)} advantages for {len(tree.leaves)} leaves")
+    return [
+        {
+            "finish_reason": lf.finish_reason,
+            "reward": _num(lf.reward),
+            "correct": lf.correct,
+            "advantage": None if advantages_L is None else _num(advantages_L[i]),
+            "answer": lf.answer,
+            "tokens": int(lf.length),
+        }
+        for i, lf in enumerate(tree.leaves)
+    ]
+
+
 def _mean(xs: list[float | None]) -> float | None:
     vals = [x for x in xs if x is not None and math.isfinite(x)]
     return sum(vals) / len(vals) if vals else None
 
 
 def segment_nodes(tree: Any, advantages_L: Sequence[float] | None, decode: DecodeFn) -> dict[str, Any]:
-    """The tree as nested nodes for drawing: ``{"record": tree_record, "children": {parent: [node]}}``,
+    """The tree as nested nodes for drawing: ``{"leaves": [leaf record], "children": {parent: [node]}}``,
     each node ``{"id", "depth", "text", "tokens", "leaves": [leaf record], "below": [leaf index],
-    "mean_reward", "mean_advantage"}``."""
-    record = tree_record(tree, advantages_L, decode)
+    "mean_reward", "mean_advantage"}`` (:func:`leaf_records`)."""
+    leaf_recs = leaf_records(tree, advantages_L)
     below: dict[int, list[int]] = {s.node_id: [] for s in tree.segments}
     for i, path in enumerate(tree.leaf_paths()):
         for nid in path:
             below[nid].append(i)
-    leaf_recs = record["leaves"]
     children: dict[int, list[dict]] = {}
     for s in sorted(tree.segments, key=lambda s: s.node_id):
         idx = below[s.node_id]
@@ -87,7 +106,7 @@ def segment_nodes(tree: Any, advantages_L: Sequence[float] | None, decode: Decod
                 "mean_advantage": _mean([leaf_recs[i]["advantage"] for i in idx]),
             }
         )
-    return {"record": record, "children": children}
+    return {"leaves": leaf_recs, "children": children}
 
 
 def _leaf_html(rec: dict, index: int) -> str:
@@ -117,20 +136,21 @@ def _node_html(node: dict, children: dict[int, list[dict]], leaf_index: dict[int
 def render_tree(tree: Any, advantages_L: Sequence[float] | None, decode: DecodeFn) -> str:
     """One ``<section class="tree">``: header, prompt, then the segments from the root down."""
     view = segment_nodes(tree, advantages_L, decode)
-    rec, children = view["record"], view["children"]
-    leaf_index = {id(r): i for i, r in enumerate(rec["leaves"])}
+    leaf_recs, children = view["leaves"], view["children"]
+    leaf_index = {id(r): i for i, r in enumerate(leaf_recs)}
     flat = sum(lf.length for lf in tree.leaves)
     ratio = f"{tree.num_tokens() / flat:.2f}" if flat else "n/a"
-    depths = [r["depth"] for r in rec["leaves"]]
+    depth = {s.node_id: s.depth for s in tree.segments}
+    depths = [depth[lf.node_id] for lf in tree.leaves]
     head = (
-        f"{html.escape(tree.tree_id)} · gold <code>{html.escape(str(rec['gold']))}</code> · "
+        f"{html.escape(tree.tree_id)} · gold <code>{html.escape(str(tree.metadata.get('answer')))}</code> · "
         f"{len(tree.leaves)} leaves · {len(tree.segments)} segments · mean leaf depth "
         f"{sum(depths) / max(len(depths), 1):.2f} · decoded/flat tokens {ratio}"
     )
     roots = "".join(_node_html(n, children, leaf_index) for n in children.get(ROOT_ID, []))
     return (
         f'<section class="tree" data-tree="{html.escape(tree.tree_id, quote=True)}"><h2>{head}</h2>'
-        f'<pre class="prompt">{html.escape(rec["prompt"])}</pre><ul class="t">{roots}</ul></section>'
+        f'<pre class="prompt">{html.escape(decode(tree.prompt_ids.tolist()))}</pre><ul class="t">{roots}</ul></section>'
     )
 
 
