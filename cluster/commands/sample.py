@@ -48,6 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Score leaves: auto | math | arith | package.module:function | none (default: reward.fn).",
     )
     parser.add_argument("--limit", type=int, default=0, help="Sample only the first N prompts (0 = all).")
+    parser.add_argument(
+        "--render",
+        default="",
+        help="Also draw trees into this self-contained HTML page (segments with their text, leaf rewards, "
+        "verdicts, finish reasons and the advantages algo.* would train with).",
+    )
+    parser.add_argument(
+        "--render-trees", type=int, default=8, help="With --render: draw the first N trees (default 8)."
+    )
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
     parser.add_argument(
         "overrides",
@@ -124,7 +133,8 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        scores = _sample_to_files(args, cfg, inputs, data, inputs.sampler(backend, stats=stats), out)
+        drawn: list = []
+        scores = _sample_to_files(args, cfg, inputs, data, inputs.sampler(backend, stats=stats), out, drawn)
     finally:
         if own_backend:
             backend.close()
@@ -140,15 +150,31 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
     summary_path = out.with_suffix(".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary, sys.stdout)
+    if args.render:
+        _render(args, cfg, inputs, drawn, data.reward is not None)
     print(f"trees: {out}  summary: {summary_path}" + (f"  wire: {args.wire}" if args.wire else ""))
     return 0
 
 
+def _render(args: argparse.Namespace, cfg: Any, inputs: Any, trees: list, scored: bool) -> None:
+    """``--render``: the drawn trees as one HTML page, with the advantages ``algo.*`` gives them
+    (over these trees as one batch) when they were scored."""
+    from common.tree_render import write_tree_page
+    from learner.advantages import tree_advantages
+
+    advantages = tree_advantages(trees, cfg.algo) if scored and trees else None
+    page = write_tree_page(
+        args.render, trees, advantages, inputs.decode, f"treepo sample: {len(trees)} trees"
+    )
+    print(f"tree pictures: {page}")
+
+
 def _sample_to_files(
-    args: argparse.Namespace, cfg: Any, inputs: Any, data: Any, sampler: Any, out: Path
+    args: argparse.Namespace, cfg: Any, inputs: Any, data: Any, sampler: Any, out: Path, drawn: list
 ) -> dict:
     """Sample one tree per prompt, score it, write it (readable jsonl, optionally the wire form);
-    returns the reward summary (empty without a reward)."""
+    returns the reward summary (empty without a reward). The first ``--render-trees`` trees go into
+    ``drawn`` when ``--render`` is set."""
     from tqdm import tqdm
 
     from actors.engine_inputs import prompt_metadata
@@ -182,6 +208,8 @@ def _sample_to_files(
                     json.dumps(tree_record(tree, inputs.decode, row.prompt, row.answer, maj, maj_correct))
                     + "\n"
                 )
+                if args.render and len(drawn) < args.render_trees:
+                    drawn.append(tree)
                 if wire is not None:
                     blob = encode_tree(tree)
                     wire.write(struct.pack("<I", len(blob)) + blob)

@@ -88,6 +88,10 @@ def test_sample_cli_on_the_shared_vllm_engine(vllm_backend, tiny_model_dir, tmp_
             "--limit",
             "3",
             "--no-progress",
+            "--render",
+            str(tmp_path / "trees.html"),
+            "--render-trees",
+            "2",
             "tree.w=8",
             "tree.d=3",
             "tree.l=32",
@@ -97,3 +101,5 @@ def test_sample_cli_on_the_shared_vllm_engine(vllm_backend, tiny_model_dir, tmp_
     assert sample_cmd.run(args, backend=vllm_backend) == 0
     _, summary = check_outputs(out, 8, 3)
     assert summary["rollout/prefill_tokens_cached"] > 0
+    page = (tmp_path / "trees.html").read_text()  # the first 2 trees, every leaf of each
+    assert page.count('<section class="tree"') == 2 and page.count('data-leaf="') == 2 * 8
