@@ -14,6 +14,7 @@ BENCHES: dict[str, str] = {
     "eval": "Test-time flat vs tree sampling (b in 2,4,8): accuracy vs decoded tokens and wall time.",
     "queue": "Trees/s and push-to-read latency through the replay queue, next to redis-benchmark SET.",
     "pipeline": "Async vs synchronous pipeline trees/s on one config, idle fractions, and a synthetic workload against the ideal overlap bound.",
+    "recipe": "TreePO vs GRPO (flat sampling, group advantages) at equal prompts, leaves and steps over seeds: held-out accuracy against step, decoded tokens and wall seconds (JSON + PNG).",
 }
 
 
