@@ -299,7 +299,7 @@ class LearnerConfig:
     packed_attention: str = doc(
         "auto",
         "Attention of packed rows: 'auto' = 'runs' (each run of new tokens attends to its ancestors, one "
-        "sdpa call per run, no T x T mask) | 'mask' (the model's sdpa/eager attention with a dense 4-D mask).",
+        "batched sdpa call per group of similar runs, no T x T mask) | 'mask' (the model's sdpa/eager attention with a dense 4-D mask).",
     )
     ppo_epochs: int = doc(1, "Passes over each batch.")
     lr: float = doc(1e-4, "AdamW learning rate.")

@@ -33,8 +33,10 @@ scalar work is per pair (cheap); the model's work is per distinct token.
 Attention (``learner.packed_attention``):
 
 - ``runs`` (``auto``): a registered transformers attention function (:data:`RUNS_ATTENTION`) that
-  attends each run's queries to its ancestors' and its own keys with one ``scaled_dot_product_attention``
-  call per run: no T x T mask and no work on masked pairs, on CPU and GPU alike. Outside a packed
+  attends each run's queries to its ancestors' and its own keys with ``scaled_dot_product_attention``;
+  runs of similar size are batched into one call (padded, at most :data:`GROUP_WASTE` times the real
+  query/key pairs): no T x T mask and little work on masked pairs, on CPU and GPU alike (GPU:
+  untested here; no FlexAttention back-end is offered). Outside a packed
   forward it is the model's sdpa attention (padded rows keep working).
 - ``mask``: the model's own sdpa or eager attention with a dense 4-D mask (boolean for sdpa,
   additive for eager; transformers passes a 4-D mask through unchanged). Exact, but O(T^2) memory
@@ -146,6 +148,65 @@ def plan_micro_batches(seqs: Sequence[LeafSequence], budget: int, packing: str) 
 
 # ---------------------------------------------------------------------------------- layout
 @dataclass
+class _RunGroup:
+    """Runs attended in one call: queries ``q_idx`` [m, n] over keys ``kv_idx`` [m, kv] (ancestors,
+    then the run itself), ``mask`` [m, 1, n, kv] (None: equal-length runs without ancestors, causal)."""
+
+    q_idx: torch.Tensor
+    kv_idx: torch.Tensor
+    mask: torch.Tensor | None
+
+
+GROUP_WASTE = 1.25  # a group's padded attention pairs may exceed its real ones by this factor
+
+
+def _group_members(sizes: list[tuple[int, int]]) -> list[list[int]]:
+    """Runs (n, ancestors) grouped greedily, largest key length first, while padding stays small."""
+    order = sorted(range(len(sizes)), key=lambda r: (-(sizes[r][0] + sizes[r][1]), -sizes[r][0]))
+    groups: list[list[int]] = []
+    real = n_max = kv_max = 0
+    for r in order:
+        n, kv = sizes[r][0], sizes[r][0] + sizes[r][1]
+        if groups:
+            padded = (len(groups[-1]) + 1) * max(n_max, n) * max(kv_max, kv)
+            if padded <= GROUP_WASTE * (real + n * kv):
+                groups[-1].append(r)
+                real, n_max, kv_max = real + n * kv, max(n_max, n), max(kv_max, kv)
+                continue
+        groups.append([r])
+        real, n_max, kv_max = n * kv, n, kv
+    return groups
+
+
+def _group_runs(starts, ends, ancestors, device) -> tuple[list[_RunGroup], torch.Tensor]:
+    sizes = [(b - a, len(anc)) for a, b, anc in zip(starts, ends, ancestors)]
+    out_idx = torch.zeros(ends[-1] if ends else 0, dtype=torch.long)
+    groups, offset = [], 0
+    for members in _group_members(sizes):
+        n_max = max(sizes[r][0] for r in members)
+        kv_max = max(sizes[r][0] + sizes[r][1] for r in members)
+        m = len(members)
+        q_idx = torch.zeros((m, n_max), dtype=torch.long)
+        kv_idx = torch.zeros((m, kv_max), dtype=torch.long)
+        mask = torch.zeros((m, 1, n_max, kv_max), dtype=torch.bool)
+        mask[:, :, :, 0] = True  # padding queries attend somewhere (no NaN); their output is dropped
+        for slot, r in enumerate(members):
+            a, b, anc = starts[r], ends[r], ancestors[r]
+            n, k = b - a, len(anc)
+            own = torch.arange(a, b)
+            q_idx[slot, :n] = own
+            kv_idx[slot, :k] = torch.from_numpy(anc)
+            kv_idx[slot, k : k + n] = own
+            mask[slot, 0, :n, :k] = True
+            mask[slot, 0, :n, k : k + n] = torch.ones((n, n), dtype=torch.bool).tril()
+            out_idx[a:b] = offset + slot * n_max + torch.arange(n)
+        causal = all(sizes[r] == (n_max, 0) for r in members)
+        groups.append(_RunGroup(q_idx.to(device), kv_idx.to(device), None if causal else mask.to(device)))
+        offset += m * n_max
+    return groups, out_idx.to(device)
+
+
+@dataclass
 class PackedLayout:
     """Runs of one packed row: run ``r`` is rows ``starts[r]:ends[r]`` with ancestors ``ancestors[r]``."""
 
@@ -156,20 +217,12 @@ class PackedLayout:
     calls: int = 0  # attention calls served (a check that the packed attention really ran)
     _device_cache: dict = field(default_factory=dict, repr=False)
 
-    def runs(self, device: torch.device) -> list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]:
-        """(start, end, ancestor index tensor or None, boolean mask [n, anc + n] or None) per run."""
+    def groups(self, device: torch.device) -> tuple[list[_RunGroup], torch.Tensor]:
+        """The runs batched into groups (one attention call each) and, per packed row, its place in
+        the groups' concatenated, flattened query slots. Cached per device."""
         key = str(device)
         if key not in self._device_cache:
-            out = []
-            for a, b, anc in zip(self.starts, self.ends, self.ancestors):
-                if len(anc) == 0:
-                    out.append((a, b, None, None))
-                    continue
-                n = b - a
-                mask = torch.ones((n, len(anc) + n), dtype=torch.bool)
-                mask[:, len(anc) :] = torch.ones((n, n), dtype=torch.bool).tril()
-                out.append((a, b, torch.from_numpy(anc).to(device), mask.to(device)))
-            self._device_cache[key] = out
+            self._device_cache[key] = _group_runs(self.starts, self.ends, self.ancestors, device)
         return self._device_cache[key]
 
     def dense_mask(self) -> torch.Tensor:
@@ -250,6 +303,12 @@ def pack(seqs: Sequence[LeafSequence], packing: str, current_version: int = 0) -
 
 
 # ---------------------------------------------------------------------------------- attention
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[1, H, T, D] rows ``idx`` [m, n] as [m, H, n, D] (index_select: its backward is an index_add)."""
+    m, n = idx.shape
+    return x[0].index_select(1, idx.flatten()).view(x.shape[1], m, n, x.shape[3]).transpose(0, 1)
+
+
 def runs_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention function: per-run attention when a packed ``treepo_layout`` is passed,
     the model's sdpa attention otherwise. query [B, H, T, D], key/value [B, Hkv, T, D]."""
@@ -263,22 +322,17 @@ def runs_attention(module, query, key, value, attention_mask, dropout: float = 0
     layout.calls += 1
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
+    groups, out_idx = layout.groups(query.device)
     outs = []
-    for a, b, anc, mask in layout.runs(query.device):
-        q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
-        if anc is None:
-            o = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa
-            )
-        else:
-            k = torch.cat([key.index_select(2, anc), k], 2)
-            v = torch.cat([value.index_select(2, anc), v], 2)
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, scale=scaling, enable_gqa=gqa
-            )
-        outs.append(o)
-    out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
-    return out.transpose(1, 2).contiguous(), None
+    for g in groups:  # [1, H, T, D] -> [m, H, n, D] queries and [m, Hkv, kv, D] keys/values
+        q = _rows(query, g.q_idx)
+        k, v = _rows(key, g.kv_idx), _rows(value, g.kv_idx)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=g.mask, dropout_p=p, is_causal=g.mask is None, scale=scaling, enable_gqa=gqa
+        )
+        outs.append(o.transpose(0, 1).flatten(1, 2))  # [H, m * n, D]
+    out = (torch.cat(outs, 1) if len(outs) > 1 else outs[0]).index_select(1, out_idx)  # [H, T, D]
+    return out.unsqueeze(0).transpose(1, 2).contiguous(), None
 
 
 def resolve_attention(choice: str) -> str:
