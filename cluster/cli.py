@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "cluster.commands.convert",
         "Convert public benchmark files (MATH500, AIME, AMC, Minerva, OlympiadBench; jsonl/parquet) to eval rows.",
     ),
+    "plan": (
+        "cluster.commands.plan",
+        "Memory plan of a config per GPU (engine, learner rank, weight sync, checkpoint); train refuses one that does not fit.",
+    ),
     "queue": (
         "cluster.commands.queue",
         "Inspect the replay queue: both streams, pending entries, dead letters, prompt cursor.",

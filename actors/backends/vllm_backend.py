@@ -50,9 +50,18 @@ EXTENSION = "actors.backends.vllm_backend.TreepoWorkerExtension"
 class TreepoWorkerExtension:
     """Mixed into vLLM's worker class; methods are called with ``llm.collective_rpc(name, args=...)``."""
 
-    def treepo_reload_weights(self, weights: list[tuple[str, Any]]) -> int:
-        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-        return len(weights)
+    def treepo_reload_weights(self, weights: Iterable[tuple[str, Any]]) -> int:
+        """Reload from ``weights`` as it yields (a stream: no tensor is held beyond the one loading)."""
+        count = 0
+
+        def counted():
+            nonlocal count
+            for item in weights:
+                count += 1
+                yield item
+
+        self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        return count
 
     def treepo_reload_weights_from_file(self, path: str) -> int:
         from safetensors.torch import load_file
@@ -223,11 +232,15 @@ class VLLMBackend:
         return results
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]], version: int) -> None:
-        weights = [(name, t.detach().to("cpu").contiguous()) for name, t in named_tensors]
+        """Load ``named_tensors`` into the engine. In-process the iterator streams into the reload one
+        tensor at a time (no copy of the whole model); a multiprocess engine gets them through a file."""
         if self.in_process:
-            self.llm.collective_rpc("treepo_reload_weights", args=(weights,))
+            stream = ((name, t.detach()) for name, t in named_tensors)
+            self.llm.collective_rpc("treepo_reload_weights", args=(stream,))
         else:  # collective_rpc pickles its arguments across processes: tensors cannot travel that way
             from safetensors.torch import save_file
+
+            weights = [(name, t.detach().to("cpu").contiguous()) for name, t in named_tensors]
 
             with tempfile.TemporaryDirectory(prefix="treepo-weights-") as tmp:
                 path = os.path.join(tmp, "model.safetensors")

@@ -20,8 +20,10 @@ Rules:
 - On CUDA the thread receives on a stream of its own on the caller's device (a new thread starts on
   device 0, and the model's stream must not wait on the broadcasts): the engine keeps computing.
 
-Memory: a staged update is a full, unsharded copy of the weights in the worker's memory (GPU memory
-on GPU) until it is applied; with tensor parallelism every worker holds one.
+Memory: a staged update is a full, unsharded copy of the weights in the worker's HOST memory until it
+is applied (with tensor parallelism every worker holds one). On GPU each tensor is copied to the host
+as its bucket arrives, so the GPU holds only the buckets in flight (~two of ``sync.bucket_mb``) beside
+the engine, not a second copy of the model; applying reloads from the host copy layer by layer.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def receives_per_worker(mode: str, *, engine_in_workers: bool, supports_workers:
     if mode == "auto":
         return supports_workers and engine_in_workers
     raise ConfigError(f"sync.receiver={mode!r} is not one of {', '.join(RECEIVER_MODES)}")
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    return t.to("cpu") if t.is_cuda else t
 
 
 class WorkerSync:
@@ -120,7 +126,9 @@ class WorkerSync:
                 stream_ctx = torch.cuda.stream(torch.cuda.Stream(device))
             with stream_ctx:
                 version, stream = receiver.receive()
-                weights = list(stream)  # views into per-bucket buffers: no copy
+                # CPU: views into per-bucket buffers (no copy); GPU: each tensor to the host as its
+                # bucket arrives, so no second copy of the model waits in GPU memory
+                weights = [(name, _to_host(t)) for name, t in stream]
         except BaseException as e:  # the thread must report every failure, never die silently
             text = str(e).strip() or type(e).__name__
             if not isinstance(e, SyncError):

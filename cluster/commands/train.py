@@ -34,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    from common.plan import check_fits
+
+    check_fits(cfg)  # a GPU config whose memory plan does not fit is refused before anything starts
     if cfg.driver == "ray":
         from cluster.pipeline.controller import run_pipeline
 
