@@ -204,6 +204,11 @@ class GeneratorConfig:
     )
     kv_cache_gib: float = doc(2.0, "KV-cache size in GiB on CPU engines (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = doc(0.85, "Share of GPU memory for the engine (GPU only).")
+    gpu_memory_gib: float = doc(
+        80.0,
+        "Memory of one engine GPU in GiB (A100-80GB: 80), for the memory plan: `treepo plan` shows it, "
+        "`treepo train` refuses a GPU config whose plan does not fit.",
+    )
     enforce_eager: bool = doc(True, "Disable CUDA graphs / compilation (faster start, slower decode).")
     max_num_batched_tokens: int = doc(
         16384, "Engine token budget per step (large enough that prompts are not chunked)."
@@ -283,6 +288,10 @@ class AlgoConfig:
 class LearnerConfig:
     num_workers: int = doc(1, "Learner ranks (torch.distributed world size).")
     gpus_per_worker: int = doc(0, "GPUs per learner rank (0 = CPU, gloo, DDP).")
+    gpu_memory_gib: float = doc(
+        80.0,
+        "Memory of one learner GPU in GiB (A100-80GB: 80), for the memory plan (see generators.gpu_memory_gib).",
+    )
     prompts_per_step: int = doc(8, "Prompts (trees) per optimizer step, after filtering.")
     mini_batch_prompts: int = doc(
         8, "Prompts per PPO mini-batch (one optimizer step each); divides prompts_per_step."
@@ -474,6 +483,8 @@ _MINIMUMS: dict[str, float] = {
     "generators.trees_in_flight": 1,
     "generators.block_size": 1,
     "generators.kv_cache_gib": 0.0625,
+    "generators.gpu_memory_gib": 1.0,
+    "learner.gpu_memory_gib": 1.0,
     "generators.max_num_batched_tokens": 1,
     "reward.timeout_s": 1e-3,
     "reward.workers": 1,
