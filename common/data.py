@@ -614,11 +614,12 @@ def _load_encoded(path: Path, split: str, tokenizer: Any, cfg: Any, first_rows: 
         answer_key=getattr(cfg, "answer_key", "auto"),
         split=split,
     )
+    report = rows.report
     if first_rows:
         rows = rows[:first_rows]
     out = encode_rows(rows, tokenizer, cfg.template, cfg.system_prompt, cfg.max_prompt_tokens, cfg.bad_rows)
     # one report for the file: rows read, bad at loading and at encoding
-    out.report = DataReport(str(path), rows.report.total, len(out), rows.report.bad + out.report.bad)
+    out.report = DataReport(str(path), report.total, len(out), report.bad + out.report.bad)
     return out
 
 
