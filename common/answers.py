@@ -9,31 +9,32 @@ import re
 _BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
-def _match_brace(text: str, open_idx: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``open_idx``; escaped braces (``\\{``) do not count."""
-    depth = 0
-    i = open_idx
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2  # skip the escaped character: ``\{`` / ``\}`` are literal braces, ``\\`` a newline
-            continue
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.S)  # an escaped character (skipped) or a brace
+
+
+def _brace_matches(text: str) -> dict[int, int]:
+    """Index of the closing ``}`` of every ``{`` that closes, in one pass (linear time); escaped
+    characters (``\\{``, ``\\}``, ``\\\\``) are skipped."""
+    match: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE_TOKEN.finditer(text):
+        c = m.group()
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
+            stack.append(m.start())
+        elif c == "}" and stack:
+            match[stack.pop()] = m.start()
+    return match
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces allowed), or None."""
-    found: str | None = None
-    for m in _BOX_START.finditer(text):
-        end = _match_brace(text, m.end() - 1)
+    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces allowed), or None.
+    Linear in the text's length: braces are matched once for the whole text."""
+    starts = [m.end() - 1 for m in _BOX_START.finditer(text)]
+    if not starts:
+        return None
+    match = _brace_matches(text)
+    for open_idx in reversed(starts):
+        end = match.get(open_idx)
         if end is not None:
-            found = text[m.end() : end]
-    return found
+            return text[open_idx + 1 : end]
+    return None
