@@ -39,11 +39,13 @@ def score_trees(
     """Set ``leaf.answer`` and (unless ``reward`` is None) ``leaf.reward`` and ``leaf.correct`` for every
     leaf of every tree (in place)."""
     items, slots = [], []
+    wants_prompts = bool(getattr(reward, "wants_prompts", False))  # batched user functions, reward servers
     for tree in trees:
         answer = str(tree.metadata.get("answer", ""))
+        prompt = decode(tree.prompt_ids.tolist()) if wants_prompts else ""
         for leaf, text in zip(tree.leaves, leaf_texts(tree, decode, stop_ids)):
             leaf.answer = last_boxed(text)
-            items.append(RewardItem(text, answer, dict(tree.metadata), leaf.length))
+            items.append(RewardItem(text, answer, dict(tree.metadata), leaf.length, prompt))
             slots.append(leaf)
     if reward is None:
         return

@@ -238,8 +238,17 @@ class GeneratorConfig:
 class RewardConfig:
     fn: str = doc(
         "auto",
-        "Reward: 'auto' (from the task), 'math' (boxed + math-verify), 'arith' (synthetic task), or 'package.module:function'.",
+        "Reward: 'auto' (from the task), 'math' (boxed + math-verify), 'arith' (synthetic task), or a user "
+        "function 'package.module:function' / 'file.py:function': fn(response_text, answer, metadata), verl's "
+        "compute_score(data_source, solution_str, ground_truth, extra_info), or the batched "
+        "fn(data_sources, solution_strs, ground_truths, extra_infos[, prompts]) (detected by parameter names).",
     )
+    url: str = doc(
+        "",
+        "Reward server ('' = off): POST {items: [{prompt, response, answer, metadata}]} -> {rewards: [...]}, "
+        "reward.timeout_s per try, reward.retries retries; down at start-up or after the retries = an error.",
+    )
+    retries: int = doc(3, "Retries of a failed reward-server call (connection error, timeout, 429, 5xx).")
     timeout_s: float = doc(
         5.0,
         "Timeout of one reward call in seconds; a timed-out or crashing call scores as wrong and is counted.",
@@ -487,6 +496,7 @@ _MINIMUMS: dict[str, float] = {
     "learner.gpu_memory_gib": 1.0,
     "generators.max_num_batched_tokens": 1,
     "reward.timeout_s": 1e-3,
+    "reward.retries": 0,
     "reward.workers": 1,
     "reward.overlong_buffer": 0,
     "algo.clip_low": 0.0,
@@ -627,6 +637,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"reward.fn={cfg.reward.fn!r} is not 'auto', 'math', 'arith' or a 'package.module:function' path: fix reward.fn"
         )
+    if cfg.reward.url and cfg.reward.fn != "auto":
+        raise ConfigError(
+            f"reward.url and reward.fn={cfg.reward.fn!r} are both set: the server scores every response; "
+            "remove one of them"
+        )
+    if cfg.reward.url and not cfg.reward.url.startswith(("http://", "https://")):
+        raise ConfigError(f"reward.url={cfg.reward.url!r} is not an http(s):// URL: fix reward.url")
     if cfg.algo.dual_clip != 0.0 and cfg.algo.dual_clip <= 1.0:
         raise ConfigError(
             f"algo.dual_clip={cfg.algo.dual_clip} must be > 1, or 0 to disable it: fix algo.dual_clip"

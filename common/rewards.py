@@ -45,8 +45,6 @@ from __future__ import annotations
 import abc
 import atexit
 import contextlib
-import importlib
-import inspect
 import json
 import logging
 import math
@@ -156,51 +154,14 @@ def verify_boxed(pred: str, gold: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_user_fn(spec: str) -> Callable[[str, str, dict], float]:
-    """Import ``package.module:function`` and check it takes (response_text, answer, metadata)."""
-    mod_name, sep, fn_name = spec.partition(":")
-    if not sep or not mod_name or not fn_name:
-        raise RewardError(
-            f"reward function {spec!r} is not 'package.module:function': write e.g. reward.fn=mypkg.rewards:score"
-        )
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise RewardError(
-            f"reward function {spec!r}: cannot import module {mod_name!r} ({e}); check the name and that it is "
-            "on PYTHONPATH (or shipped with the job's working directory)"
-        ) from None
-    fn = module
-    for part in fn_name.split("."):
-        if not hasattr(fn, part):
-            raise RewardError(
-                f"reward function {spec!r}: module {mod_name!r} has no attribute {fn_name!r}; fix the name"
-            )
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise RewardError(
-            f"reward function {spec!r} is a {type(fn).__name__}, not a function: point at a callable"
-        )
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return fn  # builtins without a signature: cannot check, trust the call
-    try:
-        sig.bind("response", "answer", {})
-    except TypeError:
-        raise RewardError(
-            f"reward function {spec!r} has signature {sig}, but rewards are called as "
-            "fn(response_text: str, answer: str, metadata: dict) -> float: change its parameters"
-        ) from None
+def load_user_fn(spec: str) -> Callable:
+    """Import ``package.module:function`` or ``file.py:function`` and check that its parameters are one
+    of the reward forms (:mod:`common.user_rewards`: treepo, verl, batched)."""
+    from common.user_rewards import import_callable, reward_kind
+
+    fn = import_callable(spec)
+    reward_kind(fn, spec)
     return fn
-
-
-def _as_reward_value(value: Any) -> float:
-    if isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise TypeError(f"reward function returned {value!r}; it must return a finite float")
-    return float(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,13 +173,10 @@ def _handle(req: dict, user_fns: dict[str, Callable]) -> Any:
     op = req["op"]
     if op == "math":
         return verify_boxed(req["pred"], req["gold"])
-    if op == "user":
-        fn = user_fns.get(req["fn"])
-        if fn is None:
-            # The caller's import path may have grown since this worker started (e.g. a plugin dir).
-            sys.path.extend(p for p in req.get("paths", ()) if p not in sys.path)
-            fn = user_fns[req["fn"]] = load_user_fn(req["fn"])
-        return _as_reward_value(fn(req["response"], req["answer"], req["metadata"]))
+    if op in ("user", "user_batch"):  # the caller's import path travels with the request
+        from common.user_rewards import handle_request
+
+        return handle_request(req, user_fns)
     if op == "ping":
         return True
     raise ValueError(f"unknown op {op!r}")
@@ -512,6 +470,7 @@ class RewardItem(NamedTuple):
     answer: str
     metadata: dict | None = None
     response_len: int = 0
+    prompt: str = ""  # filled for rewards with ``wants_prompts`` (batched user functions, reward servers)
 
 
 @runtime_checkable
@@ -682,7 +641,10 @@ class UserReward(_Reward):
     """A ``package.module:function`` reward, always run in a worker with a deadline."""
 
     def __init__(self, spec: str, **kw: Any) -> None:
+        from common.user_rewards import absolute_spec
+
         super().__init__(**kw)
+        spec = absolute_spec(spec)  # a file.py path: the same file in every worker
         self.fn = load_user_fn(spec)  # fail at start-up, in this process, with a clear message
         self.spec = self.name = spec
 
@@ -692,7 +654,9 @@ class UserReward(_Reward):
         return _Job(req)
 
     def _finish(self, value: Any) -> float:
-        return _as_reward_value(value)
+        from common.user_rewards import reward_value
+
+        return reward_value(value)
 
 
 class AutoReward(_Reward):
@@ -737,6 +701,11 @@ def resolve_reward(
         kw.update(
             correct=cfg.correct, wrong=cfg.wrong, timeout_s=cfg.timeout_s, overlong_buffer=cfg.overlong_buffer
         )
+    url = getattr(cfg, "url", "") if cfg is not None else ""
+    if url:  # a reward server (common.user_rewards); config validation refuses it beside a reward.fn
+        from common.user_rewards import HttpReward
+
+        return HttpReward(url, retries=getattr(cfg, "retries", 3), **kw)
     if spec == "auto":
         if task is None:
             return AutoReward(**kw)
@@ -745,8 +714,10 @@ def resolve_reward(
         return MathReward(**kw)
     if spec == "arith":
         return ArithReward(**kw)
-    if ":" in spec:
-        return UserReward(spec, **kw)
+    if ":" in spec:  # package.module:function or file.py:function, in any of the three forms
+        from common.user_rewards import user_reward
+
+        return user_reward(spec, **kw)
     raise RewardError(
         f"reward {spec!r} is unknown: use auto, math, arith or a 'package.module:function' path"
         + (f" (task {task!r} has no built-in reward)" if task else "")

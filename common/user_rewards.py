@@ -1,0 +1,384 @@
+"""Rewards users already have: their functions in any of three shapes, and a reward server.
+
+``reward.fn`` names a function as ``package.module:function`` or ``path/to/file.py:function`` (a
+relative path is taken from the working directory of the process that builds the reward). Its shape
+is detected from its parameter names, never guessed from its name:
+
+- **treepo**: ``fn(response_text, answer, metadata) -> float`` (any names; three positional args).
+- **verl**: ``compute_score(data_source, solution_str, ground_truth, extra_info)`` (detected by a
+  ``solution_str`` parameter), called with the row's ``data_source`` and ``extra_info`` (verl-layout
+  data keeps both, :mod:`common.data`); parameters it does not declare are not passed.
+- **batched**: ``fn(data_sources, solution_strs, ground_truths, extra_infos, prompts)`` (detected by a
+  ``solution_strs`` parameter: verl's batch naming) returning one value per
+  response; ``prompts`` (the rendered prompt texts, special tokens dropped) is passed when declared.
+  One call per batch of responses, under one ``reward.timeout_s`` deadline.
+
+A value is a finite number (bool counts as 0/1), or a dict with a ``score`` (verl's richer return).
+Functions run in the verifier subprocesses of :mod:`common.rewards` (a hang or crash scores wrong and
+is counted). The verdict is the usual one: above the midpoint of ``reward.correct`` and
+``reward.wrong`` (a 0/1 function wants ``reward.wrong=0``).
+
+``reward.url`` sends every batch to an HTTP server instead: ``POST url`` with
+``{"items": [{"prompt", "response", "answer", "metadata"}, ...]}``, answered by
+``{"rewards": [value, ...]}`` (same order and length). Each try has ``reward.timeout_s``; connection
+errors, timeouts, HTTP 429 and 5xx are retried ``reward.retries`` times with doubling back-off
+(0.5 s, 1 s, 2 s, ...); after the last, or on any other HTTP error or a malformed answer, a
+:class:`RewardError` names the server, what failed and the fix (a reward that silently scored
+everything wrong would train on noise). The server is probed (a TCP connect) when the reward is
+built, so a server that is down stops the run at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.data import full_metadata
+from common.errors import RewardError
+from common.rewards import RewardItem, Scored, _Reward
+
+KINDS = ("treepo", "verl", "batched")
+VERL_ARGS = ("data_source", "solution_str", "ground_truth", "extra_info")
+BATCH_ARGS = ("data_sources", "solution_strs", "ground_truths", "extra_infos", "prompts")
+_FORMS = (
+    "fn(response_text, answer, metadata), verl's compute_score(data_source, solution_str, ground_truth, "
+    "extra_info), or the batched fn(data_sources, solution_strs, ground_truths, extra_infos[, prompts])"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding and calling a user function
+# --------------------------------------------------------------------------------------------------
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    mod_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not mod_name or not fn_name:
+        raise RewardError(
+            f"reward function {spec!r} is not 'package.module:function' or 'file.py:function': write e.g. "
+            "reward.fn=mypkg.rewards:score or reward.fn=rewards.py:compute_score"
+        )
+    return mod_name, fn_name
+
+
+def absolute_spec(spec: str) -> str:
+    """``file.py:fn`` with the file's absolute path (so worker processes find the same file)."""
+    mod_name, fn_name = _split_spec(spec)
+    if mod_name.endswith(".py"):
+        return f"{Path(mod_name).expanduser().resolve()}:{fn_name}"
+    return spec
+
+
+def _import_file(path_text: str, spec: str) -> Any:
+    path = Path(path_text).expanduser().resolve()
+    if not path.is_file():
+        raise RewardError(f"reward function {spec!r}: file {path} does not exist; fix the path in reward.fn")
+    name = "treepo_user_reward_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loader_spec)  # type: ignore[arg-type]
+    sys.path.insert(0, str(path.parent))  # the file's own imports of its neighbours
+    try:
+        loader_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:  # the user's module failed at import: name the file and the cause
+        raise RewardError(
+            f"reward function {spec!r}: importing {path} failed ({type(e).__name__}: {e})"
+        ) from None
+    sys.modules[name] = module
+    return module
+
+
+def import_callable(spec: str) -> Callable:
+    """The function named by ``package.module:function`` or ``file.py:function``."""
+    mod_name, fn_name = _split_spec(spec)
+    if mod_name.endswith(".py"):
+        module = _import_file(mod_name, spec)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise RewardError(
+                f"reward function {spec!r}: cannot import module {mod_name!r} ({e}); check the name and that "
+                "it is on PYTHONPATH (or shipped with the job's working directory), or give a file.py path"
+            ) from None
+    fn = module
+    for part in fn_name.split("."):
+        if not hasattr(fn, part):
+            raise RewardError(
+                f"reward function {spec!r}: module {mod_name!r} has no attribute {fn_name!r}; fix the name"
+            )
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise RewardError(
+            f"reward function {spec!r} is a {type(fn).__name__}, not a function: point at a callable"
+        )
+    return fn
+
+
+def reward_kind(fn: Callable, spec: str = "") -> str:
+    """``treepo``, ``verl`` or ``batched`` from the parameter names (RewardError when none fits)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return "treepo"  # builtins without a signature: cannot check, trust the call
+    if "solution_strs" in params:
+        return "batched"
+    if "solution_str" in params:
+        return "verl"
+    try:
+        inspect.signature(fn).bind("response", "answer", {})
+    except TypeError:
+        raise RewardError(
+            f"reward function {spec!r} has signature {inspect.signature(fn)}, which is none of the reward "
+            f"forms: {_FORMS}; change its parameters"
+        ) from None
+    return "treepo"
+
+
+def _kwargs_for(fn: Callable, values: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``values`` that ``fn`` declares (all of them when it takes ``**kwargs``)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return values
+    return {k: v for k, v in values.items() if k in params}
+
+
+def reward_value(value: Any) -> float:
+    """A user function's return as a float: a finite number, a bool, or a dict with a ``score``."""
+    if isinstance(value, dict) and "score" in value:
+        value = value["score"]
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise TypeError(
+            f"reward function returned {value!r:.80}; it must return a finite float (or {{'score': x}})"
+        )
+    return float(value)
+
+
+def call_one(fn: Callable, kind: str, response: str, answer: str, metadata: dict) -> float:
+    """One response through a ``treepo`` or ``verl`` function (in a verifier worker)."""
+    if kind == "verl":
+        values = {
+            "data_source": metadata.get("data_source"),
+            "solution_str": response,
+            "ground_truth": answer,
+            "extra_info": metadata.get("extra_info"),
+        }
+        return reward_value(fn(**_kwargs_for(fn, values)))
+    return reward_value(fn(response, answer, metadata))
+
+
+def call_batch(fn: Callable, items: Sequence[dict]) -> list[float]:
+    """A batch of responses through a ``batched`` function (in a verifier worker)."""
+    values = {
+        "data_sources": [it["metadata"].get("data_source") for it in items],
+        "solution_strs": [it["response"] for it in items],
+        "ground_truths": [it["answer"] for it in items],
+        "extra_infos": [it["metadata"].get("extra_info") for it in items],
+        "prompts": [it["prompt"] for it in items],
+    }
+    out = fn(**_kwargs_for(fn, values))
+    if not isinstance(out, (list, tuple)) or len(out) != len(items):
+        raise TypeError(
+            f"batched reward function returned {type(out).__name__} of length "
+            f"{len(out) if hasattr(out, '__len__') else '?'} for {len(items)} responses; return one value per response"
+        )
+    return [reward_value(v) for v in out]
+
+
+def handle_request(req: dict, cache: dict[str, tuple[Callable, str]]) -> Any:
+    """A worker's answer to a ``user`` or ``user_batch`` request (functions cached per spec)."""
+    spec = req["fn"]
+    if spec not in cache:
+        sys.path.extend(p for p in req.get("paths", ()) if p not in sys.path)
+        fn = import_callable(spec)
+        cache[spec] = (fn, reward_kind(fn, spec))
+    fn, kind = cache[spec]
+    if req["op"] == "user_batch":
+        return call_batch(fn, req["items"])
+    return call_one(fn, kind, req["response"], req["answer"], full_metadata(req["metadata"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Rewards
+# --------------------------------------------------------------------------------------------------
+
+
+def _judged(reward: _Reward, base: Sequence[float], items: Sequence[RewardItem]) -> list[Scored]:
+    midpoint = (reward.correct + reward.wrong) / 2
+    return [Scored(reward._shape(b, it.response_len), b > midpoint) for b, it in zip(base, items)]
+
+
+def _items(items: Iterable[RewardItem | tuple]) -> list[RewardItem]:
+    return [RewardItem(*it) for it in items]
+
+
+class BatchUserReward(_Reward):
+    """A batched user function: one worker call per batch; a hang or crash scores the batch wrong."""
+
+    wants_prompts = True
+
+    def __init__(self, spec: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.spec = self.name = absolute_spec(spec)
+
+    def _prepare(self, text: str, answer: str, metadata: dict) -> float:  # unused: judge_many is whole-batch
+        raise NotImplementedError
+
+    def judge_many(self, items: Iterable[RewardItem | tuple]) -> list[Scored]:
+        t0 = time.perf_counter()
+        items = _items(items)
+        if not items:
+            return []
+        req = {
+            "op": "user_batch",
+            "fn": self.spec,
+            "paths": [p or os.getcwd() for p in sys.path],
+            "items": [
+                {
+                    "prompt": str(it.prompt),
+                    "response": str(it.response_text),
+                    "answer": str(it.answer),
+                    "metadata": full_metadata(it.metadata),
+                }
+                for it in items
+            ],
+        }
+        outcome = self.pool.call(req, self.timeout_s)
+        values = outcome.value if outcome.status == "ok" else None
+        if values is None:
+            wrong = self._resolve(outcome)
+            base = [wrong] * len(items)
+        else:
+            base = [float(v) for v in values]
+        self.stats.add(calls=len(items), seconds=time.perf_counter() - t0)
+        return _judged(self, base, items)
+
+
+def _probe(url: str, timeout_s: float) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RewardError(f"reward.url={url!r} is not an http(s):// URL: fix reward.url")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise RewardError(
+            f"reward server {url} is not reachable ({type(e).__name__}: {e}): start it, or fix reward.url"
+        ) from None
+
+
+class HttpReward(_Reward):
+    """Scores batches on a reward server (module docstring: protocol, timeouts, retries)."""
+
+    name = "http"
+    wants_prompts = True
+
+    def __init__(self, url: str, *, retries: int = 3, backoff_s: float = 0.5, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.url, self.retries, self.backoff_s = url, int(retries), float(backoff_s)
+        _probe(url, self.timeout_s)
+
+    def _prepare(self, text: str, answer: str, metadata: dict) -> float:  # unused: judge_many is whole-batch
+        raise NotImplementedError
+
+    def _post(self, body: bytes) -> Any:
+        """One try: the decoded JSON answer, or an exception (retryable or not, see _send)."""
+        req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            return json.loads(resp.read().decode("utf-8"))
+
+    def _send(self, body: bytes) -> Any:
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                return self._post(body)
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:300].decode("utf-8", "replace")
+                if e.code != 429 and e.code < 500:
+                    raise RewardError(
+                        f"reward server {self.url} refused the request (HTTP {e.code}: {detail}); "
+                        "fix the server or the request format (module common.user_rewards)"
+                    ) from None
+                last = f"HTTP {e.code}: {detail}"
+            except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
+                last = f"{type(getattr(e, 'reason', e)).__name__}: {getattr(e, 'reason', e)}"
+            except ValueError as e:
+                raise RewardError(f"reward server {self.url} answered with invalid JSON ({e})") from None
+            self.stats.add(errors=1, last_error=last)
+        raise RewardError(
+            f"reward server {self.url} failed {self.retries + 1} times (last: {last}); check that it is up "
+            f"and answers within reward.timeout_s={self.timeout_s} s, or raise reward.retries"
+        )
+
+    def judge_many(self, items: Iterable[RewardItem | tuple]) -> list[Scored]:
+        t0 = time.perf_counter()
+        items = _items(items)
+        if not items:
+            return []
+        payload = [
+            {
+                "prompt": str(it.prompt),
+                "response": str(it.response_text),
+                "answer": str(it.answer),
+                "metadata": full_metadata(it.metadata),
+            }
+            for it in items
+        ]
+        answer = self._send(json.dumps({"items": payload}, default=str).encode())
+        rewards = answer.get("rewards") if isinstance(answer, dict) else None
+        if not isinstance(rewards, list) or len(rewards) != len(items):
+            raise RewardError(
+                f"reward server {self.url} answered {str(answer)[:120]!r}; it must answer "
+                f'{{"rewards": [...]}} with {len(items)} values (one per item, in order)'
+            )
+        try:
+            base = [reward_value(v) for v in rewards]
+        except TypeError as e:
+            raise RewardError(f"reward server {self.url}: {e}") from None
+        self.stats.add(calls=len(items), seconds=time.perf_counter() - t0)
+        return _judged(self, base, items)
+
+
+def user_reward(spec: str, **kw: Any) -> _Reward:
+    """The reward for ``reward.fn=<spec>``: the function is imported here first, so a wrong path or
+    signature fails at start-up in this process, with a clear message."""
+    spec = absolute_spec(spec)
+    kind = reward_kind(import_callable(spec), spec)
+    if kind == "batched":
+        return BatchUserReward(spec, **kw)
+    from common.rewards import UserReward
+
+    return UserReward(spec, **kw)
+
+
+__all__ = [
+    "BatchUserReward",
+    "HttpReward",
+    "absolute_spec",
+    "call_batch",
+    "call_one",
+    "handle_request",
+    "import_callable",
+    "reward_kind",
+    "reward_value",
+    "user_reward",
+]
