@@ -309,7 +309,7 @@ class LearnerConfig:
         4096, "Token budget of one packed micro-batch (gradient accumulation fills the mini-batch)."
     )
     packing: str = doc(
-        "none",
+        "tree",
         "How leaves become model rows: 'tree' (each prompt's leaves packed as a prefix tree, every "
         "distinct token computed once) | 'flat' (padding-free: sequences concatenated, block-diagonal "
         "attention) | 'none' (one right-padded row per leaf).",
