@@ -254,7 +254,14 @@ class RewardConfig:
         "Timeout of one reward call in seconds; a timed-out or crashing call scores as wrong and is counted.",
     )
     workers: int = doc(
-        2, "Verifier subprocesses per generator (isolate math-verify and user rewards from hangs)."
+        2,
+        "Verifier subprocesses per scoring process (each generator, the local driver, sample/eval): "
+        "math-verify and user rewards run there, isolated from hangs and crashes.",
+    )
+    worker_memory_mb: int = doc(
+        2048,
+        "Address-space cap of each verifier subprocess in MiB (RLIMIT_AS; 0 = none): a runaway answer "
+        "such as 9^{9^{9^9}} fails there (scored wrong, counted) instead of taking the node's memory.",
     )
     correct: float = doc(
         1.0,
@@ -498,6 +505,7 @@ _MINIMUMS: dict[str, float] = {
     "reward.timeout_s": 1e-3,
     "reward.retries": 0,
     "reward.workers": 1,
+    "reward.worker_memory_mb": 0,
     "reward.overlong_buffer": 0,
     "algo.clip_low": 0.0,
     "algo.clip_high": 0.0,

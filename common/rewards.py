@@ -192,6 +192,11 @@ def _worker_main() -> None:
     os.dup2(devnull, 0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    cap_mb = int(os.environ.get(MEMORY_ENV, "0") or 0)
+    if cap_mb > 0:  # a runaway answer (\\boxed{9^{9^{9^{9}}}}) fails with MemoryError, not the node's RAM
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (cap_mb << 20, cap_mb << 20))
     parent = os.getppid()
 
     def watchdog() -> None:  # a worker stuck in a loop must not outlive a killed parent
@@ -213,6 +218,8 @@ def _worker_main() -> None:
 
 
 _BOOT = "from common.rewards import _worker_main; _worker_main()"
+MEMORY_ENV = "TREEPO_REWARD_WORKER_MEMORY_MB"
+DEFAULT_WORKER_MEMORY_MB = 2048  # address space per verifier worker (sympy + math-verify need ~0.5 GB)
 
 
 class _Timeout(Exception):
@@ -226,9 +233,10 @@ class _Crash(Exception):
 class _Worker:
     """One verifier subprocess owned by this process (stopped by pid, never by name)."""
 
-    def __init__(self, start_timeout_s: float) -> None:
+    def __init__(self, start_timeout_s: float, memory_mb: int = DEFAULT_WORKER_MEMORY_MB) -> None:
         paths = [p or os.getcwd() for p in sys.path]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), OMP_NUM_THREADS="1")
+        env[MEMORY_ENV] = str(int(memory_mb))
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _BOOT],
             # own session: a Ctrl-C to the terminal's process group must not kill workers mid-call;
@@ -308,10 +316,13 @@ class VerifierPool:
     evaluation only, not the wait for a worker nor a worker's start-up.
     """
 
-    def __init__(self, num_workers: int = 2, start_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, num_workers: int = 2, start_timeout_s: float = 60.0, memory_mb: int = DEFAULT_WORKER_MEMORY_MB
+    ) -> None:
         if num_workers < 1:
             raise RewardError(f"reward pool size {num_workers} < 1: use at least one worker")
         self.num_workers = num_workers
+        self.memory_mb = int(memory_mb)  # each worker's address-space cap (0 = none)
         self.start_timeout_s = start_timeout_s
         self._idle: queue.LifoQueue[_Worker | None] = queue.LifoQueue()
         for _ in range(num_workers):
@@ -323,7 +334,7 @@ class VerifierPool:
         self.owner_pid = os.getpid()
 
     def _start(self) -> _Worker:
-        w = _Worker(self.start_timeout_s)
+        w = _Worker(self.start_timeout_s, self.memory_mb)
         with self._lock:
             self._all.append(w)
         return w
@@ -392,24 +403,27 @@ class VerifierPool:
             ex.shutdown(wait=False)
 
 
-_SHARED: VerifierPool | None = None
+_SHARED: dict[tuple[int, int], VerifierPool] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared_pool(num_workers: int | None = None) -> VerifierPool:
-    """This process's verifier pool (re-created after a fork: pipes cannot be shared)."""
-    global _SHARED
+def shared_pool(num_workers: int | None = None, memory_mb: int | None = None) -> VerifierPool:
+    """This process's verifier pool of ``num_workers`` workers (``reward.workers``; default up to 4)
+    capped at ``memory_mb`` each; re-created after a fork (pipes cannot be shared)."""
+    n = num_workers or max(1, min(4, (os.cpu_count() or 2)))
+    mem = DEFAULT_WORKER_MEMORY_MB if memory_mb is None else int(memory_mb)
     with _SHARED_LOCK:
-        if _SHARED is None or _SHARED.owner_pid != os.getpid() or _SHARED._closed:
-            n = num_workers or max(1, min(4, (os.cpu_count() or 2)))
-            _SHARED = VerifierPool(n)
-        return _SHARED
+        pool = _SHARED.get((n, mem))
+        if pool is None or pool.owner_pid != os.getpid() or pool._closed:
+            pool = _SHARED[(n, mem)] = VerifierPool(n, memory_mb=mem)
+        return pool
 
 
 @atexit.register
 def _close_shared() -> None:
-    if _SHARED is not None and _SHARED.owner_pid == os.getpid():
-        _SHARED.close()
+    for pool in list(_SHARED.values()):
+        if pool.owner_pid == os.getpid():
+            pool.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,7 +539,8 @@ class _Reward(abc.ABC):
     @property
     def pool(self) -> VerifierPool:
         if self._pool is None or self._pool.owner_pid != os.getpid():
-            self._pool = shared_pool()
+            old = self._pool
+            self._pool = shared_pool(old and old.num_workers, old and old.memory_mb)
         return self._pool
 
     @abc.abstractmethod
@@ -701,6 +716,8 @@ def resolve_reward(
         kw.update(
             correct=cfg.correct, wrong=cfg.wrong, timeout_s=cfg.timeout_s, overlong_buffer=cfg.overlong_buffer
         )
+        if pool is None:  # reward.workers verifier subprocesses, each capped at reward.worker_memory_mb
+            kw["pool"] = shared_pool(cfg.workers, getattr(cfg, "worker_memory_mb", None))
     url = getattr(cfg, "url", "") if cfg is not None else ""
     if url:  # a reward server (common.user_rewards); config validation refuses it beside a reward.fn
         from common.user_rewards import HttpReward

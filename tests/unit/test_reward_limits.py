@@ -45,3 +45,26 @@ def test_last_boxed_is_linear_on_adversarial_text():
     assert last_boxed(text) is None
     assert last_boxed(text + "}" * 3 + "\\boxed{7}") == "7"
     assert time.perf_counter() - t0 < 20
+
+
+def _address_space_limit(pid: int) -> str:
+    from pathlib import Path
+
+    line = next(ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines() if "address space" in ln)
+    return line.split()[3]  # the soft limit in bytes
+
+
+def test_reward_workers_and_their_memory_cap_come_from_the_config():
+    from common.config import load_config
+    from common.rewards import resolve_reward
+
+    cfg = load_config(None, ["reward.workers=1", "reward.worker_memory_mb=1024"]).reward
+    fn = resolve_reward("math", cfg=cfg)
+    pool = fn.pool
+    assert (pool.num_workers, pool.memory_mb) == (1, 1024)
+    # a huge power fails inside the capped worker (scored wrong); the worker's limit is the config's
+    assert fn.judge_many([("\\boxed{9^{9^{9^{9}}}}", "1")])[0].correct is False
+    pool.warm_up()
+    (worker,) = pool._all
+    assert _address_space_limit(worker.proc.pid) == str(1024 << 20)
+    pool.close()
