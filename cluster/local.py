@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.logs import engine_output
 from cluster.rundir import (
     append_trained,
     check_run_dir,
@@ -36,8 +37,10 @@ from cluster.rundir import (
     truncate_logs,
 )
 from common.config import TrainConfig, save_resolved
-from common.metrics import MetricsLog, values
+from common.metrics import values
 from common.prompts import EpochCursor
+from common.rollouts import due, step_records
+from common.trackers import open_trackers
 from common.tree_render import write_step_pictures
 from learner.selection import Selection, record_staleness, rollout_metrics
 
@@ -100,12 +103,15 @@ class LocalRun:
             extra.get("cursor") if extra else None,
         )
         self.owns_backend = backend is None
-        self.backend = self.inputs.open_backend(self.train_set, self.held_out) if backend is None else backend
+        with engine_output():  # quiet console: the engine's start-up output goes to <run_dir>/logs/
+            self.backend = (
+                self.inputs.open_backend(self.train_set, self.held_out) if backend is None else backend
+            )
         if self.learner.version or not self.owns_backend:  # resumed or borrowed: the learner's weights
             self.backend.update_weights(self.learner.weights_for_sync(), self.learner.version)
         self.stats = SamplingStats()
         self.sampler = self.inputs.sampler(self.backend, stats=self.stats)
-        self.metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.log.tensorboard)
+        self.metrics_log = open_trackers(cfg)
         self.staleness_hist: dict[int, int] = {}
 
     @property
@@ -157,6 +163,8 @@ class LocalRun:
         cfg, learner = self.cfg, self.learner
         t_gen = time.perf_counter() - t0
         advantages = tree_advantages(trees, cfg.algo)
+        if due(step, cfg.log.rollouts_every_steps):
+            self.metrics_log.log_rollouts(step, step_records(trees, advantages, self.inputs.decode))
         record_staleness(trees, learner.version, self.staleness_hist)
         t1 = time.perf_counter()
         m.update(learner.train_step(trees, advantages))

@@ -3,7 +3,9 @@ truncation of logs past a resumed checkpoint, the exactly-once audit trail ``tra
 and the final PNGs.
 
 Layout: ``config.yaml`` (written by :func:`common.config.save_resolved`), ``metrics.jsonl``,
-``trained_trees.jsonl``, ``checkpoints/``, ``reward_curve.png``, ``staleness.png``.
+``trained_trees.jsonl``, ``rollouts.jsonl`` (``log.rollouts_every_steps``), ``trackers.json`` (W&B /
+MLflow run ids), ``logs/`` (engine and Ray logs: :mod:`cluster.logs`), ``tensorboard/``, ``wandb/``,
+``mlruns/``, ``checkpoints/``, ``reward_curve.png``, ``staleness.png``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 from common.errors import ConfigError
 from common.metrics import plot_histogram, plot_series, read_metrics
 
-LOGS = ("metrics.jsonl", "trained_trees.jsonl")  # one row per step: truncated on resume
+# rows keyed by step: truncated on resume (rollouts.jsonl: one row per logged tree)
+LOGS = ("metrics.jsonl", "trained_trees.jsonl", "rollouts.jsonl")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

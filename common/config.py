@@ -404,9 +404,44 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = doc("treepo", "Weights & Biases project (with 'wandb' in log.backends).")
+    entity: str = doc("", "W&B entity (user or team; '' = the API key's default).")
+    group: str = doc("", "W&B run group ('' = none).")
+    tags: list = doc([], "W&B run tags, e.g. [treepo,7b].")
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = doc(
+        "",
+        "MLflow tracking URI (with 'mlflow' in log.backends): a server (http://...) or a local file store "
+        "(file:/path, no server needed). '' = $MLFLOW_TRACKING_URI, else a file store in <run_dir>/mlruns.",
+    )
+    experiment: str = doc("treepo", "MLflow experiment name.")
+
+
+@dataclass
 class LogConfig:
-    tensorboard: bool = doc(True, "Also write TensorBoard events.")
-    wandb_project: str = doc("", "Weights & Biases project ('' = off).")
+    backends: list = doc(
+        ["tensorboard"],
+        "Experiment trackers besides metrics.jsonl (always written): any of tensorboard, wandb, mlflow "
+        "(their client libraries are the 'trackers' extra). W&B reads its API key from WANDB_API_KEY only "
+        "(or WANDB_MODE=offline); the W&B and MLflow run ids are kept in the run directory, so --resume "
+        "continues the same runs.",
+    )
+    wandb: WandbConfig = nested(WandbConfig, "Weights & Biases.")
+    mlflow: MlflowConfig = nested(MlflowConfig, "MLflow.")
+    level: str = doc(
+        "warning",
+        "Console verbosity: 'warning' = one progress line per step plus warnings (engine and Ray logs go "
+        "to <run_dir>/logs/) | 'info' | 'debug' (engine and Ray logs on the console too; = --verbose).",
+    )
+    rollouts_every_steps: int = doc(
+        10,
+        "Every k steps, write each trained tree to <run_dir>/rollouts.jsonl (prompt; per leaf the decoded "
+        "text, reward, verdict, advantage, finish reason, depth, versions), also a W&B table (0 = off).",
+    )
     tree_pictures: int = doc(
         3,
         "At every eval step, draw this many of the step's trained trees (the most branched) into "
@@ -469,12 +504,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "algo.aggregation": ("average", "group_size"),
     "algo.is_correction": ("token", "sequence", "sequence_product", "mask", "none"),
     "learner.mixed_precision": ("none", "bf16"),
-    "learner.param_dtype": ("float32", "bfloat16", "float16"),
     "learner.packing": ("tree", "flat", "none"),
     "learner.packed_attention": ("auto", "runs", "mask"),
+    "learner.param_dtype": ("float32", "bfloat16", "float16"),
     "queue.appendfsync": ("everysec", "always"),
     "sync.backend": ("auto", "gloo", "nccl"),
     "sync.receiver": ("auto", "generator", "engine_workers"),
+    "log.level": ("warning", "info", "debug"),
 }
 
 # key -> (lowest allowed value, inclusive)
@@ -539,6 +575,7 @@ _MINIMUMS: dict[str, float] = {
     "eval.every_steps": 0,
     "eval.k": 1,
     "eval.max_problems": 0,
+    "log.rollouts_every_steps": 0,
     "log.tree_pictures": 0,
 }
 
@@ -657,10 +694,25 @@ def validate(cfg: TrainConfig) -> None:
             f"algo.dual_clip={cfg.algo.dual_clip} must be > 1, or 0 to disable it: fix algo.dual_clip"
         )
     _check_data(cfg.data)
+    _check_log(cfg.log)
     if cfg.eval.every_steps and not cfg.data.eval:
         raise ConfigError("eval.every_steps > 0 but data.eval is empty: set data.eval or eval.every_steps=0")
     if cfg.driver == "ray":  # the pipeline's off-policy schedule (generators admit by the weights they hold)
         check_sync_every(cfg)
+
+
+TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow")  # jsonl (metrics.jsonl) is always on
+
+
+def _check_log(log: LogConfig) -> None:
+    backends = [str(b) for b in log.backends]
+    unknown = [b for b in backends if b not in TRACKERS]
+    if unknown:
+        raise ConfigError(
+            f"log.backends={backends}: {unknown[0]!r} is not a tracker; choose from {', '.join(TRACKERS)}"
+        )
+    if len(set(backends)) != len(backends):
+        raise ConfigError(f"log.backends={backends} names a tracker twice: list each once")
 
 
 def _check_data(d: DataConfig) -> None:
@@ -742,6 +794,9 @@ def _suggest(key: str) -> str:
 _REPLACED: dict[str, str] = {
     "tree.answer_tail_chars": "the answer is now looked for in the last segment plus "
     "tree.answer_overlap_tokens tokens before it (default 64); remove tree.answer_tail_chars",
+    "log.tensorboard": "trackers are listed in log.backends (default [tensorboard]); "
+    "set log.backends=[] for metrics.jsonl only",
+    "log.wandb_project": "W&B is turned on by log.backends=[wandb] and its project is log.wandb.project",
 }
 
 
@@ -880,6 +935,7 @@ __all__ = [
     "GeneratorConfig",
     "LearnerConfig",
     "LogConfig",
+    "MlflowConfig",
     "ModelConfig",
     "QueueConfig",
     "RewardConfig",
@@ -887,6 +943,7 @@ __all__ = [
     "SyncConfig",
     "TrainConfig",
     "TreeConfig",
+    "WandbConfig",
     "help_table",
     "load_config",
     "save_resolved",

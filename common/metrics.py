@@ -1,4 +1,4 @@
-"""Metrics with explicit reductions, a local JSONL log (always), TensorBoard (optional) and PNG plots.
+"""Metrics with explicit reductions, the local JSONL log (always; other trackers: :mod:`common.trackers`) and PNG plots.
 
 Keys are namespaced: ``rollout/``, ``tree/``, ``learner/``, ``sync/``, ``staleness/``, ``timing/``,
 ``eval/``. A value that will be combined with others (micro-batches, ranks, generators) is a
@@ -109,35 +109,22 @@ def reduce_metrics(parts: Iterable[Mapping[str, Metric]]) -> dict[str, float]:
 
 
 class MetricsLog:
-    """Append-only JSONL metrics (one object per step) plus optional TensorBoard events."""
+    """Append-only JSONL metrics, one object per step (``metrics.jsonl``; the other trackers are in
+    :mod:`common.trackers`)."""
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: str | os.PathLike) -> None:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         self._fh = open(self.path, "a", buffering=1)
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
-            except ImportError:  # tensorboard is a declared dependency; keep the JSONL log regardless
-                self._tb = None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
         record = {"step": int(step), "time": time.time(), **clean}
         self._fh.write(json.dumps(record, allow_nan=True) + "\n")
-        if self._tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, float) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         self._fh.close()
-        if self._tb is not None:
-            self._tb.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

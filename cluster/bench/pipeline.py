@@ -113,7 +113,7 @@ def _one_run(case: str, mode: str, args: argparse.Namespace, scratch: Path) -> d
         "eval.every_steps=0",
         f"checkpoint.every_steps={args.steps}",
         "log.progress=false",
-        "log.tensorboard=false",
+        "log.backends=[]",
         *args.overrides,
         MODES[mode],
     ]

@@ -18,6 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="Continue the run directory's last checkpoint (= resume=true)."
     )
     p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="Engine and Ray logs on the console too (= log.level=info); by default they go to <run_dir>/logs/.",
+    )
+    p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="Config overrides, e.g. tree.w=16 learner.lr=1e-6."
     )
 
@@ -30,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{key} = {default}\n    {text}")
         return 0
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    overrides += ["log.level=info"] if args.verbose else []
     cfg = load_config(args.config, overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
@@ -37,10 +44,18 @@ def run(args: argparse.Namespace) -> int:
     from common.plan import check_fits
 
     check_fits(cfg)  # a GPU config whose memory plan does not fit is refused before anything starts
-    if cfg.driver == "ray":
-        from cluster.pipeline.controller import run_pipeline
+    from cluster.logs import RunLogging
 
-        return run_pipeline(cfg)
-    from cluster.local import train
+    logs = RunLogging(cfg).start()
+    try:
+        if logs.quiet:
+            print(f"[train] engine and Ray logs: {logs.dir}/ (--verbose shows them here)", flush=True)
+        if cfg.driver == "ray":
+            from cluster.pipeline.controller import run_pipeline
 
-    return train(cfg)
+            return run_pipeline(cfg)
+        from cluster.local import train
+
+        return train(cfg)
+    finally:
+        logs.close()

@@ -67,6 +67,8 @@ import numpy as np
 
 from common.config import TrainConfig, save_resolved
 from common.errors import ConfigError, QueueError, SyncError, TreepoError
+from common.rollouts import due
+from common.trackers import open_trackers
 
 log = logging.getLogger("treepo.controller")
 
@@ -77,19 +79,23 @@ STATS_TIMEOUT_S = 10.0
 ORPHAN_CHECK_S = 10.0  # how often an idle collect compares the pending list with what it consumed
 
 
-def _connect_ray() -> bool:
+def _connect_ray(cfg: TrainConfig) -> tuple[bool, str | None]:
     """Connect to the Ray cluster named by ``RAY_ADDRESS`` (set inside ``ray job submit``, or by the
-    user) or start a private local one; True if we started it. Never attaches to some other cluster
+    user) or start a private local one; (True if we connected, the session directory of a Ray we
+    started). Never attaches to some other cluster
     that happens to run on this machine (plain ``ray.init()`` would join the last ``ray start``)."""
     import os
 
     import ray
 
     if ray.is_initialized():
-        return False
+        return False, None
     address = os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, include_dashboard=False, log_to_driver=True)
-    return True
+    # quiet (log.level=warning): the actors' output stays in Ray's log files, off the console
+    # (cluster/logs.py copies a local Ray's into the run directory)
+    verbose = cfg.log.level != "warning"
+    ctx = ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
+    return True, (ctx.address_info.get("session_dir") if address == "local" else None)
 
 
 def run_pipeline(cfg: TrainConfig) -> int:
@@ -111,7 +117,7 @@ def run_pipeline(cfg: TrainConfig) -> int:
 
     with queue_endpoint(cfg.queue, run_dir) as (url, password):
         _check_queue_state(cfg, url, password, run_name_for(run_dir))
-        started = _connect_ray()
+        started, session_dir = _connect_ray(cfg)
         try:
             if not cfg.queue.url and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
                 raise ConfigError(
@@ -125,6 +131,9 @@ def run_pipeline(cfg: TrainConfig) -> int:
                 controller.close()
         finally:
             if started:
+                from cluster.logs import copy_ray_worker_logs
+
+                copy_ray_worker_logs(run_dir, session_dir, ray.get_runtime_context().get_job_id())
                 ray.shutdown()
 
 
@@ -160,7 +169,6 @@ class Controller:
     def __init__(self, cfg: TrainConfig, queue_url: str, password: str | None, run_name: str) -> None:
         from cluster.pipeline import topology
         from common.keys import RunKeys
-        from common.metrics import MetricsLog
         from common.prompts import PromptDispatcher
         from common.replay import ReplayQueue
 
@@ -176,7 +184,7 @@ class Controller:
             self.queue.redis, run_name, self._prompt_ids, cfg.data.shuffle_seed, cfg.data.epochs
         )
         self._dropped_key = RunKeys(run_name).dropped
-        self.metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.log.tensorboard)
+        self.metrics_log: Any = None  # the trackers: opened by run(), after a resume truncated the logs
         self.topo = topology.start(cfg, queue_url, password, run_name)
         self.gens = [_GenSlot(h) for h in self.topo.generators]
         self.world = cfg.learner.num_workers
@@ -253,7 +261,6 @@ class Controller:
 
         from cluster.pipeline.recovery import reconcile_window
         from cluster.rundir import trained_tree_ids, truncate_logs
-        from common.metrics import MetricsLog
 
         cfg = self.cfg
         extras = ray.get([h.load.remote(str(self.ckpt_dir)) for h in self.topo.learners], timeout=600)
@@ -261,8 +268,6 @@ class Controller:
         self.step = int(extra.get("step", 0))
         self.dropped = int(extra.get("dropped", 0))
         truncate_logs(self.run_dir, self.step)
-        self.metrics_log.close()  # it was opened on the file truncation just replaced
-        self.metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.log.tensorboard)
         reconcile_window(self.run_dir, self.queue, extra)
         self.trained_ids = trained_tree_ids(self.run_dir)
         self.version = ray.get(self.topo.learners[0].version.remote(), timeout=60)
@@ -307,6 +312,7 @@ class Controller:
         cfg = self.cfg
         if cfg.resume:
             self._resume()
+        self.metrics_log = open_trackers(cfg)
         self.version = ray.get(self.topo.learners[0].version.remote(), timeout=60)
         self.queue.redis.set(self._dropped_key, self.dropped)
         if self.step or self.version:  # resumed: generators start from the checkpoint's weights
@@ -800,6 +806,8 @@ class Controller:
         for s, n in sorted(self.staleness_hist.items()):
             m[f"staleness/hist/{s}"] = float(n)
         self.metrics_log.log(self.step, m)
+        if due(self.step, self.cfg.log.rollouts_every_steps):
+            self.metrics_log.log_rollouts(self.step, self._rollout_records(trees))
 
     def tree_pictures(self, trees: list) -> None:
         """An eval step's page of ``log.tree_pictures`` trained trees in ``<run_dir>/trees/``."""
@@ -817,11 +825,29 @@ class Controller:
         decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
         write_step_pictures(self.run_dir, self.step, trees, advantages, decode, cfg.log.tree_pictures)
 
+    def _rollout_records(self, trees: list) -> list[dict]:
+        """``rollouts.jsonl`` records of a step's trees, with the advantages they were trained with."""
+        from common.models import load_tokenizer
+        from common.rollouts import step_records
+        from learner.advantages import tree_advantages
+
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = load_tokenizer(
+                self.cfg.model.path, trust_remote_code=self.cfg.model.trust_remote_code
+            )
+        tok = self._tokenizer
+        return step_records(
+            trees,
+            tree_advantages(trees, self.cfg.algo),
+            lambda ids: tok.decode(ids, skip_special_tokens=True),
+        )
+
     def close(self) -> None:
         from cluster.pipeline import topology
 
         try:
             topology.shutdown(self.topo)
         finally:
-            self.metrics_log.close()
+            if self.metrics_log is not None:
+                self.metrics_log.close()
             self.queue.close()

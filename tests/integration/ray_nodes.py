@@ -221,7 +221,7 @@ def small_pipeline_overrides(run_dir, model_dir, *extra: str) -> list[str]:
         "algo.max_staleness=1",
         "eval.every_steps=0",
         "log.progress=false",
-        "log.tensorboard=false",
+        "log.backends=[]",
         "reward.workers=1",
         *extra,
     ]

@@ -30,7 +30,7 @@ def _cfg(run_dir, model_dir, *extra):
             "algo.dynamic_sampling=false",
             "eval.every_steps=0",
             "log.progress=false",
-            "log.tensorboard=false",
+            "log.backends=[]",
             "checkpoint.every_steps=1",
             *extra,
         ],
@@ -105,7 +105,7 @@ def test_demo_recipe_raises_held_out_accuracy(tmp_path, warm_model_dir):
         "checkpoint.every_steps=100",
         "generators.kv_cache_gib=0.5",
         "log.progress=false",
-        "log.tensorboard=false",
+        "log.backends=[]",
     ]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the session's thread count: 1 or 2
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
