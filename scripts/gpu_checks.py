@@ -427,6 +427,23 @@ def _full(t):
 # --------------------------------------------------------------------------------------------------
 
 
+def _planned_learner(model_dir, lcfg, algo) -> dict:
+    """common/plan.py's learner-rank figures for this check's model and settings (GiB); ``torch_gib``
+    leaves out the CUDA context, which torch.cuda.max_memory_allocated does not see."""
+    from common.config import ModelConfig, TrainConfig
+    from common.plan import GIB, learner_side, model_arch
+
+    cfg = TrainConfig()
+    cfg.model, cfg.learner, cfg.algo = ModelConfig(path=str(model_dir), dtype="bfloat16"), lcfg, algo
+    arch = model_arch(cfg.model)
+    side = learner_side(cfg, arch, arch.params())
+    parts = {k: round(v / GIB, 3) for k, v in side.parts.items()}
+    return {
+        "parts_gib": parts,
+        "torch_gib": round(sum(v for k, v in parts.items() if k != "cuda_context"), 3),
+    }
+
+
 def check_learner(model_dir: str | os.PathLike, sz: Sizes, gpu: bool) -> dict:
     """Train ``sz.steps`` optimizer steps on synthetic trees with FSDP2 + bf16 in a group of one."""
     import torch
@@ -452,7 +469,8 @@ def check_learner(model_dir: str | os.PathLike, sz: Sizes, gpu: bool) -> dict:
     algo = AlgoConfig()
     t0 = time.perf_counter()
     rank = LearnerRank(
-        ModelConfig(path=str(model_dir), dtype="float32"),  # float32 master weights, bf16 compute
+        # fp32 master weights (learner.param_dtype), bf16 compute, bf16 to engines (model.dtype)
+        ModelConfig(path=str(model_dir), dtype="bfloat16"),
         algo,
         lcfg,
         rank=0,
@@ -558,6 +576,14 @@ def check_learner(model_dir: str | os.PathLike, sz: Sizes, gpu: bool) -> dict:
         gather_s = time.perf_counter() - ts
         if "lm_head.weight" not in names:
             problems.append("weights_for_sync does not name lm_head.weight (tied head would go stale)")
+        master_dtypes = sorted({str(p.dtype) for p in params.values()})
+        if master_dtypes != ["torch.float32"] or dtypes != {"torch.bfloat16"}:
+            problems.append(f"master weights {master_dtypes}, sent {sorted(dtypes)}: want float32 / bfloat16")
+        planned = _planned_learner(model_dir, lcfg, algo)
+        if gpu and mem["peak_allocated_gib"] > 1.25 * planned["torch_gib"]:
+            problems.append(
+                f"peak allocated {mem['peak_allocated_gib']} GiB is over 1.25x the plan's {planned['torch_gib']:.2f} GiB"
+            )
         n_params = sum(p.numel() for p in params.values())
         tokens_per_s = timed_tokens / timed_s if timed_s else float("nan")
         details = {
@@ -574,6 +600,8 @@ def check_learner(model_dir: str | os.PathLike, sz: Sizes, gpu: bool) -> dict:
             # response tokens per second; a step is the prox forward, forward/backward and the optimizer
             "tokens_per_s": round(tokens_per_s, 1),
             "sequence_tokens_per_s": round(timed_seq_tokens / timed_s, 1) if timed_s else float("nan"),
+            "master_dtypes": master_dtypes,
+            "plan": planned,
             "weights_for_sync": {
                 "tensors": n_sync,
                 "gib": round(sync_bytes / 2**30, 3),
