@@ -206,6 +206,10 @@ def _group_runs(starts, ends, ancestors, device) -> tuple[list[_RunGroup], torch
     return groups, out_idx.to(device)
 
 
+class _Counter:
+    n = 0
+
+
 @dataclass
 class PackedLayout:
     """Runs of one packed row: run ``r`` is rows ``starts[r]:ends[r]`` with ancestors ``ancestors[r]``."""
@@ -214,7 +218,10 @@ class PackedLayout:
     starts: list[int]
     ends: list[int]
     ancestors: list[np.ndarray]
-    calls: int = 0  # attention calls served (a check that the packed attention really ran)
+    # attention calls served (a check that the packed attention really ran); a shared cell, since
+    # FSDP2's input casting hands the forward a copy of the layout (dataclasses.replace,
+    # lists and dicts rebuilt), which keeps a plain object as it is
+    calls: _Counter = field(default_factory=_Counter)
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     def groups(self, device: torch.device) -> tuple[list[_RunGroup], torch.Tensor]:
@@ -319,7 +326,7 @@ def runs_attention(module, query, key, value, attention_mask, dropout: float = 0
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    layout.calls += 1
+    layout.calls.n += 1
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
     groups, out_idx = layout.groups(query.device)
@@ -385,7 +392,7 @@ def attention_inputs(batch: dict, backend: str, module, device: torch.device) ->
     """The model keyword arguments that make a forward attend along ``batch``'s packed layout."""
     layout: PackedLayout = batch["layout"]
     if backend == "runs":
-        layout.calls = 0
+        layout.calls.n = 0
         # a placeholder 4-D mask: transformers passes 4-D masks through as they are, so it builds no
         # T x T mask of its own (it would, from the position ids of a packed row); runs_attention
         # ignores it
@@ -405,7 +412,7 @@ def attention_inputs(batch: dict, backend: str, module, device: torch.device) ->
 
 def check_attention_ran(batch: dict, backend: str, module) -> None:
     """ModelError if a ``runs`` forward never reached :func:`runs_attention` (the layout was ignored)."""
-    if backend == "runs" and batch["layout"].calls == 0:
+    if backend == "runs" and batch["layout"].calls.n == 0:
         raise ModelError(
             f"{type(module).__name__} ignored the packed layout (its attention never saw it): set "
             "learner.packing=none"

@@ -172,9 +172,9 @@ class LearnerRank:
         self.ref_model = None
         if algo_cfg.kl_coef > 0:
             self.ref_model = _load_model(model_cfg, self.device).eval().requires_grad_(False)
+            enable_packed_attention(self.ref_model, self.packing, learner_cfg.packed_attention)
             if self.compute_dtype is not None:
                 autocast_forward(self.ref_model, self.device.type, self.compute_dtype)
-            enable_packed_attention(self.ref_model, self.packing, learner_cfg.packed_attention)
 
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
