@@ -126,7 +126,9 @@ class EngineInputs:
         only the first encoded prompts."""
         from common.data import load_prompt_set
 
-        encoded, path, task = load_prompt_set(spec, split, self.tokenizer, self.cfg.data, first_rows=first_rows)
+        encoded, path, task = load_prompt_set(
+            spec, split, self.tokenizer, self.cfg.data, first_rows=first_rows
+        )
         prompts = list(encoded)
         if max_problems:
             prompts = prompts[:max_problems]

@@ -734,7 +734,9 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError(
             f"data.train_weights has {len(weights)} weights for {len(specs)} files in data.train: give one per file"
         )
-    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < float("inf") for w in weights):
+    if not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < float("inf") for w in weights
+    ):
         raise ConfigError(f"data.train_weights={weights} must be positive numbers: fix data.train_weights")
     for key in ("prompt_key", "answer_key"):
         if not getattr(d, key).strip():

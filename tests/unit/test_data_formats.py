@@ -176,6 +176,7 @@ def test_named_and_dotted_keys(tmp_path):
 
 def test_datasets_save_to_disk_dataset_and_dict(tmp_path):
     import datasets
+
     one = tmp_path / "one"
     datasets.Dataset.from_list(verl_rows(4)).save_to_disk(str(one))
     rows = load_rows(one, bad_rows="reject")
