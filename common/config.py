@@ -456,7 +456,10 @@ class TrainConfig:
     run_dir: str = doc(
         "runs/demo", "Run directory: resolved config, metrics, checkpoints, embedded Redis data."
     )
-    run_name: str = doc("", "Run name used for queue keys and loggers ('' = the run directory's name).")
+    run_name: str = doc(
+        "",
+        "Run name shown by the experiment trackers ('' = the run directory's name); queue keys come from the run directory's path.",
+    )
     seed: int = doc(0, "Global seed.")
     resume: bool = doc(
         False, "Continue from the run directory's last checkpoint with queue and prompt cursor intact."
