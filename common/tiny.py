@@ -44,6 +44,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
 
 from common import tasks
 from common.errors import ModelError
+from common.plan import TINY_ARCHS
 
 # Bump when the saved format or the build recipe changes: cached builds with another version are rebuilt.
 TINY_VERSION = 4
@@ -60,29 +61,7 @@ _CHAT_CHARS = "systemuserassistant: \n"
 
 # head_dim is 64 in every size (hidden / heads): the vLLM CPU build supports it. The MLP is 2x hidden
 # for "s" and "m": at hidden 256, a 1024-wide MLP made a CPU training step several times slower here.
-SIZES: dict[str, dict] = {
-    "xs": dict(
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    ),
-    "s": dict(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "m": dict(
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-    ),
-}
+SIZES: dict[str, dict] = TINY_ARCHS  # one table, in the torch-free memory plan
 
 # Warm-start recipe ("s" model, arith), measured on 2 cores. A fixed-length cosine schedule (the earlier
 # recipe: 500 steps) ended mid-transition: T=1 accuracy 0.07 on one machine and 0.34 on another, and
