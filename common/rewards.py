@@ -42,7 +42,6 @@ a long wrong one stays wrong: dynamic sampling and accuracies use the verdict, n
 
 from __future__ import annotations
 
-import abc
 import atexit
 import contextlib
 import json
@@ -507,7 +506,7 @@ class _Job(NamedTuple):
     req: dict
 
 
-class _Reward(abc.ABC):
+class _Reward:
     """Shared machinery: in-process decisions, isolated jobs, counting, the overlong penalty."""
 
     name = "reward"
@@ -543,9 +542,10 @@ class _Reward(abc.ABC):
             self._pool = shared_pool(old and old.num_workers, old and old.memory_mb)
         return self._pool
 
-    @abc.abstractmethod
     def _prepare(self, text: str, answer: str, metadata: dict) -> float | _Job:
-        """The base score now, or a _Job for a verifier worker (its value then goes through _finish)."""
+        """The base score now, or a _Job for a verifier worker (its value then goes through _finish).
+        Rewards that score whole batches override ``judge_many`` instead and never reach this."""
+        raise TypeError(f"{type(self).__name__} scores whole batches through judge_many, not one item")
 
     def _finish(self, value: Any) -> float:
         return self.correct if value else self.wrong

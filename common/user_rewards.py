@@ -238,9 +238,6 @@ class BatchUserReward(_Reward):
         super().__init__(**kw)
         self.spec = self.name = absolute_spec(spec)
 
-    def _prepare(self, text: str, answer: str, metadata: dict) -> float:  # unused: judge_many is whole-batch
-        raise NotImplementedError
-
     def judge_many(self, items: Iterable[RewardItem | tuple]) -> list[Scored]:
         t0 = time.perf_counter()
         items = _items(items)
@@ -294,9 +291,6 @@ class HttpReward(_Reward):
         super().__init__(**kw)
         self.url, self.retries, self.backoff_s = url, int(retries), float(backoff_s)
         _probe(url, self.timeout_s)
-
-    def _prepare(self, text: str, answer: str, metadata: dict) -> float:  # unused: judge_many is whole-batch
-        raise NotImplementedError
 
     def _post(self, body: bytes) -> Any:
         """One try: the decoded JSON answer, or an exception (retryable or not, see _send)."""
