@@ -124,9 +124,11 @@ class TreeConfig:
         "tree", "'tree' (TreePO segment trees) | 'flat' (GRPO: w independent samples, no branching)."
     )
     w: int = doc(8, "Leaves (trajectories) per prompt; the group size.")
-    d: int = doc(4, "Maximum segments per trajectory (tree depth).")
+    d: int = doc(8, "Maximum segments per trajectory (tree depth).")
     l: int = doc(
-        32, "Segment length: maximum new tokens per step. Keep it a multiple of the engine block size."
+        16,
+        "Segment length: maximum new tokens per step. With tree.align_segments_to_blocks, a multiple of "
+        "the engine block size.",
     )
     b: int = doc(2, "Branching factor per live path.")
     root_divergence_min: int = doc(
@@ -167,8 +169,9 @@ class TreeConfig:
     repetition_min_count: int = doc(8, "Occurrences in one segment that count as repetition.")
     repetition_first: bool = doc(False, "Run the repetition check before the answer/EOS checks.")
     align_segments_to_blocks: bool = doc(
-        True,
-        "End segments where (path length - 1) is a multiple of the KV block size so children reuse the cache.",
+        False,
+        "End segments where (path length - 1) is a multiple of the KV block size so children reuse the "
+        "cache (the GPU presets; the demo's 16-token segments are below the 32-token CPU block).",
     )
     seed: int = doc(0, "Seed of the sampler's own choices (divergence draws, remainders, fallback cuts).")
 

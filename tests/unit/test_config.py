@@ -77,7 +77,7 @@ def test_bad_overrides_name_the_key(override, key):
         (["tree.max_response_tokens=200"], "tree.max_response_tokens", "<= 128"),
         (["learner.mini_batch_prompts=16"], "learner.mini_batch_prompts", "<= 8"),
         (["learner.mini_batch_prompts=3"], "learner.mini_batch_prompts", "divisor"),
-        (["tree.l=40"], "tree.l", "multiple of 32"),
+        (["tree.l=40", "tree.align_segments_to_blocks=true"], "tree.l", "multiple of 32"),
         (["tree.mode=bushy"], "tree.mode", "tree, flat"),
         (["tree.w=0"], "tree.w", ">= 1"),
         (["algo.dual_clip=0.5"], "algo.dual_clip", "> 1"),

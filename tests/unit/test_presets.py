@@ -186,6 +186,7 @@ def test_grpo_baseline_differs_only_in_sampling_and_advantage():
         "tree.remainder",
         "tree.fallback",
         "tree.b",
+        "tree.align_segments_to_blocks",
     }
     assert differ - tree_only == {"run_dir", "tree.mode", "algo.advantage", "algo.whiten"}
 
