@@ -258,6 +258,76 @@ def test_no_password_in_the_yaml(path):
     assert not [k for k in keys(load(path)) if "password" in k.lower()]
 
 
+# ------------------------------------------------------------------ Ray token authentication
+TOKEN_DEST = "/home/ray/.ray/auth_token"
+
+
+def ray_start_commands(cfg: dict) -> list[str]:
+    cmds = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    found = [c for c in cmds if re.search(r"\bray start\b", c)]
+    assert len(found) == 2, "one `ray start` on the head, one on the workers"
+    return found
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=ids)
+def test_ray_token_auth_on_every_node(path):
+    """Every `ray start` (head and workers) runs with RAY_AUTH_MODE=token and the token file that
+    file_mounts copies from the operator's machine; the token itself is in neither the YAML nor the
+    repository."""
+    cfg = load(path)
+    assert cfg["file_mounts"].get(TOKEN_DEST) == "~/.ray/auth_token"  # a path, never the token
+    for cmd in ray_start_commands(cfg):
+        before = cmd[: re.search(r"\bray start\b", cmd).start()]
+        assert re.search(r"\bRAY_AUTH_MODE=token\b", before), cmd
+        assert f"RAY_AUTH_TOKEN_PATH={TOKEN_DEST}" in before, cmd
+        assert "RAY_AUTH_MODE=disabled" not in cmd
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        cmds = cfg[key]
+        check = [i for i, c in enumerate(cmds) if f"test -s {TOKEN_DEST}" in c]
+        start = [i for i, c in enumerate(cmds) if re.search(r"\bray start\b", c)]
+        assert check and check[0] < start[0], f"{key}: the token check must come before `ray start`"
+    text = path.read_text()
+    assert not re.search(r"RAY_AUTH_TOKEN\s*[=:]", text), "a literal token"
+    assert not re.search(r"\b[0-9a-f]{32,}\b", text), "something that looks like a token"
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=ids)
+def test_ray_start_commands_run_with_the_token(path, tmp_path):
+    """The YAML's start commands, run by bash with `ray` replaced by a recorder: `ray start` sees
+    token mode and a readable 0600 token; without a token file the node refuses to start."""
+    cfg = load(path)
+    token = tmp_path / "auth_token"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "ray-env"
+    fake = bin_dir / "ray"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s|%s|%s\\n" "$*" "$RAY_AUTH_MODE" "$RAY_AUTH_TOKEN_PATH" >> {record}\n'
+        '[ -n "$RAY_AUTH_TOKEN_PATH" ] && cat "$RAY_AUTH_TOKEN_PATH" > /dev/null || true\n'
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_HEAD_IP": "10.0.0.1"}
+    env.pop("RAY_AUTH_MODE", None)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        cmds = [c.replace(TOKEN_DEST, str(token)) for c in cfg[key] if "head_redis.sh" not in c]
+        token.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
+        results = [subprocess.run(["bash", "-c", c], env=env, capture_output=True, text=True) for c in cmds]
+        check = next(r for c, r in zip(cmds, results, strict=True) if f"test -s {token}" in c)
+        assert check.returncode != 0 and "ray get-auth-token --generate" in check.stderr
+
+        token.write_text("0123456789abcdef" * 2)
+        token.chmod(0o644)  # as rsync may copy it
+        record.unlink(missing_ok=True)
+        for c in cmds:  # `ray up` runs them in order and stops at the first failure
+            res = subprocess.run(["bash", "-c", c], env=env, capture_output=True, text=True)
+            assert res.returncode == 0, f"{key}: {res.stderr}\n{c}"
+        starts = [line.split("|") for line in record.read_text().splitlines() if line.startswith("start")]
+        assert len(starts) == 1 and starts[0][1:] == ["token", str(token)], starts
+        assert token.stat().st_mode & 0o777 == 0o600
+
+
 # ------------------------------------------------------------------ network exposure
 @pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=ids)
 def test_nothing_open_to_the_world(path):
