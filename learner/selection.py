@@ -4,6 +4,11 @@ both drivers (the local one and the asynchronous pipeline).
 - Staleness of a leaf = the learner's policy version − the OLDEST version on the leaf's path (a prefix
   sampled under ``v`` and a branch under ``v+1`` is as stale as ``v``). A tree is as stale as its
   stalest leaf.
+- Across a resume the version numbers continue past every version published before the stop, so a
+  number never names two different weights; the resumed learner's first version holds the weights of
+  the checkpoint's version. :class:`VersionLineage` maps numbers back to optimizer steps, so a tree
+  re-delivered after a resume is as stale as the updates that really lie between its weights and the
+  learner's (0 for a tree sampled under the checkpoint's weights), not as the numbers say.
 - A tree past the staleness limit (``algo.max_staleness`` in the pipeline; the local driver samples
   every tree under the current weights and has no limit) is dropped and counted.
 - With ``algo.dynamic_sampling`` (DAPO's filter, as the release runs it on accuracy) a tree whose
@@ -38,19 +43,65 @@ def dynamic_sampling_keep(correct_L: Sequence[bool] | np.ndarray) -> bool:
     return bool(correct_L.any()) and not bool(correct_L.all())
 
 
-def leaf_staleness_L(tree: Any, version: int) -> list[int]:
-    """Versions behind ``version`` of every leaf: ``version`` − the oldest version on its path."""
-    return [int(version) - tree.oldest_version(lf) for lf in tree.leaves]
+@dataclass(frozen=True)
+class VersionLineage:
+    """The policy versions' history across resumes, as ``jumps``: ``(c, n)`` = a resume loaded the
+    checkpoint of version ``c`` and numbered on from ``n`` (past every version published before the
+    stop). Version ``n`` holds ``c``'s weights; the versions strictly between them were a branch that
+    the stop lost (trained from ``c``, never checkpointed). Without jumps, lag = plain difference."""
+
+    jumps: tuple[tuple[int, int], ...] = ()
+
+    def _position(self, v: int) -> int:
+        """Optimizer steps behind a version on the current line (``n`` of a jump counts as ``c``)."""
+        return v - sum(n - c for c, n in self.jumps if n <= v)
+
+    def lag(self, sampled: int, now: int) -> int:
+        """Optimizer updates between the weights of version ``sampled`` and the learner's at ``now``:
+        on the current line, the steps between them; on a lost branch, its steps past the branch point
+        plus the current line's steps since that point (the updates differ both ways)."""
+        for c, n in self.jumps:
+            if c < sampled < n:
+                return (sampled - c) + self._position(now) - self._position(c)
+        return self._position(now) - self._position(sampled)
+
+    def after_resume(self, checkpoint_version: int, numbered_from: int) -> VersionLineage:
+        if numbered_from == checkpoint_version:
+            return self
+        return VersionLineage((*self.jumps, (int(checkpoint_version), int(numbered_from))))
+
+    def to_json(self) -> list[list[int]]:
+        return [[c, n] for c, n in self.jumps]
+
+    @classmethod
+    def from_json(cls, raw: Any) -> VersionLineage:
+        return cls(tuple((int(c), int(n)) for c, n in (raw or [])))
 
 
-def tree_staleness(tree: Any, version: int) -> int:
+PLAIN = VersionLineage()
+
+
+def leaf_staleness_L(tree: Any, version: int, lineage: VersionLineage = PLAIN) -> list[int]:
+    """Versions behind ``version`` of every leaf: the largest lag of the versions on its path (with
+    no resume in between: ``version`` − the oldest version on the path)."""
+    if not lineage.jumps:
+        return [int(version) - tree.oldest_version(lf) for lf in tree.leaves]
+    return [
+        max(lineage.lag(v, int(version)) for v in {s.version for s in tree.path(lf.node_id)})
+        for lf in tree.leaves
+    ]
+
+
+def tree_staleness(tree: Any, version: int, lineage: VersionLineage = PLAIN) -> int:
     """The stalest leaf of ``tree`` (0 for a tree without leaves)."""
-    return max(leaf_staleness_L(tree, version), default=0)
+    return max(leaf_staleness_L(tree, version, lineage), default=0)
 
 
-def record_staleness(trees: Sequence[Any], version: int, hist: dict[int, int]) -> list[int]:
+def record_staleness(
+    trees: Sequence[Any], version: int, hist: dict[int, int], lineage: VersionLineage = PLAIN
+) -> list[int]:
     """Staleness of every leaf of ``trees`` (see :func:`leaf_staleness_L`), also counted into ``hist``."""
-    out = [s for t in trees for s in leaf_staleness_L(t, version)]
+    out = [s for t in trees for s in leaf_staleness_L(t, version, lineage)]
     for s in out:
         hist[s] = hist.get(s, 0) + 1
     return out
@@ -69,6 +120,7 @@ class Selection:
     sampled: int = 0  # every tree offered (duplicates included)
     dropped_stale: int = 0
     dropped_uniform: int = 0
+    lineage: VersionLineage = PLAIN
     rewards_T_L: list = field(default_factory=list)  # every non-duplicate tree's leaf rewards
     correct_T_L: list = field(default_factory=list)  # ... and verdicts
     tally: TreeTally = field(default_factory=TreeTally)  # ... and their structure
@@ -83,7 +135,10 @@ class Selection:
         self.rewards_T_L.append(tree.rewards_L)
         self.correct_T_L.append(tree.correct_L)
         self.tally.add(tree)
-        if self.max_staleness is not None and tree_staleness(tree, self.version) > self.max_staleness:
+        if (
+            self.max_staleness is not None
+            and tree_staleness(tree, self.version, self.lineage) > self.max_staleness
+        ):
             self.dropped_stale += 1
             return STALE
         if self.dynamic_sampling and not dynamic_sampling_keep(self.correct_T_L[-1]):

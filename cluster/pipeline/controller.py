@@ -69,6 +69,7 @@ from common.config import TrainConfig, save_resolved
 from common.errors import ConfigError, QueueError, SyncError, TreepoError
 from common.rollouts import due
 from common.trackers import open_trackers
+from learner.selection import PLAIN, VersionLineage
 
 log = logging.getLogger("treepo.controller")
 
@@ -190,6 +191,7 @@ class Controller:
         self.world = cfg.learner.num_workers
         self.step = 0
         self.version = 0
+        self.lineage = PLAIN  # version numbers -> optimizer steps across resumes (learner.selection)
         self.dropped = 0  # trees consumed without training (staleness, dynamic sampling)
         self.trained_ids: set[str] = set()
         self.unacked: list[str] = []  # entries consumed since the last checkpoint
@@ -272,7 +274,9 @@ class Controller:
         self.trained_ids = trained_tree_ids(self.run_dir)
         self.version = ray.get(self.topo.learners[0].version.remote(), timeout=60)
         newest = int(self.queue.redis.get(self._version_key) or 0)
+        self.lineage = VersionLineage.from_json(extra.get("version_lineage"))
         if newest > self.version:  # versions published after the checkpoint: never reuse their numbers
+            self.lineage = self.lineage.after_resume(self.version, newest + 1)
             self.version = newest + 1
             ray.get([h.set_version.remote(self.version) for h in self.topo.learners], timeout=60)
         for gid in self.dispatcher.generator_ids():
@@ -383,7 +387,7 @@ class Controller:
         from learner.selection import Selection
 
         cfg = self.cfg
-        sel = Selection(self.version, cfg.algo.max_staleness, cfg.algo.dynamic_sampling)
+        sel = Selection(self.version, cfg.algo.max_staleness, cfg.algo.dynamic_sampling, lineage=self.lineage)
         last_tree = time.perf_counter()
         entry_of: dict[str, str] = {}  # tree id -> entry id of the kept trees
         while len(sel.kept) < need:
@@ -605,7 +609,7 @@ class Controller:
         from learner.selection import record_staleness, rollout_metrics, staleness_metrics
 
         advantages = tree_advantages(trees, self.cfg.algo)
-        stale_L = record_staleness(trees, self.version, self.staleness_hist)
+        stale_L = record_staleness(trees, self.version, self.staleness_hist, self.lineage)
         encoded = [encode_tree(t) for t in trees]
         idx = list(range(len(trees)))
         refs = []
@@ -730,6 +734,7 @@ class Controller:
                 "depth": self.queue.depth(),
             },
             "config": config_snapshot(self.cfg),
+            "version_lineage": self.lineage.to_json(),  # staleness across resumes
             # acknowledged only after the publish: a resume finishes a window whose ack was lost
             "window": {"entries": list(self.unacked), "rows": list(self.window_rows)},
         }

@@ -214,6 +214,7 @@ def small_pipeline_overrides(run_dir, model_dir, *extra: str) -> list[str]:
         "generators.trees_in_flight=4",
         "tree.w=4",
         "tree.d=2",
+        "tree.l=32",
         "tree.max_response_tokens=64",
         "learner.prompts_per_step=2",
         "learner.mini_batch_prompts=2",

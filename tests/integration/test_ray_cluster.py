@@ -137,11 +137,6 @@ def _latest_step(run_dir: Path) -> int | None:
 # ------------------------------------------------------------------ the tests
 
 
-@pytest.mark.xfail(
-    reason="known open defect: after `ray job stop`, trees trained past the last checkpoint are not "
-    "trained again on --resume (checkpoint-window reconciliation); tracked in the exactly-once issue",
-    strict=False,
-)
 def test_job_stopped_after_a_checkpoint_resumes_with_every_tree_trained_once(
     ray_head, tiny_model_dir, tmp_path
 ):

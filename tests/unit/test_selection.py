@@ -14,6 +14,7 @@ from learner.selection import (
     STALE,
     UNIFORM,
     Selection,
+    VersionLineage,
     dynamic_sampling_keep,
     leaf_staleness_L,
     record_staleness,
@@ -40,6 +41,27 @@ def test_a_leaf_is_as_stale_as_the_oldest_segment_on_its_path():
     hist: dict[int, int] = {}
     assert record_staleness([t, t], 1, hist) == [1] * 6
     assert hist == {1: 6}
+
+
+def test_staleness_across_resumes_counts_the_updates_between_the_weights_not_the_numbers():
+    """A resume loaded version 4's checkpoint after version 5 had been published (and lost), and
+    numbers on from 6 (which holds 4's weights); a second one loaded 7 and numbers on from 10."""
+    one = VersionLineage().after_resume(4, 6)
+    assert one.jumps == ((4, 6),) and VersionLineage().after_resume(4, 4).jumps == ()
+    assert [one.lag(v, 6) for v in (3, 4, 6)] == [1, 0, 0]  # sampled under the checkpoint's line
+    assert one.lag(5, 6) == 1 and one.lag(5, 8) == 3  # the lost branch: 1 update off the line, + new ones
+    assert one.lag(7, 8) == 1 and one.lag(0, 8) == 6
+    two = one.after_resume(7, 10)
+    assert two == VersionLineage.from_json(two.to_json())
+    assert [two.lag(v, 11) for v in (3, 5, 6, 7, 8, 9, 10, 11)] == [3, 3, 2, 1, 2, 3, 1, 0]
+    # a tree sampled under versions 3 and 4 before the stop, re-delivered after it
+    t = _tree("redelivered", [1.0, -1.0, 1.0], version_shift=3)
+    assert tree_staleness(t, 6) == 3 and tree_staleness(t, 6, one) == 1
+    assert leaf_staleness_L(_tree("lost", [1.0] * 3, version_shift=5), 6, one) == [1, 1, 1]
+    hist: dict[int, int] = {}
+    assert record_staleness([t], 6, hist, one) == [1, 1, 1] and hist == {1: 3}
+    assert Selection(6, max_staleness=1, dynamic_sampling=False).offer(t) == STALE
+    assert Selection(6, max_staleness=1, dynamic_sampling=False, lineage=one).offer(t) == KEPT
 
 
 def test_selection_drops_stale_then_uniform_trees_and_counts_everything():
