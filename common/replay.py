@@ -16,8 +16,11 @@ checkpoints.
   update is committed. On resume, :meth:`reclaim` re-delivers the pending entries: the consumer's own
   (``XREADGROUP 0``) and, after ``min_idle_ms``, those of consumers that died (``XAUTOCLAIM``).
 - An entry that fails :func:`decode_tree` (or is too large, or has no payload) is moved to the
-  dead-letter stream with the reason, the original bytes and its source id, and acknowledged on the
-  main stream in the same transaction, so it never blocks or comes back; :meth:`dead_count` counts them.
+  dead-letter stream with the reason, its source id, its size and SHA-256 and the first
+  ``dead_data_bytes`` (64 KiB) of its bytes, and acknowledged on the main stream in the same
+  transaction, so it never blocks or comes back; :meth:`dead_count` counts them. The stream keeps
+  the last ``dead_maxlen`` (1000) entries, trimmed exactly: at most ~64 MiB however large the poison
+  entries were (full 8 MiB payloads would be 8 GB against the embedded server's 2 GB).
 - :meth:`trim_acked` removes only entries below both the oldest pending id and the group's
   last-delivered id (``XTRIM MINID``): Redis 7.0's ``MAXLEN``/``XTRIM`` would delete unacknowledged
   entries otherwise. Memory is bounded by the generators' admission control, never by dropping data.
@@ -29,6 +32,7 @@ msgpack wire format of :mod:`common.tree`.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -43,6 +47,8 @@ from common.keys import RunKeys
 from common.tree import SCHEMA_VERSION, Tree, decode_tree, encode_tree
 
 GROUP = "learners"
+DEAD_MAXLEN = 1000  # dead-letter entries kept (the counter dead_count counts them all)
+DEAD_DATA_BYTES = 64 << 10  # bytes of a dead entry's payload kept (size and sha256 describe the rest)
 FIELD_TREE = b"tree"
 FIELD_SCHEMA = b"schema"
 MiB = 1 << 20
@@ -177,7 +183,8 @@ class ReplayQueue:
         block_ms: int = 2000,
         socket_timeout_s: float | None = None,
         connect_timeout_s: float = 5.0,
-        dead_maxlen: int = 1000,
+        dead_maxlen: int = DEAD_MAXLEN,
+        dead_data_bytes: int = DEAD_DATA_BYTES,
         client: redis.Redis | None = None,
         outage_s: float = 10.0,
     ) -> None:
@@ -188,7 +195,10 @@ class ReplayQueue:
         self.keys = stream_keys(run_name)
         self.max_entry_bytes = int(max_entry_bytes)
         self.block_ms = int(block_ms)
+        if dead_maxlen < 1 or dead_data_bytes < 0:
+            raise QueueError("dead_maxlen must be >= 1 and dead_data_bytes >= 0")
         self.dead_maxlen = int(dead_maxlen)
+        self.dead_data_bytes = int(dead_data_bytes)
         # The socket timeout must outlast the longest BLOCK, or a quiet queue looks like a dead server.
         timeout = socket_timeout_s if socket_timeout_s is not None else block_ms / 1000 + 10.0
         if timeout * 1000 <= block_ms:
@@ -310,13 +320,20 @@ class ReplayQueue:
         return self._decode_entries(found, consumer)
 
     def _dead_letter(self, entry_id: str, reason: str, data: bytes, consumer: str) -> None:
+        # Bounded whatever the poison: the head of the payload (enough to see what it was), its size
+        # and digest; exact trimming so the stream never holds more than dead_maxlen entries.
+        kept = data[: self.dead_data_bytes]
+        fields = {
+            b"source_id": entry_id,
+            b"reason": reason[:2000],
+            b"consumer": consumer,
+            b"data": kept,
+            b"size": len(data),
+            b"sha256": hashlib.sha256(data).hexdigest(),
+            b"truncated": int(len(kept) < len(data)),
+        }
         pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(
-            self.keys["dead"],
-            {b"source_id": entry_id, b"reason": reason[:2000], b"consumer": consumer, b"data": data},
-            maxlen=self.dead_maxlen,
-            approximate=True,
-        )
+        pipe.xadd(self.keys["dead"], fields, maxlen=self.dead_maxlen, approximate=False)
         pipe.xack(self.keys["trees"], GROUP, entry_id)
         pipe.incr(self.keys["dead_count"])
         self._call(pipe.execute)
@@ -418,19 +435,26 @@ class ReplayQueue:
         return int(self._call(self.redis.get, self.keys["dead_count"]) or 0)
 
     def dead_entries(self, count: int = 5) -> list[dict[str, Any]]:
-        """The last ``count`` dead-letter entries (newest first): id, source id, reason, size, consumer."""
+        """The last ``count`` dead-letter entries (newest first): id, source id, reason, consumer,
+        the original size in ``bytes`` and its ``sha256``, and ``data`` (its first
+        ``dead_data_bytes``; ``truncated`` when that is not all of it)."""
         rows = self._call(self.redis.xrevrange, self.keys["dead"], count=count)
-        return [
-            {
-                "id": _sid(rid),
-                "source_id": _sid(f.get(b"source_id", b"")),
-                "reason": _sid(f.get(b"reason", b"")),
-                "consumer": _sid(f.get(b"consumer", b"")),
-                "bytes": len(f.get(b"data", b"")),
-                "data": f.get(b"data", b""),
-            }
-            for rid, f in rows
-        ]
+        out = []
+        for rid, f in rows:
+            data = f.get(b"data", b"")
+            out.append(
+                {
+                    "id": _sid(rid),
+                    "source_id": _sid(f.get(b"source_id", b"")),
+                    "reason": _sid(f.get(b"reason", b"")),
+                    "consumer": _sid(f.get(b"consumer", b"")),
+                    "bytes": int(f.get(b"size", len(data))),
+                    "sha256": _sid(f.get(b"sha256", b"")),
+                    "truncated": f.get(b"truncated", b"0") == b"1",
+                    "data": data,
+                }
+            )
+        return out
 
     def undelivered(self) -> int:
         """Entries not yet delivered to the group."""
