@@ -43,6 +43,7 @@ def _shell(cfg, server, run: str, prompt_ids: list[str], world: int = 1):
     from cluster.pipeline.controller import CONSUMER, Controller
     from common.keys import RunKeys
     from common.prompts import PromptDispatcher
+    from learner.selection import VersionLineage
 
     c = Controller.__new__(Controller)
     c.cfg, c.run_name, c.world, c.gens, c.version, c.step = cfg, run, world, [], 0, 0
@@ -57,6 +58,7 @@ def _shell(cfg, server, run: str, prompt_ids: list[str], world: int = 1):
         0,
     )
     c._dropped_key, c._version_key, c._orphans_at = RunKeys(run).dropped, RunKeys(run).version, 0.0
+    c.lineage = VersionLineage()
     c._limits = Controller._run_limits(cfg, prompt_ids)
     c.queue.check = c._check_tree
     return c, CONSUMER
