@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "cluster.commands.convert",
         "Convert public benchmark files (MATH500, AIME, AMC, Minerva, OlympiadBench; jsonl/parquet) to eval rows.",
     ),
+    "merge-lora": (
+        "cluster.commands.merge_lora",
+        "Merge a LoRA adapter (a learner.lora checkpoint's adapter/) into its base model: an HF model directory.",
+    ),
     "plan": (
         "cluster.commands.plan",
         "Memory plan of a config per GPU (engine, learner rank, weight sync, checkpoint); train refuses one that does not fit.",

