@@ -621,6 +621,7 @@ def validate(cfg: TrainConfig) -> None:
         value = _get(cfg, key)
         if value < low:
             raise ConfigError(f"{key}={value} is too small: set {key} >= {low}")
+    _check_queue_url(cfg.queue)
 
     t = cfg.tree
     if t.root_divergence_min > t.root_divergence_max:
@@ -727,6 +728,17 @@ def validate(cfg: TrainConfig) -> None:
 
 
 LORA_REFUSED_TARGETS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out")
+
+
+def _check_queue_url(q: QueueConfig) -> None:
+    """No password in queue.url: the resolved config is written to the run directory."""
+    from common.errors import QueueError
+    from common.replay import check_url
+
+    try:
+        check_url(q.url, q.password_env)
+    except QueueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_lora(lr: LearnerConfig) -> None:

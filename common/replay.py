@@ -36,7 +36,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -93,7 +93,8 @@ def connect(
     After the first PING (which fails fast), a command whose connection broke is retried for about
     ``outage_s`` seconds (``queue.outage_s``): a server restart or a short outage is ridden out."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise QueueError(f"queue URL {url!r} must start with redis://, rediss:// (TLS) or unix://")
+        raise QueueError(f"queue URL {describe(url)} must start with redis://, rediss:// (TLS) or unix://")
+    check_url(url, key="the queue URL")
     kwargs: dict[str, Any] = dict(
         decode_responses=False,
         protocol=2,  # the reply shapes parsed here (redis-py >= 5 defaults differ)
@@ -112,6 +113,24 @@ def connect(
     guarded(client, url, client.ping)
     client.set_retry(kwargs["retry"])
     return client
+
+
+def check_url(url: str, password_env: str = "TREEPO_REDIS_PASSWORD", key: str = "queue.url") -> None:
+    """Refuse a queue URL that carries a password (``redis://user:pass@host``): it would be written
+    to the run's config.yaml, logs and actor specs. A user name alone (``redis://treepo@host``) is
+    not a secret and is allowed; the password comes from the environment variable ``password_env``."""
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        has_password = parts.password is not None or "password" in parse_qs(parts.query)
+    except ValueError:
+        has_password = "@" in url
+    if has_password:
+        raise QueueError(
+            f"{key} must not contain a password ({describe(url)}): remove it from the URL and export it "
+            f"in {password_env} instead"
+        )
 
 
 def retries_for(outage_s: float) -> int:
