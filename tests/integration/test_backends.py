@@ -94,7 +94,7 @@ def test_vllm_weight_update_hook(vllm_backend, reference, tiny_model_dir):
 def test_vllm_tree_sampling_end_to_end(vllm_backend, tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir))
     eos = eos_token_ids(str(tiny_model_dir))
-    cfg = TreeConfig(w=8, d=2, l=32, b=2, max_response_tokens=64, seed=1)
+    cfg = TreeConfig(w=8, d=2, l=32, b=2, max_response_tokens=64, align_segments_to_blocks=True, seed=1)
     sampler = TreeSampler(vllm_backend, cfg, SamplingConfig(), eos, lambda ids: tok.decode(ids))
     before = vllm_backend.counters.as_dict()
     items = [(f"p{i}", p, {"answer": "0"}) for i, p in enumerate(prompts(tok))]
