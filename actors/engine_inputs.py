@@ -12,8 +12,9 @@ Rules kept here and nowhere else:
   ``eval.every_steps`` is set.
 - A response ends at its first stop token: an EOS id, or the chat template's end-of-turn token with
   ``data.template=chat`` (``generators.stop_token_ids`` replaces the derived ones;
-  :func:`common.models.stop_token_ids`). The engine stops there, the sampler cuts there and the reward
-  scores the text before it.
+  :func:`common.models.stop_token_ids`), or at its first stop string (``generators.stop``). The
+  engine stops at a stop token, the sampler cuts at either (a stop string split across segments
+  included) and the reward scores the text before it (:class:`common.stops.StopRule`).
 - Every text is decoded without special tokens.
 - The engine has room for the longest prompt it will see (:func:`actors.backends.backend_for_run`).
 
@@ -75,13 +76,14 @@ class PromptSet:
 
 @dataclass
 class EngineInputs:
-    """A model's tokenizer and stop ids (EOS and end of turn), and the prompt sets and backend of a run's
-    config."""
+    """A model's tokenizer, stop ids (EOS and end of turn) and stop strings, and the prompt sets and
+    backend of a run's config."""
 
     cfg: Any
     model_path: str
     tokenizer: Any
     stop_ids: list[int]
+    stop_strings: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, cfg: Any, model_path: str | None = None) -> EngineInputs:
@@ -99,13 +101,19 @@ class EngineInputs:
 
         tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         stop = eos_token_ids(model_path)
+        strings: list[str] = []
         if cfg is not None:
             stop = stop_token_ids(tokenizer, stop, cfg.data.template, list(cfg.generators.stop_token_ids))
-        return cls(cfg, str(model_path), tokenizer, stop)
+            strings = list(cfg.generators.stop)
+        return cls(cfg, str(model_path), tokenizer, stop, strings)
 
     @property
-    def stop_set(self) -> frozenset[int]:
-        return frozenset(self.stop_ids)
+    def stop_set(self) -> Any:
+        """The stop rule (:class:`common.stops.StopRule`: stop token ids and stop strings) that
+        :func:`actors.scoring.score_trees` cuts the scored text with."""
+        from common.stops import StopRule
+
+        return StopRule.of(self.stop_ids, self.stop_strings)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -160,4 +168,5 @@ class EngineInputs:
         """A :class:`actors.sampler.TreeSampler` on ``backend`` with the config's tree and sampling."""
         from actors.sampler import TreeSampler
 
+        kw.setdefault("stop_strings", self.stop_strings)
         return TreeSampler(backend, self.cfg.tree, self.cfg.sampling, self.stop_ids, self.decode, **kw)

@@ -22,6 +22,7 @@ from common.config import SamplingConfig, TreeConfig
 from common.eval_metrics import maj_at_k, majority_vote, pass_at_k
 from common.rewards import RewardFn
 from common.sampling_metrics import SamplingStats
+from common.stops import StopRule
 
 
 @dataclass
@@ -91,7 +92,8 @@ def run_eval(
     cfg = inputs.cfg
     return evaluate(
         backend, prompts, reward, tree_cfg=tree_cfg or cfg.tree, sampling_cfg=cfg.sampling,
-        eos_ids=inputs.stop_ids, decode=inputs.decode, k=k or cfg.eval.k, sampling=sampling,
+        eos_ids=inputs.stop_ids, stop_strings=inputs.stop_strings, decode=inputs.decode,
+        k=k or cfg.eval.k, sampling=sampling,
         max_in_flight=cfg.generators.trees_in_flight, **kw,
     )  # fmt: skip
 
@@ -124,8 +126,10 @@ def evaluate(
     max_in_flight: int = 16,
     keep_texts: bool = False,
     progress: Callable[[int], None] | None = None,
+    stop_strings: Sequence[str] = (),
 ) -> EvalResult:
-    """Sample and score k answers for each ``EncodedPrompt`` (``.row`` with id/answer, ``.prompt_ids``)."""
+    """Sample and score k answers for each ``EncodedPrompt`` (``.row`` with id/answer, ``.prompt_ids``).
+    A response ends at its first stop token (``eos_ids``) or stop string (``stop_strings``)."""
     stats = SamplingStats()
     sampler = TreeSampler(
         backend,
@@ -135,8 +139,9 @@ def evaluate(
         decode,
         stats=stats,
         generator_id=-1,
+        stop_strings=stop_strings,
     )
-    eos = frozenset(int(i) for i in eos_ids)
+    eos = StopRule.of(eos_ids, stop_strings)
     items = [(p.row.id, p.prompt_ids, prompt_metadata(p.row)) for p in prompts]
     t0 = time.perf_counter()
     results: dict[str, ProblemResult] = {}

@@ -24,10 +24,14 @@ The rules (``../shared/TREEPO.md``), per tree, level-synchronous:
 Deviations from the authors' release (deliberate, see TREEPO.md):
 
 - EOS is detected anywhere in a segment (including its first token) and for every id of a list;
-  tokens after the first EOS are dropped. A boxed answer is looked for in the whole last segment plus
-  the ``answer_overlap_tokens`` tokens before it (the release looks in the last segment only), so an
-  answer split across a segment boundary is seen; a window scales with ``l``, unlike a fixed tail of
-  characters, so a box followed by a long segment still ends the path.
+  tokens after the first EOS are dropped. A stop string (``generators.stop``) counts as an EOS: it is
+  looked for in the decoded text of the segment together with the path's tail before it (a stop string
+  split across a segment boundary is found), the tokens after the one that completes it are dropped
+  and the path ends with finish reason ``eos`` (:class:`common.stops.StopRule`). A boxed answer is
+  looked for in the whole last segment plus the ``answer_overlap_tokens`` tokens before it (the
+  release looks in the last segment only), so an answer split across a segment boundary is seen; a
+  window scales with ``l``, unlike a fixed tail of characters, so a box followed by a long segment
+  still ends the path. The box must come before the path's stop (the text the reward scores).
 - A segment that would cross Lmax is truncated BEFORE classification (the tokens past Lmax are not
   part of the trajectory, so an EOS past Lmax does not count).
 - Segment alignment: a path's segment ends where (prompt + response length − 1) is a multiple of the
@@ -62,6 +66,7 @@ from common.answers import last_boxed
 from common.config import SamplingConfig, TreeConfig
 from common.errors import ConfigError
 from common.sampling_metrics import FALLBACKS_KEY, RESTARTS_KEY, SamplingStats
+from common.stops import StopRule
 from common.tree import ROOT_ID, Leaf, Segment, Tree
 
 FINISHED, EOS, MAX_TOKENS, MAX_DEPTH, REPETITION = "finished", "eos", "max_tokens", "max_depth", "repetition"
@@ -268,11 +273,13 @@ class TreeSampler:
         generator_id: int = 0,
         stats: SamplingStats | None = None,
         require_eos: bool = True,
+        stop_strings: Sequence[str] = (),
     ) -> None:
         self.backend = backend
         self.cfg = tree_cfg
         self.sampling = sampling_cfg or SamplingConfig()
-        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.stop = StopRule.of(eos_ids, stop_strings)
+        self.eos_ids = self.stop.ids
         self.decode_fn = decode_fn
         self.generator_id = generator_id
         self.stats = stats if stats is not None else SamplingStats()
@@ -287,6 +294,8 @@ class TreeSampler:
             raise ConfigError("tree.root_divergence_min > tree.root_divergence_max: set min <= max")
         if not self.eos_ids and require_eos:  # only benchmarks of the no-early-stop shape go without
             raise ConfigError("the sampler needs at least one EOS token id: pass eos_ids from the tokenizer")
+        if self.stop.strings and decode_fn is None:
+            raise ConfigError("generators.stop needs the tokenizer's decode: pass decode_fn to the sampler")
 
     # ------------------------------------------------------------------ public API
     @property
@@ -411,7 +420,11 @@ class TreeSampler:
         # never more than requested, never past Lmax (those tokens are not part of the trajectory)
         keep = min(max_tokens, self.lmax - parent_len)
         toks, lps = toks[:keep], lps[:keep]
-        eos_at = next((i for i, t in enumerate(toks) if t in self.eos_ids), None)
+        eos_at = self.stop.first_token(toks)
+        if self.stop.strings:  # a stop string completed before the first stop token ends the path there
+            ctx = st.response(p.parent_id)[-self.stop.context_tokens :] if parent_len else []
+            at = self.stop.string_end(ctx, toks if eos_at is None else toks[:eos_at], self.decode_fn)
+            eos_at = at if at is not None else eos_at
         if eos_at is not None:  # EOS anywhere in the segment (the release misses a first-token EOS)
             toks, lps = toks[: eos_at + 1], lps[: eos_at + 1]
         node = _Node(p.node_id, p.parent_id, p.depth, toks, lps, version, parent_len + len(toks))
@@ -440,7 +453,10 @@ class TreeSampler:
             return False
         if self.cfg.answer_policy == "boxed_and_eos_first" and not eos_hit:
             return False
-        return last_boxed(self.decode_fn(self._answer_window(st, node))) is not None
+        ids = self._answer_window(st, node)
+        if ids and ids[-1] in self.eos_ids:  # the text the reward scores: before the stop
+            ids = ids[:-1]
+        return last_boxed(self.stop.cut_text(self.decode_fn(ids))) is not None
 
     def _answer_window(self, st: _TreeState, node: _Node) -> list[int]:
         """The last segment and the ``answer_overlap_tokens`` before it (a box split across the

@@ -7,34 +7,36 @@ A leaf's verdict (``Leaf.correct``) is the reward's (:mod:`common.rewards`: abov
 correct and wrong values, before the overlong penalty); the majority answer is
 :func:`common.eval_metrics.majority_vote`'s.
 
-The text scored is the response up to its first stop token (EOS or the chat template's end of turn,
-:func:`common.models.stop_token_ids`), that token excluded: nothing after a stop can count.
+The text scored is the response up to its first stop, the stop excluded: a stop token (EOS or the chat
+template's end of turn, :func:`common.models.stop_token_ids`) or a stop string (``generators.stop``);
+nothing after a stop can count (:class:`common.stops.StopRule`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from common.answers import last_boxed
 from common.eval_metrics import majority_vote
 from common.rewards import RewardFn, RewardItem
+from common.stops import StopRule
 from common.tree import Tree
 
 DecodeFn = Callable[[Sequence[int]], str]
 
 
-def leaf_texts(tree: Tree, decode: DecodeFn, stop_ids: frozenset[int] = frozenset()) -> list[str]:
-    """Response text of every leaf, up to (not including) its first stop token."""
-    texts = []
-    for leaf in tree.leaves:
-        ids = tree.response_ids(leaf).tolist()
-        cut = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
-        texts.append(decode(ids[:cut]))
-    return texts
+StopArg = StopRule | Iterable[int]
+
+
+def leaf_texts(tree: Tree, decode: DecodeFn, stop: StopArg = frozenset()) -> list[str]:
+    """Response text of every leaf, up to (not including) its first stop token or stop string
+    (``stop``: a :class:`common.stops.StopRule` or stop token ids)."""
+    rule = StopRule.of(stop)
+    return [rule.response_text(tree.response_ids(leaf).tolist(), decode) for leaf in tree.leaves]
 
 
 def score_trees(
-    trees: Sequence[Tree], reward: RewardFn | None, decode: DecodeFn, stop_ids: frozenset[int] = frozenset()
+    trees: Sequence[Tree], reward: RewardFn | None, decode: DecodeFn, stop: StopArg = frozenset()
 ) -> None:
     """Set ``leaf.answer`` and (unless ``reward`` is None) ``leaf.reward`` and ``leaf.correct`` for every
     leaf of every tree (in place)."""
@@ -43,7 +45,7 @@ def score_trees(
     for tree in trees:
         answer = str(tree.metadata.get("answer", ""))
         prompt = decode(tree.prompt_ids.tolist()) if wants_prompts else ""
-        for leaf, text in zip(tree.leaves, leaf_texts(tree, decode, stop_ids)):
+        for leaf, text in zip(tree.leaves, leaf_texts(tree, decode, stop)):
             leaf.answer = last_boxed(text)
             items.append(RewardItem(text, answer, dict(tree.metadata), leaf.length, prompt))
             slots.append(leaf)

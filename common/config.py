@@ -225,6 +225,12 @@ class GeneratorConfig:
         "the token the chat template writes after an assistant turn, e.g. <|im_end|>). Set, they replace "
         "the derived ones. Sampling stops at the first stop token; the reward scores the text before it.",
     )
+    stop: list[str] = doc(
+        [],
+        "Strings that end a response besides the stop tokens, e.g. ['</answer>', 'Question:']. A path "
+        "stops at the token that completes one (also when it is split across tree segments), finish "
+        "reason eos; the reward scores the text before it. The same in training, treepo sample and eval.",
+    )
     hang_timeout_s: float = doc(
         600.0,
         "A generator whose loop made no progress (no sampler step, no idle round) for this long is "
@@ -693,6 +699,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"reward.overlong_buffer={cfg.reward.overlong_buffer} > tree.max_response_tokens={t.max_response_tokens}: "
             f"set it <= {t.max_response_tokens}"
+        )
+    if any(not isinstance(x, str) or not x for x in cfg.generators.stop):
+        raise ConfigError(
+            f"generators.stop={list(cfg.generators.stop)!r} has an empty or non-string entry: give non-empty strings"
         )
     if any(i < 0 for i in cfg.generators.stop_token_ids):
         raise ConfigError(

@@ -42,13 +42,24 @@ def chain_ids(tok) -> list[int]:
 
 def build_chat_model(out_dir: str | Path) -> Path:
     """Write the model, its tokenizer and its generation config into ``out_dir``."""
+    tok = build_tokenizer()
+    return build_chain_model(out_dir, chain_ids(tok), tok)
+
+
+def text_chain_ids(tok, text: str) -> list[int]:
+    """``text`` (one token per byte) then ``<|endoftext|>``: a chain for :func:`build_chain_model`."""
+    return tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids(ENDOFTEXT)]
+
+
+def build_chain_model(out_dir: str | Path, chain_after_newline: list[int], tok=None) -> Path:
+    """The same kind of model emitting ``chain_after_newline`` (distinct token ids) after a newline."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out = Path(out_dir)
-    tok = build_tokenizer()
+    tok = tok or build_tokenizer()
     newline = tok.encode("\n", add_special_tokens=False)
-    chain = newline + chain_ids(tok)
+    chain = newline + list(chain_after_newline)
     assert len(set(chain)) == len(chain), "each chain token needs its own successor"
     hidden = 64
     one = dict.fromkeys(("num_hidden_layers", "num_attention_heads", "num_key_value_heads"), 1)
