@@ -166,10 +166,10 @@ def adapters_off(wrapped) -> Iterator[None]:
 
 
 def adapter_state(wrapped) -> dict[str, torch.Tensor]:
-    """The adapter's tensors as peft saves them (names without the adapter name)."""
+    """A copy of the adapter's tensors as peft saves them (names without the adapter name)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(wrapped).items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(wrapped).items()}
 
 
 def save_adapter(wrapped, directory: str | os.PathLike) -> Path:
