@@ -21,8 +21,9 @@ update runs inside the worker through a worker extension (:class:`TreepoWorkerEx
   multiprocess client sends on its socket, which is not thread-safe.
 - through the caller (``update_weights``): the generator's process receives and hands the tensors
   over. With the in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) that is a direct call; with
-  the multiprocess engine they go through a temporary safetensors file (slow: kept for
-  ``sync.receiver=generator`` and for callers outside the pipeline).
+  the multiprocess engine they go through temporary safetensors files written bucket by bucket and
+  read back tensor by tensor (slow: kept for ``sync.receiver=generator`` and for callers outside the
+  pipeline; neither side holds a copy of the whole model).
 
 vLLM does not drop cached KV after an update: ``generators.reset_prefix_cache_on_update`` decides.
 """
@@ -45,6 +46,45 @@ from common.config import GeneratorConfig, SamplingConfig
 from common.errors import ModelError, SyncError
 
 EXTENSION = "actors.backends.vllm_backend.TreepoWorkerExtension"
+DEFAULT_BUCKET_BYTES = 64 << 20
+
+
+def write_buckets(named_tensors: Iterable[tuple[str, Any]], directory: str, bucket_bytes: int) -> list[str]:
+    """Write ``named_tensors`` into safetensors files of about ``bucket_bytes`` each (a tensor larger
+    than that gets a file of its own), in order; returns their paths. Only one bucket's host copies
+    are alive at a time: a tensor is copied to the host as it arrives and dropped once its file is
+    written. Tensors sharing storage (tied embeddings) or viewing part of one are cloned (safetensors
+    refuses shared storage)."""
+    from safetensors.torch import save_file
+
+    paths: list[str] = []
+    bucket: dict[str, Any] = {}
+    size = 0
+    seen: set[int] = set()
+
+    def flush() -> None:
+        nonlocal bucket, size
+        if bucket:
+            path = os.path.join(directory, f"part-{len(paths):05d}.safetensors")
+            save_file(bucket, path)
+            paths.append(path)
+        bucket, size = {}, 0
+        seen.clear()
+
+    for name, t in named_tensors:
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.untyped_storage().nbytes() != t.nbytes:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        if bucket and size + t.nbytes > bucket_bytes:
+            flush()
+            seen.add(t.untyped_storage().data_ptr())
+        bucket[name] = t
+        size += t.nbytes
+        del t
+    flush()
+    return paths
 
 
 class TreepoWorkerExtension:
@@ -63,12 +103,18 @@ class TreepoWorkerExtension:
         self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
         return count
 
-    def treepo_reload_weights_from_file(self, path: str) -> int:
-        from safetensors.torch import load_file
+    def treepo_reload_weights_from_files(self, paths: Sequence[str]) -> int:
+        """Reload from safetensors files (the buckets of :meth:`VLLMBackend.update_weights`), one
+        tensor read at a time (no copy of the whole model in the worker)."""
+        from safetensors import safe_open
 
-        weights = list(load_file(path).items())
-        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-        return len(weights)
+        def stream():
+            for path in paths:
+                with safe_open(path, framework="pt") as f:
+                    for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                        yield name, f.get_tensor(name)
+
+        return self.treepo_reload_weights(stream())
 
     # one weight-sync receiver rank per worker: thin calls into actors.backends.worker_sync.WorkerSync
     def _treepo_sync(self):
@@ -132,6 +178,7 @@ class VLLMBackend:
             eos_ids = eos_token_ids(model_path)
         self.eos_ids = [int(i) for i in eos_ids]
         self.policy_version = 0
+        self.update_bucket_bytes = DEFAULT_BUCKET_BYTES  # update_weights through files (multiprocess)
         self.counters = BackendCounters()
         self.on_cpu = current_platform.is_cpu()
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
@@ -233,20 +280,17 @@ class VLLMBackend:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]], version: int) -> None:
         """Load ``named_tensors`` into the engine. In-process the iterator streams into the reload one
-        tensor at a time (no copy of the whole model); a multiprocess engine gets them through a file."""
+        tensor at a time (no copy of the whole model). A multiprocess engine gets them through
+        safetensors files written bucket by bucket (:attr:`update_bucket_bytes` each): this process
+        holds one bucket's host copies at a time, never the whole model, and the worker reads the files
+        back one tensor at a time into the reload."""
         if self.in_process:
             stream = ((name, t.detach()) for name, t in named_tensors)
             self.llm.collective_rpc("treepo_reload_weights", args=(stream,))
         else:  # collective_rpc pickles its arguments across processes: tensors cannot travel that way
-            from safetensors.torch import save_file
-
-            weights = [(name, t.detach().to("cpu").contiguous()) for name, t in named_tensors]
-
             with tempfile.TemporaryDirectory(prefix="treepo-weights-") as tmp:
-                path = os.path.join(tmp, "model.safetensors")
-                # clone: tied tensors (embed_tokens / lm_head) share storage, which save_file refuses
-                save_file({name: t.clone() for name, t in weights}, path)
-                self.llm.collective_rpc("treepo_reload_weights_from_file", args=(path,))
+                paths = write_buckets(named_tensors, tmp, self.update_bucket_bytes)
+                self.llm.collective_rpc("treepo_reload_weights_from_files", args=(paths,))
         if self.gen_cfg.reset_prefix_cache_on_update:
             self.reset_prefix_cache()
         self.policy_version = int(version)

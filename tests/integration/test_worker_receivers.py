@@ -204,3 +204,23 @@ def test_receive_whose_sender_never_sends_times_out_and_generation_goes_on(mp_ba
         sender.close()
         mp_backend.sync_close()
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "1"  # the switch did not leak
+
+
+def test_update_weights_through_bucket_files(mp_backend, models):
+    """The caller's path (``sync.receiver=generator``) into a multiprocess engine: bucket files written
+    one at a time, read back tensor by tensor in the worker."""
+    original, perturbed, ids = models
+    new_ref, old_ref = ref_logprobs(perturbed, ids), ref_logprobs(original, ids)
+    total = sum(t.nbytes for _, t in named(perturbed))
+    old_bucket = mp_backend.update_bucket_bytes
+    mp_backend.update_bucket_bytes = total // 6  # several buckets (files)
+    try:
+        mp_backend.update_weights(named(perturbed), version=21)
+        assert mp_backend.policy_version == 21
+        got = engine_logprobs(mp_backend, ids)
+        np.testing.assert_allclose(got, new_ref, atol=ATOL)
+        assert np.abs(got - old_ref).max() > CHANGED
+    finally:
+        mp_backend.update_weights(named(original), version=0)
+        mp_backend.update_bucket_bytes = old_bucket
+    np.testing.assert_allclose(engine_logprobs(mp_backend, ids), old_ref, atol=ATOL)
