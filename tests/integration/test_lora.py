@@ -5,6 +5,7 @@ adapter and resume it exactly, ``treepo merge-lora`` writes the merged model, ba
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -353,3 +354,83 @@ def test_two_gloo_ranks_train_the_adapter_like_one_rank(tiny_model_dir, tmp_path
         torch.testing.assert_close(two[k] - before[k], one[k] - before[k], rtol=1e-3, atol=2e-3)
     saved = load_file(tmp_path / "ckpt" / "ckpt-00000001" / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(saved[k], two[k]) for k in saved)
+
+
+@pytest.mark.slow
+def test_ray_pipeline_trains_lora_and_engines_sample_the_merged_policy(
+    tmp_path, tiny_model_dir, redis_server, monkeypatch
+):
+    """The asynchronous pipeline (real Ray, the generator's vLLM engine, the learner actor) with LoRA:
+    synchronous schedule, so each step's trees were sampled under the previous step's merged weights;
+    the checkpoint holds the adapter and a merged export equal to the adapter merged onto the base."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("vllm")
+    from ray_nodes import small_pipeline_overrides
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from cluster.pipeline.controller import run_pipeline
+    from learner.checkpoint import require_checkpoint
+
+    monkeypatch.setenv("TREEPO_TEST_LORA_REDIS_PASSWORD", redis_server.password)
+    run = tmp_path / "run"
+    cfg = load_config(
+        None,
+        small_pipeline_overrides(
+            run,
+            tiny_model_dir,
+            "checkpoint.every_steps=1",
+            "learner.total_steps=2",
+            "algo.max_staleness=0",
+            "learner.lr=0.01",
+            # the random-init model never answers right: the length penalty makes leaf rewards differ
+            "reward.overlong_buffer=48",
+            f"queue.url={redis_server.url}",
+            "queue.password_env=TREEPO_TEST_LORA_REDIS_PASSWORD",
+            *LORA,
+        ),
+    )
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert run_pipeline(cfg) == 0
+    finally:
+        if started:
+            ray.shutdown()
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if m["step"] > 0]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        assert m["rollout/segment_version_min"] == m["rollout/segment_version_max"] == m["step"] - 1
+    found = require_checkpoint(run / "checkpoints")
+    assert found.step == 2
+    adapter = load_file(found.path / "adapter" / "adapter_model.safetensors")
+    assert any(float(t.abs().max()) > 0 for k, t in adapter.items() if "lora_B" in k)  # it trained
+    import peft
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(base, str(found.path / "adapter")).merge_and_unload().state_dict()
+    exported = found.model_state()
+    for n, t in exported.items():
+        torch.testing.assert_close(t, merged[n], atol=1e-6, rtol=0)
+
+
+def test_bf16_export_with_fp32_adapters(tiny_model_dir, tmp_path):
+    """model.dtype=bfloat16 with fp32 master weights and bf16 autocast: engines and the export get bf16
+    merged weights, the adapter keeps fp32 (no sharded/ directory: the adapter is the trained state)."""
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tiny_model_dir, "model.dtype=bfloat16", "learner.mixed_precision=bf16")
+    r = _learner(cfg)
+    try:
+        r.train_step(*_trees(cfg))
+        assert {t.dtype for _, t in r.weights_for_sync()} == {torch.bfloat16}
+        path = r.save(tmp_path / "ckpt")
+        assert not (path / "sharded").exists()
+        assert {t.dtype for t in load_file(path / "model.safetensors").values()} == {torch.bfloat16}
+        adapter = load_file(path / "adapter" / "adapter_model.safetensors")
+        assert {t.dtype for t in adapter.values()} == {torch.float32}
+        assert json.loads((path / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
+    finally:
+        r.close()
