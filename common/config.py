@@ -357,7 +357,10 @@ class LearnerConfig:
     weight_decay: float = doc(0.1, "AdamW weight decay.")
     betas: list = doc([0.9, 0.999], "AdamW betas.")
     grad_clip: float = doc(1.0, "Gradient-norm clip.")
-    fsdp: bool = doc(False, "Shard with FSDP2 (GPU); DDP otherwise.")
+    fsdp: bool = doc(
+        False,
+        "Shard with FSDP2 (GPU; on CPU with driver=ray and num_workers >= 2, over gloo); DDP otherwise.",
+    )
     param_dtype: str = doc(
         "float32",
         "dtype of the learner's master weights and optimizer state: float32 | bfloat16 | float16. fp32 "
@@ -682,9 +685,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"learner.betas={list(lr.betas)} must be two numbers in [0, 1): e.g. learner.betas=[0.9,0.999]"
         )
-    if lr.fsdp and lr.gpus_per_worker == 0:
+    if lr.fsdp and lr.gpus_per_worker == 0 and (cfg.driver != "ray" or lr.num_workers < 2):
         raise ConfigError(
-            "learner.fsdp=true needs GPUs: set learner.gpus_per_worker >= 1 or learner.fsdp=false"
+            "learner.fsdp=true on CPU (learner.gpus_per_worker=0) shards over the learner ranks' gloo group, "
+            f"which needs driver=ray and learner.num_workers >= 2 (got driver={cfg.driver}, "
+            f"num_workers={lr.num_workers}): set them, or learner.fsdp=false"
         )
     if cfg.sync.backend == "nccl" and (lr.gpus_per_worker == 0 or cfg.generators.gpus_per_engine == 0):
         raise ConfigError(
