@@ -21,13 +21,18 @@
 #                              (RFC 1918) or loopback addresses are accepted
 #   TREEPO_REDIS_MAXMEMORY     maxmemory (32gb); policy noeviction: eviction would drop streams
 #   TREEPO_REDIS_APPENDFSYNC   everysec (loses <= ~1 s on a machine crash) | always
-#   TREEPO_REDIS_PASSWORD      the password. Unset: the one kept in $TREEPO_REDIS_DIR/password
-#                              (mode 0600; write your own there and restart to choose it), generated
-#                              at the first start. Set at `start`: used and stored there, so `exec`
-#                              hands the same one to the job.
+#   TREEPO_REDIS_PASSWORD      the job's password (ACL user treepo). Unset: the one kept in
+#                              $TREEPO_REDIS_DIR/password (mode 0600; write your own there and restart
+#                              to choose it), generated at the first start. Set at `start`: used and
+#                              stored there, so `exec` hands the same one to the job.
 #
-# The password never appears on a command line (`ps` shows those): redis-server reads it from its
-# 0600 config file, redis-cli from REDISCLI_AUTH.
+# Two users. `treepo` (the job, through `exec`; its name is in TREEPO_QUEUE_URL) may run everything
+# the queue needs and nothing in Redis's @dangerous category (CONFIG, DEBUG, FLUSHALL, FLUSHDB,
+# SHUTDOWN, KEYS, ACL, MONITOR, REPLICAOF, ...) except INFO, on keys under treepo: only. `default`
+# (the admin: this script's stop/status) has its own random password in $TREEPO_REDIS_DIR/admin_password
+# (0600), which never leaves the head. No password appears on a command line (`ps` shows those):
+# redis-server reads them from its 0600 config file (the job's as a SHA-256 hash), redis-cli from
+# REDISCLI_AUTH.
 set -euo pipefail
 
 DIR=${TREEPO_REDIS_DIR:-/mnt/treepo/redis}
@@ -38,6 +43,8 @@ REQUIRE_FILE=${TREEPO_REDIS_REQUIRE_FILE:-}
 START_TIMEOUT_S=${TREEPO_REDIS_START_TIMEOUT_S:-600} # replaying a large AOF takes a while
 STOP_TIMEOUT_S=${TREEPO_REDIS_STOP_TIMEOUT_S:-120}
 RAY_GCS_PORT=6379
+QUEUE_USER=treepo
+QUEUE_ACL="resetchannels ~treepo:* -@all +@all -@dangerous +info" # as cluster/pipeline/redis_launcher.py
 
 die() {
   echo "head_redis.sh: error: $*" >&2
@@ -109,13 +116,26 @@ password() {
   echo "$pw"
 }
 
+admin_password() {
+  # the default (admin) user's password: generated once, never exported
+  local file="$DIR/admin_password"
+  umask 077
+  if [[ ! -s "$file" ]]; then
+    od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$file.tmp" && echo >>"$file.tmp" && mv -f "$file.tmp" "$file"
+  fi
+  chmod 600 "$file"
+  head -n 1 "$file"
+}
+
 cli() {
-  # redis-cli against the running server; the password travels in the environment, not in argv
+  # redis-cli as the admin against the running server; the password travels in the environment, not in argv
   local url
   url=$(cat "$DIR/url" 2>/dev/null) || die "no $DIR/url: the replay Redis was never started here (head_redis.sh start)"
   local hostport=${url#redis://}
+  hostport=${hostport#*@}
   hostport=${hostport%/*}
-  REDISCLI_AUTH=$(head -n 1 "$DIR/password") redis-cli -h "${hostport%:*}" -p "${hostport##*:}" "$@"
+  REDISCLI_AUTH=$(head -n 1 "$DIR/admin_password" 2>/dev/null) redis-cli --no-auth-warning \
+    -h "${hostport%:*}" -p "${hostport##*:}" "$@"
 }
 
 alive() {
@@ -163,6 +183,10 @@ cmd_start() {
     cmd_stop # settings (address, password, memory) may have changed; the data is in the AOF
   fi
   pw=$(password) # after the stop: SHUTDOWN authenticates with the stored (old) password
+  local admin pw_hash
+  admin=$(admin_password)
+  [[ "$admin" != "$pw" ]] || die "$DIR/admin_password equals the job's password: delete $DIR/admin_password and start again"
+  pw_hash=$(printf '%s' "$pw" | sha256sum | cut -c1-64)
   # also loopback: `ray attach -p 6390` tunnels to the head's 127.0.0.1 (not reachable from the network)
   local binds="$ip"
   [[ "$ip" == 127.* ]] || binds="$ip 127.0.0.1"
@@ -176,7 +200,8 @@ daemonize yes
 dir "$DIR"
 logfile "$DIR/redis.log"
 pidfile "$DIR/redis.pid"
-requirepass $pw
+requirepass $admin
+user $QUEUE_USER on #$pw_hash $QUEUE_ACL
 appendonly yes
 appenddirname "appendonlydir"
 appendfsync $APPENDFSYNC
@@ -187,7 +212,7 @@ maxmemory-policy noeviction
 tcp-keepalive 60
 EOF
   mv -f "$DIR/redis.conf.tmp" "$DIR/redis.conf"
-  printf 'redis://%s:%s/0\n' "$ip" "$PORT" >"$DIR/url"
+  printf 'redis://%s@%s:%s/0\n' "$QUEUE_USER" "$ip" "$PORT" >"$DIR/url"
   redis-server "$DIR/redis.conf" || die "redis-server failed to start; last lines of $DIR/redis.log:
 $(tail -n 20 "$DIR/redis.log" 2>/dev/null)"
   local reply=""

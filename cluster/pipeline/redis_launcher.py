@@ -2,10 +2,14 @@
 
 Everything lives under ``<run_dir>/redis/``:
 
-- ``password``   random password, mode 0600, created once and reused by every later launcher
-                 (a resumed run talks to the same data with the same secret);
-- ``redis.conf`` generated config, mode 0600 (it holds ``requirepass``: the password never
-                 appears on a command line, where ``ps`` would show it);
+- ``password``   the password of the ACL user ``treepo`` that every queue client (controller,
+                 generators, ``treepo queue inspect``) logs in as; random, mode 0600, created once and
+                 reused by every later launcher (a resumed run talks to the same data with the same secret);
+- ``admin_password`` the ``default`` user's password (``requirepass``), mode 0600: only this launcher
+                 uses it (SHUTDOWN, CONFIG SET on adoption, tests' :meth:`EmbeddedRedis.client`);
+- ``redis.conf`` generated config, mode 0600 (it holds ``requirepass`` and the treepo user's
+                 password as a SHA-256 hash: no password ever appears on a command line, where ``ps``
+                 would show it);
 - ``appendonlydir/`` the AOF (Redis 7 multi-part AOF), the only persistence: RDB snapshots are
                  off (``save ""``) because a periodic fork-and-dump of a multi-GB queue doubles its
                  memory briefly and adds nothing the AOF does not already guarantee; AOF rewrites
@@ -13,6 +17,12 @@ Everything lives under ``<run_dir>/redis/``:
 - ``endpoint.json`` port and pid of the running server, so ``treepo queue inspect --run-dir``
                  and a second launcher can find it; removed on a clean stop;
 - ``redis.log``  the server's log (its tail is quoted when start-up fails).
+
+Least privilege: the ``treepo`` user (:data:`QUEUE_ACL`) may run every command except Redis's
+``@dangerous`` category (CONFIG, DEBUG, FLUSHALL, FLUSHDB, SHUTDOWN, KEYS, MONITOR, ACL, MODULE,
+REPLICAOF, ...) bar INFO (queue stats read its memory section), on keys under ``treepo:`` only, with
+no pub/sub channels. A leaked queue password can read and write the queue, not reconfigure, wipe or
+stop the server. ``cluster/head_redis.sh`` sets up the cluster's server the same way.
 
 The server binds 127.0.0.1 on a free port (never 6379, which a Ray head uses), runs with
 ``maxmemory`` and ``noeviction`` (eviction would silently drop streams: memory is bounded by the
@@ -23,6 +33,7 @@ crash, nothing on a process crash) or ``always``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -42,6 +53,10 @@ from redis.retry import Retry
 from common.errors import QueueError
 
 RAY_REDIS_PORT = 6379
+QUEUE_USER = "treepo"
+# What the queue's clients need (common/replay.py, common/prompts.py Lua scripts, recovery's SCAN):
+# streams, strings, hashes, lists, sets, EVALSHA/SCRIPT LOAD, TIME, SCAN, INFO; nothing dangerous.
+QUEUE_ACL = "resetchannels ~treepo:* -@all +@all -@dangerous +info"
 _APPENDFSYNC = ("everysec", "always", "no")
 
 
@@ -59,7 +74,7 @@ def _direct_client(url: str, password: str, timeout_s: float) -> redis.Redis:
     """A client that fails at once (no retries): for probing and shutting down our own server."""
     return redis.Redis.from_url(
         url,
-        password=password,
+        password=password,  # the user name, if any, comes from the URL
         socket_timeout=timeout_s,
         socket_connect_timeout=min(timeout_s, 2.0),
         retry=Retry(NoBackoff(), 0),
@@ -90,7 +105,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _read_password(path: Path) -> str:
-    """The run directory's password, created (0600) on first use."""
+    """A password file of the run directory, created (0600) on first use."""
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -105,7 +120,8 @@ def _read_password(path: Path) -> str:
 
 
 def find_running(run_dir: str | os.PathLike) -> tuple[str, str] | None:
-    """``(url, password)`` of the embedded Redis of ``run_dir`` if it is running and answers, else None."""
+    """``(url, password)`` of the embedded Redis of ``run_dir`` (as the queue user) if it is running
+    and answers, else None."""
     root = Path(run_dir) / "redis"
     endpoint, pw_path = root / "endpoint.json", root / "password"
     if not endpoint.exists() or not pw_path.exists():
@@ -117,7 +133,7 @@ def find_running(run_dir: str | os.PathLike) -> tuple[str, str] | None:
         return None
     if not _pid_alive(pid):
         return None
-    url, password = f"redis://127.0.0.1:{port}/0", _read_password(pw_path)
+    url, password = f"redis://{QUEUE_USER}@127.0.0.1:{port}/0", _read_password(pw_path)
     try:
         client = _direct_client(url, password, 2.0)
         client.ping()
@@ -130,8 +146,9 @@ def find_running(run_dir: str | os.PathLike) -> tuple[str, str] | None:
 class EmbeddedRedis:
     """Start, stop and restart the run directory's ``redis-server``; use as a context manager.
 
-    ``url``/``password`` are what :class:`common.replay.ReplayQueue` needs. ``restart()`` keeps the
-    port, password and AOF (tests use it to check that nothing is lost).
+    ``url``/``password`` are what :class:`common.replay.ReplayQueue` needs: the least-privilege
+    ``treepo`` user (its name is in the URL). :meth:`client` logs in as the ``default`` (admin) user.
+    ``restart()`` keeps the port, passwords and AOF (tests use it to check that nothing is lost).
     """
 
     def __init__(
@@ -165,14 +182,24 @@ class EmbeddedRedis:
         self._proc: subprocess.Popen | None = None
         self._adopted_pid: int | None = None  # a server left running by a process that died
         self._finalizer: weakref.finalize | None = None
-        self.password = ""
+        self.password = ""  # the queue user's
+        self.admin_password = ""
 
     # ------------------------------------------------------------------ properties
     @property
     def url(self) -> str:
+        """The queue clients' URL: the ``treepo`` user (no password in it)."""
+        return f"redis://{QUEUE_USER}@127.0.0.1:{self._port()}/0"
+
+    @property
+    def admin_url(self) -> str:
+        """The ``default`` (admin) user's URL: for this launcher and tests only."""
+        return f"redis://127.0.0.1:{self._port()}/0"
+
+    def _port(self) -> int:
         if self.port is None:
             raise QueueError("the embedded Redis has not been started")
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.port
 
     @property
     def pid(self) -> int | None:
@@ -192,11 +219,14 @@ class EmbeddedRedis:
         return self._adopted_pid is not None and _pid_alive(self._adopted_pid)
 
     def client(self, **kwargs) -> redis.Redis:
-        """A new redis-py client for this server (binary responses)."""
+        """A new redis-py admin client for this server (binary responses; the ``default`` user, every
+        command allowed): for tests and maintenance, never handed to the queue's processes."""
         kwargs.setdefault("socket_timeout", 10)
         kwargs.setdefault("socket_connect_timeout", 5)
         kwargs.setdefault("protocol", 2)
-        return redis.Redis.from_url(self.url, password=self.password, decode_responses=False, **kwargs)
+        return redis.Redis.from_url(
+            self.admin_url, password=self.admin_password, decode_responses=False, **kwargs
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> EmbeddedRedis:
@@ -215,11 +245,18 @@ class EmbeddedRedis:
             if not self.adopt:
                 raise QueueError(
                     f"an embedded Redis for {self.dir.parent} is already running at {other[0]} "
-                    f"(see {self.dir / 'endpoint.json'}); stop it (`redis-cli -p PORT -a PASSWORD shutdown`) "
+                    f"(see {self.dir / 'endpoint.json'}); stop it (`REDISCLI_AUTH=$(cat admin_password) redis-cli -p PORT shutdown`) "
                     "before starting another on the same data"
                 )
             return self._adopt(other[1])
-        self.password = _read_password(self.dir / "password")
+        stray = self._stray_pid()
+        if stray is not None:
+            raise QueueError(
+                f"a redis-server (pid {stray}) runs on {self.dir} but does not accept this run's queue "
+                "user (started by an older version, or its password files changed): stop it "
+                f"(`kill {stray}`: SIGTERM flushes the AOF) and start again"
+            )
+        self._read_passwords()
         fixed_port = self.port is not None
         reason, log = "", ""
         for _attempt in range(1 if fixed_port else 5):
@@ -235,12 +272,36 @@ class EmbeddedRedis:
             f"redis-server did not start in {self.dir} ({reason}); last lines of {self.log_path}:\n{log}"
         )
 
+    def _stray_pid(self) -> int | None:
+        """The pid in endpoint.json if that process is a live redis-server (that did not answer us)."""
+        try:
+            info = json.loads((self.dir / "endpoint.json").read_text())
+            pid, port = int(info["pid"]), int(info["port"])
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        # redis-server sets its title to "redis-server ADDR:PORT": a reused pid does not match
+        name = title.split(" ", 1)[0].rsplit("/", 1)[-1]
+        return pid if name == "redis-server" and f":{port}" in title and _pid_alive(pid) else None
+
+    def _read_passwords(self) -> None:
+        self.password = _read_password(self.dir / "password")
+        self.admin_password = _read_password(self.dir / "admin_password")
+        if self.admin_password == self.password:
+            raise QueueError(
+                f"{self.dir / 'admin_password'} equals {self.dir / 'password'}: delete admin_password "
+                "(a new one is generated at the next start)"
+            )
+
     def _adopt(self, password: str) -> EmbeddedRedis:
         """Take over the run directory's server left running by a process that died (e.g. a killed
         controller: the server runs in its own session, so it outlives it with all its data)."""
         info = json.loads((self.dir / "endpoint.json").read_text())
-        self.port, self._adopted_pid, self.password = int(info["port"]), int(info["pid"]), password
-        client = _direct_client(self.url, password, 5.0)
+        self.port, self._adopted_pid = int(info["port"]), int(info["pid"])
+        self._read_passwords()
+        if self.password != password:
+            raise QueueError(f"{self.dir / 'password'} changed while its server runs")
+        client = _direct_client(self.admin_url, self.admin_password, 5.0)
         try:  # apply this launcher's settings; the data and AOF stay as they are
             client.config_set("appendfsync", self.appendfsync)
             client.config_set("maxmemory", f"{self.maxmemory_mb}mb")
@@ -258,7 +319,10 @@ class EmbeddedRedis:
                 f'dir "{self.dir}"',
                 f'logfile "{self.log_path}"',
                 f'pidfile "{self.dir / "redis.pid"}"',
-                f"requirepass {self.password}",
+                f"requirepass {self.admin_password}",
+                # the queue's user; its password as a SHA-256 hash ('#'), so not even this file
+                # holds it in clear
+                f"user {QUEUE_USER} on #{hashlib.sha256(self.password.encode()).hexdigest()} {QUEUE_ACL}",
                 "appendonly yes",
                 'appenddirname "appendonlydir"',
                 f"appendfsync {self.appendfsync}",
@@ -290,7 +354,7 @@ class EmbeddedRedis:
         )
         self._proc, self.port = proc, port
         deadline = time.monotonic() + self.startup_timeout_s
-        client = _direct_client(f"redis://127.0.0.1:{port}/0", self.password, 1.0)
+        client = _direct_client(f"redis://{QUEUE_USER}@127.0.0.1:{port}/0", self.password, 1.0)
         reason = ""
         try:
             while True:
@@ -350,7 +414,7 @@ class EmbeddedRedis:
             return
         if self.running():
             with contextlib.suppress(redis.RedisError):  # the signals below finish the job
-                _direct_client(self.url, self.password, self.stop_timeout_s).shutdown()
+                _direct_client(self.admin_url, self.admin_password, self.stop_timeout_s).shutdown()
             if proc is not None:
                 try:
                     proc.wait(self.stop_timeout_s)

@@ -34,7 +34,7 @@ def _s(x) -> str:
 
 def test_start_secure_persistent_and_stop_leaves_no_process(tmp_path):
     with EmbeddedRedis(tmp_path, appendfsync="always") as server:
-        assert server.port != RAY_REDIS_PORT and server.url == f"redis://127.0.0.1:{server.port}/0"
+        assert server.port != RAY_REDIS_PORT and server.url == f"redis://treepo@127.0.0.1:{server.port}/0"
         pid = server.pid
         assert _alive(pid)
         # A password is required: an unauthenticated command is refused.

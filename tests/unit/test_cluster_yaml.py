@@ -510,18 +510,30 @@ def test_head_redis_start_exec_restart_stop(tmp_path, monkeypatch):
     res = _script(["start"], env)
     assert res.returncode == 0, res.stderr
     try:
-        password = (data / "password").read_text().strip()
-        assert len(password) >= 32
-        for name in ("password", "redis.conf"):  # both hold the secret
+        password = (data / "password").read_text().strip()  # the job's (ACL user treepo)
+        admin = (data / "admin_password").read_text().strip()  # the script's (default user)
+        assert len(password) >= 32 and len(admin) >= 32 and admin != password
+        for name in ("password", "admin_password", "redis.conf"):  # all hold a secret
             assert (data / name).stat().st_mode & 0o777 == 0o600
         assert data.stat().st_mode & 0o777 == 0o700
+        assert password not in (data / "redis.conf").read_text()  # only its SHA-256
         pid = int((data / "redis.pid").read_text())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        assert password not in cmdline  # the secret is in the 0600 config file, not in argv
+        assert password not in cmdline and admin not in cmdline  # in the 0600 config file, not argv
 
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host="127.0.0.1", port=port, socket_timeout=5).ping()
-        client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=5)
+        # the job's user runs the queue and nothing that reconfigures, wipes or stops the server
+        job = redis.Redis(host="127.0.0.1", port=port, username="treepo", password=password, socket_timeout=5)
+        job.xadd("treepo:t:probe", {"data": b"x"})
+        for command in (("CONFIG", "SET", "maxmemory", "1mb"), ("FLUSHALL",), ("FLUSHDB",), ("SHUTDOWN",)):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                job.execute_command(*command)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            job.set("not-treepo", "x")
+        with pytest.raises(redis.AuthenticationError):  # the job's password is not the admin's
+            redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=5).ping()
+        client = redis.Redis(host="127.0.0.1", port=port, password=admin, socket_timeout=5)
         conf = {
             k: client.config_get(k)[k] for k in ("appendonly", "bind", "protected-mode", "maxmemory-policy")
         }
@@ -539,21 +551,26 @@ def test_head_redis_start_exec_restart_stop(tmp_path, monkeypatch):
         probe = 'printf "%s\\n%s\\n" "$TREEPO_QUEUE_URL" "$TREEPO_REDIS_PASSWORD"'
         res = _script(["exec", "sh", "-c", probe], env)
         assert res.returncode == 0, res.stderr
-        assert res.stdout.split() == [f"redis://127.0.0.1:{port}/0", password]
+        assert res.stdout.split() == [f"redis://treepo@127.0.0.1:{port}/0", password]
 
         # a restart (what `ray up` does) keeps the data (AOF) and the password
         res = _script(["start"], env)
         assert res.returncode == 0, res.stderr
         assert int((data / "redis.pid").read_text()) != pid
-        client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=5)
+        client = redis.Redis(
+            host="127.0.0.1", port=port, username="treepo", password=password, socket_timeout=5
+        )
         assert client.xlen("treepo:t:trees") == 1
+        assert (data / "admin_password").read_text().strip() == admin
 
         # a password chosen by the operator replaces the generated one
         chosen = "operator-chosen-password-0123456789"
         res = _script(["start"], {**env, "TREEPO_REDIS_PASSWORD": chosen})
         assert res.returncode == 0, res.stderr
         assert (data / "password").read_text().strip() == chosen
-        client = redis.Redis(host="127.0.0.1", port=port, password=chosen, socket_timeout=5)
+        client = redis.Redis(
+            host="127.0.0.1", port=port, username="treepo", password=chosen, socket_timeout=5
+        )
         assert client.xlen("treepo:t:trees") == 1
         pid = int((data / "redis.pid").read_text())
     finally:
