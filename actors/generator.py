@@ -86,14 +86,14 @@ class Generator:
         cfg: Any,
         generator_id: int,
         queue_url: str,
-        queue_password: str | None,
+        queue_password: Any,
         run_name: str,
         *,
         backend: Any = None,
     ) -> None:
         from actors.engine_inputs import EngineInputs
         from common.prompts import PromptDispatcher
-        from common.replay import ReplayQueue
+        from common.replay import ReplayQueue, resolve_password
         from common.sampling_metrics import SamplingStats
 
         self.cfg = cfg
@@ -106,7 +106,9 @@ class Generator:
         self._prompts = {p.row.id: p for p in train.prompts}
         self.reward = train.reward
         self._held_out = self.inputs.held_out_set()
-        self.queue = ReplayQueue.from_config(cfg.queue, queue_url, run_name, queue_password)
+        # by reference in a Ray actor (a common.replay.SecretFile: actor arguments live in the GCS),
+        # by value in-process
+        self.queue = ReplayQueue.from_config(cfg.queue, queue_url, run_name, resolve_password(queue_password))
         self.dispatcher = PromptDispatcher(
             self.queue.redis, run_name, list(self._prompts), cfg.data.shuffle_seed, cfg.data.epochs
         )

@@ -32,9 +32,12 @@ msgpack wire format of :mod:`common.tree`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -113,6 +116,69 @@ def connect(
     guarded(client, url, client.ping)
     client.set_retry(kwargs["retry"])
     return client
+
+
+class SecretFile:
+    """A secret handed to another process by reference: the path of a 0600 file, never its value.
+
+    Why: Ray stores an actor's constructor arguments (and its runtime_env, env_vars included) in the
+    GCS, where they outlive the actor and are served to every token holder's state/dashboard calls;
+    a password passed that way is a copy that nobody cleans up. The driver writes the queue password
+    into ``<run_dir>/secrets/queue_password`` (directory 0700, file 0600, owned by the run's user);
+    the run directory is already on storage every node shares (learner checkpoints, the controller's
+    reads), so a generator on any node reads it when it (re)starts. The driver removes it when the
+    pipeline stops. ``repr`` shows the path only, so logs and error messages never hold the value.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+
+    @classmethod
+    def write(cls, run_dir: str | os.PathLike, value: str, name: str = "queue_password") -> SecretFile:
+        folder = Path(run_dir) / "secrets"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        path = folder / name
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value)
+        os.replace(tmp, path)
+        return cls(path)
+
+    def read(self) -> str:
+        try:
+            st = os.stat(self.path)
+            with open(self.path) as f:
+                value = f.read()
+        except OSError as e:
+            raise QueueError(
+                f"cannot read the queue password file {self.path} ({e.strerror}): run_dir must be on a "
+                "file system every Ray node shares (see README, Running on a GPU cluster)"
+            ) from None
+        if st.st_mode & 0o077:
+            raise QueueError(
+                f"{self.path} is readable by other users (mode {st.st_mode & 0o777:o}): chmod 600 it"
+            )
+        return value
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def __repr__(self) -> str:
+        return f"SecretFile({self.path!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretFile) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+
+def resolve_password(password: str | SecretFile | None) -> str | None:
+    """A password given by value (in-process callers) or by :class:`SecretFile` (actors)."""
+    return password.read() if isinstance(password, SecretFile) else password
 
 
 def check_url(url: str, password_env: str = "TREEPO_REDIS_PASSWORD", key: str = "queue.url") -> None:

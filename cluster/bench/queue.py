@@ -14,7 +14,9 @@ unless ``--url`` is given):
 3. transport only: the same pipeline with pre-encoded bytes and no decoding (XADD → XREADGROUP →
    XACK), to separate Redis and the client from the codec;
 4. baseline: ``redis-benchmark -t set -d <entry bytes>`` on the same server with 1 client (our
-   pipeline has one producer) and with 8 clients; the ratio is our MB/s over its MB/s.
+   pipeline has one producer) and with 8 clients; the ratio is our MB/s over its MB/s. Only on the
+   embedded server (no ``--url``): redis-benchmark takes passwords on its command line only, so it
+   runs as a one-use ACL user (see :func:`_redis_benchmark`), which needs the server's admin.
 
 It also times ``encode_tree``/``decode_tree`` alone (in-process), which is where most of the gap is.
 """
@@ -26,12 +28,12 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -191,36 +193,51 @@ def _run_pipeline(
     }
 
 
-def _redis_benchmark(
-    host: str, port: int, password: str, size_bytes: int, n: int, clients: int
-) -> float | None:
-    """SET requests/s of redis-benchmark (None if it is not installed or failed)."""
+def _redis_benchmark(server: Any, size_bytes: int, n: int, clients: int) -> float | None:
+    """SET requests/s of redis-benchmark against the embedded ``server`` this command started (None
+    if it is not installed or failed).
+
+    redis-benchmark (7.0) takes a password only on its command line (``-a``; it reads no
+    REDISCLI_AUTH), where ``ps`` shows it. So it never gets the queue's or the admin's password: it
+    logs in as a one-use ACL user created here with a random password, allowed only SET (and PING) on
+    redis-benchmark's own ``key:*`` keys, deleted (its connections closed) as soon as it exits."""
     exe = shutil.which("redis-benchmark")
-    if exe is None:
+    if exe is None or server is None:
         return None
-    out = subprocess.run(
-        [
-            exe,
-            "-h",
-            host,
-            "-p",
-            str(port),
-            "-a",
-            password,
-            "-t",
-            "set",
-            "-d",
-            str(size_bytes),
-            "-n",
-            str(n),
-            "-c",
-            str(clients),
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    admin = server.client()
+    user, password = f"bench-{secrets.token_hex(4)}", secrets.token_hex(16)
+    admin.acl_setuser(
+        user, enabled=True, reset=True, passwords=[f"+{password}"], keys=["key:*"], commands=["+set", "+ping"]
     )
+    try:
+        out = subprocess.run(
+            [
+                exe,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(server.port),
+                "--user",
+                user,
+                "-a",
+                password,
+                "-t",
+                "set",
+                "-d",
+                str(size_bytes),
+                "-n",
+                str(n),
+                "-c",
+                str(clients),
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        admin.acl_deluser(user)
+        admin.close()
     m = re.search(r"SET:\s*([\d.]+)\s*requests per second", out.stdout)
     return float(m.group(1)) if m else None
 
@@ -253,12 +270,10 @@ def run(args: argparse.Namespace) -> int:
     server = None
     if args.url:
         url, password = args.url, os.environ.get(args.password_env, "")
-        parts = urlsplit(url)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 6379
     else:
         tmp = tempfile.mkdtemp(prefix="treepo-bench-queue-")
         server = EmbeddedRedis(tmp, appendfsync="everysec", maxmemory_mb=4096).start()
-        url, password, host, port = server.url, server.password, "127.0.0.1", server.port
+        url, password = server.url, server.password
     report: dict[str, Any] = {
         "url": url.split("@")[-1],
         "appendfsync": "everysec" if server else "server's",
@@ -279,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
             ours_mb_s = thr["trees_per_s"] * entry / 1e6
             base = {}
             for clients in (1, 8):
-                rps = _redis_benchmark(host, port, password, entry, args.bench_requests * scale, clients)
+                rps = _redis_benchmark(server, entry, args.bench_requests * scale, clients)
                 base[f"c{clients}"] = (
                     None if rps is None else {"set_per_s": rps, "mb_per_s": rps * entry / 1e6}
                 )

@@ -23,6 +23,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.generator import Generator
 from common.errors import ConfigError
+from common.replay import SecretFile
 
 GENERATOR_MAX_RESTARTS = 8  # a generator that dies this often is broken, not unlucky
 GENERATOR_CONCURRENCY = 4  # the run loop + weight offers + stats + stop
@@ -136,6 +138,7 @@ class Topology:
     generators: list[Any]
     placement_group: Any = None
     generator_args: list[tuple] = field(default_factory=list)
+    queue_secret: SecretFile | None = None  # the password file the generators read; removed at shutdown
 
 
 # Passed from the driver's environment to every actor: the model cache, offline mode, and the
@@ -224,8 +227,13 @@ def generator_name(run_name: str, generator_id: int) -> str:
     return f"treepo-{run_name}-generator-{generator_id}"
 
 
-def start_generator(cfg: Any, generator_id: int, queue_url: str, password: str | None, run_name: str) -> Any:
-    """One generator actor (not waited for: call ``ready`` on it)."""
+def start_generator(
+    cfg: Any, generator_id: int, queue_url: str, password: SecretFile | None, run_name: str
+) -> Any:
+    """One generator actor (not waited for: call ``ready`` on it). The queue password goes by
+    reference (:class:`common.replay.SecretFile`): Ray keeps actor arguments in the GCS."""
+    if password is not None and not isinstance(password, SecretFile):
+        raise TypeError("start_generator takes the queue password as a SecretFile, never its value")
     cls = ray.remote(Generator)
     return cls.options(
         name=generator_name(run_name, generator_id),
@@ -244,10 +252,17 @@ def start(
 ) -> Topology:
     """Learners and generators, all started and answering (generators start while learners load)."""
     _check_resources(cfg)
-    gens = [start_generator(cfg, g, queue_url, password, run_name) for g in range(cfg.generators.num)]
-    learners, pg = start_learners(cfg, timeout_s)
-    ray.get([g.ready.remote() for g in gens], timeout=timeout_s)
-    return Topology(learners, gens, pg)
+    # absolute: the generators' working directories differ from the driver's
+    secret = SecretFile.write(Path(cfg.run_dir).resolve(), password) if password else None
+    try:
+        gens = [start_generator(cfg, g, queue_url, secret, run_name) for g in range(cfg.generators.num)]
+        learners, pg = start_learners(cfg, timeout_s)
+        ray.get([g.ready.remote() for g in gens], timeout=timeout_s)
+    except BaseException:
+        if secret is not None:
+            secret.remove()
+        raise
+    return Topology(learners, gens, pg, queue_secret=secret)
 
 
 def shutdown(topo: Topology) -> None:
@@ -262,3 +277,5 @@ def shutdown(topo: Topology) -> None:
         ray.kill(a, no_restart=True)
     if topo.placement_group is not None:
         remove_placement_group(topo.placement_group)
+    if topo.queue_secret is not None:
+        topo.queue_secret.remove()
