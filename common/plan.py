@@ -25,6 +25,8 @@ micro-batch of ``T = learner.micro_batch_tokens`` tokens: with checkpointing one
 (``L * T * h * 2``) plus one layer's recompute, without it every layer's (``L * T * (9h + 2 kv + 4I) *
 2``); the logits (``T * V * 14`` bytes: bf16 logits, their fp32 copy, the log-softmax gradient and the
 entropy's softmax); a reference model in ``model.dtype`` when ``algo.kl_coef > 0``; the CUDA context.
+With ``learner.lora``: gradients and moments of the adapters only (``rank * (fan_in + fan_out)`` per
+target layer), no reference model (the base with adapters off), a checkpoint of the adapter.
 ``LEARNER_MARGIN`` of the GPU is kept free for allocator fragmentation.
 
 Sync peak (learner rank 0, between steps, no activations): the static state plus one gathered
@@ -84,6 +86,23 @@ class Arch:
     def params(self) -> int:
         embed = self.vocab * self.hidden
         return embed * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+
+    def lora_params(self, rank: int, targets) -> int:
+        """Adapter parameters of LoRA rank ``rank`` on the named linear layers of every decoder layer:
+        ``rank * (fan_in + fan_out)`` each; a name outside the Qwen2/Llama layout counts as the largest."""
+        h, q, kv, i = self.hidden, self.heads * self.hd, self.kv_heads * self.hd, self.intermediate
+        shapes = {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+        largest = max(a + b for a, b in shapes.values())
+        per_layer = sum(sum(shapes.get(str(t).split(".")[-1], (largest, 0))) for t in targets)
+        return self.layers * rank * per_layer
 
     def largest_param(self) -> int:
         return max(self.vocab * self.hidden, self.hidden * self.intermediate)
@@ -316,7 +335,10 @@ def learner_side(cfg, arch: Arch, params: int) -> Side:
     capacity = float(lr.gpu_memory_gib) * GIB
     side = Side("learner rank", capacity, limit=capacity * (1 - LEARNER_MARGIN))
     static = params * pb / shards
-    side.parts = {"master_weights": static, "gradients": static, "optimizer": 2 * static}
+    # learner.lora: gradients and AdamW moments of the adapters only; the base is frozen
+    lora = lr.lora.rank > 0
+    trained = arch.lora_params(lr.lora.rank, lr.lora.target_modules) * pb if lora else static
+    side.parts = {"master_weights": static, "gradients": trained, "optimizer": 2 * trained}
     if lr.mixed_precision == "bf16" and pb != 2:
         if lr.fsdp:
             root = arch.vocab * arch.hidden * (1 if arch.tied else 2)
@@ -326,7 +348,7 @@ def learner_side(cfg, arch: Arch, params: int) -> Side:
     with_ckpt, without = _activations(cfg, arch, True), _activations(cfg, arch, False)
     side.parts["activations"] = with_ckpt if lr.activation_checkpointing else without
     side.parts["logits"] = lr.micro_batch_tokens * arch.vocab * LOGIT_BYTES_PER_ENTRY
-    if cfg.algo.kl_coef > 0:
+    if cfg.algo.kl_coef > 0 and not lora:  # with LoRA the reference is the base, adapters off
         side.parts["reference_model"] = params * DTYPE_BYTES[cfg.model.dtype]
     side.parts["cuda_context"] = CUDA_CONTEXT_GIB * GIB
     side.notes.append(f"activations {_gib(with_ckpt)} GiB with checkpointing, {_gib(without)} GiB without")
@@ -340,6 +362,11 @@ def learner_side(cfg, arch: Arch, params: int) -> Side:
         per_token = (side.parts["activations"] + side.parts["logits"]) / lr.micro_batch_tokens
         most = int((side.limit - fixed) / per_token)
         side.fix = f"lower learner.micro_batch_tokens to <= {most}"
+    elif lora:
+        side.fix = (
+            "the frozen base does not fit one GPU and LoRA is not sharded: use larger GPUs, or "
+            "learner.lora.rank=0 with learner.fsdp=true"
+        )
     elif not lr.fsdp:
         side.fix = "set learner.fsdp=true (shard the weights and optimizer over the ranks)"
     else:
@@ -366,11 +393,17 @@ def make_plan(cfg, *, read_gbps: float = DEFAULT_READ_GBPS, arch: Arch | None = 
         "engine_host_staging_gib": params * wb / GIB,
         "bytes_sent_gib": params * wb / GIB,
     }
-    sharded = cfg.learner.fsdp or cfg.learner.param_dtype != cfg.model.dtype
+    lora = cfg.learner.lora.rank > 0
+    sharded = not lora and (cfg.learner.fsdp or cfg.learner.param_dtype != cfg.model.dtype)
     export = params * wb
     master = params * pb * (1 if sharded else 0)
     optim = 2 * params * pb
+    if lora:  # the adapter (adapter/) and its AdamW moments; model.safetensors is the merged export
+        adapter = arch.lora_params(cfg.learner.lora.rank, cfg.learner.lora.target_modules) * pb
+        master, optim = adapter, 2 * adapter
     resume_bytes = (master + optim) if sharded else cfg.learner.num_workers * (export + optim)
+    if lora:  # each rank reads the adapter and its moments (the base comes from model.path)
+        resume_bytes = cfg.learner.num_workers * (master + optim)
     resume_s = resume_bytes / (read_gbps * 1e9)
     checkpoint = {
         "size_gib": (export + master + optim) / GIB,

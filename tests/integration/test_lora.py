@@ -80,6 +80,11 @@ def test_only_adapters_train_with_tree_packing_and_the_base_is_the_reference(tin
         layers = r.module.config.num_hidden_layers
         assert len(trainable) == 4 * 2 * layers
         assert sum(len(g["params"]) for g in r.optimizer.param_groups) == len(trainable)
+        # the memory plan counts the adapter parameters peft creates
+        from common.plan import model_arch
+
+        count = sum(p.numel() for p in r.module.parameters() if p.requires_grad)
+        assert model_arch(cfg.model).lora_params(4, cfg.learner.lora.target_modules) == count
         assert r.ref_model is None  # the reference is the base: the same module, adapters off
         before = _snapshot(r.module)
         trees, adv = _trees(cfg)
