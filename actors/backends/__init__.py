@@ -64,6 +64,7 @@ def backend_for_run(
         eos_ids=eos_ids,
         seed=cfg.seed if seed is None else seed,
         max_model_len=longest_prompt + cfg.tree.max_response_tokens + cfg.generators.block_size + 8,
+        stop_strings=list(cfg.generators.stop),
     )
 
 

@@ -5,7 +5,8 @@ mask, so padding does not shift positions). Token processing follows vLLM's orde
 then top-k, then top-p (keep the smallest set whose mass reaches ``top_p``, at least one token),
 sample from the renormalised distribution. ``processed_logprobs`` is the log-probability under that
 distribution; ``raw_logprobs`` the model's own ``log_softmax`` before any processing. Requests are
-processed in chunks of ``max_batch`` rows to bound memory.
+processed in chunks of ``max_batch`` rows to bound memory. A request ends at a stop token or, with
+``stop_strings``, at the token that completes one in its output.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class HFBackend:
         device: str = "cpu",
         max_batch: int = 64,
         model: Any = None,
+        stop_strings: Sequence[str] = (),
     ) -> None:
         import torch
 
@@ -45,6 +47,14 @@ class HFBackend:
 
             eos_ids = eos_token_ids(model_path)
         self.eos_ids = [int(i) for i in eos_ids]
+        self.stop = None  # stop strings (generators.stop): a request ends at the token completing one
+        if stop_strings:
+            from common.models import load_tokenizer
+            from common.stops import StopRule
+
+            tok = load_tokenizer(model_path)
+            self.stop = StopRule.of((), stop_strings)
+            self._decode = lambda ids: tok.decode(list(ids), skip_special_tokens=True)
         self.model = model if model is not None else load_model(model_path, dtype=dtype, device=device)
         self.device = torch.device(device)
         self.max_batch = max_batch
@@ -136,7 +146,7 @@ class HFBackend:
                     t = int(nxt[b])
                     out_toks[b].append(t)
                     out_lps[b].append(float(lp[b]))
-                    if t in eos:
+                    if t in eos or self._stop_string_ends(out_toks[b]):
                         done[b] = stopped[b] = True
                     elif len(out_toks[b]) >= max_new[b]:
                         done[b] = True
@@ -147,6 +157,14 @@ class HFBackend:
             GenResult(out_toks[b], out_lps[b], "stop" if stopped[b] else "length", lens[b], 0)
             for b in range(B)
         ]
+
+    def _stop_string_ends(self, toks: list[int]) -> bool:
+        """Whether the newest token completes a stop string (within this request's output: one split
+        across requests is the sampler's to find)."""
+        if self.stop is None:
+            return False
+        tail = toks[-(self.stop.context_tokens + 1) :]
+        return self.stop.string_end(tail[:-1], tail[-1:], self._decode) is not None
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]], version: int) -> None:
         state = {name: t.detach() for name, t in named_tensors}

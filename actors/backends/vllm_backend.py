@@ -1,7 +1,8 @@
 """vLLM generation backend: automatic prefix caching, token ids in and out, one ``n=1`` request per path.
 
 Engine settings follow ``../shared/PITFALLS.md``: ``skip_tokenizer_init=True`` with ``TokensPrompt``
-(so EOS handling is ``stop_token_ids`` = every EOS id), ``logprobs=0`` with an explicit
+(so EOS handling is ``stop_token_ids`` = every EOS id; with stop strings the engine loads the
+tokenizer and detokenizes so that it ends a request at one), ``logprobs=0`` with an explicit
 ``logprobs_mode``, KV-cache size in bytes on CPU (``gpu_memory_utilization`` would mean a share of
 host RAM there), and a block size the sampler aligns segment ends to. ``RequestOutput.num_cached_tokens``
 gives the prompt tokens served from the prefix cache.
@@ -165,6 +166,7 @@ class VLLMBackend:
         eos_ids: Sequence[int] | None = None,
         seed: int = 0,
         max_model_len: int | None = None,
+        stop_strings: Sequence[str] = (),
         **llm_kwargs: Any,
     ) -> None:
         from vllm import LLM
@@ -177,6 +179,9 @@ class VLLMBackend:
 
             eos_ids = eos_token_ids(model_path)
         self.eos_ids = [int(i) for i in eos_ids]
+        # stop strings (generators.stop) need the engine's detokenizer: it then ends a request at one
+        # (the sampler still cuts, as a string split across two requests is invisible to the engine)
+        self.stop_strings = [str(x) for x in stop_strings]
         self.policy_version = 0
         self.update_bucket_bytes = DEFAULT_BUCKET_BYTES  # update_weights through files (multiprocess)
         self.counters = BackendCounters()
@@ -185,7 +190,7 @@ class VLLMBackend:
         self._send_serialized = self.in_process  # an in-process engine has no socket
         kwargs: dict[str, Any] = dict(
             model=model_path,
-            skip_tokenizer_init=True,
+            skip_tokenizer_init=not self.stop_strings,
             enable_prefix_caching=True,
             block_size=gen_cfg.block_size,
             enforce_eager=gen_cfg.enforce_eager,
@@ -257,7 +262,8 @@ class VLLMBackend:
             # otherwise vLLM also adds generation_config's EOS ids to the stop ids
             ignore_eos=not self.eos_ids,
             seed=seed,
-            detokenize=False,
+            detokenize=bool(self.stop_strings),
+            stop=list(self.stop_strings),
         )
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:

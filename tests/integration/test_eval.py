@@ -120,7 +120,7 @@ def test_model_may_be_a_checkpoint_root_or_run_dir(vllm_backend, tiny_model_dir,
     assert eval_cmd.resolve_eval_model(want) == want
     args = cli.build_parser().parse_args(
         ["eval", "--model", str(run_dir), "--data", "synthetic:arith", "--max-problems", "2", "--k", "2",
-         "--out", str(tmp_path / "out"), "tree.max_response_tokens=32", "tree.d=1"]
+         "--out", str(tmp_path / "out"), "tree.max_response_tokens=32", "tree.d=1", "tree.l=32"]
     )  # fmt: skip
     assert eval_cmd.run(args, backend=vllm_backend) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

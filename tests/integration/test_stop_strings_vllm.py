@@ -3,9 +3,10 @@
 - The session's tiny model (random weights) grown into trees with every two-digit string as a stop
   string: every path ends at the token that completes its first stop string (none earlier in it),
   including strings split across segment boundaries, and the scored text ends before it.
-- ``treepo sample`` and ``treepo eval`` on ``tests/chat_model.py``'s chain model (``Hi END\\boxed{7}``,
-  unaligned 2-token segments: ``END`` split across segments) in a child process (the session's
-  in-process engine holds the tiny model; one in-process engine per process).
+- ``treepo sample`` (unaligned 2-token segments: ``END`` split across segments, found by the sampler)
+  and ``treepo eval`` (flat: the engine's detokenizer stops at ``END``) on ``tests/chat_model.py``'s
+  chain model (``Hi END\\boxed{7}``) in child processes (the session's in-process engine holds the
+  tiny model; one in-process engine per process).
 """
 
 from __future__ import annotations
@@ -80,8 +81,13 @@ def test_vllm_sample_and_eval_stop_at_a_string_split_across_segments(tmp_path):
         assert (lf["correct"], lf["reward"], lf["answer"]) == (False, -1.0, None)
     ev = tmp_path / "eval"
     cmd = [sys.executable, "-m", "cluster", "eval", "--model", str(model), "--data", str(rows)]
-    cmd += ["--k", "2", "--sampling", "tree", "--out", str(ev), "reward.fn=math", *over]
+    cmd += ["--k", "2", "--sampling", "flat", "--out", str(ev), "reward.fn=math", *over]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     problem = json.loads((ev / "q.problems.jsonl").read_text().splitlines()[0])
     assert problem["correct"] == [False, False] and problem["answers"] == [None, None]
+    # one request per answer: the engine itself stopped at "END" (its detokenizer), not at Lmax or EOS
+    (res,) = [
+        v for k, v in json.loads((ev / "summary.json").read_text())["results"].items() if k != "overall"
+    ]
+    assert res["decoded_tokens"] == 2 * len("Hi END")

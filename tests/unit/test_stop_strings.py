@@ -143,3 +143,10 @@ def test_sample_and_eval_commands_apply_stop_strings(chain_model, rows, tmp_path
         assert cli.main(argv) == 0
         problem = json.loads((ev / "q.problems.jsonl").read_text().splitlines()[0])
         assert problem["correct"] == [False, False] and problem["answers"] == [None, None]
+        if sampling == "flat":  # one request per answer: the engine itself stopped at "END"
+            (res,) = [
+                v
+                for k, v in json.loads((ev / "summary.json").read_text())["results"].items()
+                if k != "overall"
+            ]
+            assert res["decoded_tokens"] == 2 * len("Hi END")
