@@ -91,3 +91,40 @@ def test_vllm_sample_and_eval_stop_at_a_string_split_across_segments(tmp_path):
         v for k, v in json.loads((ev / "summary.json").read_text())["results"].items() if k != "overall"
     ]
     assert res["decoded_tokens"] == 2 * len("Hi END")
+
+
+@pytest.mark.slow
+def test_training_applies_stop_strings(tmp_path, vllm_backend, tiny_model_dir):
+    """The local driver's step: its trees end at their first stop string (every two-digit string; one
+    token per character here, so a stopped leaf's text ends with one), written to rollouts.jsonl."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cluster.local import train
+    from common.config import load_config
+
+    run = tmp_path / "run"
+    stops = "[" + ",".join(f'"{s}"' for s in STOPS) + "]"
+    over = [f"run_dir={run}", "driver=local", f"model.path={tiny_model_dir}", "generators.kv_cache_gib=0.25"]
+    over += ["tree.w=4", "tree.l=8", "tree.max_response_tokens=32", "learner.prompts_per_step=2"]
+    over += ["learner.mini_batch_prompts=2", "algo.dynamic_sampling=false", "eval.every_steps=0"]
+    over += ["log.progress=false", "log.backends=[]", "learner.total_steps=1", "log.rollouts_every_steps=1"]
+    over += [f"generators.stop={stops}", "data.synthetic_train_size=2"]
+    version = vllm_backend.policy_version
+    try:
+        assert train(load_config(None, over), backend=vllm_backend) == 0
+    finally:
+        original = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+        vllm_backend.update_weights(original.named_parameters(remove_duplicate=False), version)
+    rule = StopRule.of((), STOPS)
+    leaves = [
+        lf
+        for rec in map(json.loads, (run / "rollouts.jsonl").read_text().splitlines())
+        for lf in rec["leaves"]
+    ]
+    assert len(leaves) == 8
+    stopped = [lf for lf in leaves if rule.text_cut(lf["text"]) is not None]
+    assert stopped, "no leaf met a stop string: the check would be vacuous"
+    for lf in stopped:
+        assert lf["finish_reason"] == "eos" and rule.text_cut(lf["text"][:-1]) is None
+        assert any(lf["text"].endswith(s) for s in STOPS)
