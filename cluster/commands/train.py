@@ -44,6 +44,16 @@ def run(args: argparse.Namespace) -> int:
     from common.plan import check_fits
 
     check_fits(cfg)  # a GPU config whose memory plan does not fit is refused before anything starts
+    if cfg.learner.lora.rank > 0:  # refused here, not later inside a learner actor
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            from common.errors import ConfigError
+
+            raise ConfigError(
+                "learner.lora.rank > 0 needs peft: pip install -e '.[lora]' (or pip install peft), or set "
+                "learner.lora.rank=0"
+            )
     from cluster.logs import RunLogging
 
     logs = RunLogging(cfg).start()

@@ -439,3 +439,19 @@ def test_bf16_export_with_fp32_adapters(tiny_model_dir, tmp_path):
         assert json.loads((path / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
     finally:
         r.close()
+
+
+def test_train_without_peft_is_refused_before_anything_starts(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from cluster.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a)
+    )
+    run = tmp_path / "run"
+    assert main(["train", f"run_dir={run}", f"model.path={tiny_model_dir}", "driver=local", *LORA]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("treepo train: error: learner.lora.rank > 0 needs peft: pip install")
+    assert not run.exists()
