@@ -455,3 +455,20 @@ def test_train_without_peft_is_refused_before_anything_starts(tiny_model_dir, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("treepo train: error: learner.lora.rank > 0 needs peft: pip install")
     assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["learner.activation_checkpointing=true"], ["learner.packing=flat"], ["learner.packed_attention=mask"]],
+)
+def test_adapters_train_under_other_learner_settings(tiny_model_dir, extra):
+    cfg = _cfg(tiny_model_dir, *extra)
+    r = _learner(cfg)
+    try:
+        before = _snapshot(r.module)
+        r.train_step(*_trees(cfg))
+        after = _snapshot(r.module)
+        changed = {n for n in after if not torch.equal(before[n], after[n])}
+        assert changed and all(".lora_" in n for n in changed)
+    finally:
+        r.close()
