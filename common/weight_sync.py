@@ -50,6 +50,20 @@ it runs in the generator's process and its iterator goes to the backend's ``upda
 with multiprocess engines it runs inside each engine worker (a worker extension method calls
 ``receive()`` and hands the iterator to ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``).
 
+Access. A ``TCPStore`` has no authentication and listens on every interface, so whoever reaches its
+port could claim a receiver's rank, read the gloo/NCCL rendezvous keys and join the group (and get
+the weights). A secured sender (:meth:`WeightSender.from_config`, which the pipeline uses; or
+``token=...``) draws a fresh random token for every generation and keeps every key of the group
+(rank claims, the backend's rendezvous) under ``treepo-wsync-g<g>-<token>``: the store offers no way
+to list keys, so without the token nothing of the group can be read, claimed or joined; a receiver
+with a wrong or no token never joins (the sender's wait names the missing ranks) and cannot take a
+legitimate receiver's rank. The token travels in :class:`SyncGroupInfo` through Ray calls (which Ray's
+token authentication protects) and never into a repr. What is left: the store still accepts
+connections, so an outsider can overwrite the public ``treepo-wsync-current`` record or flood the
+port (denial of service, which the timeouts turn into a SyncError and a rebuild), and the
+point-to-point gloo/NCCL connections after the rendezvous are not authenticated: keep these ports
+inside the cluster's security group (the cluster YAMLs do).
+
 NCCL: the same code with ``backend="nccl"``, CUDA tensors on ``torch.cuda.current_device()``,
 ``ProcessGroupNCCL`` with its ``_timeout`` option and ``Work.wait(timeout)`` (which blocks the CPU
 until completion or the timeout). It cannot run on the CPU-only machines this is tested on.
@@ -60,11 +74,13 @@ from __future__ import annotations
 import abc
 import contextlib
 import datetime
+import hashlib
 import math
+import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import msgpack
 import torch
@@ -278,6 +294,7 @@ class SyncGroupInfo:
     world_size: int
     generation: int
     backend: str
+    token: str = field(default="", repr=False)  # the generation's secret ('' = an unsecured group)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -321,8 +338,17 @@ def _device_for(backend: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
-def _prefix(generation: int) -> str:
-    return f"treepo-wsync-g{generation}"
+def _prefix(generation: int, token: str = "") -> str:
+    return f"treepo-wsync-g{generation}-{token}" if token else f"treepo-wsync-g{generation}"
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest() if token else ""
+
+
+def new_token() -> str:
+    """A generation's secret: 128 random bits."""
+    return secrets.token_hex(16)
 
 
 def _new_backend_pg(store, rank: int, world_size: int, backend: str, timeout: datetime.timedelta):
@@ -446,8 +472,12 @@ class WeightSender(_Peer):
         timeout_s: float = 120.0,
         bucket_mb: float = 64.0,
         generation: int = 0,
+        token: str | None = "",
     ) -> None:
         super().__init__(0, world_size, resolve_backend(backend), timeout_s)
+        # None: secured, a new random token per generation; '': unsecured; else this token first
+        self.secured = token != ""
+        self.token = new_token() if token is None else token
         if bucket_mb <= 0:
             raise SyncError(f"sync.bucket_mb must be > 0 (got {bucket_mb})")
         self.host = host
@@ -459,8 +489,8 @@ class WeightSender(_Peer):
 
     @classmethod
     def from_config(cls, cfg, host: str, port: int, world_size: int, generation: int = 0) -> WeightSender:
-        """From a :class:`common.config.SyncConfig`."""
-        return cls(host, port, world_size, cfg.backend, cfg.timeout_s, cfg.bucket_mb, generation)
+        """From a :class:`common.config.SyncConfig`; secured (a random token per generation)."""
+        return cls(host, port, world_size, cfg.backend, cfg.timeout_s, cfg.bucket_mb, generation, token=None)
 
     def _open_store(self, port: int) -> None:
         from torch.distributed import TCPStore
@@ -488,13 +518,15 @@ class WeightSender(_Peer):
                     "generation": self.generation,
                     "world_size": self.world_size,
                     "backend": self.backend,
+                    # lets a receiver with a wrong token fail at once; the hash reveals nothing of it
+                    "token_sha256": _token_hash(self.token),
                 }
             ),
         )
 
     @property
     def info(self) -> SyncGroupInfo:
-        return SyncGroupInfo(self.host, self.port, self.world_size, self.generation, self.backend)
+        return SyncGroupInfo(self.host, self.port, self.world_size, self.generation, self.backend, self.token)
 
     def _where(self) -> str:
         return (
@@ -512,7 +544,7 @@ class WeightSender(_Peer):
             return
         from torch.distributed import PrefixStore
 
-        store = PrefixStore(_prefix(self.generation), self.store)
+        store = PrefixStore(_prefix(self.generation, self.token), self.store)
         keys = [f"rank-{r}" for r in range(1, self.world_size)]
         t0 = time.monotonic()
         try:
@@ -542,6 +574,8 @@ class WeightSender(_Peer):
                 raise SyncError(f"a weight-sync group needs at least one receiver (world_size={world_size})")
             self.world_size = int(world_size)
         self.generation += 1
+        if self.secured:
+            self.token = new_token()  # a receiver of an older generation cannot join this one
         self.broken = ""
         self._open_store(port)
         return self.info
@@ -690,11 +724,13 @@ class WeightReceiver(_Peer):
         backend: str = "auto",
         timeout_s: float = 120.0,
         generation: int = 0,
+        token: str = "",
     ) -> None:
         if rank == 0:
             raise SyncError("rank 0 is the sender (learner rank 0); receivers take ranks 1..world_size-1")
         super().__init__(rank, world_size, backend, timeout_s)
         self.host, self.port, self.generation = host, int(port), int(generation)
+        self.token = token
         self.store = None
         self._open_iter = False
         self.last_stats: SyncStats | None = None
@@ -703,7 +739,9 @@ class WeightReceiver(_Peer):
     def from_info(cls, info: SyncGroupInfo | dict, rank: int, timeout_s: float = 120.0) -> WeightReceiver:
         if isinstance(info, dict):
             info = SyncGroupInfo(**info)
-        return cls(info.host, info.port, rank, info.world_size, info.backend, timeout_s, info.generation)
+        return cls(
+            info.host, info.port, rank, info.world_size, info.backend, timeout_s, info.generation, info.token
+        )
 
     def rejoin(self, info: SyncGroupInfo | dict, rank: int, timeout_s: float | None = None) -> None:
         """Leave the current group and target ``info`` (connects on the next ``receive``/``connect``)."""
@@ -712,7 +750,15 @@ class WeightReceiver(_Peer):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         self.close()
         WeightReceiver.__init__(
-            self, info.host, info.port, rank, info.world_size, info.backend, timeout_s, info.generation
+            self,
+            info.host,
+            info.port,
+            rank,
+            info.world_size,
+            info.backend,
+            timeout_s,
+            info.generation,
+            info.token,
         )
 
     def _where(self) -> str:
@@ -751,6 +797,12 @@ class WeightReceiver(_Peer):
                 f"{where} was told generation {self.generation}, world size {self.world_size}, but the sender "
                 f"now serves {current}: ask the controller for the current group info and rejoin"
             )
+        if current.get("token_sha256", "") != _token_hash(self.token):
+            self.broken = "wrong token"
+            raise SyncError(
+                f"{where} does not hold this group's token ({'none' if not self.token else 'a different one'}): "
+                "join with the group info the controller hands out (WeightSender.info)"
+            )
         if self.backend == "auto":
             self.backend = current["backend"]
         elif self.backend != current["backend"]:
@@ -758,7 +810,7 @@ class WeightReceiver(_Peer):
             raise SyncError(
                 f"{where} uses backend {self.backend} but the sender uses {current['backend']}: set sync.backend alike"
             )
-        store = PrefixStore(_prefix(self.generation), self.store)
+        store = PrefixStore(_prefix(self.generation, self.token), self.store)
         if store.add(f"rank-{self.rank}", 1) != 1:
             self.broken = "rank taken"
             raise SyncError(
