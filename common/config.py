@@ -359,7 +359,7 @@ class LearnerConfig:
     grad_clip: float = doc(1.0, "Gradient-norm clip.")
     fsdp: bool = doc(
         False,
-        "Shard with FSDP2 (GPU; on CPU with driver=ray and num_workers >= 2, over gloo); DDP otherwise.",
+        "Shard with FSDP2 over the learner ranks (driver=ray; NCCL on GPU, gloo on CPU); DDP otherwise.",
     )
     param_dtype: str = doc(
         "float32",
@@ -685,11 +685,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"learner.betas={list(lr.betas)} must be two numbers in [0, 1): e.g. learner.betas=[0.9,0.999]"
         )
-    if lr.fsdp and lr.gpus_per_worker == 0 and (cfg.driver != "ray" or lr.num_workers < 2):
+    if lr.fsdp and cfg.driver != "ray":
         raise ConfigError(
-            "learner.fsdp=true on CPU (learner.gpus_per_worker=0) shards over the learner ranks' gloo group, "
-            f"which needs driver=ray and learner.num_workers >= 2 (got driver={cfg.driver}, "
-            f"num_workers={lr.num_workers}): set them, or learner.fsdp=false"
+            "learner.fsdp=true shards over the learner ranks' process group, which the pipeline builds "
+            "(driver=local runs one rank without one): set driver=ray, or learner.fsdp=false"
         )
     if cfg.sync.backend == "nccl" and (lr.gpus_per_worker == 0 or cfg.generators.gpus_per_engine == 0):
         raise ConfigError(

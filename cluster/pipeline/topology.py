@@ -69,7 +69,7 @@ class LearnerHost:
             cfg.learner,
             rank=self.rank,
             world_size=self.world_size,
-            init_method=init_method if self.world_size > 1 else None,
+            init_method=init_method,
             seed=cfg.seed,
             temperature=cfg.sampling.temperature,
         )
@@ -217,7 +217,9 @@ def start_learners(cfg: Any, timeout_s: float = START_TIMEOUT_S) -> tuple[list[A
         ).remote(cfg, r, n)
         for r in range(n)
     ]
-    init_method = ray.get(handles[0].address.remote(), timeout=timeout_s) if n > 1 else None
+    # FSDP2 needs a process group also for one rank (a mesh of one; nothing else to shard over)
+    grouped = n > 1 or cfg.learner.fsdp
+    init_method = ray.get(handles[0].address.remote(), timeout=timeout_s) if grouped else None
     ray.get([h.setup.remote(init_method) for h in handles], timeout=timeout_s)
     return handles, pg
 

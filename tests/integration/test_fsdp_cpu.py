@@ -185,3 +185,21 @@ def test_sharded_checkpoint_round_trip_and_reshard(sharded_run, tiny_model_dir):
     for key, v in _optim_state(one).items():
         assert torch.equal(v, optim[key]), key
     one.close()
+
+
+def test_fsdp2_on_a_group_of_one_rank(tiny_model_dir, tmp_path):
+    """One learner rank with learner.fsdp=true (the pipeline builds it a process group of one): a mesh
+    of one, the whole batch on that rank; its step and export match the two-rank run's contract."""
+    trees, adv = _data()
+    before = torch.get_num_threads()
+    mp.start_processes(
+        _worker, args=(1, _free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=1, start_method="spawn"
+    )
+    torch.set_num_threads(before)
+    info = json.loads((tmp_path / "info.json").read_text())
+    ref = LearnerRank(*_configs(tiny_model_dir, False))
+    _, _, ref_loss = _step(ref, trees, adv)
+    ref.close()
+    assert abs(info["loss"] - ref_loss) <= 1e-2 * max(1.0, abs(ref_loss))
+    assert info["version"] == 1 and info["sent_dtypes"] == ["torch.bfloat16"] and info["sent_equal"]
+    assert len(list((Path(info["ckpt"]) / "sharded").glob("*.distcp"))) == 1

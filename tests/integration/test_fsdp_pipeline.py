@@ -4,7 +4,7 @@ sharding the model with FSDP2 over gloo. The run trains, its weights reach the g
 checkpoints hold the master weights and optimizer state sharded (torch.distributed.checkpoint), and a
 resume reads them back and trains on with no prompt lost or repeated.
 
-The refusal that remains: FSDP2 on CPU without a group of learner ranks (``driver=local`` or one rank).
+The refusal that remains: FSDP2 without the pipeline's process group (``driver=local``).
 """
 
 from __future__ import annotations
@@ -50,13 +50,12 @@ def _cfg(run_dir, model_dir, redis_server, monkeypatch, *extra):
     return load_config(None, over)
 
 
-def test_fsdp_on_cpu_needs_a_group_of_learner_ranks(tmp_path):
-    for extra in (["driver=local"], ["learner.num_workers=1"]):
-        with pytest.raises(
-            ConfigError, match=r"learner\.fsdp=true on CPU .*driver=ray and learner\.num_workers >= 2"
-        ):
-            load_config(None, ["learner.fsdp=true", "driver=ray", *extra])
-    load_config(None, ["learner.fsdp=true", "driver=ray", "learner.num_workers=2"])
+def test_fsdp_needs_the_pipelines_process_group(tmp_path):
+    for gpus in ("0", "1"):
+        with pytest.raises(ConfigError, match=r"learner\.fsdp=true shards over .*set driver=ray"):
+            load_config(None, ["learner.fsdp=true", "driver=local", f"learner.gpus_per_worker={gpus}"])
+    for n in ("1", "2"):  # the pipeline builds a group for one rank too (a mesh of one)
+        load_config(None, ["learner.fsdp=true", "driver=ray", f"learner.num_workers={n}"])
 
 
 @pytest.mark.slow

@@ -81,7 +81,7 @@ def test_bad_overrides_name_the_key(override, key):
         (["tree.mode=bushy"], "tree.mode", "tree, flat"),
         (["tree.w=0"], "tree.w", ">= 1"),
         (["algo.dual_clip=0.5"], "algo.dual_clip", "> 1"),
-        (["learner.fsdp=true"], "learner.fsdp", "gpus_per_worker"),
+        (["learner.fsdp=true", "driver=local"], "learner.fsdp", "driver=ray"),
         (["reward.fn=nonsense"], "reward.fn", "package.module:function"),
         (["sampling.top_p=1.5"], "sampling.top_p", "(0, 1]"),
         (["learner.num_workers=3"], "learner.num_workers", "multiple"),
