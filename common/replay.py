@@ -422,6 +422,10 @@ class ReplayQueue:
         pipe.xack(self.keys["trees"], GROUP, entry_id)
         pipe.incr(self.keys["dead_count"])
         self._call(pipe.execute)
+        # the poison leaves the main stream now, not at the next checkpoint's trim (there may be none:
+        # poison read after the last checkpoint stayed in the stream); trimming acknowledged entries
+        # is safe at any time (never below the oldest pending or undelivered one)
+        self.trim_acked()
 
     def ack(self, ids: Iterable[str]) -> int:
         """Acknowledge entries (call after the checkpoint containing their update is committed)."""

@@ -111,7 +111,7 @@ def _queue_is_clean(server, run_dir, n_prompts: int) -> None:
     try:
         assert q.pending() == [] and q.undelivered() == 0
         assert q.redis.xlen(q.keys["trees"]) == 0, "acknowledged entries were not trimmed"
-        inflight = q.redis.keys(keys.prompts_inflight("*"))
+        inflight = list(q.redis.scan_iter(match=keys.prompts_inflight("*")))  # KEYS is not the queue user's
         assert all(q.redis.hlen(k) == 0 for k in inflight), "a prompt is still in flight"
         assert q.redis.llen(keys.prompts_retry) == 0
         assert int(q.redis.get(keys.prompts_cursor)) == n_prompts
