@@ -14,13 +14,17 @@ import fnmatch
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from cluster.pipeline.redis_launcher import QUEUE_ACL
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -76,6 +80,12 @@ def interpolate(node, env: dict[str, str]):
 
 def load_raw(path: Path = COMPOSE) -> dict:
     return yaml.safe_load(path.read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def load_compose(env: dict[str, str] | None = None, path: Path = COMPOSE) -> dict:
@@ -177,6 +187,43 @@ def test_secrets_stay_out_of_commands_and_reach_only_who_needs_them():
 # ------------------------------------------------------------------ redis
 
 
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_redis_service_script_serves_the_queue_user_only(tmp_path):
+    """The redis service's own script, run here against a real redis-server (port and data dir
+    swapped for free ones): the queue works as `treepo`, admin commands and the default user do not."""
+    import redis as redis_lib
+
+    from common.replay import ReplayQueue
+
+    script = load_compose()["services"]["redis"]["command"][2]
+    port = _free_port()
+    script = script.replace(f"--port {redis_port(load_compose())}", f"--port {port}")
+    script = script.replace("--bind 0.0.0.0", "--bind 127.0.0.1").replace("--dir /data", f"--dir {tmp_path}")
+    password = "p" * 24
+    proc = subprocess.Popen(["sh", "-ec", script], env={**os.environ, "TREEPO_REDIS_PASSWORD": password})
+    try:
+        user = redis_lib.Redis(port=port, username="treepo", password=password, socket_timeout=5)
+        for _ in range(100):
+            try:
+                user.ping()
+                break
+            except redis_lib.ConnectionError:
+                time.sleep(0.1)
+        q = ReplayQueue(f"redis://treepo@127.0.0.1:{port}/0", "compose-run", password=password, block_ms=100)
+        assert q.depth() == 0 and q.read(1, block_ms=10, consumer="c") == []
+        assert user.xadd("treepo:probe", {"k": "v"}) and user.xlen("treepo:probe") == 1
+        with pytest.raises(redis_lib.exceptions.NoPermissionError):
+            user.set("other:key", "v")  # keys outside the queue's prefix
+        for cmd in (("CONFIG", "SET", "maxmemory", "1"), ("FLUSHALL",), ("SHUTDOWN",)):
+            with pytest.raises(redis_lib.exceptions.NoPermissionError):
+                user.execute_command(*cmd)
+        with pytest.raises(redis_lib.exceptions.AuthenticationError):
+            redis_lib.Redis(port=port, password=password, socket_timeout=5).ping()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_redis_password_aof_noeviction_and_not_rays_port():
     doc = load_compose()
     redis = doc["services"]["redis"]
@@ -191,9 +238,10 @@ def test_redis_password_aof_noeviction_and_not_rays_port():
     assert flag(argv, "--dir") == volume_target(redis, "redis-data")
     # the password goes in through the config on stdin ("-"), read from the environment
     assert "redis-server -" in script
-    assert re.search(r"^requirepass \$TREEPO_REDIS_PASSWORD$", script, re.M)
+    assert re.search(r"^user default off$", script, re.M)  # no user with admin rights
+    assert re.search(rf"^user treepo on >\$TREEPO_REDIS_PASSWORD {re.escape(QUEUE_ACL)}$", script, re.M)
     hc = redis["healthcheck"]
-    assert hc["test"][0] == "CMD-SHELL" and f"-p {port} ping" in hc["test"][1]
+    assert hc["test"][0] == "CMD-SHELL" and f"--user treepo -p {port} ping" in hc["test"][1]
     assert "REDISCLI_AUTH=" in hc["test"][1] and " -a " not in hc["test"][1]
     assert "ports" not in redis  # reached on the compose network only
 
@@ -270,7 +318,7 @@ def test_submitter_submits_train_to_the_head():
     argv = train_argv(doc)
     assert argv[0] == "train"
     assert override(argv, "driver") == "ray"
-    assert override(argv, "queue.url") == f"redis://redis:{redis_port(doc)}/0"
+    assert override(argv, "queue.url") == f"redis://treepo@redis:{redis_port(doc)}/0"
     assert override(argv, "run_dir").startswith(volume_target(s["ray-head"], "runs") + "/")
     # extra `docker compose run` arguments replace this and are appended to the train command
     assert sub["command"] == []
@@ -299,7 +347,7 @@ def test_submitter_train_arguments_are_a_valid_config_and_resume():
     argv = train_argv(doc)
     cfg = _print_config(argv)
     assert cfg["driver"] == "ray" and cfg["resume"] is False
-    assert cfg["queue"]["url"] == f"redis://redis:{redis_port(doc)}/0"
+    assert cfg["queue"]["url"] == f"redis://treepo@redis:{redis_port(doc)}/0"
     # the variable the head's environment provides is the one the driver reads
     assert cfg["queue"]["password_env"] == "TREEPO_REDIS_PASSWORD"
     assert cfg["queue"]["password_env"] in doc["services"]["ray-head"]["environment"]
