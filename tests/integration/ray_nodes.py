@@ -202,6 +202,22 @@ class RayNode:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def in_process_ray(num_cpus: int):
+    """A local Ray in this process with ``num_cpus`` logical CPUs, shut down on exit; an already
+    initialised one is used as it is (and left running)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def small_pipeline_overrides(run_dir, model_dir, *extra: str) -> list[str]:
     """``key=value`` overrides of the small pipeline the Ray tests run (1 generator, 1 learner rank,
     2 prompts of 4 leaves per step, random-init tiny model)."""

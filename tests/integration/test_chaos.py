@@ -26,7 +26,7 @@ import time
 
 import pytest
 from poison import poison_entries
-from ray_nodes import small_pipeline_overrides
+from ray_nodes import in_process_ray, small_pipeline_overrides
 
 from common.config import load_config
 
@@ -40,12 +40,8 @@ SEEDS = [int(s) for s in os.environ.get("TREEPO_CHAOS_SEEDS", "0").split(",") if
 def ray_chaos():
     """One in-process Ray for the module: a learner and two generators (logical CPUs)."""
     pytest.importorskip("vllm")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+    with in_process_ray(4):
+        yield
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from ray_nodes import small_pipeline_overrides
+from ray_nodes import in_process_ray, small_pipeline_overrides
 
 from common.config import load_config
 from common.errors import ConfigError
@@ -26,12 +26,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def ray_3cpus():
     pytest.importorskip("vllm")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+    with in_process_ray(3):
+        yield
 
 
 def _cfg(run_dir, model_dir, redis_server, monkeypatch, *extra):

@@ -259,31 +259,13 @@ def test_local_driver_trains_checkpoints_and_resumes_with_lora(tmp_path, tiny_mo
     a third step whose merged weights reach the engine."""
     import json
 
+    from test_train import _cfg as local_cfg
     from transformers import AutoModelForCausalLM
 
     from cluster.local import train
 
     def cfg(*extra):
-        return load_config(
-            None,
-            [
-                f"run_dir={tmp_path / 'run'}",
-                "driver=local",
-                f"model.path={tiny_model_dir}",
-                "generators.kv_cache_gib=0.25",
-                "generators.trees_in_flight=4",
-                "tree.w=4",
-                "learner.prompts_per_step=2",
-                "learner.mini_batch_prompts=2",
-                "algo.dynamic_sampling=false",
-                "eval.every_steps=0",
-                "log.progress=false",
-                "log.backends=[]",
-                "checkpoint.every_steps=1",
-                *LORA,
-                *extra,
-            ],
-        )
+        return local_cfg(tmp_path / "run", tiny_model_dir, *LORA, *extra)
 
     version = vllm_backend.policy_version
     try:
@@ -368,9 +350,9 @@ def test_ray_pipeline_trains_lora_and_engines_sample_the_merged_policy(
     """The asynchronous pipeline (real Ray, the generator's vLLM engine, the learner actor) with LoRA:
     synchronous schedule, so each step's trees were sampled under the previous step's merged weights;
     the checkpoint holds the adapter and a merged export equal to the adapter merged onto the base."""
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     pytest.importorskip("vllm")
-    from ray_nodes import small_pipeline_overrides
+    from ray_nodes import in_process_ray, small_pipeline_overrides
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -395,14 +377,8 @@ def test_ray_pipeline_trains_lora_and_engines_sample_the_merged_policy(
             *LORA,
         ),
     )
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with in_process_ray(2):
         assert run_pipeline(cfg) == 0
-    finally:
-        if started:
-            ray.shutdown()
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if m["step"] > 0]
     assert [m["step"] for m in steps] == [1, 2]

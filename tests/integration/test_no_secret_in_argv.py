@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from ray_nodes import in_process_ray
 from redis_fixture import shared_redis
 
 from cluster.bench import queue as bench_queue
@@ -88,13 +89,9 @@ def test_secret_file_round_trip_and_refusals(tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+    pytest.importorskip("ray")
+    with in_process_ray(1) as ray:
+        yield ray
 
 
 def test_generator_actor_gets_no_password(ray_local, tmp_path, monkeypatch):

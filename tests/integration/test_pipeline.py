@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from ray_nodes import small_pipeline_overrides
+from ray_nodes import in_process_ray, small_pipeline_overrides
 
 from common.config import load_config
 
@@ -30,12 +30,8 @@ ray = pytest.importorskip("ray")
 def ray_local():
     """One in-process Ray with 2 CPUs for the module (1 learner + 1 generator)."""
     pytest.importorskip("vllm")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+    with in_process_ray(2):
+        yield
 
 
 def _cfg(run_dir, model_dir, *extra):

@@ -3,39 +3,11 @@ adapter checkpoint, and a 7B config that only fits one learner GPU with LoRA."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from test_plan import PRESET, _small
 
 from common.config import load_config
 from common.plan import GIB, make_plan
-
-PRESET = "configs/qwen2.5-7b-treepo.yaml"
-
-
-def _small(tmp_path, *overrides):
-    model = tmp_path / "model"
-    model.mkdir(exist_ok=True)
-    arch = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        tie_word_embeddings=False,
-    )
-    (model / "config.json").write_text(json.dumps(arch))
-    keys = [
-        f"model.path={model}",
-        "model.dtype=bfloat16",
-        "learner.num_workers=2",
-        "learner.mini_batch_prompts=8",
-        "learner.micro_batch_tokens=256",
-        "learner.activation_checkpointing=true",
-        *overrides,
-    ]
-    return load_config(None, keys)
 
 
 def test_lora_plan_by_hand(tmp_path):

@@ -14,9 +14,9 @@ import json
 
 import pytest
 from chat_model import build_chain_model, build_tokenizer, text_chain_ids
+from test_stop_tokens import sample_hf
 
-from actors.engine_inputs import EngineInputs
-from actors.scoring import leaf_texts, score_trees
+from actors.scoring import leaf_texts
 from cluster import cli
 from common.config import load_config
 from common.errors import ConfigError
@@ -86,28 +86,8 @@ def test_scored_text_ends_before_the_first_stop_string(tok):
 
 
 def _sample(model, data, **extra):
-    cfg = load_config(
-        None,
-        [
-            f"model.path={model}",
-            "generators.backend=hf",
-            "reward.fn=math",
-            "tree.w=2",
-            "tree.d=12",
-            "tree.max_response_tokens=24",
-            *[f"{k}={v}" for k, v in extra.items()],
-        ],
-    )
-    inputs = EngineInputs.load(cfg)
-    prompts = inputs.prompt_set(str(data), "train")
-    backend = inputs.open_backend(prompts)
-    try:
-        items = [(p.row.id, p.prompt_ids, {"answer": p.row.answer}) for p in prompts.prompts]
-        trees = list(inputs.sampler(backend).run(items, 1))
-    finally:
-        backend.close()
-    score_trees(trees, prompts.reward, inputs.decode, inputs.stop_set)
-    return trees[0]
+    extra_keys = [f"{k}={v}" for k, v in extra.items()]
+    return sample_hf(model, data, "tree.d=12", "tree.max_response_tokens=24", *extra_keys)[1]
 
 
 @pytest.mark.parametrize("l, depth", [(2, 3), (4, 2)])

@@ -65,20 +65,12 @@ def test_the_scored_text_ends_at_the_first_stop_token():
     assert (tree.leaves[0].reward, tree.leaves[0].correct, tree.leaves[0].answer) == (-1.0, False, None)
 
 
-def _sample(model, data, template, **extra):
+def sample_hf(model, data, *overrides: str):
+    """The first prompt's tree of ``data`` on the transformers backend (2 leaves), scored as training
+    scores it; returns the run's engine inputs too."""
     cfg = load_config(
         None,
-        [
-            f"model.path={model}",
-            f"data.template={template}",
-            "generators.backend=hf",
-            "reward.fn=math",
-            "tree.w=2",
-            "tree.d=2",
-            "tree.l=16",
-            "tree.max_response_tokens=32",
-            *[f"{k}={v}" for k, v in extra.items()],
-        ],
+        [f"model.path={model}", "generators.backend=hf", "reward.fn=math", "tree.w=2", *overrides],
     )
     inputs = EngineInputs.load(cfg)
     prompts = inputs.prompt_set(str(data), "train")
@@ -90,6 +82,13 @@ def _sample(model, data, template, **extra):
         backend.close()
     score_trees(trees, prompts.reward, inputs.decode, inputs.stop_set)
     return inputs, trees[0]
+
+
+def _sample(model, data, template, **extra):
+    shape = ["tree.d=2", "tree.l=16", "tree.max_response_tokens=32"]
+    return sample_hf(
+        model, data, f"data.template={template}", *shape, *[f"{k}={v}" for k, v in extra.items()]
+    )
 
 
 def test_a_chat_model_stops_at_end_of_turn_and_a_box_after_it_does_not_count(chat_model, rows):
