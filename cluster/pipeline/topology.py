@@ -155,9 +155,7 @@ PASSTHROUGH_ENV = (
 
 
 def _actor_env() -> dict[str, str]:
-    # unbuffered: an actor's output (engine logs) reaches its log file as it is written, also when the
-    # actor is killed at shutdown before a block buffer was flushed
-    return {"PYTHONUNBUFFERED": "1", **{key: os.environ[key] for key in PASSTHROUGH_ENV if key in os.environ}}
+    return {key: os.environ[key] for key in PASSTHROUGH_ENV if key in os.environ}
 
 
 def _generator_env(cfg: Any) -> dict[str, str]:

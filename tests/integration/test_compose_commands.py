@@ -190,7 +190,12 @@ def redis_service(
 
 def wait_ready(port: int, password: str, proc: Proc, timeout_s: float = 30) -> redis.Redis:
     client = redis.Redis(
-        host="127.0.0.1", port=port, password=password, socket_timeout=5, decode_responses=True
+        host="127.0.0.1",
+        port=port,
+        username="treepo",
+        password=password,
+        socket_timeout=5,
+        decode_responses=True,
     )
     deadline = time.monotonic() + timeout_s
     while True:
@@ -211,9 +216,11 @@ def test_redis_command_auth_aof_noeviction_and_healthcheck(tmp_path):
             redis.Redis(host="127.0.0.1", port=port, retry=NO_RETRY).set("k", "v")
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host="127.0.0.1", port=port, password="wrong-password-123", retry=NO_RETRY).ping()
-        assert client.config_get("appendonly") == {"appendonly": "yes"}
-        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
-        assert client.config_get("port") == {"port": str(port)}
+        with pytest.raises(redis.exceptions.NoPermissionError):  # the queue user is no admin
+            client.config_get("appendonly")
+        assert client.info("persistence")["aof_enabled"] == 1
+        assert client.info("memory")["maxmemory_policy"] == "noeviction"
+        assert client.info("server")["tcp_port"] == port
         # `exec` made redis-server the process compose signals, and argv never holds the password
         cmdline = Path(f"/proc/{proc.proc.pid}/cmdline").read_bytes()
         assert b"redis-server" in cmdline and pw.encode() not in cmdline
@@ -358,7 +365,8 @@ def test_ray_head_worker_and_submitter_commands(tmp_path):
             (tmp_path / "job" / "README").write_text("working dir of a test job\n")
             url = urlsplit(next(a.split("=", 1)[1] for a in train_argv(doc) if a.startswith("queue.url=")))
             assert url.hostname in s and url.port == redis_port(doc), url
-            local_url = url._replace(netloc=f"127.0.0.1:{rport}").geturl()
+            assert url.username == "treepo"
+            local_url = url._replace(netloc=f"{url.username}@127.0.0.1:{rport}").geturl()
             job = subprocess.run(
                 [*submit, "--", "python", "-c", JOB, local_url, QueueConfig().password_env],
                 env=host_env(s["submitter"], {}),

@@ -33,7 +33,11 @@ def test_ray_driver_console_is_quiet_and_engine_logs_land_in_the_run_dir(tmp_pat
         "log.progress=true",
         "log.rollouts_every_steps=1",
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # a user's shell: no Ray address, and no VLLM_LOGGING_LEVEL (an in-process local-driver test earlier
+    # in this session sets it, and the engine's INFO lines are what this test looks for in the files)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS") and k != "VLLM_LOGGING_LEVEL"
+    }
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     console = r.stdout + r.stderr
     assert r.returncode == 0, console[-4000:]
