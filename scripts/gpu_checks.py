@@ -8,7 +8,7 @@ pure-python dependencies here once, then carry them along:
     bash scripts/gpu_vendor.sh                                           # here: .gpu-vendor/
     PYTHONPATH=.gpu-vendor:. python3 scripts/gpu_checks.py --out $OUT    # there, carry [".gpu-vendor"]
 
-The same code paths at CPU sizes (gloo instead of NCCL; seconds; tests/unit/test_gpu_checks_smoke.py
+The same code paths at CPU sizes (gloo instead of NCCL; seconds; tests/integration/scripts/test_gpu_checks_smoke.py
 runs it):
 
     python scripts/gpu_checks.py --smoke --out /tmp/gpu-checks

@@ -1,5 +1,8 @@
 """Session-wide test setup: quiet, 2-thread CPU defaults and shared tiny-model fixtures.
 
+Layout: ``unit/<package>/``, ``integration/<package>/`` (the rooms of the code), ``gpu/``;
+``support/`` holds what several test modules share.
+
 ``tiny_model_dir``: size "xs", random init, built once per session in a temp dir (well under a second).
 ``warm_model_dir``: the demo's model (``ModelConfig``'s defaults: size "s" warm-started on arith),
 cached under $TREEPO_CACHE (or ~/.cache/treepo) so only the first session pays the 3-8 minute build.
@@ -10,6 +13,12 @@ tests assert of the demo model holds for other builds too.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# Shared helpers (builders, fakes, server fixtures) for the test tree, which mirrors the packages:
+# ``from ray_nodes import ...`` works from any depth.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 # Set before vllm / tokenizers are imported by any test module.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -1,4 +1,4 @@
-"""User reward functions for tests/unit/test_rewards.py (imported by dotted path in reward workers)."""
+"""User reward functions for tests/unit/common/test_rewards.py (imported by dotted path in reward workers)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 PACKAGES = ("common", "actors", "learner", "cluster")
 ALLOWED = {
     "common": {"common"},

@@ -34,10 +34,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from compose_files import flag, load_compose, redis_port, train_argv
 from ray_nodes import RAY_BIN, free_port, port_flags
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_compose import flag, load_compose, redis_port, train_argv  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

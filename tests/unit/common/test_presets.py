@@ -14,10 +14,11 @@ import shlex
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
 from common.config import ConfigError, TrainConfig, load_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 ids = [p.name for p in PRESETS]
 HEAD_URL = "redis://10.0.3.7:6390/0"  # what `cluster/head_redis.sh exec` exports on the head

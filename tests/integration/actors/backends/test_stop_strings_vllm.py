@@ -15,10 +15,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from chat_model import build_chain_model, build_tokenizer, text_chain_ids
+from paths import REPO
 
 from actors.sampler import TreeSampler
 from actors.scoring import leaf_texts
@@ -28,7 +28,6 @@ from common.stops import StopRule
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 STOPS = [f"{a}{b}" for a in range(10) for b in range(10)]
 PROMPTS = ["12+7=", "3*4+5*6=", "(8-3)*2+91="]
 

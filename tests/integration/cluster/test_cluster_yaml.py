@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from paths import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 CLUSTER_YAMLS = sorted((ROOT / "cluster").glob("*.yaml"))
 HEAD_REDIS = ROOT / "cluster" / "head_redis.sh"
 RAY_GCS_PORT = 6379

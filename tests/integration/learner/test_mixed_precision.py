@@ -13,10 +13,10 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from paths import REPO
 
 from common.config import load_config
 from learner.advantages import tree_advantages
@@ -24,7 +24,6 @@ from learner.batching import synthetic_trees
 from learner.rank import LearnerRank
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _bf16_config(model_dir, param_dtype: str, lr: float = 1e-6):

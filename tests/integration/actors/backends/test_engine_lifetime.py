@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 ENGINE_READY = "init engine"  # the engine core's log line once the model is loaded and warmed up
 
 

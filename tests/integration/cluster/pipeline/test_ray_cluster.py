@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from paths import REPO
 from ray_nodes import AUTH_TOKEN, RAY_BIN, RayNode, node_env, small_pipeline_overrides
 
 pytest.importorskip("ray")
@@ -34,7 +35,6 @@ pytest.importorskip("vllm")
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 PW_ENV = "TREEPO_TEST_CLUSTER_REDIS_PASSWORD"
 # what the job's working-dir upload must not carry, whatever .gitignore says
 UPLOAD_EXCLUDES = [".venv", "runs", ".git", ".hypothesis", ".pytest_cache", ".ruff_cache", "*.egg-info"]

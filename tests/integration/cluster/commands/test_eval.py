@@ -11,6 +11,7 @@ import json
 import shutil
 
 import pytest
+from paths import TEST_DATA
 
 from cluster import cli
 from cluster.bench import eval as bench_eval
@@ -155,11 +156,10 @@ def test_bench_eval_table_and_json(vllm_backend, tiny_model_dir, digit_reward, t
 
 def test_eval_on_converted_public_benchmarks(vllm_backend, tiny_model_dir, tmp_path):
     """Converter output feeds ``treepo eval`` as is: the math reward scores every answer per row."""
-    from pathlib import Path
 
     from common.benchmarks import convert_file, write_rows
 
-    samples = Path(__file__).resolve().parents[1] / "data" / "bench_samples"
+    samples = TEST_DATA / "bench_samples"
     files = []
     for name in ("math500.jsonl", "olympiadbench.jsonl"):
         dst = tmp_path / "conv" / name

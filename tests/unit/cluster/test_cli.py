@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from paths import REPO
 
 from cluster.cli import COMMANDS, main
 
@@ -48,9 +49,8 @@ def test_help_config_lists_keys(capsys):
 
 
 def test_console_script_is_declared():
-    from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    text = (REPO / "pyproject.toml").read_text()
     assert 'treepo = "cluster.cli:main"' in text
 
 

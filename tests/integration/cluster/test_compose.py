@@ -4,8 +4,8 @@ the way compose applies it, the submitter's train arguments go through the real 
 Dockerfile's install step runs with stub installers for each VARIANT. ``docker compose config`` is used
 as well where a compose client is installed.
 
-``load_compose`` and ``interpolate`` are shared with tests/integration/test_compose_commands.py, which
-runs the containers' commands on this machine.
+The parsing (``load_compose``, ``interpolate``) is tests/support/compose_files.py, shared with
+test_compose_commands.py, which runs the containers' commands on this machine.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import fnmatch
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -23,114 +22,26 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cluster.pipeline.redis_launcher import QUEUE_ACL
-
-ROOT = Path(__file__).resolve().parents[2]
-COMPOSE = ROOT / "docker-compose.yml"
-COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
-SECRET_VARS = ("TREEPO_REDIS_PASSWORD", "TREEPO_RAY_AUTH_TOKEN")
-# Values that cannot occur in the files by accident, so finding one proves where a secret went.
-TEST_ENV = {
-    "TREEPO_REDIS_PASSWORD": "pw-sentinel-0123456789abcdef",
-    "TREEPO_RAY_AUTH_TOKEN": "tok-sentinel-0123",
-}
-NODE_SERVICES = ("ray-head", "ray-worker", "submitter")
-RAY_GCS_PORT = 6379
-
-# ------------------------------------------------------------------ compose interpolation
-
-_VAR = re.compile(
-    r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
-    r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*))"
+from compose_files import (
+    COMPOSE_GPU,
+    NODE_SERVICES,
+    RAY_GCS_PORT,
+    ROOT,
+    SECRET_VARS,
+    TEST_ENV,
+    MissingVariable,
+    flag,
+    free_port,
+    interpolate,
+    load_compose,
+    load_raw,
+    override,
+    redis_port,
+    train_argv,
+    volume_target,
 )
 
-
-class MissingVariable(ValueError):
-    pass
-
-
-def _interpolate_str(text: str, env: dict[str, str]) -> str:
-    def sub(m: re.Match) -> str:
-        if m["escaped"]:
-            return "$"
-        name = m["braced"] or m["named"]
-        op, arg, value = m["op"], m["arg"], env.get(name)
-        unset_or_empty = value is None or (op is not None and op.startswith(":") and value == "")
-        if op in ("-", ":-") and unset_or_empty:
-            return arg
-        if op in ("?", ":?") and unset_or_empty:
-            raise MissingVariable(f"{name}: {arg}")
-        return value or ""
-
-    return _VAR.sub(sub, text)
-
-
-def interpolate(node, env: dict[str, str]):
-    """Compose's interpolation of every string value: ``$$``, ``$VAR``, ``${VAR}``, ``${VAR:-default}``,
-    ``${VAR-default}``, ``${VAR:?error}``, ``${VAR?error}`` (the forms these files use)."""
-    if isinstance(node, str):
-        return _interpolate_str(node, env)
-    if isinstance(node, list):
-        return [interpolate(x, env) for x in node]
-    if isinstance(node, dict):
-        return {k: interpolate(v, env) for k, v in node.items()}
-    return node
-
-
-def load_raw(path: Path = COMPOSE) -> dict:
-    return yaml.safe_load(path.read_text())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def load_compose(env: dict[str, str] | None = None, path: Path = COMPOSE) -> dict:
-    """The compose file as compose sees it after interpolation with ``env`` (default: TEST_ENV only,
-    so every ``${VAR:-default}`` takes its default)."""
-    return interpolate(load_raw(path), TEST_ENV if env is None else env)
-
-
-def volume_target(service: dict, volume: str) -> str:
-    """Where the named ``volume`` is mounted in ``service``."""
-    for spec in service.get("volumes", []):
-        source, target = spec.split(":")[:2]
-        if source == volume:
-            return target
-    raise AssertionError(f"volume {volume!r} is not mounted: {service.get('volumes')}")
-
-
-def flag(argv: list[str], name: str) -> str:
-    """The value of ``--name=value`` or ``--name value`` in ``argv``."""
-    for i, arg in enumerate(argv):
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-        if arg == name:
-            return argv[i + 1]
-    raise AssertionError(f"{name} not in {argv}")
-
-
-def redis_port(doc: dict) -> int:
-    return int(flag(doc["services"]["redis"]["command"][-1].split(), "--port"))
-
-
-def train_argv(doc: dict) -> list[str]:
-    """The submitter's job entrypoint after ``python -m cluster``: ``train`` and its arguments."""
-    entry = doc["services"]["submitter"]["entrypoint"]
-    job = entry[entry.index("--") + 1 :]
-    assert job[:3] == ["python", "-m", "cluster"], job
-    return job[3:]
-
-
-def override(argv: list[str], key: str) -> str:
-    for arg in argv:
-        if arg.startswith(key + "="):
-            return arg.split("=", 1)[1]
-    raise AssertionError(f"no {key}=... in {argv}")
-
+from cluster.pipeline.redis_launcher import QUEUE_ACL
 
 # ------------------------------------------------------------------ services, volumes, secrets
 
@@ -196,7 +107,7 @@ def test_redis_service_script_serves_the_queue_user_only(tmp_path):
     from common.replay import ReplayQueue
 
     script = load_compose()["services"]["redis"]["command"][2]
-    port = _free_port()
+    port = free_port()
     script = script.replace(f"--port {redis_port(load_compose())}", f"--port {port}")
     script = script.replace("--bind 0.0.0.0", "--bind 127.0.0.1").replace("--dir /data", f"--dir {tmp_path}")
     password = "p" * 24

@@ -4,7 +4,7 @@ a vLLM CPU engine inside the generator actor, the real learner rank in its own a
 Checks: a short run trains unique trees under bounded staleness with weights reaching the generator;
 a generator killed mid-run restarts and no prompt is trained twice; a controller crash after a
 checkpoint resumes without losing or repeating a tree. The schedule's rules are tested as
-pure functions in ``tests/unit/test_schedule.py``.
+pure functions in ``tests/unit/common/test_schedule.py``.
 """
 
 from __future__ import annotations

@@ -12,14 +12,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from chat_model import build_chat_model
+from paths import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_vllm_stops_a_chat_model_at_end_of_turn(tmp_path):

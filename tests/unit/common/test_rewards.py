@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from paths import TEST_DATA
 
 from common.config import RewardConfig
 from common.errors import RewardError
@@ -28,7 +28,7 @@ from common.rewards import (
     verify_boxed,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1] / "data"
+FIXTURES = TEST_DATA
 
 
 @pytest.fixture(scope="module")

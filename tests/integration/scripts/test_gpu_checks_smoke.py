@@ -11,11 +11,10 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_checks.py"
 
 

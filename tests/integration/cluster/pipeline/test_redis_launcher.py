@@ -7,10 +7,10 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import redis
+from paths import REPO
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -113,7 +113,7 @@ def test_server_orphaned_by_a_killed_owner_is_adopted_then_stopped(tmp_path):
             str(tmp_path),
         ],
         stdout=subprocess.PIPE,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=REPO,
     )
     try:
         pid = int(owner.stdout.readline())

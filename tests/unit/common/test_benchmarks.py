@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from paths import TEST_DATA
 
 from common.benchmarks import convert_file, detect_format, normalize_answer, write_rows
 from common.data import load_rows
 from common.errors import DataError
 
-SAMPLES = Path(__file__).resolve().parents[1] / "data" / "bench_samples"
+SAMPLES = TEST_DATA / "bench_samples"
 
 # file -> (detected format, [(id, answer)] kept, [(row, reason fragment)] bad)
 EXPECTED = {

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from paths import REPO
 from safetensors.torch import load_file, save_file
 
 from common.config import AlgoConfig, LearnerConfig, ModelConfig
@@ -25,7 +26,6 @@ from learner.batching import leaf_sequences, synthetic_trees
 from learner.rank import LearnerRank, shard_for_rank
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True, scope="module")
