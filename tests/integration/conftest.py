@@ -46,3 +46,9 @@ def restored(backend, sampling=None):
 
 
 from redis_fixture import redis_server  # noqa: E402,F401  (one embedded redis-server per session)
+
+
+@pytest.fixture
+def server(redis_server):  # noqa: F811
+    """The session's shared Redis under its short name (queue, dead-letter and secret tests)."""
+    return redis_server

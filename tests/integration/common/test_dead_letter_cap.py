@@ -8,16 +8,11 @@ import hashlib
 import os
 
 import pytest
-from redis_fixture import shared_redis, unique_run
+from redis_fixture import unique_run
 
 from common.replay import DEAD_DATA_BYTES, DEAD_MAXLEN, ReplayQueue
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_redis()
 
 
 def test_default_cap_is_small_against_the_embedded_maxmemory():

@@ -13,7 +13,7 @@ from collections import Counter
 import msgpack
 import numpy as np
 import pytest
-from redis_fixture import shared_redis, unique_run
+from redis_fixture import unique_run
 
 from cluster.bench.queue import synthetic_tree
 from cluster.pipeline.redis_launcher import EmbeddedRedis
@@ -31,12 +31,6 @@ def tree(i: int, seg_tokens: int = 8):
 
 def make_queue(server, run=None, **kw) -> ReplayQueue:
     return ReplayQueue(server.url, run or unique_run("q"), password=server.password, block_ms=200, **kw)
-
-
-@pytest.fixture(scope="module")
-def server():
-    """The session's shared Redis (the same one as the ``server`` fixture)."""
-    return shared_redis()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from ray_nodes import in_process_ray
-from redis_fixture import shared_redis
 
 from cluster.bench import queue as bench_queue
 from common.errors import QueueError
@@ -34,11 +33,6 @@ def _cmdline(pid: int) -> str:
 
 def _environ(pid: int) -> str:
     return Path(f"/proc/{pid}/environ").read_bytes().replace(b"\0", b"\n").decode(errors="replace")
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_redis()
 
 
 def test_redis_server_argv_has_no_password(server):

@@ -38,7 +38,7 @@ REFUSED = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def acl_server(tmp_path_factory):
     with EmbeddedRedis(tmp_path_factory.mktemp("acl"), maxmemory_mb=128) as s:
         yield s
 
@@ -48,9 +48,9 @@ def _no_retry(client: redis.Redis) -> redis.Redis:
     return client
 
 
-def test_the_queue_runs_as_the_treepo_user(server):
-    assert server.url.startswith(f"redis://{QUEUE_USER}@") and server.password not in server.url
-    q = ReplayQueue(server.url, "acl-run", password=server.password, block_ms=100)
+def test_the_queue_runs_as_the_treepo_user(acl_server):
+    assert acl_server.url.startswith(f"redis://{QUEUE_USER}@") and acl_server.password not in acl_server.url
+    q = ReplayQueue(acl_server.url, "acl-run", password=acl_server.password, block_ms=100)
     assert _no_retry(q.redis).acl_whoami() in (QUEUE_USER, QUEUE_USER.encode())
     ids = [q.push(synthetic_tree(f"t{i}", 4, 2, 8, seed=i)) for i in range(3)]
     assert [i for i, _ in q.read(5, consumer="c")] == ids
@@ -62,23 +62,23 @@ def test_the_queue_runs_as_the_treepo_user(server):
     assert len(got) == 4 and d.done("g0", *got[0])
     assert d.requeue_generator("g0") == 3
     assert list(q.redis.scan_iter(match="treepo:acl-run:*", count=100))  # recovery's listing
-    assert find_running(server.dir.parent) == (server.url, server.password)
+    assert find_running(acl_server.dir.parent) == (acl_server.url, acl_server.password)
 
 
 @pytest.mark.parametrize("command", REFUSED, ids=lambda c: " ".join(c[:2]))
-def test_the_treepo_user_is_refused_dangerous_commands(server, command):
-    client = _no_retry(connect(server.url, server.password))
+def test_the_treepo_user_is_refused_dangerous_commands(acl_server, command):
+    client = _no_retry(connect(acl_server.url, acl_server.password))
     # DEBUG is also off server-wide (enable-debug-command no): refused before the ACL check
     expected = redis.exceptions.ResponseError if command[0] == "DEBUG" else redis.exceptions.NoPermissionError
     with pytest.raises(expected):
         client.execute_command(*command)
     client.close()
-    admin = server.client()
+    admin = acl_server.client()
     assert admin.ping() and _s(admin.config_get("maxmemory")["maxmemory"]) == str(128 << 20)
 
 
-def test_the_treepo_user_is_confined_to_treepo_keys(server):
-    client = _no_retry(connect(server.url, server.password))
+def test_the_treepo_user_is_confined_to_treepo_keys(acl_server):
+    client = _no_retry(connect(acl_server.url, acl_server.password))
     with pytest.raises(redis.exceptions.NoPermissionError):
         client.set("other-app:key", "x")
     with pytest.raises(redis.exceptions.NoPermissionError):
@@ -86,21 +86,21 @@ def test_the_treepo_user_is_confined_to_treepo_keys(server):
     client.set("treepo:acl-run:probe", "x")
 
 
-def test_secrets_are_files_not_arguments(server):
-    root = server.dir
+def test_secrets_are_files_not_arguments(acl_server):
+    root = acl_server.dir
     admin = (root / "admin_password").read_text()
-    assert admin != server.password and len(admin) >= 32
+    assert admin != acl_server.password and len(admin) >= 32
     for name in ("password", "admin_password", "redis.conf"):
         assert (root / name).stat().st_mode & 0o777 == 0o600
     conf = (root / "redis.conf").read_text()
-    assert server.password not in conf  # only its SHA-256
-    cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().decode(errors="replace")
-    assert server.password not in cmdline and admin not in cmdline
+    assert acl_server.password not in conf  # only its SHA-256
+    cmdline = Path(f"/proc/{acl_server.pid}/cmdline").read_bytes().decode(errors="replace")
+    assert acl_server.password not in cmdline and admin not in cmdline
     # the admin password does not work for the queue user, nor the reverse
     with pytest.raises(QueueError, match="password"):
-        connect(server.url, admin)
+        connect(acl_server.url, admin)
     with pytest.raises(QueueError, match="password"):
-        connect(server.admin_url, server.password)
+        connect(acl_server.admin_url, acl_server.password)
 
 
 def test_a_server_that_refuses_the_queue_user_is_not_doubled(tmp_path):
