@@ -8,25 +8,14 @@ import math
 
 import numpy as np
 import pytest
+from trees import small_tree
 
 from common.rollouts import due, step_records, tree_record
-from common.tree import Leaf, Segment, Tree
+from common.tree import Leaf, Tree
 
 
 def _tree() -> Tree:
-    # root -> 1 (v0) -> {2 (v1), 3 (v1)}; root -> 4 (v0); leaves 2, 3, 4
-    segs = [
-        Segment(1, 0, 1, [10, 11], [-0.5, -0.25], 0),
-        Segment(2, 1, 2, [12], [-1.0], 1),
-        Segment(3, 1, 2, [13, 14, 15], [-0.1, -0.2, -0.3], 1),
-        Segment(4, 0, 1, [16], [-2.0], 0),
-    ]
-    leaves = [
-        Leaf(2, "eos", 3, 1.0, "7", True),
-        Leaf(3, "max_depth", 5, -1.0, None, False),
-        Leaf(4, "finished", 1, math.nan, None, None),
-    ]
-    return Tree("t-1", "p-1", [1, 2, 3], segs, leaves, generator_id=2, metadata={"answer": "7"})
+    return small_tree(Leaf(4, "finished", 1, math.nan, None, None))
 
 
 def _decode(ids) -> str:

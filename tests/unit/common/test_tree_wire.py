@@ -7,34 +7,14 @@ import math
 import msgpack
 import numpy as np
 import pytest
+from trees import small_tree
 
 from common.errors import WireError
-from common.tree import SCHEMA_VERSION, Leaf, Segment, Tree, decode_tree, encode_tree
+from common.tree import SCHEMA_VERSION, Tree, decode_tree, encode_tree
 
 
 def make_tree() -> Tree:
-    # root -> 1 -> {2, 3}; root -> 4 ; leaves 2, 3, 4
-    segs = [
-        Segment(1, 0, 1, [10, 11], [-0.5, -0.25], 0),
-        Segment(2, 1, 2, [12], [-1.0], 1),
-        Segment(3, 1, 2, [13, 14, 15], [-0.1, -0.2, -0.3], 1),
-        Segment(4, 0, 1, [16], [-2.0], 0),
-    ]
-    leaves = [
-        Leaf(2, "eos", 3, 1.0, "7", True),
-        Leaf(3, "max_depth", 5, -1.0, None, False),
-        Leaf(4, "finished", 1, 1.0, "7", True),
-    ]
-    return Tree(
-        "t-1",
-        "p-1",
-        [1, 2, 3],
-        segs,
-        leaves,
-        generator_id=2,
-        metadata={"answer": "7", "epoch": 0},
-        timings={"gen_s": 0.5},
-    )
+    return small_tree(metadata={"answer": "7", "epoch": 0}, timings={"gen_s": 0.5})
 
 
 def test_paths_and_responses():
