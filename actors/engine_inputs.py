@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.config import TrainConfig
+
 
 def prompt_metadata(row: Any, epoch: int | None = None) -> dict[str, Any]:
     """A tree's flat metadata: the gold answer, the epoch (when training) and the row's metadata (the
@@ -43,7 +45,7 @@ def prompt_metadata(row: Any, epoch: int | None = None) -> dict[str, Any]:
     return out
 
 
-def train_reward(cfg: Any, task: str | None, spec: str | None = None) -> Any:
+def train_reward(cfg: TrainConfig, task: str | None, spec: str | None = None) -> Any:
     """The training reward for ``task`` (``spec`` overrides ``reward.fn``)."""
     from common.rewards import resolve_reward
 
@@ -52,7 +54,7 @@ def train_reward(cfg: Any, task: str | None, spec: str | None = None) -> Any:
     )
 
 
-def eval_reward(cfg: Any, task: str | None) -> Any:
+def eval_reward(cfg: TrainConfig, task: str | None) -> Any:
     """The evaluation reward for ``task``: the training reward without the overlong buffer."""
     from common.rewards import resolve_reward
 
@@ -79,14 +81,14 @@ class EngineInputs:
     """A model's tokenizer, stop ids (EOS and end of turn) and stop strings, and the prompt sets and
     backend of a run's config."""
 
-    cfg: Any
+    cfg: TrainConfig | None
     model_path: str
     tokenizer: Any
     stop_ids: list[int]
     stop_strings: list[str] = field(default_factory=list)
 
     @classmethod
-    def load(cls, cfg: Any, model_path: str | None = None) -> EngineInputs:
+    def load(cls, cfg: TrainConfig, model_path: str | None = None) -> EngineInputs:
         """For ``cfg`` (a :class:`common.config.TrainConfig`): ``model.path`` resolved (a ``tiny:`` model
         is built once and cached) unless ``model_path`` is given already resolved."""
         from common.models import resolve_model
@@ -95,7 +97,9 @@ class EngineInputs:
         return cls.for_model(path, trust_remote_code=cfg.model.trust_remote_code, cfg=cfg)
 
     @classmethod
-    def for_model(cls, model_path: str, *, trust_remote_code: bool = False, cfg: Any = None) -> EngineInputs:
+    def for_model(
+        cls, model_path: str, *, trust_remote_code: bool = False, cfg: TrainConfig | None = None
+    ) -> EngineInputs:
         """Without ``cfg`` the stop ids are the EOS ids only (no template, no override)."""
         from common.models import eos_token_ids, load_tokenizer, stop_token_ids
 

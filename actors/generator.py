@@ -33,6 +33,7 @@ import numpy as np
 
 from actors.engine_inputs import prompt_metadata
 from common import schedule
+from common.config import TrainConfig
 from common.metrics import Metric
 
 log = logging.getLogger("treepo.generator")
@@ -83,7 +84,7 @@ class Generator:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: TrainConfig,
         generator_id: int,
         queue_url: str,
         queue_password: Any,
@@ -149,7 +150,7 @@ class Generator:
         self._bench_delay_s = float(os.environ.get("TREEPO_BENCH_GEN_DELAY_S", "0") or 0)
         self._t_start = time.perf_counter()
 
-    def _init_sync(self, cfg: Any, backend: Any) -> None:
+    def _init_sync(self, cfg: TrainConfig, backend: Any) -> None:
         """Weight-sync receiving: the engine's worker processes are the receiver ranks (the update is
         staged in them and applied at a segment boundary), or this process is the one rank
         (``sync.receiver``)."""

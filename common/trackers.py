@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from common.config import TrainConfig
 from common.errors import ConfigError
 from common.metrics import MetricsLog
 
@@ -145,7 +146,7 @@ def rollout_rows(step: int, records: list[dict[str, Any]]) -> list[list[Any]]:
 class WandbTracker:
     """A W&B run in ``<run_dir>/wandb``; metrics against ``train/step``; rollouts as a table."""
 
-    def __init__(self, cfg: Any, run_dir: Path, run_id: str | None, quiet: bool) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, run_id: str | None, quiet: bool) -> None:
         wandb = _import("wandb", "wandb")
         mode = os.environ.get("WANDB_MODE", "online")
         if mode not in ("offline", "disabled", "dryrun") and not os.environ.get("WANDB_API_KEY"):
@@ -188,7 +189,7 @@ def mlflow_key(key: str) -> str:
     return re.sub(r"[^/\w.\- ]", "_", key.replace("@", "_at_"))
 
 
-def mlflow_uri(cfg: Any, run_dir: Path) -> str:
+def mlflow_uri(cfg: TrainConfig, run_dir: Path) -> str:
     """``log.mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a file store in ``<run_dir>/mlruns``."""
     uri = cfg.log.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
@@ -202,7 +203,7 @@ class MlflowTracker:
     """An MLflow run (client API, no global state): metrics by step, the resolved config and the
     rollouts as artifacts."""
 
-    def __init__(self, cfg: Any, run_dir: Path, run_id: str | None) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, run_id: str | None) -> None:
         _import("mlflow", "mlflow")
         from mlflow.tracking import MlflowClient
 
@@ -244,7 +245,7 @@ class MlflowTracker:
         self.client.set_terminated(self.id)
 
 
-def _flat_config(cfg: Any) -> dict[str, Any]:
+def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
     """The resolved config as ``{"tree.w": 8, ...}`` (the trackers' run parameters)."""
     import dataclasses
 
@@ -289,7 +290,7 @@ def _saved_ids(run_dir: Path) -> dict[str, str]:
         return {}
 
 
-def open_trackers(cfg: Any) -> Trackers:
+def open_trackers(cfg: TrainConfig) -> Trackers:
     """The trackers ``log.backends`` lists, plus the JSONL logs, for ``cfg.run_dir``. With
     ``cfg.resume`` the W&B and MLflow runs of ``trackers.json`` continue; otherwise new ones start."""
     run_dir = Path(cfg.run_dir)

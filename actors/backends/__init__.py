@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from actors.backends.base import BackendCounters, GenerationBackend, GenRequest, GenResult
-from common.config import GeneratorConfig, SamplingConfig
+from common.config import GeneratorConfig, SamplingConfig, TrainConfig
 from common.errors import ConfigError
 
 
@@ -51,7 +51,7 @@ def make_backend(
 
 
 def backend_for_run(
-    cfg: Any, model_path: str, eos_ids: list[int], longest_prompt: int, *, seed: int | None = None
+    cfg: TrainConfig, model_path: str, eos_ids: list[int], longest_prompt: int, *, seed: int | None = None
 ):
     """``make_backend`` for a :class:`common.config.TrainConfig`: the configured backend, dtype and seed,
     with room for the longest prompt, ``tree.max_response_tokens`` and a block of alignment slack."""

@@ -32,6 +32,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.generator import Generator
+from common.config import TrainConfig
 from common.errors import ConfigError
 from common.replay import SecretFile
 
@@ -44,7 +45,7 @@ class LearnerHost:
     """One learner rank as an actor: trees arrive as encoded wire bytes (no pickled trees); rank 0
     sends weights over the weight-sync group (:mod:`common.weight_sync`), not through Ray."""
 
-    def __init__(self, cfg: Any, rank: int, world_size: int) -> None:
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int) -> None:
         self.cfg, self.rank, self.world_size = cfg, int(rank), int(world_size)
         self.learner = None
         self.sender = None  # common.weight_sync.WeightSender on rank 0, once the controller opens the group
@@ -158,14 +159,14 @@ def _actor_env() -> dict[str, str]:
     return {key: os.environ[key] for key in PASSTHROUGH_ENV if key in os.environ}
 
 
-def _generator_env(cfg: Any) -> dict[str, str]:
+def _generator_env(cfg: TrainConfig) -> dict[str, str]:
     env = _actor_env()
     if cfg.generators.gpus_per_engine == 0:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return env
 
 
-def _check_resources(cfg: Any) -> None:
+def _check_resources(cfg: TrainConfig) -> None:
     need_cpu = cfg.learner.num_workers + cfg.generators.num
     need_gpu = (
         cfg.learner.num_workers * cfg.learner.gpus_per_worker
@@ -192,7 +193,7 @@ def _check_resources(cfg: Any) -> None:
         )
 
 
-def start_learners(cfg: Any, timeout_s: float = START_TIMEOUT_S) -> tuple[list[Any], Any]:
+def start_learners(cfg: TrainConfig, timeout_s: float = START_TIMEOUT_S) -> tuple[list[Any], Any]:
     """Create and set up the learner ranks in one placement group; returns (handles, placement group)."""
     n, gpus = cfg.learner.num_workers, cfg.learner.gpus_per_worker
     bundle: dict[str, float] = {"CPU": 1, **cfg.learner.ray_resources}
@@ -230,7 +231,7 @@ def generator_name(run_name: str, generator_id: int) -> str:
 
 
 def start_generator(
-    cfg: Any, generator_id: int, queue_url: str, password: SecretFile | None, run_name: str
+    cfg: TrainConfig, generator_id: int, queue_url: str, password: SecretFile | None, run_name: str
 ) -> Any:
     """One generator actor (not waited for: call ``ready`` on it). The queue password goes by
     reference (:class:`common.replay.SecretFile`): Ray keeps actor arguments in the GCS."""
@@ -250,7 +251,7 @@ def start_generator(
 
 
 def start(
-    cfg: Any, queue_url: str, password: str | None, run_name: str, timeout_s: float = START_TIMEOUT_S
+    cfg: TrainConfig, queue_url: str, password: str | None, run_name: str, timeout_s: float = START_TIMEOUT_S
 ) -> Topology:
     """Learners and generators, all started and answering (generators start while learners load)."""
     _check_resources(cfg)
