@@ -786,15 +786,15 @@ class _Done:
 
 
 class _LoopbackEnd:
-    """One end of an in-process two-rank "group" with only ``broadcast``: the root's broadcasts are
-    queued (cloned, since the sender reuses its staging buffers) and the other end's broadcasts take
-    them in order. It stands in for the wire alone; packing and unpacking are the real code."""
+    """One end of an in-process two-rank weight-sync channel (:class:`common.weight_sync.transport.Channel`)
+    with only ``broadcast``: the root's broadcasts are queued (cloned, since the sender reuses its staging
+    buffers) and the other end's broadcasts take them in order. It stands in for the wire alone; packing
+    and unpacking are the real code."""
 
     def __init__(self, queue: deque, root: bool, keep: bool = True) -> None:
         self.queue, self.root, self.keep = queue, root, keep
 
-    def broadcast(self, tensors, opts):
-        (t,) = tensors
+    def broadcast(self, t):
         if self.root:
             if self.keep:
                 self.queue.append(t.clone())
@@ -806,6 +806,9 @@ class _LoopbackEnd:
                 )
             t.copy_(src)
         return _Done()
+
+    def drop(self) -> None:
+        """Nothing to release: no real group was built."""
 
 
 def named_model_tensors(shape: dict, device: str, dtype, seed: int = 0) -> dict:
@@ -868,12 +871,12 @@ def check_wsync_pack(shape: dict, sz: Sizes, gpu: bool) -> dict:
     sender = WeightSender(HOST, 0, world_size=2, backend=backend, bucket_mb=sz.bucket_mb, timeout_s=30)
     receiver = WeightReceiver(HOST, sender.port, rank=1, world_size=2, backend=backend, timeout_s=30)
     queue: deque = deque()
-    sender.pg, receiver.pg = _LoopbackEnd(queue, root=True), _LoopbackEnd(queue, root=False)
+    sender.channel, receiver.channel = _LoopbackEnd(queue, root=True), _LoopbackEnd(queue, root=False)
     sender.device = receiver.device = torch.device(device)
     problems: list[str] = []
     try:
         # 1. packing throughput: the wire discards (nothing queued), best of a few sends
-        sender.pg.keep = False
+        sender.channel.keep = False
         best = math.inf
         stats = None
         for rep in range(sz.pack_repeats):
@@ -900,7 +903,7 @@ def check_wsync_pack(shape: dict, sz: Sizes, gpu: bool) -> dict:
             f"send (pack) {pack_gbps:.1f} GB/s, one plain copy {raw_gbps:.1f} GB/s"
         )
         # 2. round trips, bit-exact: listed (no spec) and streamed against a spec
-        sender.pg.keep = True
+        sender.channel.keep = True
         spec = [(n, t.dtype, tuple(t.shape)) for n, t in named.items()]
         for label, version, kwargs in (
             ("listed", 7, {}),
@@ -951,7 +954,7 @@ def check_wsync_pack(shape: dict, sz: Sizes, gpu: bool) -> dict:
         }
         return details
     finally:
-        sender.pg = receiver.pg = None  # nothing to abort: no real group was built
+        sender.channel = receiver.channel = None  # nothing to abort: no real group was built
         sender.close()
         receiver.close()
 
