@@ -24,7 +24,7 @@ expects all of them, and the math verifier compares a comma-separated gold answe
 
 Bad rows (invalid JSON, not an object, no prompt, no answer, an answer of the wrong type, a solution
 without a complete ``\\boxed{}`` when there is no answer field, a duplicate id) are reported with file,
-row and reason through :mod:`common.data`'s bad-row policy: ``skip`` lists them on the report,
+row and reason through :mod:`common.data.files`'s bad-row policy: ``skip`` lists them on the report,
 ``reject`` raises :class:`DataError` at the first. Nothing is dropped silently: every input row is
 either written or listed as bad. The original id is kept as a string (a missing id becomes
 ``"<source>-<row>"``). Columns not used for prompt/answer/id are kept unchanged as metadata.
@@ -42,8 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from common.answers import last_boxed
-from common.data import DataReport, _BadRows, _jsonl_records, _parquet_records
+from common.data.files import BadRows, DataReport, jsonl_records, parquet_records
 from common.errors import DataError
 
 
@@ -206,9 +209,9 @@ def convert_record(rec: Any, fmt: BenchFormat) -> tuple[dict | None, str | None]
 def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        return _jsonl_records(path)
+        return jsonl_records(path)
     if suffix in (".parquet", ".pq"):
-        return _parquet_records(path)
+        return parquet_records(path)
     raise DataError(
         f"benchmark file {str(path)!r} has an unsupported format {suffix!r}: use .jsonl or .parquet"
     )
@@ -232,7 +235,7 @@ def convert_file(
     if format is not None and format not in FORMATS:
         raise DataError(f"unknown benchmark format {format!r}: use one of {', '.join(FORMATS)}")
     source = source or p.stem
-    bad = _BadRows(str(p), bad_rows)
+    bad = BadRows(str(p), bad_rows)
     fmt = FORMATS[format] if format else None
     rows: list[dict] = []
     first_seen: dict[str, int] = {}
@@ -278,9 +281,6 @@ def write_rows(rows: list[dict], out: str | os.PathLike) -> Path:
             for r in rows:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     elif suffix in (".parquet", ".pq"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         pq.write_table(pa.Table.from_pylist(rows), tmp)
     else:
         raise DataError(f"output {str(out)!r} must end in .jsonl or .parquet")

@@ -36,7 +36,7 @@ import redis
 
 from common.errors import QueueError
 from common.keys import RunKeys
-from common.replay import FIELD_SCHEMA, FIELD_TREE, ReplayQueue, _sid, guarded
+from common.replay import FIELD_SCHEMA, FIELD_TREE, ReplayQueue, as_str, guarded
 from common.tree import SCHEMA_VERSION, Tree
 
 _CLAIM = """
@@ -172,7 +172,7 @@ class PromptDispatcher:
             keys=[self.keys["meta"]],
             args=[self.n, self.seed, digest, self.epochs],
         )
-        if (int(n), int(s), _sid(d)) != (self.n, self.seed, digest):
+        if (int(n), int(s), as_str(d)) != (self.n, self.seed, digest):
             raise QueueError(
                 f"prompt dispatch state of run {run_name!r} was created for {int(n)} prompts with seed "
                 f"{int(s)} and a different prompt list; resume with the same data and data.shuffle_seed, "
@@ -241,7 +241,7 @@ class PromptDispatcher:
             keys=[self._inflight_key(generator_id), self.stream_key],
             args=[str(pos), data, FIELD_TREE, SCHEMA_VERSION, FIELD_SCHEMA],
         )
-        return _sid(entry) if entry else None
+        return as_str(entry) if entry else None
 
     def requeue_generator(self, generator_id: int | str) -> int:
         """Re-issue a dead generator's in-flight prompts (claimed before the cursor advances)."""
@@ -266,14 +266,14 @@ class PromptDispatcher:
 
     def generator_ids(self) -> list[str]:
         """Every generator id that ever claimed a prompt in this run."""
-        return sorted(_sid(x) for x in self._call(self.redis.smembers, self.keys["generators"]))
+        return sorted(as_str(x) for x in self._call(self.redis.smembers, self.keys["generators"]))
 
     def requeue_older_than(self, max_age_s: float) -> int:
         """Re-issue every prompt in flight for longer than ``max_age_s`` (a hung generator, or a
         claim whose reply was lost and retried); returns how many."""
         cutoff = time.time() - max_age_s
         n = 0
-        for g in (_sid(x) for x in self._call(self.redis.smembers, self.keys["generators"])):
+        for g in (as_str(x) for x in self._call(self.redis.smembers, self.keys["generators"])):
             rows = self._call(self.redis.hgetall, self._inflight_key(g))
             old = sorted((int(p) for p, t in rows.items() if float(t) < cutoff))
             if old:
@@ -299,7 +299,7 @@ class PromptDispatcher:
     def in_flight(self) -> dict[str, list[tuple[int, str, float]]]:
         """Per generator: ``(epoch, prompt_id, claimed_at)`` of every prompt in flight."""
         out: dict[str, list[tuple[int, str, float]]] = {}
-        for g in sorted(_sid(x) for x in self._call(self.redis.smembers, self.keys["generators"])):
+        for g in sorted(as_str(x) for x in self._call(self.redis.smembers, self.keys["generators"])):
             rows = self._call(self.redis.hgetall, self._inflight_key(g))
             if rows:
                 out[g] = sorted((*self.prompt_at(int(p)), float(t)) for p, t in rows.items())

@@ -38,7 +38,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import redis
@@ -48,6 +48,9 @@ from redis.retry import Retry
 from common.errors import QueueError, WireError
 from common.keys import RunKeys
 from common.tree import SCHEMA_VERSION, Tree, decode_tree, encode_tree
+
+if TYPE_CHECKING:  # common.config imports this module (check_url) when it validates queue.url
+    from common.config import QueueConfig
 
 GROUP = "learners"
 DEAD_MAXLEN = 1000  # dead-letter entries kept (the counter dead_count counts them all)
@@ -64,7 +67,8 @@ def stream_keys(run_name: str) -> dict[str, str]:
     return {"trees": k.trees, "dead": k.dead, "dead_count": k.dead_count}
 
 
-def _sid(x: bytes | str) -> str:
+def as_str(x: bytes | str) -> str:
+    """A Redis reply value (bytes, or str on a decoding client) as text."""
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
@@ -298,7 +302,7 @@ class ReplayQueue:
         self._ensure_group()
 
     @classmethod
-    def from_config(cls, cfg: Any, url: str, run_name: str, password: str | None) -> ReplayQueue:
+    def from_config(cls, cfg: QueueConfig, url: str, run_name: str, password: str | None) -> ReplayQueue:
         """Build from a :class:`common.config.QueueConfig` (``max_entry_mb``, ``block_ms``)."""
         return cls(
             url,
@@ -340,7 +344,7 @@ class ReplayQueue:
     def push(self, tree: Tree) -> str:
         """Append one tree; returns its entry id. Refuses oversize or invalid trees with WireError."""
         data = self.encode(tree)
-        return _sid(self._call(self.redis.xadd, self.keys["trees"], self.entry_fields(data)))
+        return as_str(self._call(self.redis.xadd, self.keys["trees"], self.entry_fields(data)))
 
     # ------------------------------------------------------------------ consumer
     def read(
@@ -373,7 +377,7 @@ class ReplayQueue:
     ) -> list[tuple[str, Tree]]:
         out: list[tuple[str, Tree]] = []
         for raw_id, fields in entries:
-            entry_id = _sid(raw_id)
+            entry_id = as_str(raw_id)
             data = (fields or {}).get(FIELD_TREE)
             try:
                 if fields is None:
@@ -451,7 +455,7 @@ class ReplayQueue:
                 count=1000,
                 consumername=consumer,
             )
-            out += [_sid(r["message_id"]) for r in rows]
+            out += [as_str(r["message_id"]) for r in rows]
             if len(rows) < 1000:
                 return out
             start = "(" + out[-1]
@@ -474,20 +478,20 @@ class ReplayQueue:
             if not entries:
                 break
             got.update(self._decode_entries(entries, consumer))
-            start = _sid(entries[-1][0])
+            start = as_str(entries[-1][0])
         cursor = "0-0"
         while True:
             resp = self._call(
                 self.redis.xautoclaim, self.keys["trees"], GROUP, consumer, min_idle_ms, cursor, count=count
             )
-            cursor, entries = _sid(resp[0]), resp[1]
+            cursor, entries = as_str(resp[0]), resp[1]
             # XAUTOCLAIM also returns our own entries again; entries deleted from the stream are
             # dropped from the pending list by Redis and listed in resp[2] (data lost: count them).
-            entries = [e for e in entries if _sid(e[0]) not in got]
+            entries = [e for e in entries if as_str(e[0]) not in got]
             got.update(self._decode_entries(entries, consumer))
             for lost in resp[2] if len(resp) > 2 else []:
                 self._dead_letter(
-                    _sid(lost), "entry was deleted from the stream while pending (data lost)", b"", consumer
+                    as_str(lost), "entry was deleted from the stream while pending (data lost)", b"", consumer
                 )
             if cursor == "0-0":
                 break
@@ -496,7 +500,7 @@ class ReplayQueue:
     # ------------------------------------------------------------------ housekeeping
     def _group_info(self) -> dict[str, Any]:
         for g in self._call(self.redis.xinfo_groups, self.keys["trees"]):
-            if _sid(g["name"]) == GROUP:
+            if as_str(g["name"]) == GROUP:
                 return g
         raise QueueError(f"consumer group {GROUP!r} missing on {self.keys['trees']}")
 
@@ -512,10 +516,10 @@ class ReplayQueue:
             return 0
         threshold: str | None = None
         for g in groups:
-            bound = _next_id(_sid(g["last-delivered-id"]))
-            summary = self._call(self.redis.xpending, key, _sid(g["name"]))
+            bound = _next_id(as_str(g["last-delivered-id"]))
+            summary = self._call(self.redis.xpending, key, as_str(g["name"]))
             if summary["pending"]:
-                bound = _min_id(bound, _sid(summary["min"]))
+                bound = _min_id(bound, as_str(summary["min"]))
             threshold = bound if threshold is None else _min_id(threshold, bound)
         return int(self._call(self.redis.xtrim, key, minid=threshold, approximate=False))
 
@@ -533,12 +537,12 @@ class ReplayQueue:
             data = f.get(b"data", b"")
             out.append(
                 {
-                    "id": _sid(rid),
-                    "source_id": _sid(f.get(b"source_id", b"")),
-                    "reason": _sid(f.get(b"reason", b"")),
-                    "consumer": _sid(f.get(b"consumer", b"")),
+                    "id": as_str(rid),
+                    "source_id": as_str(f.get(b"source_id", b"")),
+                    "reason": as_str(f.get(b"reason", b"")),
+                    "consumer": as_str(f.get(b"consumer", b"")),
                     "bytes": int(f.get(b"size", len(data))),
-                    "sha256": _sid(f.get(b"sha256", b"")),
+                    "sha256": as_str(f.get(b"sha256", b"")),
                     "truncated": f.get(b"truncated", b"0") == b"1",
                     "data": data,
                 }
@@ -551,13 +555,13 @@ class ReplayQueue:
         if g.get("lag") is not None:
             return int(g["lag"])
         # lag is unknown after deletions in the middle of the stream: count ids past last-delivered.
-        start, n = "(" + _sid(g["last-delivered-id"]), 0
+        start, n = "(" + as_str(g["last-delivered-id"]), 0
         while True:
             rows = self._call(self.redis.xrange, self.keys["trees"], min=start, count=1000)
             n += len(rows)
             if len(rows) < 1000:
                 return n
-            start = "(" + _sid(rows[-1][0])
+            start = "(" + as_str(rows[-1][0])
 
     def depth(self) -> int:
         """Entries not yet consumed for good: undelivered + delivered-but-unacknowledged."""
@@ -572,7 +576,7 @@ class ReplayQueue:
         now_ms = now_s * 1000 + now_us // 1000
         oldest_age_s = None
         if summary["pending"]:
-            oldest_age_s = max(0.0, (now_ms - _id_tuple(_sid(summary["min"]))[0]) / 1000)
+            oldest_age_s = max(0.0, (now_ms - _id_tuple(as_str(summary["min"]))[0]) / 1000)
         mem = self._call(self.redis.info, "memory")
         undelivered = self.undelivered()
         return {
@@ -582,7 +586,9 @@ class ReplayQueue:
             "undelivered": undelivered,
             "pending": int(summary["pending"]),
             "depth": undelivered + int(summary["pending"]),
-            "pending_per_consumer": {_sid(c["name"]): int(c["pending"]) for c in summary["consumers"] or []},
+            "pending_per_consumer": {
+                as_str(c["name"]): int(c["pending"]) for c in summary["consumers"] or []
+            },
             "oldest_pending_age_s": oldest_age_s,
             "dead_length": int(self._call(self.redis.xlen, self.keys["dead"])),
             "dead_count": self.dead_count(),

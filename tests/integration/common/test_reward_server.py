@@ -16,7 +16,7 @@ from common.config import RewardConfig
 from common.data import wire_metadata
 from common.errors import RewardError
 from common.rewards import RewardItem, resolve_reward
-from common.user_rewards import HttpReward
+from common.rewards.server import HttpReward
 
 
 class Server:

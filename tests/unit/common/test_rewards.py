@@ -1,7 +1,7 @@
 """Rewards: boxed extraction, math-verify on real answer variants, overlong penalty, isolation.
 
 The expected verdicts below were checked against math-verify 0.9 by running it; where it differs
-from intuition the module docstring of common/rewards.py records the decision (e.g. percentages).
+from intuition the docstring of common.rewards records the decision (e.g. percentages).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from common.rewards import (
     RewardItem,
     UserReward,
     VerifierPool,
-    _fast_math,
     last_boxed,
     math_reward,
     overlong_penalty,
     resolve_reward,
     verify_boxed,
 )
+from common.rewards.verify import fast_math
 
 FIXTURES = TEST_DATA
 
@@ -138,7 +138,7 @@ def test_math_wrong_variants(math_fn, text, gold):
     "pred, gold", [("3", "3"), ("3", "2"), ("-4", "-4"), ("+4", "4"), ("007", "7"), ("12", "21"), ("0", "-0")]
 )
 def test_integer_fast_path_agrees_with_math_verify(pred, gold):
-    fast = _fast_math(pred, gold)
+    fast = fast_math(pred, gold)
     assert fast is not None
     assert fast == verify_boxed(pred, gold)
 

@@ -13,8 +13,8 @@ from common.config import RewardConfig, load_config
 from common.data import wire_metadata
 from common.errors import ConfigError, RewardError
 from common.rewards import RewardItem, UserReward, VerifierPool, resolve_reward
+from common.rewards.user import BatchUserReward
 from common.tree import Leaf, Segment, Tree
-from common.user_rewards import BatchUserReward
 
 REWARDS = '''
 import json

@@ -18,14 +18,6 @@ Functions run in the verifier subprocesses of :mod:`common.rewards` (a hang or c
 is counted). The verdict is the usual one: above the midpoint of ``reward.correct`` and
 ``reward.wrong`` (a 0/1 function wants ``reward.wrong=0``).
 
-``reward.url`` sends every batch to an HTTP server instead: ``POST url`` with
-``{"items": [{"prompt", "response", "answer", "metadata"}, ...]}``, answered by
-``{"rewards": [value, ...]}`` (same order and length). Each try has ``reward.timeout_s``; connection
-errors, timeouts, HTTP 429 and 5xx are retried ``reward.retries`` times with doubling back-off
-(0.5 s, 1 s, 2 s, ...); after the last, or on any other HTTP error or a malformed answer, a
-:class:`RewardError` names the server, what failed and the fix (a reward that silently scored
-everything wrong would train on noise). The server is probed (a TCP connect) when the reward is
-built, so a server that is down stops the run at start-up.
 """
 
 from __future__ import annotations
@@ -34,22 +26,14 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import json
 import math
-import os
-import socket
 import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from common.data import full_metadata
 from common.errors import RewardError
-from common.rewards import RewardItem, Scored, _Reward
 
 KINDS = ("treepo", "verl", "batched")
 VERL_ARGS = ("data_source", "solution_str", "ground_truth", "extra_info")
@@ -215,164 +199,24 @@ def handle_request(req: dict, cache: dict[str, tuple[Callable, str]]) -> Any:
     return call_one(fn, kind, req["response"], req["answer"], full_metadata(req["metadata"]))
 
 
-# --------------------------------------------------------------------------------------------------
-# Rewards
-# --------------------------------------------------------------------------------------------------
-
-
-def _judged(reward: _Reward, base: Sequence[float], items: Sequence[RewardItem]) -> list[Scored]:
-    midpoint = (reward.correct + reward.wrong) / 2
-    return [Scored(reward._shape(b, it.response_len), b > midpoint) for b, it in zip(base, items)]
-
-
-def _items(items: Iterable[RewardItem | tuple]) -> list[RewardItem]:
-    return [RewardItem(*it) for it in items]
-
-
-class BatchUserReward(_Reward):
-    """A batched user function: one worker call per batch; a hang or crash scores the batch wrong."""
-
-    wants_prompts = True
-
-    def __init__(self, spec: str, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.spec = self.name = absolute_spec(spec)
-
-    def judge_many(self, items: Iterable[RewardItem | tuple]) -> list[Scored]:
-        t0 = time.perf_counter()
-        items = _items(items)
-        if not items:
-            return []
-        req = {
-            "op": "user_batch",
-            "fn": self.spec,
-            "paths": [p or os.getcwd() for p in sys.path],
-            "items": [
-                {
-                    "prompt": str(it.prompt),
-                    "response": str(it.response_text),
-                    "answer": str(it.answer),
-                    "metadata": full_metadata(it.metadata),
-                }
-                for it in items
-            ],
-        }
-        outcome = self.pool.call(req, self.timeout_s)
-        values = outcome.value if outcome.status == "ok" else None
-        if values is None:
-            wrong = self._resolve(outcome)
-            base = [wrong] * len(items)
-        else:
-            base = [float(v) for v in values]
-        self.stats.add(calls=len(items), seconds=time.perf_counter() - t0)
-        return _judged(self, base, items)
-
-
-def _probe(url: str, timeout_s: float) -> None:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RewardError(f"reward.url={url!r} is not an http(s):// URL: fix reward.url")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
-    except OSError as e:
-        raise RewardError(
-            f"reward server {url} is not reachable ({type(e).__name__}: {e}): start it, or fix reward.url"
-        ) from None
-
-
-class HttpReward(_Reward):
-    """Scores batches on a reward server (module docstring: protocol, timeouts, retries)."""
-
-    name = "http"
-    wants_prompts = True
-
-    def __init__(self, url: str, *, retries: int = 3, backoff_s: float = 0.5, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.url, self.retries, self.backoff_s = url, int(retries), float(backoff_s)
-        _probe(url, self.timeout_s)
-
-    def _post(self, body: bytes) -> Any:
-        """One try: the decoded JSON answer, or an exception (retryable or not, see _send)."""
-        req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            return json.loads(resp.read().decode("utf-8"))
-
-    def _send(self, body: bytes) -> Any:
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                return self._post(body)
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace")
-                if e.code != 429 and e.code < 500:
-                    raise RewardError(
-                        f"reward server {self.url} refused the request (HTTP {e.code}: {detail}); "
-                        "fix the server or the request format (module common.user_rewards)"
-                    ) from None
-                last = f"HTTP {e.code}: {detail}"
-            except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
-                last = f"{type(getattr(e, 'reason', e)).__name__}: {getattr(e, 'reason', e)}"
-            except ValueError as e:
-                raise RewardError(f"reward server {self.url} answered with invalid JSON ({e})") from None
-            self.stats.add(errors=1, last_error=last)
-        raise RewardError(
-            f"reward server {self.url} failed {self.retries + 1} times (last: {last}); check that it is up "
-            f"and answers within reward.timeout_s={self.timeout_s} s, or raise reward.retries"
-        )
-
-    def judge_many(self, items: Iterable[RewardItem | tuple]) -> list[Scored]:
-        t0 = time.perf_counter()
-        items = _items(items)
-        if not items:
-            return []
-        payload = [
-            {
-                "prompt": str(it.prompt),
-                "response": str(it.response_text),
-                "answer": str(it.answer),
-                "metadata": full_metadata(it.metadata),
-            }
-            for it in items
-        ]
-        answer = self._send(json.dumps({"items": payload}, default=str).encode())
-        rewards = answer.get("rewards") if isinstance(answer, dict) else None
-        if not isinstance(rewards, list) or len(rewards) != len(items):
-            raise RewardError(
-                f"reward server {self.url} answered {str(answer)[:120]!r}; it must answer "
-                f'{{"rewards": [...]}} with {len(items)} values (one per item, in order)'
-            )
-        try:
-            base = [reward_value(v) for v in rewards]
-        except TypeError as e:
-            raise RewardError(f"reward server {self.url}: {e}") from None
-        self.stats.add(calls=len(items), seconds=time.perf_counter() - t0)
-        return _judged(self, base, items)
-
-
-def user_reward(spec: str, **kw: Any) -> _Reward:
-    """The reward for ``reward.fn=<spec>``: the function is imported here first, so a wrong path or
-    signature fails at start-up in this process, with a clear message."""
-    spec = absolute_spec(spec)
-    kind = reward_kind(import_callable(spec), spec)
-    if kind == "batched":
-        return BatchUserReward(spec, **kw)
-    from common.rewards import UserReward
-
-    return UserReward(spec, **kw)
+def load_user_fn(spec: str) -> Callable:
+    """Import ``package.module:function`` or ``file.py:function`` and check that its parameters are one
+    of the reward forms (treepo, verl, batched)."""
+    fn = import_callable(spec)
+    reward_kind(fn, spec)
+    return fn
 
 
 __all__ = [
-    "BatchUserReward",
-    "HttpReward",
+    "BATCH_ARGS",
+    "KINDS",
+    "VERL_ARGS",
     "absolute_spec",
     "call_batch",
     "call_one",
     "handle_request",
     "import_callable",
+    "load_user_fn",
     "reward_kind",
     "reward_value",
-    "user_reward",
 ]
