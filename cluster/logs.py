@@ -27,7 +27,8 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+
+from common.config import TrainConfig
 
 LIBRARY_LOGGERS = (
     "vllm",
@@ -58,7 +59,7 @@ def log_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "logs"
 
 
-def is_quiet(cfg: Any) -> bool:
+def is_quiet(cfg: TrainConfig) -> bool:
     return cfg.log.level == "warning"
 
 
@@ -66,7 +67,7 @@ class RunLogging:
     """Set up (``start``) and undo (``close``) the driver process's logging for one run. Idempotent
     :meth:`route` re-detaches console handlers a library added when imported later (Ray, vLLM)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         self.quiet = is_quiet(cfg)
         self.level = getattr(logging, cfg.log.level.upper())
         self.dir = log_dir(cfg.run_dir)

@@ -11,11 +11,15 @@ MLflow run ids), ``logs/`` (engine and Ray logs: :mod:`cluster.logs`), ``tensorb
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from tqdm import tqdm
+
+from common.config import TrainConfig
 from common.errors import ConfigError
 from common.metrics import plot_histogram, plot_series, read_metrics
+from common.tree import Tree
 
 # rows keyed by step: truncated on resume (rollouts.jsonl: one row per logged tree)
 LOGS = ("metrics.jsonl", "trained_trees.jsonl", "rollouts.jsonl")
@@ -25,7 +29,7 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def check_run_dir(cfg: Any, ckpt_dir: Path) -> None:
+def check_run_dir(cfg: TrainConfig, ckpt_dir: Path) -> None:
     """Refuse a run directory holding checkpoints unless the run resumes it."""
     has_ckpt = ckpt_dir.exists() and any(ckpt_dir.glob("ckpt-*"))
     if has_ckpt and not cfg.resume:
@@ -50,12 +54,12 @@ def truncate_logs(run_dir: Path, step: int) -> None:
         truncate_after(run_dir / name, step)
 
 
-def append_trained(run_dir: Path, step: int, version: int, trees) -> None:
+def append_trained(run_dir: Path, step: int, version: int, trees: Sequence[Tree]) -> None:
     """One line of the exactly-once audit trail: the tree ids trained at ``step``."""
     append_row(run_dir, trained_row(step, version, trees))
 
 
-def trained_row(step: int, version: int, trees) -> dict:
+def trained_row(step: int, version: int, trees: Sequence[Tree]) -> dict:
     """The audit row of one step: its number, the policy version it produced and its tree ids."""
     return {"step": step, "version": version, "trees": [t.tree_id for t in trees]}
 
@@ -88,10 +92,8 @@ def trained_tree_ids(run_dir: Path) -> set[str]:
     return {tree_id for row in read_metrics(path) for tree_id in row.get("trees", [])}
 
 
-def progress_bar(cfg: Any, initial: int, desc: str) -> Any:
+def progress_bar(cfg: TrainConfig, initial: int, desc: str) -> tqdm:
     """The step progress bar of a training run (``log.progress``), from ``initial`` to ``learner.total_steps``."""
-    from tqdm import tqdm
-
     return tqdm(
         total=cfg.learner.total_steps,
         initial=initial,

@@ -22,8 +22,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import redis
+
+from cluster.rundir import checkpoint_dir, restore_trained_rows, truncate_logs
+from common.config import TrainConfig
 from common.errors import ConfigError, QueueError
 from common.keys import RunKeys
+from common.replay import ReplayQueue
+from learner.checkpoint import require_checkpoint
 
 # keys whose change would make a queued tree or a prompt position mean something else
 RESUME_FIXED = (
@@ -37,7 +43,7 @@ RESUME_FIXED = (
 )
 
 
-def config_snapshot(cfg: Any) -> dict[str, Any]:
+def config_snapshot(cfg: TrainConfig) -> dict[str, Any]:
     """The resolved config as a flat JSON-able dict (``section.key`` -> value), kept in checkpoints."""
     out: dict[str, Any] = {}
     for section, value in dataclasses.asdict(cfg).items():
@@ -48,12 +54,9 @@ def config_snapshot(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
-def check_queue_state(cfg: Any, client: Any, run_name: str, where: str) -> None:
+def check_queue_state(cfg: TrainConfig, client: redis.Redis, run_name: str, where: str) -> None:
     """Refuse a resume whose Redis state or run directory does not match its checkpoint; clear the
     state of an unfinished earlier attempt on a fresh start. ``where`` names the server in messages."""
-    from cluster.rundir import checkpoint_dir, truncate_logs
-    from learner.checkpoint import require_checkpoint
-
     keys = RunKeys(run_name)
     if not cfg.resume:
         _reset_unfinished_attempt(client, keys)
@@ -92,7 +95,7 @@ def check_queue_state(cfg: Any, client: Any, run_name: str, where: str) -> None:
         )
 
 
-def _reset_unfinished_attempt(client: Any, keys: RunKeys) -> None:
+def _reset_unfinished_attempt(client: redis.Redis, keys: RunKeys) -> None:
     """Delete every key of the run: they belong to an attempt that never checkpointed."""
     found = list(client.scan_iter(match=f"{keys.base}:*", count=1000))
     if not found:
@@ -108,11 +111,9 @@ def _reset_unfinished_attempt(client: Any, keys: RunKeys) -> None:
     )
 
 
-def reconcile_window(run_dir: Path, queue: Any, extra: dict[str, Any]) -> int:
+def reconcile_window(run_dir: Path, queue: ReplayQueue, extra: dict[str, Any]) -> int:
     """Finish a checkpoint's window after a crash between its save and its acknowledgement: restore
     its audit rows and acknowledge its entries still pending. Returns the entries acknowledged."""
-    from cluster.rundir import restore_trained_rows
-
     window = extra.get("window") or {}
     restored = restore_trained_rows(run_dir, window.get("rows") or [])
     ids = list(window.get("entries") or [])

@@ -272,7 +272,7 @@ class Chaos:
     def poison(self, c) -> None:
         from common.replay import FIELD_SCHEMA, FIELD_TREE, SCHEMA_VERSION, connect
 
-        lim = c._limits
+        lim = c.consumer.limits
         self.poisoned = poison_entries(
             lim.vocab_size, lim.max_prompt_tokens, lim.max_response_tokens, lim.leaves
         )

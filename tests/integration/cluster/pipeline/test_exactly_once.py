@@ -1,7 +1,7 @@
 """Exactly-once under faults, one hole at a time, against the real Redis of the session.
 
-The fast tests drive the controller's consumer side (:meth:`Controller.collect`) without Ray: a
-controller shell holds a real queue and prompt dispatcher (the generators are not needed to consume
+The fast tests drive the controller's consumer (:meth:`TreeConsumer.collect`) without Ray: it
+holds a real queue and prompt dispatcher (the generators are not needed to consume
 what a test pushes). The resume checks run :func:`run_pipeline` up to its Redis-against-checkpoint
 check, which refuses before anything starts. The slow tests run the real pipeline (Ray, vLLM CPU
 engine, learner actor) through a generator loop failure, a hung generator, and a controller crash
@@ -10,9 +10,11 @@ between a checkpoint's publish and its acknowledgement.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
+from types import SimpleNamespace
 
 import pytest
 from poison import poison_entries, valid_tree
@@ -38,29 +40,21 @@ def _cfg(run_dir, model_dir, server, monkeypatch, *extra):
 
 
 def _shell(cfg, server, run: str, prompt_ids: list[str], world: int = 1):
-    """A controller without actors: the queue, the dispatcher (every prompt handed out and done, so
-    the data is finished once the queue is drained) and the consumer state of __init__."""
-    from cluster.pipeline.controller import CONSUMER, Controller
-    from common.keys import RunKeys
+    """The controller's consumer without actors: the queue, the dispatcher (every prompt handed out and
+    done, so the data is finished once the queue is drained) and the learner's version 0."""
+    from cluster.pipeline.consuming import CONSUMER, TreeConsumer, run_limits
+    from cluster.pipeline.controller import COUNTS
     from common.prompts import PromptDispatcher
     from learner.selection import VersionLineage
 
-    c = Controller.__new__(Controller)
-    c.cfg, c.run_name, c.world, c.gens, c.version, c.step = cfg, run, world, [], 0, 0
-    c.queue = ReplayQueue(server.url, run, password=server.password, block_ms=100)
-    c.dispatcher = PromptDispatcher(c.queue.redis, run, prompt_ids, 0, 1)
-    for epoch, pid in c.dispatcher.claim("0", len(prompt_ids)):
-        c.dispatcher.done("0", epoch, pid)
-    c.dropped, c.trained_ids, c.unacked, c.backlog, c.held, c.window_rows = 0, set(), [], [], [], []
-    c.counts = dict.fromkeys(
-        ("duplicates", "dropped_stale", "dropped_uniform", "restarts", "sync_failures", "quarantined")
-        + ("loop_failures", "hangs", "orphans"),
-        0,
-    )
-    c._dropped_key, c._version_key, c._orphans_at = RunKeys(run).dropped, RunKeys(run).version, 0.0
-    c.lineage = VersionLineage()
-    c._limits = Controller._run_limits(cfg, prompt_ids)
-    c.queue.check = c._check_tree
+    cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, num_workers=world))
+    queue = ReplayQueue(server.url, run, password=server.password, block_ms=100)
+    dispatcher = PromptDispatcher(queue.redis, run, prompt_ids, 0, 1)
+    for epoch, pid in dispatcher.claim("0", len(prompt_ids)):
+        dispatcher.done("0", epoch, pid)
+    policy = SimpleNamespace(version=0, lineage=VersionLineage())
+    limits = run_limits(cfg, prompt_ids)
+    c = TreeConsumer(cfg, queue, run, dispatcher, limits, policy, dict.fromkeys(COUNTS, 0))
     return c, CONSUMER
 
 
@@ -79,7 +73,7 @@ def test_poison_trees_are_quarantined_with_their_reason_and_never_come_back(
     cfg = _cfg(tmp_path / "run", tiny_model_dir, redis_server, monkeypatch, "data.max_prompt_tokens=32")
     run = unique_run("poison")
     c, consumer = _shell(cfg, redis_server, run, ["p-0", "p-1", "p-2"])
-    lim = c._limits
+    lim = c.limits
     poison = poison_entries(lim.vocab_size, lim.max_prompt_tokens, lim.max_response_tokens, lim.leaves)
     for _, data, _ in poison:
         _push_raw(c.queue, data)
@@ -127,7 +121,7 @@ def test_trees_short_of_a_mini_batch_stay_pending_at_the_end_of_data(
     trees, _ = c.collect(4)
     assert len(trees) == 2
     assert c.held == [ids[2]] and ids[2] not in c.unacked
-    c._finish(last_ckpt=0)  # the end of the run: what was consumed is acknowledged, not the held one
+    c.finish()  # the end of the run: what was consumed is acknowledged, not the held one
     assert c.queue.pending() == [ids[2]], "the untrained tree must stay pending"
 
 
@@ -143,7 +137,7 @@ def test_entries_of_a_read_whose_reply_was_lost_are_taken_in(
     c.queue.redis.xreadgroup("learners", consumer, {c.queue.keys["trees"]: ">"}, count=10)  # reply lost
     trees, _ = c.collect(2)
     assert sorted(t.tree_id for t in trees) == ["p-0@e0", "p-1@e0"] and c.counts["orphans"] == 2
-    c._finish(last_ckpt=0)  # nothing trained here: acknowledges what was consumed
+    c.finish()  # nothing trained here: acknowledges what was consumed
     assert sorted(c.unacked) == [] and c.queue.pending() == []
     assert c.queue.redis.xlen(c.queue.keys["trees"]) == 0 and len(ids) == 2
 

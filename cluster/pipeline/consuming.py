@@ -1,0 +1,231 @@
+"""The controller's side of the replay queue: which delivered trees a step trains on, and which
+entries are still to be acknowledged.
+
+:meth:`TreeConsumer.collect` consumes queue entries (``XREADGROUP``; on resume the unacknowledged
+ones first), drops duplicates (by tree id), trees with a leaf past ``algo.max_staleness`` and, with
+dynamic sampling, trees whose leaves all agree (:class:`learner.selection.Selection`); it waits until
+``learner.prompts_per_step`` trees are kept, unblocked by generators pushing. Every drop raises the
+Redis counter ``D`` the generators' admission rule adds (:mod:`common.schedule`), so a dropped tree
+is replaced instead of stalling the step. While it waits it calls ``on_idle`` (the controller's: the
+generators are watched, :mod:`cluster.pipeline.supervision`).
+
+Every tree is checked against the run (:func:`common.tree.check_for_run` with :func:`run_limits`:
+vocabulary, length caps, leaf count, finite rewards, no version from the future, a known prompt) and
+run through what training does to it (advantages, encoding); one that fails is quarantined in the
+dead-letter stream with the reason, and the run goes on. Entries delivered by a read whose reply was
+lost (the client retried it) are found in the pending list and taken in.
+
+Consumed entries stay pending until the checkpoint that covers them is published
+(:meth:`TreeConsumer.ack_consumed`, called after the save). With several ranks, trees short of a
+mini-batch at the end of the data are held: pending, never acknowledged untrained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from transformers import AutoConfig
+
+from common.config import TrainConfig
+from common.data import load_prompt_set
+from common.errors import QueueError, WireError
+from common.keys import RunKeys
+from common.models import load_tokenizer
+from common.prompts import PromptDispatcher
+from common.replay import ReplayQueue
+from common.tree import RunLimits, Tree, check_for_run, encode_tree
+from learner import advantages  # looked up per call: tests swap advantages.tree_advantages
+from learner.selection import KEPT, Selection
+
+CONSUMER = "controller"  # the consumer name in the queue's group (the pending list is per consumer)
+STALL_TIMEOUT_S = 1800.0  # no tree at all for this long while generators live: something is wrong
+ORPHAN_CHECK_S = 10.0  # how often an idle collect compares the pending list with what it consumed
+
+
+def encoded_prompt_ids(cfg: TrainConfig) -> list[str]:
+    """The ids of the prompts the generators will use, in their order (the same loader: too-long
+    prompts are skipped there, so they must be skipped here too; a mixture is built the same way)."""
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    return [p.row.id for p in load_prompt_set(cfg.data.train, "train", tokenizer, cfg.data)[0]]
+
+
+def run_limits(cfg: TrainConfig, prompt_ids: list[str]) -> RunLimits:
+    """What every tree of this run must satisfy (:class:`common.tree.RunLimits`)."""
+    mcfg = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    vocab = getattr(mcfg, "vocab_size", None) or mcfg.get_text_config().vocab_size
+    return RunLimits(
+        vocab_size=int(vocab),
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.tree.max_response_tokens,
+        leaves=cfg.tree.w,
+        epochs=cfg.data.epochs,
+        prompt_ids=frozenset(prompt_ids),
+    )
+
+
+class TreeConsumer:
+    """Reads, checks, deduplicates and selects the trees of each step; tracks what is unacknowledged.
+
+    ``policy`` is anything with the learner's current ``version`` and ``lineage``
+    (:class:`learner.selection.VersionLineage`): the controller. ``counts`` is the controller's
+    counter dict (``duplicates``, ``dropped_stale``, ``dropped_uniform``, ``quarantined``, ``orphans``)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        queue: ReplayQueue,
+        run_name: str,
+        dispatcher: PromptDispatcher,
+        limits: RunLimits,
+        policy: Any,
+        counts: dict[str, int],
+        on_idle: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.cfg, self.queue, self.dispatcher, self.limits = cfg, queue, dispatcher, limits
+        self.policy, self.counts, self.on_idle = policy, counts, on_idle
+        self.world = cfg.learner.num_workers
+        self.dropped = 0  # trees consumed without training (staleness, dynamic sampling)
+        self.trained_ids: set[str] = set()
+        self.unacked: list[str] = []  # entries consumed since the last checkpoint
+        self.backlog: list[tuple[str, Tree]] = []  # reclaimed on resume: consumed first
+        self.held: list[str] = []  # trees short of a mini-batch: pending, neither trained nor acked
+        self._orphans_at = 0.0  # when the pending list is compared with what was consumed next
+        self._dropped_key = RunKeys(run_name).dropped
+        queue.check = self._check_tree
+
+    def _check_tree(self, tree: Tree) -> None:
+        """The queue's run-level check of a decoded tree (WireError quarantines it)."""
+        check_for_run(tree, dataclasses.replace(self.limits, max_version=lambda: self.policy.version))
+
+    def set_dropped(self) -> None:
+        """The drop count into Redis, where the generators' admission rule reads it."""
+        self.queue.redis.set(self._dropped_key, self.dropped)
+
+    def reclaim(self) -> int:
+        """On resume: the entries delivered before the stop and never acknowledged are consumed first."""
+        self.backlog = self.queue.reclaim(CONSUMER, min_idle_ms=0)
+        return len(self.backlog)
+
+    def ack_consumed(self) -> None:
+        """Acknowledge every entry consumed so far (a checkpoint covering them is published), then trim."""
+        self.queue.ack(self.unacked)
+        self.unacked = []
+        self.queue.trim_acked()
+
+    def finish(self) -> None:
+        """The end of the run, after its last checkpoint: entries consumed since without training
+        (duplicates, drops: their twins and drops are covered) are acknowledged; held ones stay."""
+        if self.unacked:
+            self.ack_consumed()
+        if self.held:
+            print(
+                f"[pipeline] {len(self.held)} tree(s) short of a mini-batch "
+                f"(learner.mini_batch_prompts={self.cfg.learner.mini_batch_prompts} x "
+                f"{self.world} ranks) stay pending, untrained: a resume with more data or steps trains them",
+                flush=True,
+            )
+
+    def collect(self, need: int) -> tuple[list[Tree], dict[str, float]] | None:
+        """``need`` kept trees from the queue (fewer only when the data is used up; None if none)."""
+        cfg = self.cfg
+        sel = Selection(
+            self.policy.version,
+            cfg.algo.max_staleness,
+            cfg.algo.dynamic_sampling,
+            lineage=self.policy.lineage,
+        )
+        last_tree = time.perf_counter()
+        entry_of: dict[str, str] = {}  # tree id -> entry id of the kept trees
+        while len(sel.kept) < need:
+            entries = self._next_entries(need - len(sel.kept))
+            before = self.dropped
+            for entry_id, tree in entries:
+                if self._take(entry_id, tree, sel, entry_of) == "dropped":
+                    self.dropped += 1
+            if self.dropped != before:
+                self.set_dropped()
+            if entries:
+                last_tree = time.perf_counter()
+                continue
+            self.on_idle()
+            if self._recover_orphans():
+                continue
+            if self._data_finished() and not self._recover_orphans(force=True):
+                break
+            if time.perf_counter() - last_tree > STALL_TIMEOUT_S:
+                raise QueueError(
+                    f"no tree arrived for {STALL_TIMEOUT_S:.0f} s while generators are alive: check the "
+                    "generator logs (ray logs) and queue state (`treepo queue inspect`)"
+                )
+        kept = sel.kept
+        if len(kept) < need and self.world > 1:  # every rank needs the same share: the rest stays pending
+            keep = len(kept) - len(kept) % cfg.learner.mini_batch_prompts
+            short = {entry_of[t.tree_id] for t in kept[keep:]}
+            self.unacked = [i for i in self.unacked if i not in short]
+            self.held += sorted(short)
+            kept = kept[:keep]
+        if not kept:
+            return None
+        self.counts["dropped_stale"] += sel.dropped_stale
+        self.counts["dropped_uniform"] += sel.dropped_uniform
+        return kept, {**sel.metrics(), "staleness/trees_dropped": sel.dropped_stale}
+
+    def _take(self, entry_id: str, tree: Tree, sel: Selection, entry_of: dict[str, str]) -> str:
+        """One delivered tree: ``quarantined`` when checking or preparing it raises (it goes to the
+        dead-letter stream with the reason), else ``duplicate``, ``dropped`` or ``kept``."""
+        try:
+            self._prepare(tree)
+            duplicate = tree.tree_id in self.trained_ids or tree.tree_id in entry_of
+            verdict = None if duplicate else sel.offer(tree)
+        except Exception as e:  # one bad tree must not stop (nor, re-delivered, crash-loop) the run
+            reason = f"{type(e).__name__}: {e}"
+            self.queue.quarantine(entry_id, reason, CONSUMER)
+            self.counts["quarantined"] += 1
+            print(f"[pipeline] entry {entry_id} quarantined in the dead-letter stream: {reason}", flush=True)
+            return "quarantined"
+        self.unacked.append(entry_id)
+        if duplicate:
+            sel.skip_duplicate()
+            self.counts["duplicates"] += 1  # at-least-once delivery: a retried XADD
+            return "duplicate"
+        if verdict != KEPT:
+            return "dropped"
+        entry_of[tree.tree_id] = entry_id
+        return "kept"
+
+    def _prepare(self, tree: Tree) -> None:
+        """What training does to one tree alone: its advantages (finite) and its wire encoding."""
+        adv = advantages.tree_advantages([tree], self.cfg.algo)
+        if not all(np.isfinite(a).all() for a in adv):
+            raise WireError("non-finite advantages")
+        encode_tree(tree)
+
+    def _recover_orphans(self, force: bool = False) -> int:
+        """Entries delivered to this consumer by a read whose reply was lost (the client retried it):
+        pending in Redis, never seen here. They join the backlog; returns how many."""
+        now = time.monotonic()
+        if not force and now < self._orphans_at:
+            return 0
+        self._orphans_at = now + ORPHAN_CHECK_S
+        known = {*self.unacked, *self.held, *(i for i, _ in self.backlog)}
+        orphans = [i for i in self.queue.pending(CONSUMER) if i not in known]
+        if orphans:
+            self.counts["orphans"] += len(orphans)
+            self.backlog += self.queue.entries(orphans, CONSUMER)
+            print(f"[pipeline] {len(orphans)} entr(ies) delivered by a lost read taken in", flush=True)
+        return len(orphans)
+
+    def _next_entries(self, n: int) -> list[tuple[str, Tree]]:
+        """Up to ``n`` queue entries: the ones re-delivered on resume first, then new ones."""
+        if self.backlog:
+            entries, self.backlog = self.backlog[:n], self.backlog[n:]
+            return entries
+        return self.queue.read(n, block_ms=min(self.cfg.queue.block_ms, 500), consumer=CONSUMER)
+
+    def _data_finished(self) -> bool:
+        """No prompt left anywhere: none to claim, none in flight, nothing undelivered in the stream."""
+        return not self.backlog and self.dispatcher.finished() and self.queue.undelivered() == 0
