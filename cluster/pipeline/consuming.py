@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 from transformers import AutoConfig
@@ -39,7 +39,7 @@ from common.prompts import PromptDispatcher
 from common.replay import ReplayQueue
 from common.tree import RunLimits, Tree, check_for_run, encode_tree
 from learner import advantages  # looked up per call: tests swap advantages.tree_advantages
-from learner.selection import KEPT, Selection
+from learner.selection import KEPT, Selection, VersionLineage
 
 CONSUMER = "controller"  # the consumer name in the queue's group (the pending list is per consumer)
 STALL_TIMEOUT_S = 1800.0  # no tree at all for this long while generators live: something is wrong
@@ -67,11 +67,17 @@ def run_limits(cfg: TrainConfig, prompt_ids: list[str]) -> RunLimits:
     )
 
 
+class Policy(Protocol):
+    """The learner's current policy version and its lineage (the controller has both)."""
+
+    version: int
+    lineage: VersionLineage
+
+
 class TreeConsumer:
     """Reads, checks, deduplicates and selects the trees of each step; tracks what is unacknowledged.
 
-    ``policy`` is anything with the learner's current ``version`` and ``lineage``
-    (:class:`learner.selection.VersionLineage`): the controller. ``counts`` is the controller's
+    ``policy`` holds the learner's current ``version`` and ``lineage``: the controller. ``counts`` is the controller's
     counter dict (``duplicates``, ``dropped_stale``, ``dropped_uniform``, ``quarantined``, ``orphans``)."""
 
     def __init__(
@@ -81,7 +87,7 @@ class TreeConsumer:
         run_name: str,
         dispatcher: PromptDispatcher,
         limits: RunLimits,
-        policy: Any,
+        policy: Policy,
         counts: dict[str, int],
         on_idle: Callable[[], None] = lambda: None,
     ) -> None:

@@ -68,7 +68,7 @@ from common.prompts import PromptDispatcher
 from common.replay import ReplayQueue, connect, describe
 from common.rollouts import due, step_records
 from common.schedule import check_sync_every
-from common.trackers import open_trackers
+from common.trackers import Trackers, open_trackers
 from common.tree import Tree, encode_tree
 from common.tree_render import write_step_pictures
 from learner import advantages  # looked up per call: tests swap advantages.tree_advantages
@@ -150,11 +150,10 @@ class Controller:
         self.dispatcher = PromptDispatcher(
             self.queue.redis, run_name, prompt_ids, cfg.data.shuffle_seed, cfg.data.epochs
         )
-        self.metrics_log: Any = None  # the trackers: opened by run(), after a resume truncated the logs
+        self.metrics_log: Trackers | None = None  # opened by run(), after a resume truncated the logs
         self.topo = topology.start(cfg, queue_url, password, run_name)
         self.world = cfg.learner.num_workers
-        self.step = 0
-        self.version = 0
+        self.step, self.version = 0, 0  # optimizer steps taken, the learner's policy version
         self.lineage = PLAIN  # version numbers -> optimizer steps across resumes (learner.selection)
         self.staleness_hist: dict[int, int] = {}
         self.wait_s = 0.0  # time spent collecting trees (the learner's idle time)
@@ -162,6 +161,7 @@ class Controller:
         self.t_start = time.perf_counter()
         self.counts = dict.fromkeys(COUNTS, 0)
         self.window_rows: list[dict] = []  # audit rows since the last checkpoint (kept in the next one)
+        self._tokenizer: Any = None  # loaded on first use (rollout records, tree pictures)
         self.generators = GeneratorSupervisor(
             self.topo.generators,
             self.dispatcher,
@@ -420,8 +420,8 @@ class Controller:
         write_step_pictures(self.run_dir, self.step, trees, advantages_P, self._decode, cfg.log.tree_pictures)
 
     def _decode(self, ids: list[int]) -> str:
-        """Token ids as text (the run's tokenizer, loaded on first use), for rollouts and pictures."""
-        if getattr(self, "_tokenizer", None) is None:
+        """Token ids as text, for rollout records and tree pictures."""
+        if self._tokenizer is None:
             self._tokenizer = load_tokenizer(
                 self.cfg.model.path, trust_remote_code=self.cfg.model.trust_remote_code
             )
