@@ -25,22 +25,27 @@ learner waits for trees nobody may sample. Config validation refuses such a conf
 
 Staleness of a leaf (versions behind the learner) is defined in :mod:`learner.selection`.
 
-Pure: imports nothing but the error type (config validation calls it).
+Pure: imports nothing but the error type at run time (config validation calls it); the config
+types are imported for annotations only, since :mod:`common.config.validation` imports this module.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from common.errors import ConfigError
 
+if TYPE_CHECKING:
+    from common.config.schema import TrainConfig
+    from common.config.training import LearnerConfig
 
-def versions_per_step(learner_cfg: Any) -> int:
+
+def versions_per_step(learner_cfg: LearnerConfig) -> int:
     """Policy versions (optimizer steps) one controller step makes: ``ppo_epochs · B / mini-batch``."""
     return max(1, learner_cfg.ppo_epochs * (learner_cfg.prompts_per_step // learner_cfg.mini_batch_prompts))
 
 
-def staleness_in_steps(cfg: Any) -> int:
+def staleness_in_steps(cfg: TrainConfig) -> int:
     """``algo.max_staleness`` (policy versions) as whole controller steps."""
     return cfg.algo.max_staleness // versions_per_step(cfg.learner)
 
@@ -52,12 +57,12 @@ def admission_budget(
     return max(0, (max_staleness + version + 1) * prompts_per_step + dropped - accepted - running)
 
 
-def max_sync_every(cfg: Any) -> int:
+def max_sync_every(cfg: TrainConfig) -> int:
     """The largest ``sync.every_steps`` the staleness bound can feed: ``S + 1``."""
     return staleness_in_steps(cfg) + 1
 
 
-def check_sync_every(cfg: Any) -> None:
+def check_sync_every(cfg: TrainConfig) -> None:
     """Raise :class:`ConfigError` when ``sync.every_steps`` exceeds :func:`max_sync_every`."""
     bound = max_sync_every(cfg)
     if cfg.sync.every_steps > bound:

@@ -31,16 +31,18 @@ Everything here is pure numpy: no torch, no distributed state.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 
 import numpy as np
 
+from common.config import AdvantageEstimator, Aggregation
 from common.errors import ConfigError
 
 WHITEN_EPS = 1e-8
 GRPO_STD_EPS = 1e-6
-AGGREGATIONS = ("average", "group_size")
-ESTIMATORS = ("treepo", "grpo", "reinforce_pp_baseline")
+AGGREGATIONS = typing.get_args(Aggregation)  # algo.aggregation's values, declared with the field
+ESTIMATORS = typing.get_args(AdvantageEstimator)  # algo.advantage's values
 
 
 def treepo_advantages_L(

@@ -31,14 +31,16 @@ this call's valid tokens (``weight`` = that count), ``max``/``min``/``sum`` comb
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
 
+from common.config import IsCorrection
 from common.errors import ConfigError
 from common.metrics import Metric
 
-IS_VARIANTS = ("token", "sequence", "sequence_product", "mask", "none")
+IS_VARIANTS = typing.get_args(IsCorrection)  # algo.is_correction's values, declared with the field
 
 
 @dataclass(frozen=True)

@@ -31,15 +31,17 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import typing
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from common.config import SyncReceiver
 from common.errors import ConfigError, SyncError
 from common.weight_sync import WeightReceiver
 
-RECEIVER_MODES = ("auto", "generator", "engine_workers")
+RECEIVER_MODES = typing.get_args(SyncReceiver)  # sync.receiver's values, declared with the field
 
 
 def receives_per_worker(mode: str, *, engine_in_workers: bool, supports_workers: bool) -> bool:

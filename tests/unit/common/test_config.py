@@ -159,3 +159,67 @@ def test_config_module_imports_no_heavy_packages():
 def test_all_presets_load():
     for preset in sorted(C.PRESET_DIR.glob("*.yaml")):
         load_config(preset)
+
+
+def _choice_fields(cls=TrainConfig, prefix=""):
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
+            yield from _choice_fields(type(f.default_factory()), f"{prefix}{f.name}.")
+        elif "choices" in f.metadata:
+            yield f"{prefix}{f.name}", f
+
+
+def test_allowed_values_are_the_literal_declared_with_the_field():
+    import typing
+
+    declared = dict(_choice_fields())
+    assert len(declared) == 24
+    assert declared["tree.mode"].metadata["choices"] == typing.get_args(C.TreeMode) == ("tree", "flat")
+    assert declared["learner.packing"].metadata["choices"] == typing.get_args(C.PackingMode)
+    assert declared["sync.receiver"].metadata["choices"] == typing.get_args(C.SyncReceiver)
+    assert declared["model.dtype"].metadata["choices"] == declared["learner.param_dtype"].metadata["choices"]
+    for key, f in declared.items():
+        assert f.default in f.metadata["choices"], key
+        bad = "zzz" if key != "driver" else "remote"
+        with pytest.raises(ConfigError, match=f"{key}='{bad}' is not one of "):
+            load_config(None, [f"{key}={bad}"])
+
+
+def test_a_choice_needs_a_literal_holding_its_default():
+    from typing import Literal
+
+    with pytest.raises(TypeError, match="Literal"):
+        C.choice(Literal["a", "b"], "c", "help text")
+    with pytest.raises(TypeError, match="Literal"):
+        C.choice(str, "a", "help text")
+
+
+def test_lowest_values_are_declared_with_the_field():
+    (tree_w,) = [f for f in dataclasses.fields(C.TreeConfig) if f.name == "w"]
+    assert tree_w.metadata["at_least"] == 1
+    with pytest.raises(
+        ConfigError, match=r"sampling.temperature=0.0 is too small: set sampling.temperature >= 1e-06"
+    ):
+        load_config(None, ["sampling.temperature=0"])
+
+
+def test_segment_alignment_is_one_rule():
+    tree, gen = C.TreeConfig(l=40, align_segments_to_blocks=True), C.GeneratorConfig(block_size=32)
+    assert not C.segments_fit_blocks(tree, gen)
+    assert C.segments_fit_blocks(C.TreeConfig(l=64), gen)
+    with pytest.raises(ConfigError, match="tree.l=40 is not a multiple of generators.block_size=32"):
+        C.check_segment_alignment(tree, gen)
+    C.check_segment_alignment(C.TreeConfig(l=40, align_segments_to_blocks=True, mode="flat"), gen)
+    C.check_segment_alignment(tree, C.GeneratorConfig(block_size=32, backend="hf"))
+    C.check_segment_alignment(C.TreeConfig(l=40), gen)  # alignment off
+
+
+def test_validate_checks_a_config_built_in_code():
+    cfg = TrainConfig()
+    cfg.learner.packing = "rows"
+    with pytest.raises(ConfigError, match="learner.packing='rows' is not one of tree, flat, none"):
+        C.validate(cfg)
+    cfg = TrainConfig()
+    cfg.reward.overlong_buffer = 200
+    with pytest.raises(ConfigError, match="reward.overlong_buffer=200 > tree.max_response_tokens=128"):
+        C.check_across_sections(cfg)
