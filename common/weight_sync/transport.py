@@ -16,13 +16,16 @@ in :func:`transport_for`; nothing outside this package changes.
 from __future__ import annotations
 
 import datetime
-from typing import Protocol
+from typing import Protocol, get_args
 
 import torch
 from torch.distributed import Store
 
+from common.config import SyncBackend
 from common.errors import SyncError
 from common.weight_sync.torch_dist import TorchDistTransport
+
+BACKENDS = get_args(SyncBackend)  # sync.backend's values, declared with the field
 
 
 class Work(Protocol):
@@ -68,8 +71,9 @@ def resolve_backend(backend: str) -> str:
     """``auto`` → nccl where CUDA is available, else gloo."""
     if backend == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise SyncError(f"sync.backend must be 'auto', 'gloo' or 'nccl', got {backend!r}")
+    if backend not in BACKENDS:
+        allowed = ", ".join(repr(b) for b in BACKENDS[:-1]) + f" or {BACKENDS[-1]!r}"
+        raise SyncError(f"sync.backend must be {allowed}, got {backend!r}")
     if backend == "nccl" and not torch.cuda.is_available():
         raise SyncError(
             "sync.backend=nccl needs CUDA on this process; use sync.backend=gloo (or auto) on CPU"
