@@ -36,40 +36,48 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
+from common.config import AlgoConfig, LearnerConfig, ModelConfig
 from common.errors import ConfigError, ModelError
 from common.metrics import Metric, reduce_metrics
+from common.models import load_model, resolve_model, tiny_options
 from learner import checkpoint as ckpt
 from learner import lora
-from learner.batching import LeafSequence, collate, leaf_sequences, pack_micro_batches
-from learner.loss import LossParams, entropy_from_logits, policy_loss
-from learner.packing import (
-    attention_inputs,
-    check_attention_ran,
-    enable_packed_attention,
-    pack,
-    plan_micro_batches,
-)
+from learner.batching import LeafSequence, leaf_sequences
+from learner.loss import LossParams, policy_loss
+from learner.packing import make_packer
 
 
-def _load_model(model_cfg, device: torch.device, dtype: str | None = None):
+def _load_model(model_cfg: ModelConfig, device: torch.device, dtype: str | None = None) -> torch.nn.Module:
     """The model in ``dtype`` (default ``model.dtype``) on ``device``."""
-    dtype = dtype or model_cfg.dtype
-    try:
-        from common.models import load_model, tiny_options
-    except ImportError:  # pragma: no cover - common.models is part of the package
-        load_model = None
-    if load_model is not None:
-        return load_model(
-            model_cfg.path,
-            dtype,
-            str(device),
-            trust_remote_code=model_cfg.trust_remote_code,
-            **tiny_options(model_cfg),
-        )
-    from transformers import AutoModelForCausalLM  # pragma: no cover
+    return load_model(
+        model_cfg.path,
+        dtype or model_cfg.dtype,
+        str(device),
+        trust_remote_code=model_cfg.trust_remote_code,
+        **tiny_options(model_cfg),
+    )
 
-    return AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=getattr(torch, dtype)).to(device)
+
+def _device(learner_cfg: LearnerConfig) -> torch.device:
+    """This rank's device, made the current one: ``cuda:$LOCAL_RANK`` when the learner has GPUs."""
+    if learner_cfg.gpus_per_worker <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "learner.gpus_per_worker > 0 but CUDA is not available: set learner.gpus_per_worker=0"
+        )
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
 
 
 def autocast_forward(module: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
@@ -103,9 +111,9 @@ class LearnerRank:
 
     def __init__(
         self,
-        model_cfg,
-        algo_cfg,
-        learner_cfg,
+        model_cfg: ModelConfig,
+        algo_cfg: AlgoConfig,
+        learner_cfg: LearnerConfig,
         *,
         rank: int = 0,
         world_size: int = 1,
@@ -123,20 +131,11 @@ class LearnerRank:
         self.temperature = float(temperature)
         self.loss_params = LossParams.from_algo(algo_cfg)
         self.loss_params.check()
-        gpu = learner_cfg.gpus_per_worker > 0
-        if gpu and not torch.cuda.is_available():
-            raise ConfigError(
-                "learner.gpus_per_worker > 0 but CUDA is not available: set learner.gpus_per_worker=0"
-            )
-        self.device = (
-            torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
-        )
-        if gpu:
-            torch.cuda.set_device(self.device)
+        self.device = _device(learner_cfg)
         self.distributed = init_method is not None
         if self.distributed and not dist.is_initialized():
             dist.init_process_group(
-                "nccl" if gpu else "gloo",
+                "nccl" if self.device.type == "cuda" else "gloo",
                 init_method=init_method,
                 rank=rank,
                 world_size=world_size,
@@ -149,61 +148,68 @@ class LearnerRank:
         # exports get model.dtype; compute in learner.mixed_precision
         self.export_dtype = getattr(torch, model_cfg.dtype)
         self.compute_dtype = torch.bfloat16 if learner_cfg.mixed_precision == "bf16" else None
-        module = _load_model(model_cfg, self.device, learner_cfg.param_dtype)
-        module.train()
-        module.config.use_cache = False
-        if learner_cfg.activation_checkpointing:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # learner.lora: adapters injected into the HF model in place (the PeftModel wrapper in self.lora
-        # saves, loads and switches them off); only they train, engines get the merged weights
-        self.lora = None
-        if lora.enabled(learner_cfg):
-            from common.models import resolve_model
-
-            self.lora = lora.apply_lora(module, learner_cfg.lora, base_path=resolve_model(model_cfg))
+        module, self.lora = self._load_policy()
         self.module = module  # the HF model (FSDP2 shards it in place; DDP wraps it)
-        self.pad_id = int(module.config.pad_token_id or 0)
-        # learner.packing: one row per leaf ('none'), or packed rows (see learner/packing.py)
-        self.packing = learner_cfg.packing
-        self.attention = enable_packed_attention(module, self.packing, learner_cfg.packed_attention)
+        # learner.packing: how leaf sequences become model inputs, one packer for the rank's life
+        pad_id = int(module.config.pad_token_id or 0)
+        self.packer = make_packer(learner_cfg.packing, learner_cfg.packed_attention, pad_id)
+        self.packer.prepare_model(module)
         self.fsdp = bool(learner_cfg.fsdp)
-        if self.compute_dtype is not None and not self.fsdp:
-            autocast_forward(module, self.device.type, self.compute_dtype)
-        if self.fsdp:
-            self.model = self._shard(module)
-        elif self.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.model = DistributedDataParallel(module, device_ids=[self.device.index] if gpu else None)
-        else:
-            self.model = module
-        self.ref_model = None
+        self.model = self._wrap(module)
         # with LoRA the reference policy is the base: the same module with its adapters switched off
         self.has_reference = algo_cfg.kl_coef > 0
-        if algo_cfg.kl_coef > 0 and self.lora is None:
-            self.ref_model = _load_model(model_cfg, self.device).eval().requires_grad_(False)
-            enable_packed_attention(self.ref_model, self.packing, learner_cfg.packed_attention)
-            if self.compute_dtype is not None:
-                autocast_forward(self.ref_model, self.device.type, self.compute_dtype)
-
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=learner_cfg.lr,
-            betas=tuple(float(b) for b in learner_cfg.betas),
-            weight_decay=learner_cfg.weight_decay,
-        )
-        warmup = max(1, int(learner_cfg.warmup_steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
-        )
+        self.ref_model = self._load_reference() if self.has_reference and self.lora is None else None
+        self.optimizer, self.scheduler = self._make_optimizer()
         self.version = 0  # policy version: successful optimizer steps
         self.skipped_steps = 0
         self._reset_accumulators()
 
     # ------------------------------------------------------------------ setup helpers
-    def _shard(self, module):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    def _load_policy(self) -> tuple[torch.nn.Module, Any]:
+        """The HF model to train (in learner.param_dtype, training mode) and its LoRA wrapper (None
+        without learner.lora): adapters injected into the HF model in place (the PeftModel wrapper
+        saves, loads and switches them off); only they train, engines get the merged weights."""
+        module = _load_model(self.model_cfg, self.device, self.cfg.param_dtype)
+        module.train()
+        module.config.use_cache = False
+        if self.cfg.activation_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not lora.enabled(self.cfg):
+            return module, None
+        return module, lora.apply_lora(module, self.cfg.lora, base_path=resolve_model(self.model_cfg))
 
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The model the updates run: FSDP2-sharded (learner.fsdp), DDP-wrapped (a process group) or
+        the module itself; without FSDP, bf16 compute is an autocast forward."""
+        if self.compute_dtype is not None and not self.fsdp:
+            autocast_forward(module, self.device.type, self.compute_dtype)
+        if self.fsdp:
+            return self._shard(module)
+        if self.distributed:
+            gpu = self.device.type == "cuda"
+            return DistributedDataParallel(module, device_ids=[self.device.index] if gpu else None)
+        return module
+
+    def _load_reference(self) -> torch.nn.Module:
+        """A frozen copy of the initial policy (in model.dtype), for the KL term."""
+        ref = _load_model(self.model_cfg, self.device).eval().requires_grad_(False)
+        self.packer.prepare_model(ref)
+        if self.compute_dtype is not None:
+            autocast_forward(ref, self.device.type, self.compute_dtype)
+        return ref
+
+    def _make_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW over the trainable parameters and the linear warm-up schedule."""
+        optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=self.cfg.lr,
+            betas=tuple(float(b) for b in self.cfg.betas),
+            weight_decay=self.cfg.weight_decay,
+        )
+        warmup = max(1, int(self.cfg.warmup_steps))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+    def _shard(self, module: torch.nn.Module) -> torch.nn.Module:
         if not self.distributed:
             raise ConfigError("learner.fsdp=true needs a process group: pass init_method")
         kw: dict[str, Any] = {}
@@ -231,50 +237,19 @@ class LearnerRank:
         return t.tolist()
 
     # ------------------------------------------------------------------ forward
-    def _token_logprobs(self, model, batch: dict, entropy: bool = False):
-        """Logprobs (and entropies) of the response targets: [rows, T - 1] aligned with ``input_ids[:, 1:]``
-        for padded rows, [leaves, longest response] for a packed batch (see learner/packing.py)."""
-        if "layout" in batch:
-            return self._packed_logprobs(model, batch, entropy)
-        ids = batch["input_ids"].to(self.device)
-        out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(self.device), use_cache=False)
-        logits = out.logits[:, :-1].float()
+    def _token_logprobs(
+        self, model: torch.nn.Module, batch: dict, entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logprobs (and entropies) of the batch's targets, laid out like ``batch["mask"]``: [rows,
+        T - 1] for padded rows, [leaves, longest response] for a packed batch (see learner/packing.py)."""
+        module = self.ref_model if model is self.ref_model else self.module
+        logits = self.packer.forward(model, module, batch, self.device).float()
         if self.temperature != 1.0:  # behavior logprobs were taken after temperature scaling
             logits = logits / self.temperature
-        targets = ids[:, 1:]
-        logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        ent = entropy_from_logits(logits.detach()) if entropy else None
-        return logp, ent
-
-    def _packed_logprobs(self, model, batch: dict, entropy: bool):
-        """One forward over the packed row; logits only at the rows that predict a response token,
-        each computed once and gathered per (leaf, token) pair."""
-        module = self.ref_model if model is self.ref_model else self.module
-        out = model(
-            input_ids=batch["input_ids"].to(self.device),
-            position_ids=batch["position_ids"].to(self.device),
-            logits_to_keep=batch["keep"].to(self.device),
-            use_cache=False,
-            **attention_inputs(batch, self.attention, module, self.device),
-        )
-        check_attention_ran(batch, self.attention, module)
-        logits = out.logits[0].float()
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        src, tgt = batch["src"].to(self.device), batch["tgt"].to(self.device)
-        logp = logits[src, tgt] - torch.logsumexp(logits, dim=-1)[src]
-        ent = entropy_from_logits(logits.detach())[src] if entropy else None
-        return logp, ent
+        return self.packer.logprobs(logits, batch, entropy)
 
     def _micro_batches(self, seqs: Sequence[LeafSequence]) -> list[list[int]]:
-        if self.packing == "none":
-            # longest first, stable: less padding, and the same grouping wherever the same data is seen
-            order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].token_ids))
-            lengths = [len(seqs[i].token_ids) for i in order]
-            groups = pack_micro_batches(lengths, self.cfg.micro_batch_tokens)
-            groups = [[order[i] for i in g] for g in groups]
-        else:
-            groups = plan_micro_batches(seqs, self.cfg.micro_batch_tokens, self.packing)
+        groups = self.packer.plan(seqs, self.cfg.micro_batch_tokens)
         if self.fsdp and self.distributed:
             # every FSDP forward/backward is collective: all ranks must run as many micro-batches, so a
             # rank with fewer runs idle ones (an empty list: its first sequence with no loss tokens)
@@ -284,18 +259,10 @@ class LearnerRank:
 
     def _collate(self, seqs: Sequence[LeafSequence], group: list[int]) -> dict:
         chosen = [seqs[i] for i in group] if group else [seqs[0]]
-        if self.packing == "none":
-            batch = collate(chosen, self.pad_id, current_version=self.version)
-        else:
-            batch = pack(chosen, self.packing, current_version=self.version)
+        batch = self.packer.collate(chosen, current_version=self.version)
         if not group:
             batch["mask"].zero_()  # an idle micro-batch: the forward runs, nothing is learned from it
         return batch
-
-    def _response_logprobs(self, logp: torch.Tensor, row: int, s: LeafSequence) -> np.ndarray:
-        if self.packing == "none":
-            return logp[row, s.prompt_len - 1 : len(s.token_ids) - 1].numpy().astype(np.float32)
-        return logp[row, : s.response_len].numpy().astype(np.float32)
 
     @torch.no_grad()
     def compute_logprobs(self, seqs: Sequence[LeafSequence], reference: bool = False) -> list[np.ndarray]:
@@ -307,15 +274,14 @@ class LearnerRank:
             seqs, self.ref_model if reference else (self.model if self.fsdp else self.module)
         )
 
-    def _compute_logprobs(self, seqs: Sequence[LeafSequence], model) -> list[np.ndarray]:
+    def _compute_logprobs(self, seqs: Sequence[LeafSequence], model: torch.nn.Module) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(seqs)
         for group in self._micro_batches(seqs):
             batch = self._collate(seqs, group)
             logp, _ = self._token_logprobs(model, batch)
             logp = logp.cpu()
             for row, i in enumerate(group):
-                s = seqs[i]
-                out[i] = self._response_logprobs(logp, row, s)
+                out[i] = self.packer.response_logprobs(logp, row, seqs[i])
         return out  # type: ignore[return-value]
 
     def prepare(self, seqs: Sequence[LeafSequence]) -> None:
@@ -477,12 +443,6 @@ class LearnerRank:
 
     def _checkpoint_states(self, tmp: Path) -> tuple[dict | None, dict | None]:
         """Write the sharded part (collective) and return rank 0's (export state, optimizer state)."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_state_dict,
-        )
-
         if self.lora is not None:  # model.safetensors is the merged model, for engines and evaluation
             merged = lora.merged_state(self.module, self.export_dtype) if self.rank == 0 else None
             return merged, self.optimizer.state_dict()
@@ -538,8 +498,6 @@ class LearnerRank:
         found = ckpt.require_checkpoint(root) if required else ckpt.find_checkpoint(root)
         if found is None:
             return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-
         has_adapter = (found.path / lora.ADAPTER_DIR).is_dir()
         if has_adapter and self.lora is None:
             raise ModelError(

@@ -450,8 +450,9 @@ def check_learner(model_dir: str | os.PathLike, sz: Sizes, gpu: bool) -> dict:
 
     from common.config import AlgoConfig, LearnerConfig, ModelConfig
     from learner.advantages import tree_advantages
-    from learner.batching import leaf_sequences, synthetic_trees
+    from learner.batching import leaf_sequences
     from learner.rank import LearnerRank
+    from learner.synthetic import synthetic_trees
 
     if gpu and not torch.cuda.is_available():
         raise Skip("CUDA is not available")

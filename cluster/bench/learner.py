@@ -108,8 +108,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, model_di
 
     from common.config import AlgoConfig, LearnerConfig, ModelConfig
     from learner.advantages import tree_advantages
-    from learner.batching import leaf_sequences, synthetic_trees
+    from learner.batching import leaf_sequences
     from learner.rank import LearnerRank
+    from learner.synthetic import synthetic_trees
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
@@ -178,7 +179,7 @@ def _shape_trees(shape: dict, step: int, vocab: int):
 
 
 def synthetic_trees_for(prompts: int, vocab: int, seed: int, kw: dict):
-    from learner.batching import synthetic_trees
+    from learner.synthetic import synthetic_trees
 
     return synthetic_trees(prompts, vocab_size=vocab, seed=seed, **kw)
 

@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from common.config import AlgoConfig, LearnerConfig, ModelConfig
 from learner.advantages import tree_advantages
-from learner.batching import leaf_sequences, synthetic_trees
+from learner.batching import leaf_sequences
 from learner.rank import LearnerRank
+from learner.synthetic import synthetic_trees
 
 pytestmark = pytest.mark.integration
 LR = 1e-3

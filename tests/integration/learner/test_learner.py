@@ -22,8 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from common.config import AlgoConfig, LearnerConfig, ModelConfig
 from learner.advantages import tree_advantages
-from learner.batching import leaf_sequences, synthetic_trees
+from learner.batching import leaf_sequences
 from learner.rank import LearnerRank, shard_for_rank
+from learner.synthetic import synthetic_trees
 
 pytestmark = pytest.mark.integration
 
@@ -253,7 +254,7 @@ RESUME_SCRIPT = textwrap.dedent(
     from safetensors.torch import save_file
     from common.config import AlgoConfig, LearnerConfig, ModelConfig
     from learner.advantages import tree_advantages
-    from learner.batching import synthetic_trees
+    from learner.synthetic import synthetic_trees
     from learner.rank import LearnerRank, shard_for_rank
 
     mode, model_dir, root, out = sys.argv[1:5]

@@ -8,7 +8,8 @@ import pytest
 
 from actors.backends.base import GenRequest
 from common.config import load_config
-from learner.batching import LeafSequence, synthetic_trees
+from learner.batching import LeafSequence
+from learner.synthetic import synthetic_trees
 
 pytestmark = pytest.mark.integration
 

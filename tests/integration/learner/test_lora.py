@@ -15,7 +15,9 @@ from actors.backends.base import GenRequest
 from common.config import load_config
 from common.errors import ConfigError, ModelError
 from learner.advantages import tree_advantages
-from learner.batching import LeafSequence, synthetic_trees
+from learner.batching import LeafSequence
+from learner.packing import make_packer
+from learner.synthetic import synthetic_trees
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("peft")
@@ -98,11 +100,12 @@ def test_only_adapters_train_with_tree_packing_and_the_base_is_the_reference(tin
         # tree-packed logprobs of the adapted model equal one padded row per leaf
         seqs = [_seq([3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13]), _seq([3, 4, 5, 6, 7, 8], [9, 10, 14, 15])]
         packed = r.compute_logprobs(seqs)
-        r.packing = "none"
+        tree_packer = r.packer
+        r.packer = make_packer("none", pad_id=int(r.module.config.pad_token_id or 0))
         try:
             padded = r.compute_logprobs(seqs)
         finally:
-            r.packing = "tree"
+            r.packer = tree_packer
         for a, b in zip(packed, padded):
             np.testing.assert_allclose(a, b, atol=1e-5)
 

@@ -20,8 +20,8 @@ from paths import REPO
 
 from common.config import load_config
 from learner.advantages import tree_advantages
-from learner.batching import synthetic_trees
 from learner.rank import LearnerRank
+from learner.synthetic import synthetic_trees
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from learner.advantages import (
     treepo_advantages_L,
     whiten_token_weighted,
 )
-from learner.batching import synthetic_trees
+from learner.synthetic import synthetic_trees
 
 # Worked example: c1 = 1, c2 = 2; c11 = 3, c12 = 4, c21 = 5, c22 = 6; leaves a/b below each.
 EXAMPLE_PATHS = [

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import copy
 import math
+import typing
 
 import numpy as np
 import pytest
 import torch
 
-from common.config import AlgoConfig, LearnerConfig, ModelConfig
+from common.config import AlgoConfig, LearnerConfig, ModelConfig, PackingMode
 from common.errors import ConfigError
 from common.tree import Leaf, Segment, Tree
 from learner.batching import leaf_sequences
 from learner.loss import LossParams
-from learner.packing import computed_tokens, pack, plan_micro_batches, prefix_links
+from learner.packed import prefix_links
+from learner.packing import PACKERS, computed_tokens, make_packer
 from learner.rank import LearnerRank
 
 VOCAB = 40
@@ -160,14 +162,14 @@ def test_prefix_links_and_layout():
             assert np.array_equal(s.token_ids[: lcp[i]], p.token_ids[: lcp[i]])
             assert s.token_ids[: s.prompt_len].tobytes() == p.token_ids[: p.prompt_len].tobytes()
             assert lcp[i] >= s.prompt_len
-    batch = pack(seqs, "tree")
+    batch = make_packer("tree").collate(seqs)
     ids = batch["input_ids"][0].numpy()
     mask = batch["layout"].dense_mask().numpy()
     pos = batch["position_ids"][0].numpy()
     for q in range(len(ids)):
         seen = np.flatnonzero(mask[q])
         assert list(pos[seen]) == list(range(pos[q] + 1))  # one token per position up to its own
-    flat = pack(seqs, "flat")
+    flat = make_packer("flat").collate(seqs)
     assert flat["input_ids"].shape[1] == sum(len(s.token_ids) for s in seqs)
 
 
@@ -177,7 +179,7 @@ def test_plan_respects_the_budget():
     seqs = leaf_sequences(trees, [np.zeros(len(t.leaves)) for t in trees])
     for packing in ("tree", "flat"):
         for budget in (16, 40, 200):
-            groups = plan_micro_batches(seqs, budget, packing)
+            groups = make_packer(packing).plan(seqs, budget)
             assert sorted(i for g in groups for i in g) == list(range(len(seqs)))
             for g in groups:
                 cost = computed_tokens([seqs[i] for i in g], packing)
@@ -190,3 +192,10 @@ def test_bad_packing_is_refused(tiny_model_dir):
     cfg = LearnerConfig(packing="rows")
     with pytest.raises(ConfigError, match="learner.packing"):
         LearnerRank(ModelConfig(path=str(tiny_model_dir)), AlgoConfig(), cfg)
+
+
+def test_every_allowed_packing_has_one_packer():
+    """The registry's modes are exactly the allowed values of learner.packing, and each makes its own."""
+    assert set(PACKERS) == set(typing.get_args(PackingMode))
+    for mode in PACKERS:
+        assert make_packer(mode).mode == mode
