@@ -9,13 +9,18 @@ accuracy at 22-43 % fewer GPU-hours; on small models and short answers expect a 
 since early EOS stops cut flat sampling's cost too.
 
 A warm-up of every mode on other problems runs first (not timed), and the prefix cache is reset before
-each timed mode so no mode profits from another's cache. Default on CPU: the warm-started ``tiny:arith``
-model on the synthetic held-out split (a few minutes on 2 cores). Tree shape: ``--d``/``--l`` or
-``tree.*`` overrides; ``Lmax`` = d·l for both modes unless ``tree.max_response_tokens`` is given. The
-default shape, 8 segments × 16 tokens, splits the tiny model's 30-60-token answers into several
-segments so the trees branch before the answer (with 32-token segments they mostly finish inside the
-first one and the tree degenerates to flat sampling); 16 is below the CPU engine's 32-token KV block,
-so segment alignment is off there. The paper's setting on GPU: ``--d 8 --l 2048``.
+each timed mode so no mode profits from another's cache.
+
+The settings are a run's config (``--config PRESET`` and ``key=value``, validated like ``treepo
+train``'s): the model (``model.path``: also a checkpoint root or run directory, whose ``latest``
+pointer is followed), the benchmark (``data.eval``), k (``eval.k``), the problems (``eval.max_problems``)
+and the tree shape (``tree.*``; ``Lmax`` = ``tree.max_response_tokens`` for both modes). Without
+``--config``, the config's defaults with k = 16 on 32 problems: the warm-started ``tiny:arith`` model on
+the synthetic held-out split (a few minutes on 2 cores), 8 segments × 16 tokens, which splits the tiny
+model's 30-60-token answers into several segments so the trees branch before the answer (with
+32-token segments they mostly finish inside the first one and the tree degenerates to flat
+sampling); 16 is below the CPU engine's 32-token KV block, so segment alignment is off there. The
+paper's setting on GPU: ``tree.d=8 tree.l=2048 tree.max_response_tokens=16384``.
 """
 
 from __future__ import annotations
@@ -25,30 +30,31 @@ import dataclasses
 import sys
 from typing import Any
 
-from cluster.bench.report import emit_json, print_table, ratio
+from actors.engine_inputs import EngineInputs
+from actors.evaluator import run_eval
+from cluster.bench.report import add_bench_arguments, emit_json, print_table, ratio
+from cluster.config_args import load_args_config, requested_overrides
+from common.config import TrainConfig
+from common.errors import ConfigError
+from common.models import resolve_eval_model
+
+# the bench's own settings (used without --config); the rest are the config's defaults (the demo's
+# model, tree.d=8 tree.l=16 tree.max_response_tokens=128, data.eval=synthetic:arith)
+DEFAULTS = ["eval.k=16", "eval.max_problems=32"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny:arith", help="Model, checkpoint directory or tiny:<task>.")
-    p.add_argument("--data", default="synthetic:arith", help="Benchmark file or synthetic:<task>.")
-    p.add_argument("--k", type=int, default=16, help="Answers per problem (= tree leaves w).")
-    p.add_argument("--max-problems", type=int, default=32, help="Problems evaluated (0 = all).")
     p.add_argument("--warmup-problems", type=int, default=2, help="Problems of the untimed warm-up.")
     p.add_argument(
         "--branching", default="2,4,8", help="Comma-separated branching factors b of the tree runs."
     )
-    p.add_argument("--d", type=int, default=8, help="Segments per trajectory (tree depth).")
-    p.add_argument(
-        "--l",
-        type=int,
-        default=16,
-        help="Segment length; not a multiple of the KV block size turns segment alignment off.",
-    )
     p.add_argument("--root-divergence", type=int, default=0, help="Children of the root (0 = b).")
-    p.add_argument("--json", default="", help="Also write the JSON result to this file.")
-    p.add_argument("--config", "-c", default=None, help="Preset YAML (tree/sampling/generators/reward).")
-    p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="Config overrides, e.g. sampling.temperature=0.8."
+    add_bench_arguments(
+        p,
+        DEFAULTS,
+        overrides_help="Config overrides: model.path (a model, checkpoint or run directory, tiny:<task>), "
+        "data.eval (a benchmark file or synthetic:<task>), eval.k (answers per problem = tree leaves), "
+        "eval.max_problems (0 = all), tree.*, sampling.*, generators.*, reward.*.",
     )
 
 
@@ -58,8 +64,8 @@ def _modes(branching: list[int]) -> list[tuple[str, int]]:
 
 def _measure(
     args: argparse.Namespace,
-    cfg: Any,
-    inputs: Any,
+    cfg: TrainConfig,
+    inputs: EngineInputs,
     backend: Any,
     reward: Any,
     warm: list,
@@ -68,7 +74,6 @@ def _measure(
 ) -> dict[str, dict[str, float]]:
     """Every mode on the warm-up problems (not timed), then on the timed ones, each from an empty
     prefix cache; the summary of each timed mode."""
-    from actors.evaluator import run_eval
 
     def tree_cfg(b: int):
         if not b:  # flat: evaluate() turns it into k independent samples
@@ -78,15 +83,15 @@ def _measure(
 
     for sampling, b in _modes(branching):  # warm-up, not timed
         if warm:
-            run_eval(backend, inputs, warm, reward, k=args.k, sampling=sampling, tree_cfg=tree_cfg(b))
+            run_eval(backend, inputs, warm, reward, k=cfg.eval.k, sampling=sampling, tree_cfg=tree_cfg(b))
     results: dict[str, dict[str, float]] = {}
     for sampling, b in _modes(branching):
         backend.reset_prefix_cache()
-        res = run_eval(backend, inputs, timed, reward, k=args.k, sampling=sampling, tree_cfg=tree_cfg(b))
+        res = run_eval(backend, inputs, timed, reward, k=cfg.eval.k, sampling=sampling, tree_cfg=tree_cfg(b))
         name = "flat" if sampling == "flat" else f"tree_b{b}"
         results[name] = s = res.summary()
         print(
-            f"[bench eval] {name}: mean@{args.k}={s[f'mean@{args.k}']:.3f} "
+            f"[bench eval] {name}: mean@{cfg.eval.k}={s[f'mean@{cfg.eval.k}']:.3f} "
             f"decoded={s['decoded_tokens']:.0f} wall={s['wall_s']:.1f}s",
             file=sys.stderr,
             flush=True,
@@ -94,38 +99,38 @@ def _measure(
     return results
 
 
-def run(args: argparse.Namespace, backend: Any = None) -> int:
-    """``backend``: reuse an already-open backend (tests share one engine); otherwise one is built."""
-    from common.config import load_config
-    from common.errors import ConfigError
-    from common.models import resolve_eval_model
-
+def _branching(args: argparse.Namespace, k: int) -> list[int]:
     try:
         branching = [int(b) for b in args.branching.split(",") if b.strip()]
     except ValueError:
         raise ConfigError(
             f"--branching {args.branching!r}: pass comma-separated integers, e.g. 2,4,8"
         ) from None
-    if not branching or min(branching) < 2 or args.k < 2:
-        raise ConfigError("tree runs need b >= 2 and --k >= 2")
-    user = [*args.overrides, f"model.path={resolve_eval_model(args.model)}"]
-    shape = [f"tree.d={args.d}", f"tree.l={args.l}"]
-    if not any(o.startswith("tree.max_response_tokens=") for o in args.overrides):
-        shape.append(f"tree.max_response_tokens={args.d * args.l}")
-    base = load_config(args.config, [*shape, "tree.align_segments_to_blocks=false", *user])
-    if args.l % base.generators.block_size and not any(o.startswith("tree.align_segments") for o in user):
-        # alignment needs whole KV blocks per segment; below a block each child re-prefills < 1 block
-        shape.append("tree.align_segments_to_blocks=false")
-    cfg = load_config(args.config, [*shape, *user])
+    if not branching or min(branching) < 2 or k < 2:
+        raise ConfigError("tree runs need b >= 2 and eval.k >= 2")
+    return branching
 
-    from actors.engine_inputs import EngineInputs
 
+def load_bench_config(args: argparse.Namespace) -> TrainConfig:
+    """The validated config, ``model.path`` resolved (a checkpoint root or run directory: the
+    checkpoint its ``latest`` pointer names)."""
+    cfg = load_args_config(args, DEFAULTS)
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, path=resolve_eval_model(cfg.model.path))
+    )
+
+
+def run(args: argparse.Namespace, backend: Any = None) -> int:
+    """``backend``: reuse an already-open backend (tests share one engine); otherwise one is built."""
+    cfg = load_bench_config(args)
+    k = cfg.eval.k
+    branching = _branching(args, k)
     inputs = EngineInputs.load(cfg)
-    data = inputs.prompt_set(args.data, "eval", reward="eval")
+    data = inputs.prompt_set(cfg.data.eval, "eval", reward="eval")
     warm = data.prompts[: args.warmup_problems]
     timed = data.prompts[args.warmup_problems :]
-    if args.max_problems:
-        timed = timed[: args.max_problems]
+    if cfg.eval.max_problems:
+        timed = timed[: cfg.eval.max_problems]
     if not timed:
         raise ConfigError(f"{data.path} has no problems left after {args.warmup_problems} warm-up problems")
     own_backend = backend is None
@@ -137,14 +142,13 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
     finally:
         if own_backend:
             backend.close()
-    model, path = inputs.model_path, data.path
-
-    k = args.k
     ratios = _ratios_vs_flat(results, k)
     result = {
         "config": {
-            "model": model,
-            "data": str(path),
+            "preset": args.config,
+            "overrides": requested_overrides(args, DEFAULTS),
+            "model": inputs.model_path,
+            "data": str(data.path),
             "problems": len(timed),
             "k": k,
             "d": cfg.tree.d,

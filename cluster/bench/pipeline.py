@@ -6,7 +6,8 @@ embedded Redis, weights over the weight-sync group) twice on the same config: ``
 (``algo.max_staleness=1``: generation of step k+1 overlaps training of step k) and ``sync``
 (``algo.max_staleness=0``: generation waits for every weight update). Cases:
 
-- ``real``: the work as configured (default: the CPU demo's model and tree shape).
+- ``real``: the work as configured (``--config PRESET`` and ``key=value``, validated like ``treepo
+  train``'s; default: the CPU demo's model and tree shape, ``learner.total_steps=6`` per run).
 - ``synthetic``: the same, plus a fixed sleep per sampler step (``--gen-delay-s``) and per learner
   step (``--train-delay-s``), so that generation and training each have a known, dominant cost.
 
@@ -36,12 +37,19 @@ import time
 from pathlib import Path
 
 from cluster.bench.report import emit_json
+from cluster.config_args import add_config_arguments, load_args_config, requested_overrides
+from common.metrics import read_metrics
 
 MODES = {"async": "algo.max_staleness=1", "sync": "algo.max_staleness=0"}
 
 
+# the bench's own setting (used without --config): 6 learner steps per run (the first is warm-up)
+DEFAULTS = ["learner.total_steps=6"]
+# every run's settings, under the user's overrides (the schedule arm, MODES, goes on top of those)
+RUN_SETTINGS = ["driver=ray", "eval.every_steps=0", "log.progress=false", "log.backends=[]"]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=6, help="Learner steps per run (the first is warm-up).")
     parser.add_argument("--cases", default="real,synthetic", help="Comma-separated: real, synthetic.")
     parser.add_argument(
         "--gen-delay-s", type=float, default=0.5, help="Synthetic case: added seconds per sampler step."
@@ -50,11 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--train-delay-s", type=float, default=2.0, help="Synthetic case: added seconds per learner step."
     )
     parser.add_argument("--out", default="", help="Directory for the report JSON (default: print only).")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="Config overrides applied to every run (e.g. model.path=... tree.w=16).",
+    add_config_arguments(
+        parser,
+        defaults=DEFAULTS,
+        overrides_help="Config overrides applied to every run (e.g. model.path=... tree.w=16; "
+        "learner.total_steps: learner steps per run, the first is warm-up).",
     )
 
 
@@ -100,34 +108,23 @@ def summarize(rows: list[dict], batch: int, leaves_per_tree: int) -> dict[str, f
     }
 
 
-def _one_run(case: str, mode: str, args: argparse.Namespace, scratch: Path) -> dict:
-    from cluster.pipeline.controller import run_pipeline
-    from common.config import load_config
-    from common.metrics import read_metrics
-
+def _one_run(case: str, mode: str, args: argparse.Namespace, steps: int, scratch: Path) -> dict:
     run_dir = scratch / f"{case}-{mode}"
-    overrides = [
-        f"run_dir={run_dir}",
-        "driver=ray",
-        f"learner.total_steps={args.steps}",
-        "eval.every_steps=0",
-        f"checkpoint.every_steps={args.steps}",
-        "log.progress=false",
-        "log.backends=[]",
-        *args.overrides,
-        MODES[mode],
-    ]
-    cfg = load_config(None, overrides)
+    before = [f"run_dir={run_dir}", *RUN_SETTINGS, f"checkpoint.every_steps={steps}"]
+    cfg = load_args_config(args, DEFAULTS, before=before, after=[MODES[mode]])
     env = {}
     if case == "synthetic":
         env = {
             "TREEPO_BENCH_GEN_DELAY_S": str(args.gen_delay_s),
             "TREEPO_BENCH_TRAIN_DELAY_S": str(args.train_delay_s),
         }
+    # the pipeline (ray, torch): only when the bench runs (`treepo --help` imports this module)
+    from cluster.pipeline.controller import run_pipeline
+
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     t0 = time.perf_counter()
-    print(f"[bench pipeline] {case}/{mode}: {args.steps} steps ...", flush=True)
+    print(f"[bench pipeline] {case}/{mode}: {steps} steps ...", flush=True)
     try:
         run_pipeline(cfg)
     finally:
@@ -145,34 +142,33 @@ def _one_run(case: str, mode: str, args: argparse.Namespace, scratch: Path) -> d
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    import ray
-
+def _cases(args: argparse.Namespace) -> list[str] | None:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = [c for c in cases if c not in ("real", "synthetic")]
     if bad or not cases:
         print(
             f"treepo bench pipeline: error: unknown case(s) {bad}; use real and/or synthetic", file=sys.stderr
         )
-        return 2
-    if args.steps < 3:
-        print(
-            "treepo bench pipeline: error: --steps must be >= 3 (one warm-up step + two measured)",
-            file=sys.stderr,
-        )
-        return 2
+        return None
+    return cases
+
+
+def _measure(args: argparse.Namespace, cases: list[str], steps: int, batch: int) -> dict[str, dict]:
+    """Both schedules of every case on one Ray (start-up is not what is measured)."""
+    import ray  # only when the bench runs (`treepo --help` imports this module)
+
     results: dict[str, dict] = {}
     started = not ray.is_initialized()
-    if started:  # one Ray for every run: start-up is not what is measured
+    if started:
         ray.init(
             address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False
         )
     try:
         with tempfile.TemporaryDirectory(prefix="treepo-bench-pipeline-") as scratch:
             for case in cases:
-                runs = {mode: _one_run(case, mode, args, Path(scratch)) for mode in MODES}
+                runs = {mode: _one_run(case, mode, args, steps, Path(scratch)) for mode in MODES}
                 a, s = runs["async"], runs["sync"]
-                bound = overlap_bound(s["gen_busy_s"], s["learner_busy_s"], batch=_batch(args))
+                bound = overlap_bound(s["gen_busy_s"], s["learner_busy_s"], batch=batch)
                 results[case] = {
                     **runs,
                     "async_over_sync": a["trees_per_s"] / s["trees_per_s"],
@@ -183,10 +179,27 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if started:
             ray.shutdown()
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    cases = _cases(args)
+    if cases is None:
+        return 2
+    cfg = load_args_config(args, DEFAULTS, before=RUN_SETTINGS)  # every run's config, checked up front
+    steps = cfg.learner.total_steps
+    if steps < 3:
+        print(
+            "treepo bench pipeline: error: learner.total_steps must be >= 3 (one warm-up step + two measured)",
+            file=sys.stderr,
+        )
+        return 2
+    results = _measure(args, cases, steps, cfg.learner.prompts_per_step)
     report = {
         "bench": "pipeline",
-        "steps": args.steps,
-        "overrides": args.overrides,
+        "steps": steps,
+        "preset": args.config,
+        "overrides": requested_overrides(args, DEFAULTS),
         "synthetic_delays_s": {
             "generate_per_sampler_step": args.gen_delay_s,
             "train_per_step": args.train_delay_s,
@@ -218,9 +231,3 @@ def run(args: argparse.Namespace) -> int:
         )
     sys.stdout.flush()
     return 0
-
-
-def _batch(args: argparse.Namespace) -> int:
-    from common.config import load_config
-
-    return load_config(None, list(args.overrides)).learner.prompts_per_step

@@ -2,8 +2,10 @@
 
 For each tree size (default: a realistic TreePO tree — w=16 leaves, 14 segments of 512 tokens per
 leaf with binary branching over the first 4 levels (190 segments), int32 tokens + float32 logprobs ≈ 0.8 MB — and
-a small tree), on one Redis server (the embedded one in a temporary directory, AOF ``everysec``,
-unless ``--url`` is given):
+a small tree), on one Redis server (the embedded one in a temporary directory, AOF
+``queue.appendfsync``, unless ``queue.url`` is given; the ``queue`` section comes from ``--config
+PRESET`` and ``key=value`` overrides, validated like ``treepo train``'s, by default the config's with
+``queue.maxmemory_mb=4096``):
 
 1. throughput: a producer *process* pushes N trees as fast as it can while the consumer (this
    process) reads them with ``XREADGROUP`` (count 16), decodes/validates and acknowledges them;
@@ -15,7 +17,7 @@ unless ``--url`` is given):
    XACK), to separate Redis and the client from the codec;
 4. baseline: ``redis-benchmark -t set -d <entry bytes>`` on the same server with 1 client (our
    pipeline has one producer) and with 8 clients; the ratio is our MB/s over its MB/s. Only on the
-   embedded server (no ``--url``): redis-benchmark takes passwords on its command line only, so it
+   embedded server (no ``queue.url``): redis-benchmark takes passwords on its command line only, so it
    runs as a one-use ACL user (see :func:`_redis_benchmark`), which needs the server's admin.
 
 It also times ``encode_tree``/``decode_tree`` alone (in-process), which is where most of the gap is.
@@ -37,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from cluster.bench.report import emit_json, print_table
+from cluster.bench.report import add_bench_arguments, emit_json, print_table
+from cluster.config_args import load_args_config, requested_overrides
 from common.tree import Leaf, Segment, Tree, decode_tree, encode_tree
 
 SIZES = {
@@ -89,13 +92,11 @@ def synthetic_tree(
     )
 
 
+# the bench's own setting (used without --config): room for the large trees' runs in the embedded Redis
+DEFAULTS = ["queue.maxmemory_mb=4096"]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--url", default="", help="Redis URL (default: an embedded redis-server in a temp dir)."
-    )
-    parser.add_argument(
-        "--password-env", default="TREEPO_REDIS_PASSWORD", help="Env var with the password for --url."
-    )
     parser.add_argument(
         "--sizes", default="large,small", help=f"Comma-separated tree sizes from {sorted(SIZES)}."
     )
@@ -106,14 +107,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bench-requests", type=int, default=200, help="redis-benchmark requests (large; small 10x)."
     )
-    parser.add_argument("--json", default="", help="Also write the JSON report to this path.")
+    add_bench_arguments(
+        parser,
+        DEFAULTS,
+        overrides_help="Config overrides: queue.url (default: an embedded redis-server in a temp dir) and "
+        "queue.password_env (the variable holding its password), queue.max_entry_mb; for the embedded "
+        "server queue.appendfsync and queue.maxmemory_mb.",
+    )
 
 
-def _producer(url: str, password: str, run: str, size: str, n: int, interval_s: float, raw: bool, q) -> None:
-    from common.replay import ReplayQueue
+def _producer(
+    url: str, password: str, run: str, size: str, n: int, interval_s: float, raw: bool, max_entry: int, q
+) -> None:
+    from common.replay import ReplayQueue  # redis: only when the bench runs
 
     w, depth, seg = SIZES[size]
-    queue = ReplayQueue(url, run, password=password, max_entry_bytes=64 << 20)
+    queue = ReplayQueue(url, run, password=password, max_entry_bytes=max_entry)
     trees = [synthetic_tree(f"{size}-{i}", w, depth, seg, seed=i % 4) for i in range(min(n, 4))]
     blobs = [encode_tree(t) for t in trees]
     q.put("ready")
@@ -141,14 +150,23 @@ def _read_raw(queue, count: int) -> list[tuple[str, float]]:
 
 
 def _run_pipeline(
-    url: str, password: str, run: str, size: str, n: int, interval_s: float, raw: bool = False
+    url: str,
+    password: str,
+    run: str,
+    size: str,
+    n: int,
+    interval_s: float,
+    *,
+    max_entry: int,
+    raw: bool = False,
 ) -> dict[str, Any]:
-    from common.replay import ReplayQueue
+    from common.replay import ReplayQueue  # redis: only when the bench runs
 
-    queue = ReplayQueue(url, run, password=password, max_entry_bytes=64 << 20, block_ms=1000)
+    queue = ReplayQueue(url, run, password=password, max_entry_bytes=max_entry, block_ms=1000)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_producer, args=(url, password, run, size, n, interval_s, raw, q), daemon=True)
+    args = (url, password, run, size, n, interval_s, raw, max_entry, q)
+    proc = ctx.Process(target=_producer, args=args, daemon=True)
     proc.start()
     deadline = time.monotonic() + 120
     while True:
@@ -259,68 +277,90 @@ def _codec(size: str, reps: int) -> dict[str, float]:
     }
 
 
+def _measure_size(
+    url: str, password: str, server: Any, size: str, args: argparse.Namespace, max_entry: int
+) -> dict:
+    """Codec, throughput, paced latency, transport only and redis-benchmark SET for one tree size."""
+    scale = 1 if size == "large" else 10
+    codec = _codec(size, 5 if size == "large" else 100)
+    run_name = f"bench-{size}-{os.getpid()}-{int(time.time())}"
+    thr = _run_pipeline(url, password, run_name, size, args.trees * scale, 0.0, max_entry=max_entry)
+    interval = 2.0 / thr["trees_per_s"]
+    lat = _run_pipeline(
+        url, password, run_name + "-lat", size, args.latency_trees, interval, max_entry=max_entry
+    )
+    transport = _run_pipeline(
+        url, password, run_name + "-raw", size, args.trees * scale, 0.0, raw=True, max_entry=max_entry
+    )
+    entry = codec["entry_bytes"]
+    ours_mb_s = thr["trees_per_s"] * entry / 1e6
+    base = {}
+    for clients in (1, 8):
+        rps = _redis_benchmark(server, entry, args.bench_requests * scale, clients)
+        base[f"c{clients}"] = None if rps is None else {"set_per_s": rps, "mb_per_s": rps * entry / 1e6}
+    _drop_runs(url, password, [run_name, run_name + "-lat", run_name + "-raw"])
+    return {
+        "shape": dict(zip(("w", "depth", "segment_tokens"), SIZES[size])),
+        **codec,
+        "throughput": thr,
+        "paced_latency": lat,
+        "ours_mb_per_s": ours_mb_s,
+        "transport_only": {**transport, "mb_per_s": transport["trees_per_s"] * entry / 1e6},
+        "redis_benchmark_set": base,
+        "ratio_vs_set_c1": ours_mb_s / base["c1"]["mb_per_s"] if base.get("c1") else None,
+        "ratio_vs_set_c8": ours_mb_s / base["c8"]["mb_per_s"] if base.get("c8") else None,
+    }
+
+
+def _drop_runs(url: str, password: str, names: list[str]) -> None:
+    from common.replay import ReplayQueue  # redis: only when the bench runs
+
+    for name in names:
+        q = ReplayQueue(url, name, password=password)
+        q.redis.delete(*q.keys.values())
+        q.close()
+
+
 def run(args: argparse.Namespace) -> int:
+    # redis: only when the bench runs (`treepo --help` imports this module)
     from cluster.pipeline.redis_launcher import EmbeddedRedis
 
+    cfg = load_args_config(args, DEFAULTS)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for s in sizes:
         if s not in SIZES:
             raise SystemExit(f"unknown size {s!r}; choose from {sorted(SIZES)}")
+    q = cfg.queue
     tmp = None
     server = None
-    if args.url:
-        url, password = args.url, os.environ.get(args.password_env, "")
+    if q.url:
+        url, password = q.url, os.environ.get(q.password_env, "")
     else:
         tmp = tempfile.mkdtemp(prefix="treepo-bench-queue-")
-        server = EmbeddedRedis(tmp, appendfsync="everysec", maxmemory_mb=4096).start()
+        server = EmbeddedRedis(tmp, appendfsync=q.appendfsync, maxmemory_mb=q.maxmemory_mb).start()
         url, password = server.url, server.password
     report: dict[str, Any] = {
+        "preset": args.config,
+        "overrides": requested_overrides(args, DEFAULTS),
         "url": url.split("@")[-1],
-        "appendfsync": "everysec" if server else "server's",
+        "appendfsync": q.appendfsync if server else "server's",
         "sizes": {},
     }
     try:
         for size in sizes:
-            scale = 1 if size == "large" else 10
-            codec = _codec(size, 5 if size == "large" else 100)
-            run_name = f"bench-{size}-{os.getpid()}-{int(time.time())}"
-            thr = _run_pipeline(url, password, run_name, size, args.trees * scale, 0.0)
-            interval = 2.0 / thr["trees_per_s"]
-            lat = _run_pipeline(url, password, run_name + "-lat", size, args.latency_trees, interval)
-            transport = _run_pipeline(
-                url, password, run_name + "-raw", size, args.trees * scale, 0.0, raw=True
-            )
-            entry = codec["entry_bytes"]
-            ours_mb_s = thr["trees_per_s"] * entry / 1e6
-            base = {}
-            for clients in (1, 8):
-                rps = _redis_benchmark(server, entry, args.bench_requests * scale, clients)
-                base[f"c{clients}"] = (
-                    None if rps is None else {"set_per_s": rps, "mb_per_s": rps * entry / 1e6}
-                )
-            report["sizes"][size] = {
-                "shape": dict(zip(("w", "depth", "segment_tokens"), SIZES[size])),
-                **codec,
-                "throughput": thr,
-                "paced_latency": lat,
-                "ours_mb_per_s": ours_mb_s,
-                "transport_only": {**transport, "mb_per_s": transport["trees_per_s"] * entry / 1e6},
-                "redis_benchmark_set": base,
-                "ratio_vs_set_c1": ours_mb_s / base["c1"]["mb_per_s"] if base.get("c1") else None,
-                "ratio_vs_set_c8": ours_mb_s / base["c8"]["mb_per_s"] if base.get("c8") else None,
-            }
-            from common.replay import ReplayQueue
-
-            for name in (run_name, run_name + "-lat", run_name + "-raw"):
-                q = ReplayQueue(url, name, password=password)
-                q.redis.delete(*q.keys.values())
-                q.close()
+            max_entry = int(q.max_entry_mb * 2**20)
+            report["sizes"][size] = _measure_size(url, password, server, size, args, max_entry)
     finally:
         if server is not None:
             server.stop()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     emit_json(report, args.json, indent=1)
+    _print_table(report)
+    return 0
+
+
+def _print_table(report: dict[str, Any]) -> None:
     cols = [
         ("size", 6), ("entry KB", 9), ("enc ms", 7), ("dec ms", 7), ("trees/s", 8), ("MB/s", 7),
         ("p50 ms", 7), ("p99 ms", 7), ("raw MB/s", 9), ("SET c1 MB/s", 12), ("ratio", 6),
@@ -329,25 +369,25 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for size, r in report["sizes"].items():
         b1, b8 = r["redis_benchmark_set"].get("c1"), r["redis_benchmark_set"].get("c8")
-        vals = [
-            size,
-            f"{r['entry_bytes'] / 1e3:.1f}",
-            f"{r['encode_ms']:.2f}",
-            f"{r['decode_ms']:.2f}",
-            f"{r['throughput']['trees_per_s']:.1f}",
-            f"{r['ours_mb_per_s']:.1f}",
-            f"{r['paced_latency']['latency_ms_p50']:.2f}",
-            f"{r['paced_latency']['latency_ms_p99']:.2f}",
-            f"{r['transport_only']['mb_per_s']:.1f}",
-            f"{b1['mb_per_s']:.1f}" if b1 else "n/a",
-            f"{r['ratio_vs_set_c1']:.3f}" if b1 else "n/a",
-            f"{b8['mb_per_s']:.1f}" if b8 else "n/a",
-            f"{r['ratio_vs_set_c8']:.3f}" if b8 else "n/a",
-        ]
-        rows.append(vals)
+        rows.append(
+            [
+                size,
+                f"{r['entry_bytes'] / 1e3:.1f}",
+                f"{r['encode_ms']:.2f}",
+                f"{r['decode_ms']:.2f}",
+                f"{r['throughput']['trees_per_s']:.1f}",
+                f"{r['ours_mb_per_s']:.1f}",
+                f"{r['paced_latency']['latency_ms_p50']:.2f}",
+                f"{r['paced_latency']['latency_ms_p99']:.2f}",
+                f"{r['transport_only']['mb_per_s']:.1f}",
+                f"{b1['mb_per_s']:.1f}" if b1 else "n/a",
+                f"{r['ratio_vs_set_c1']:.3f}" if b1 else "n/a",
+                f"{b8['mb_per_s']:.1f}" if b8 else "n/a",
+                f"{r['ratio_vs_set_c8']:.3f}" if b8 else "n/a",
+            ]
+        )
     print_table(cols, rows, left=0, sep=" ")
     print(
         "\nMB/s: end to end (encode, XADD, XREADGROUP, decode+validate, XACK); raw: the same bytes "
         "without the codec; ratio: ours / redis-benchmark SET of the same size (1 and 8 clients)."
     )
-    return 0

@@ -9,8 +9,11 @@ in sampling and advantage:
   tokens each, ``(R - mean) / std`` per prompt).
 
 Each seed sets ``seed``, ``tree.seed`` and ``data.shuffle_seed`` (both arms of a seed see the same
-prompt order). Held-out accuracy (``eval/accuracy``) is measured every ``--eval-every`` steps and
-read against the step, the engine's decoded tokens so far (``rollout/decoded_tokens``) and the
+prompt order). Both arms start from one config (``--config PRESET`` and ``key=value``, validated
+like ``treepo train``'s; without ``--config``: the demo with 20 steps, an evaluation every 5 steps on
+64 problems). Held-out accuracy (``eval/accuracy``, ``eval.max_problems`` problems × ``eval.k``
+answers) is measured every ``eval.every_steps`` steps over ``learner.total_steps`` steps and read
+against the step, the engine's decoded tokens so far (``rollout/decoded_tokens``) and the
 training wall seconds so far (the sum of ``timing/step_s``: sampling, scoring, the learner step, the
 weight push; evaluation excluded). Each run is its own ``treepo train`` process (its own engine and
 learner, from the model's weights); its console output goes to ``<out-dir>/<arm>-seed<k>.log``.
@@ -31,6 +34,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cluster.bench.report import add_bench_arguments, emit_json, print_table
+from cluster.config_args import load_args_config, requested_overrides
+from common.config import TrainConfig, load_config
+from common.metrics import read_metrics
+
 ARMS: dict[str, list[str]] = {
     "treepo": ["tree.mode=tree", "algo.advantage=treepo"],
     "grpo": ["tree.mode=flat", "algo.advantage=grpo"],
@@ -38,39 +46,46 @@ ARMS: dict[str, list[str]] = {
 AXES = {"step": "step", "tokens": "decoded tokens", "wall": "training wall seconds"}
 
 
+# the bench's own settings (used without --config): 20 steps, held-out accuracy every 5 steps on 64
+# problems (x eval.k answers)
+DEFAULTS = ["learner.total_steps=20", "eval.every_steps=5", "eval.max_problems=64"]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", "-c", default=None, help="Preset YAML both arms start from (default: the demo)."
-    )
     p.add_argument("--seeds", type=int, default=3, help="Seeds per arm (0..N-1).")
-    p.add_argument("--steps", type=int, default=20, help="Training steps per run.")
-    p.add_argument("--eval-every", type=int, default=5, help="Held-out evaluation every N steps (and at 0).")
-    p.add_argument("--eval-problems", type=int, default=64, help="Held-out problems per evaluation.")
-    p.add_argument("--eval-k", type=int, default=4, help="Answers per held-out problem.")
     p.add_argument("--out-dir", default="runs/recipe", help="Run directories, recipe.json and the plots.")
-    p.add_argument("--json", default="", help="Also write the JSON result to this file.")
-    p.add_argument("overrides", nargs="*", help="key=value overrides for both arms (e.g. tree.w=8).")
+    add_bench_arguments(
+        p,
+        DEFAULTS,
+        config_help="Preset YAML both arms start from (a path or a name in configs/; default: the demo).",
+        overrides_help="Config overrides for both arms, e.g. tree.w=8; learner.total_steps (steps per run), "
+        "eval.every_steps (held-out evaluation every N steps, and at 0), eval.max_problems and eval.k "
+        "(held-out problems and answers per problem).",
+    )
 
 
-def run_overrides(args: argparse.Namespace, arm: str, seed: int) -> list[str]:
-    """The ``key=value`` list of one run (the user's overrides first; the arm and seed win)."""
-    if args.seeds < 1 or args.steps < 1 or args.eval_every < 1:
-        raise SystemExit("treepo bench recipe: --seeds, --steps and --eval-every must be >= 1")
+def run_overrides(args: argparse.Namespace, arm: str, seed: int, steps: int) -> list[str]:
+    """The ``key=value`` list of one run of ``steps`` steps (the user's overrides first; the arm and
+    seed win)."""
     return [
-        *args.overrides,
+        *requested_overrides(args, DEFAULTS),
         *ARMS[arm],
         f"run_dir={Path(args.out_dir) / f'{arm}-seed{seed}'}",
         "driver=local",
         f"seed={seed}",
         f"tree.seed={seed}",
         f"data.shuffle_seed={seed}",
-        f"learner.total_steps={args.steps}",
-        f"eval.every_steps={args.eval_every}",
-        f"eval.max_problems={args.eval_problems}",
-        f"eval.k={args.eval_k}",
-        f"checkpoint.every_steps={args.steps}",
+        f"checkpoint.every_steps={steps}",
         "log.progress=false",
     ]
+
+
+def _check(args: argparse.Namespace) -> TrainConfig:
+    """The config both arms start from, checked: seeds and a held-out evaluation."""
+    cfg = load_args_config(args, DEFAULTS)
+    if args.seeds < 1 or cfg.eval.every_steps < 1:
+        raise SystemExit("treepo bench recipe: --seeds and eval.every_steps must be >= 1")
+    return cfg
 
 
 def curve(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -163,26 +178,25 @@ def _train(args: argparse.Namespace, overrides: list[str], log_path: Path) -> No
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.bench.report import emit_json, print_table
-    from common.config import load_config
-    from common.metrics import read_metrics
-
+    base = _check(args)
+    steps = base.learner.total_steps
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = {(a, s): run_overrides(args, a, s) for a in ARMS for s in range(args.seeds)}
+    runs = {(a, s): run_overrides(args, a, s, steps) for a in ARMS for s in range(args.seeds)}
     cfgs = {key: load_config(args.config, ov) for key, ov in runs.items()}  # every run checked up front
     curves: dict[str, dict[int, dict[str, list[float]]]] = {a: {} for a in ARMS}
     for (arm, seed), overrides in runs.items():
-        print(f"[recipe] {arm} seed {seed}: {args.steps} steps", flush=True)
+        print(f"[recipe] {arm} seed {seed}: {steps} steps", flush=True)
         _train(args, overrides, out_dir / f"{arm}-seed{seed}.log")
         curves[arm][seed] = curve(read_metrics(Path(cfgs[arm, seed].run_dir) / "metrics.jsonl"))
     report = {
-        "steps": args.steps,
+        "steps": steps,
         "seeds": args.seeds,
-        "eval_every": args.eval_every,
-        "eval_problems": args.eval_problems,
-        "eval_k": args.eval_k,
-        "overrides": list(args.overrides),
+        "eval_every": base.eval.every_steps,
+        "eval_problems": base.eval.max_problems,
+        "eval_k": base.eval.k,
+        "preset": args.config,
+        "overrides": requested_overrides(args, DEFAULTS),
         "summary": summarize(curves),
         "curves": {a: {str(s): c for s, c in by.items()} for a, by in curves.items()},
         "plots": [str(p) for p in plot(curves, out_dir)],

@@ -1,13 +1,26 @@
 """The benchmarks' shared reporter: the JSON result (printed; also written to a file on request) and
-a table whose ratio columns compare each row with the baseline measured in the same run."""
+a table whose ratio columns compare each row with the baseline measured in the same run; the
+arguments every benchmark shares (``--json``, the run's config)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from cluster.config_args import add_config_arguments
+from common.config import ModelConfig
+
+
+def add_bench_arguments(
+    parser: argparse.ArgumentParser, defaults: Sequence[str], overrides_help: str, **config_kw: str
+) -> None:
+    """``--json PATH`` and the config's arguments (the bench's own ``defaults`` stand in for a preset)."""
+    parser.add_argument("--json", default="", help="Also write the JSON result to this file.")
+    add_config_arguments(parser, defaults=defaults, overrides_help=overrides_help, **config_kw)
 
 
 def ratio(value: float, baseline: float) -> float:
@@ -48,3 +61,11 @@ def print_table(
     out.write("\n" + line([name for name, _ in columns]))
     for row in rows:
         out.write(line(row))
+
+
+def model_label(model: ModelConfig) -> str:
+    """The model a report names: the path, or for a tiny model its size and whether it is random-init."""
+    if not model.path.startswith("tiny:"):
+        return model.path
+    init = "random init" if not model.tiny_warmup_steps else f"seed {model.tiny_seed}"
+    return f"{model.path} {model.tiny_size} ({init})"

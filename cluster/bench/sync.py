@@ -14,7 +14,13 @@ enters only after it has finished:
    single-host alternative of passing a file.
 
 GB/s = payload bytes / seconds (not multiplied by the receiver count). Ratios are ours / baseline
-(> 1: ours is faster). On GPU the same run measures NCCL with ``--backend nccl`` (raw then uses NCCL too).
+(> 1: ours is faster).
+
+The transport is the run's ``sync`` section (``--config PRESET`` and ``key=value``, validated like
+``treepo train``'s): ``sync.backend``, ``sync.bucket_mb``, ``sync.timeout_s``; without ``--config``
+the config's defaults with ``sync.backend=gloo``. On GPU the same run measures NCCL (raw then uses NCCL
+too) with a GPU preset, whose ``sync.backend=auto`` picks it (``--config qwen2.5-7b-treepo``), or
+``sync.backend=nccl learner.gpus_per_worker=1 generators.gpus_per_engine=1``.
 """
 
 from __future__ import annotations
@@ -24,12 +30,19 @@ import datetime
 import json
 import math
 import os
+import socket
 import tempfile
 import time
 
-from cluster.bench.report import emit_json, print_table
+from cluster.bench.report import add_bench_arguments, emit_json, print_table
+from cluster.config_args import load_args_config, requested_overrides
+from common.config import TrainConfig
 
 BENCH_HOST = "127.0.0.1"
+
+
+# the bench's own setting (used without --config): gloo, also where a GPU is present
+DEFAULTS = ["sync.backend=gloo"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,11 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats", type=int, default=2, help="Repeats per measurement; the best is reported."
     )
-    parser.add_argument("--bucket-mb", type=float, default=64.0, help="sync.bucket_mb.")
-    parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"), help="sync.backend.")
-    parser.add_argument("--timeout-s", type=float, default=120.0, help="sync.timeout_s.")
     parser.add_argument("--no-shm", action="store_true", help="Skip the torch.save/load baseline.")
-    parser.add_argument("--json", default="", help="Also write the JSON report to this path.")
+    add_bench_arguments(
+        parser,
+        DEFAULTS,
+        overrides_help="Config overrides: sync.backend (gloo | nccl | auto), sync.bucket_mb, sync.timeout_s.",
+    )
 
 
 def model_specs(target_bytes: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -132,24 +146,11 @@ def _receiver(info: dict, raw_port: int, rank: int, plan: list[dict], repeats: i
     recv.close()
 
 
-def _measure(n_receivers: int, sizes_mb: list[float], args: argparse.Namespace) -> list[dict]:
-    import socket
+def _plan(sizes_mb: list[float], device, no_shm: bool) -> tuple[list[dict], list[dict]]:
+    """Per size: the receivers' plan (bytes, tensor count, the /dev/shm file or "") and the tensors."""
+    import torch  # torch: only when the bench runs (`treepo --help` imports this module)
 
-    import torch
-    import torch.multiprocessing as mp
-
-    from common.weight_sync import WeightSender
-
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if args.backend == "nccl" else torch.device("cpu")
-    )
-    sender = WeightSender(
-        BENCH_HOST, 0, n_receivers + 1, args.backend, args.timeout_s, bucket_mb=args.bucket_mb
-    )
-    with socket.socket() as s:
-        s.bind((BENCH_HOST, 0))
-        raw_port = s.getsockname()[1]
-    shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") and not args.no_shm else None
+    shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") and not no_shm else None
     plan, models = [], []
     for mb in sizes_mb:
         specs = model_specs(int(mb * 1e6))
@@ -162,78 +163,115 @@ def _measure(n_receivers: int, sizes_mb: list[float], args: argparse.Namespace) 
         )
         plan.append({"mb": mb, "bytes": nbytes, "shm": shm, "params": len(named)})
         models.append(named)
+    return plan, models
+
+
+def _time_sizes(
+    sender, raw, device, plan: list[dict], models: list[dict], repeats: int, n: int
+) -> list[dict]:
+    """Rank 0's side of every measurement, in the receivers' order: ours, raw, then shm."""
+    import torch
+
+    rows = []
+    for item, named in zip(plan, models):
+        ours, stats = [], None
+        for rep in range(repeats + 1):  # the first is a warm-up (first-touch of fresh buffers)
+            t0 = time.perf_counter()
+            stats = sender.send(named.items(), rep)
+            sender.barrier()
+            if rep:
+                ours.append(time.perf_counter() - t0)
+        flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in named.values()])
+        raws = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _bcast(raw, flat)
+            _barrier(raw, device)
+            raws.append(time.perf_counter() - t0)
+        del flat
+        shms = []
+        if item["shm"]:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                torch.save(named, item["shm"])
+                _barrier(raw, device)
+                _barrier(raw, device)  # every receiver has loaded it
+                shms.append(time.perf_counter() - t0)
+            os.remove(item["shm"])
+            os.rmdir(os.path.dirname(item["shm"]))
+        rows.append(_row(item, stats.buckets, n, ours, raws, shms))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _row(item: dict, buckets: int, n: int, ours: list[float], raws: list[float], shms: list[float]) -> dict:
+    b = item["bytes"]
+    row = {
+        "size_mb": round(b / 1e6, 1),
+        "params": item["params"],
+        "buckets": buckets,
+        "receivers": n,
+        "ours_s": round(min(ours), 4),
+        "ours_gbps": round(b / min(ours) / 1e9, 3),
+        "raw_s": round(min(raws), 4),
+        "raw_gbps": round(b / min(raws) / 1e9, 3),
+        "ours_vs_raw": round(min(raws) / min(ours), 3),
+    }
+    if shms:
+        row.update(
+            shm_s=round(min(shms), 4),
+            shm_gbps=round(b / min(shms) / 1e9, 3),
+            ours_vs_shm=round(min(shms) / min(ours), 3),
+        )
+    return row
+
+
+def _measure(
+    n_receivers: int, sizes_mb: list[float], args: argparse.Namespace, cfg: TrainConfig
+) -> list[dict]:
+    # torch and the weight sync (torch.distributed): only when the bench runs
+    import torch
+    import torch.multiprocessing as mp
+
+    from common.weight_sync import WeightSender
+
+    sc = cfg.sync
+    sender = WeightSender(BENCH_HOST, 0, n_receivers + 1, sc.backend, sc.timeout_s, bucket_mb=sc.bucket_mb)
+    backend = sender.backend  # "auto" resolved
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    with socket.socket() as s:
+        s.bind((BENCH_HOST, 0))
+        raw_port = s.getsockname()[1]
+    plan, models = _plan(sizes_mb, device, args.no_shm)
     ctx = mp.get_context("spawn")
     procs = [
         ctx.Process(
             target=_receiver,
-            args=(sender.info.to_dict(), raw_port, r, plan, args.repeats, args.timeout_s),
+            args=(sender.info.to_dict(), raw_port, r, plan, args.repeats, sc.timeout_s),
             daemon=True,
         )
         for r in range(1, n_receivers + 1)
     ]
     for p in procs:
         p.start()
-    rows = []
     try:
-        _, raw = _raw_group(raw_port, 0, n_receivers + 1, args.backend, args.timeout_s, True)
+        _, raw = _raw_group(raw_port, 0, n_receivers + 1, backend, sc.timeout_s, True)
         sender.connect()
-        for item, named in zip(plan, models):
-            ours, stats = [], None
-            for rep in range(args.repeats + 1):  # the first is a warm-up (first-touch of fresh buffers)
-                t0 = time.perf_counter()
-                stats = sender.send(named.items(), rep)
-                sender.barrier()
-                if rep:
-                    ours.append(time.perf_counter() - t0)
-            flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in named.values()])
-            raws = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                _bcast(raw, flat)
-                _barrier(raw, device)
-                raws.append(time.perf_counter() - t0)
-            del flat
-            shms = []
-            if item["shm"]:
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    torch.save(named, item["shm"])
-                    _barrier(raw, device)
-                    _barrier(raw, device)  # every receiver has loaded it
-                    shms.append(time.perf_counter() - t0)
-                os.remove(item["shm"])
-                os.rmdir(os.path.dirname(item["shm"]))
-            b = item["bytes"]
-            row = {
-                "size_mb": round(b / 1e6, 1),
-                "params": item["params"],
-                "buckets": stats.buckets,
-                "receivers": n_receivers,
-                "ours_s": round(min(ours), 4),
-                "ours_gbps": round(b / min(ours) / 1e9, 3),
-                "raw_s": round(min(raws), 4),
-                "raw_gbps": round(b / min(raws) / 1e9, 3),
-                "ours_vs_raw": round(min(raws) / min(ours), 3),
-            }
-            if shms:
-                row.update(
-                    shm_s=round(min(shms), 4),
-                    shm_gbps=round(b / min(shms) / 1e9, 3),
-                    ours_vs_shm=round(min(shms) / min(ours), 3),
-                )
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        return _time_sizes(sender, raw, device, plan, models, args.repeats, n_receivers)
     finally:
         for p in procs:
-            p.join(timeout=args.timeout_s)
+            p.join(timeout=sc.timeout_s)
             if p.is_alive():
                 p.kill()
         sender.close()
-    return rows
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = load_args_config(args, DEFAULTS)
+    # torch and the weight sync: only when the bench runs (`treepo --help` imports this module)
     import torch
+
+    from common.weight_sync import resolve_backend
 
     torch.set_num_threads(1)
     sizes = [float(x) for x in args.sizes_mb.split(",") if x]
@@ -241,11 +279,13 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = []
     for n in counts:
-        rows += _measure(n, sizes, args)
+        rows += _measure(n, sizes, args, cfg)
     report = {
         "bench": "sync",
-        "backend": args.backend,
-        "bucket_mb": args.bucket_mb,
+        "preset": args.config,
+        "overrides": requested_overrides(args, DEFAULTS),
+        "backend": resolve_backend(cfg.sync.backend),
+        "bucket_mb": cfg.sync.bucket_mb,
         "repeats": args.repeats,
         "cpus": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),

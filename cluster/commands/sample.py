@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.config_args import add_config_arguments, load_args_config
+from common.config import TrainConfig
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -32,9 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Output .jsonl, one tree per line.")
     parser.add_argument(
         "--wire", default="", help="Also write the binary wire form of every tree to this file."
-    )
-    parser.add_argument(
-        "--config", default=None, help="Preset name or YAML file (defaults <- preset <- overrides)."
     )
     parser.add_argument(
         "--backend",
@@ -58,23 +58,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--render-trees", type=int, default=8, help="With --render: draw the first N trees (default 8)."
     )
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="key=value config overrides, e.g. tree.w=16 tree.d=8 sampling.temperature=0.8",
+    add_config_arguments(
+        parser,
+        config_help="Preset name or YAML file (defaults <- preset <- overrides).",
+        overrides_help="key=value config overrides, e.g. tree.w=16 tree.d=8 sampling.temperature=0.8",
     )
 
 
-def _load_cfg(args: argparse.Namespace):
-    from common.config import load_config
-
+def _load_cfg(args: argparse.Namespace) -> TrainConfig:
     # the flags are overrides like any other, so they take part in the cross-field checks
     flags = []
     if args.model:
         flags.append(f"model.path={args.model}")
     if args.backend:
         flags.append(f"generators.backend={args.backend}")
-    return load_config(args.config, list(args.overrides) + flags)
+    return load_args_config(args, after=flags)
 
 
 def tree_record(
@@ -156,7 +154,7 @@ def run(args: argparse.Namespace, backend: Any = None) -> int:
     return 0
 
 
-def _render(args: argparse.Namespace, cfg: Any, inputs: Any, trees: list, scored: bool) -> None:
+def _render(args: argparse.Namespace, cfg: TrainConfig, inputs: Any, trees: list, scored: bool) -> None:
     """``--render``: the drawn trees as one HTML page, with the advantages ``algo.*`` gives them
     (over these trees as one batch) when they were scored."""
     from common.tree_render import write_tree_page
@@ -170,7 +168,7 @@ def _render(args: argparse.Namespace, cfg: Any, inputs: Any, trees: list, scored
 
 
 def _sample_to_files(
-    args: argparse.Namespace, cfg: Any, inputs: Any, data: Any, sampler: Any, out: Path, drawn: list
+    args: argparse.Namespace, cfg: TrainConfig, inputs: Any, data: Any, sampler: Any, out: Path, drawn: list
 ) -> dict:
     """Sample one tree per prompt, score it, write it (readable jsonl, optionally the wire form);
     returns the reward summary (empty without a reward). The first ``--render-trees`` trees go into

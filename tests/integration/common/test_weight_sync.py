@@ -472,7 +472,7 @@ def test_bench_sync_smoke(capsys):
 
     parser = argparse.ArgumentParser()
     bench_sync.add_arguments(parser)
-    args = parser.parse_args(["--sizes-mb", "2", "--receivers", "1", "--repeats", "1", "--bucket-mb", "0.5"])
+    args = parser.parse_args(["--sizes-mb", "2", "--receivers", "1", "--repeats", "1", "sync.bucket_mb=0.5"])
     assert bench_sync.run(args) == 0
     out = capsys.readouterr().out
     row = json.loads(next(line for line in out.splitlines() if line.startswith('{"size_mb"')))

@@ -9,6 +9,7 @@ import pytest
 from paths import REPO
 
 from cluster.cli import COMMANDS, main
+from cluster.commands.bench import BENCHES
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -18,7 +19,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_help_everywhere(capsys):
-    for cmd in [[], *[[c] for c in COMMANDS], ["bench", "sampling"], ["bench", "learner"]]:
+    for cmd in [[], *[[c] for c in COMMANDS], *[["bench", b] for b in BENCHES]]:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])
         assert e.value.code == 0

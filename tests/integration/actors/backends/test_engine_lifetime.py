@@ -98,8 +98,8 @@ def commands(tiny_model_dir, tmp_path):
     small = ["generators.kv_cache_gib=0.25", "generators.max_num_batched_tokens=4096"]
     return {
         "bench sampling": [
-            "bench", "sampling", "--model", model, "--prompts", "2", "--w", "4", "--d", "2", "--l", "32",
-            "--kv-cache-gib", "0.25",
+            "bench", "sampling", "--prompts", "2", f"model.path={model}", "tree.w=4", "tree.d=2", "tree.l=32",
+            "tree.max_response_tokens=64", "generators.kv_cache_gib=0.25",
         ],
         "sample": [
             "sample", "--model", model, "--data", "synthetic:arith", "--limit", "2", "--out",
@@ -111,8 +111,8 @@ def commands(tiny_model_dir, tmp_path):
             "--out", str(tmp_path / "eval"), *small,
         ],
         "bench eval": [
-            "bench", "eval", "--model", model, "--max-problems", "2", "--warmup-problems", "1", "--k", "4",
-            "--branching", "2", "--d", "2", "--l", "32", *small,
+            "bench", "eval", "--warmup-problems", "1", "--branching", "2", f"model.path={model}",
+            "eval.max_problems=2", "eval.k=4", "tree.d=2", "tree.l=32", "tree.max_response_tokens=64", *small,
         ],
     }  # fmt: skip
 

@@ -138,13 +138,15 @@ def test_bench_eval_table_and_json(vllm_backend, tiny_model_dir, digit_reward, t
     bench_eval.add_arguments(p)
     out = tmp_path / "bench.json"
     args = p.parse_args(
-        ["--model", str(tiny_model_dir), "--k", "4", "--max-problems", "2", "--warmup-problems", "1",
-         "--branching", "4", "--d", "2", "--l", "16", "--json", str(out), digit_reward,
-         "tree.align_segments_to_blocks=false"]
+        ["--warmup-problems", "1", "--branching", "4", "--json", str(out), f"model.path={tiny_model_dir}",
+         "eval.k=4", "eval.max_problems=2", *TREE, digit_reward]
     )  # fmt: skip
     assert bench_eval.run(args, backend=vllm_backend) == 0
     result = json.loads(out.read_text())
     assert list(result["results"]) == ["flat", "tree_b4"]
+    c = result["config"]  # the keys reached the bench
+    assert (c["k"], c["d"], c["l"], c["max_response_tokens"], c["problems"]) == (4, 2, 16, 32, 2)
+    assert c["model"] == str(tiny_model_dir) and c["preset"] is None and digit_reward in c["overrides"]
     for s in result["results"].values():
         assert s["problems"] == 2 and s["pass@4"] >= s["mean@4"] and 0 <= s["maj@4"] <= 1
     r, s = result["ratios_vs_flat"]["tree_b4"], result["results"]["tree_b4"]
