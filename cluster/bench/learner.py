@@ -23,16 +23,25 @@ by torch.multiprocessing with the gloo backend on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
 import socket
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from cluster.bench.report import emit_json, print_table, ratio
+import numpy as np
+
+from cluster.bench.report import add_bench_arguments, emit_json, model_label, print_table, ratio
+from cluster.config_args import load_args_config, requested_overrides
+from common.config import TrainConfig
+from common.errors import ConfigError
+from common.models import resolve_model
+from learner.advantages import tree_advantages
 
 # name -> synthetic_trees arguments and prompts per step (smaller for the long paper shapes)
 SHAPES: dict[str, dict] = {
@@ -44,6 +53,11 @@ SHAPES: dict[str, dict] = {
     "flat16-eos": dict(w=16, depth=4, seg_len=32, prompt_len=32, prompts=4, flat=True, stop_prob=0.3),
 }
 PACKINGS = ("none", "flat", "tree")
+
+
+# the bench's own settings (used without --config): a random-init tiny model of size "s"; for
+# --compare ranks, trees of 8 leaves x 4 segments x 32 tokens (8 prompts per optimizer step)
+DEFAULTS = ["model.path=tiny:arith", "model.tiny_warmup_steps=0", "tree.w=8", "tree.d=4", "tree.l=32"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,27 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(SHAPES),
         help=f"Comma-separated tree shapes for --compare packing, of: {', '.join(SHAPES)}.",
     )
-    parser.add_argument("--json", default="", help="Also write the JSON report to this file.")
-    parser.add_argument(
-        "--model", default="", help="Model directory (default: build a random-init tiny model)."
-    )
-    parser.add_argument(
-        "--size",
-        default="s",
-        choices=("xs", "s", "m"),
-        help="Tiny model size when --model is not given (s: the demo's).",
-    )
-    parser.add_argument(
-        "--prompts", type=int, default=8, help="Prompts per global mini-batch (one optimizer step)."
-    )
-    parser.add_argument("--leaves", type=int, default=8, help="Leaves per prompt (w).")
-    parser.add_argument("--depth", type=int, default=4, help="Segments per leaf.")
-    parser.add_argument("--segment", type=int, default=32, help="Tokens per segment.")
-    parser.add_argument("--prompt-len", type=int, default=32, help="Prompt tokens.")
-    parser.add_argument(
-        "--micro-batch-tokens", type=int, default=4096, help="learner.micro_batch_tokens (computed tokens)."
-    )
-    parser.add_argument("--gpu", action="store_true", help="--compare packing on one GPU (cuda:0).")
+    parser.add_argument("--prompt-len", type=int, default=32, help="Prompt tokens (--compare ranks).")
     parser.add_argument("--steps", type=int, default=3, help="Measured optimizer steps.")
     parser.add_argument("--warmup", type=int, default=1, help="Unmeasured steps first.")
     parser.add_argument(
@@ -95,6 +89,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="Alternating repeats of every world size; the best run of each is reported.",
     )
+    add_bench_arguments(
+        parser,
+        DEFAULTS,
+        overrides_help="Config overrides: model.* (the model), learner.* (micro_batch_tokens, "
+        "gpus_per_worker=1: --compare packing on one GPU, cuda:0; prompts_per_step: prompts per optimizer "
+        "step of --compare ranks), algo.*, and for --compare ranks the synthetic trees' shape (tree.w "
+        "leaves, tree.d segments of tree.l tokens).",
+    )
+
+
+def load_bench_config(args: argparse.Namespace) -> TrainConfig:
+    cfg = load_args_config(args, DEFAULTS)
+    if args.compare == "ranks" and cfg.learner.gpus_per_worker:
+        raise ConfigError(
+            "--compare ranks measures gloo ranks on CPU: set learner.gpus_per_worker=0 "
+            "(--compare packing measures one GPU)"
+        )
+    return cfg
 
 
 def _free_port() -> int:
@@ -103,41 +115,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, model_dir: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, cfg: TrainConfig, out: str) -> None:
+    # torch and the learner: loaded in the spawned rank only (`treepo --help` imports this module)
     import torch
 
-    from common.config import AlgoConfig, LearnerConfig, ModelConfig
-    from learner.advantages import tree_advantages
     from learner.batching import leaf_sequences
     from learner.rank import LearnerRank
     from learner.synthetic import synthetic_trees
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
-    lcfg = LearnerConfig(
-        prompts_per_step=args.prompts,
-        mini_batch_prompts=args.prompts,
-        micro_batch_tokens=args.micro_batch_tokens,
-    )
     r = LearnerRank(
-        ModelConfig(path=model_dir),
-        AlgoConfig(),
-        lcfg,
-        rank=rank,
-        world_size=world,
-        init_method=f"tcp://127.0.0.1:{port}",
+        cfg.model, cfg.algo, cfg.learner, rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}"
     )
     vocab = int(r.module.config.vocab_size)
     tokens, elapsed = 0, 0.0
-    shape = dict(w=args.leaves, depth=args.depth, seg_len=args.segment, prompt_len=args.prompt_len)
+    prompts = cfg.learner.prompts_per_step
+    shape = dict(w=cfg.tree.w, depth=cfg.tree.d, seg_len=cfg.tree.l, prompt_len=args.prompt_len)
     for step in range(args.warmup + args.steps):
-        trees = synthetic_trees(args.prompts, vocab_size=vocab, seed=step, **shape)
-        adv = tree_advantages(trees, AlgoConfig())
-        share = slice(rank * args.prompts // world, (rank + 1) * args.prompts // world)
-        seqs = leaf_sequences(trees[share], adv[share])
+        trees = synthetic_trees(prompts, vocab_size=vocab, seed=step, **shape)
+        adv = tree_advantages(trees, cfg.algo)
+        mb = cfg.learner.mini_batch_prompts  # this rank's share of every mini-batch
+        shares = [slice(j + rank * mb // world, j + (rank + 1) * mb // world) for j in range(0, prompts, mb)]
+        mini_batches = [leaf_sequences(trees[s], adv[s]) for s in shares]
         r.barrier()
         t0 = time.perf_counter()
-        r.train_on([seqs])
+        r.train_on(mini_batches)
         r.barrier()
         dt = time.perf_counter() - t0
         if step >= args.warmup:
@@ -150,12 +153,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, model_di
     r.close()
 
 
-def _measure(world: int, args: argparse.Namespace, model_dir: str, scratch: str) -> dict:
-    import torch.multiprocessing as mp
+def _measure(world: int, args: argparse.Namespace, cfg: TrainConfig, scratch: str) -> dict:
+    import torch.multiprocessing as mp  # torch: only when the bench runs (`treepo --help` needs none)
 
     out = tempfile.mkdtemp(dir=scratch)
     mp.start_processes(
-        _worker, args=(world, _free_port(), args, model_dir, out), nprocs=world, start_method="spawn"
+        _worker, args=(world, _free_port(), args, cfg, out), nprocs=world, start_method="spawn"
     )
     ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
     seconds = max(x["seconds"] for x in ranks)
@@ -184,40 +187,36 @@ def synthetic_trees_for(prompts: int, vocab: int, seed: int, kw: dict):
     return synthetic_trees(prompts, vocab_size=vocab, seed=seed, **kw)
 
 
-def _packing_worker(_: int, name: str, packing: str, args: argparse.Namespace, model_dir: str, out: str):
+def _packing_worker(_: int, name: str, packing: str, args: argparse.Namespace, cfg: TrainConfig, out: str):
+    # torch and the learner: loaded in the spawned process only (`treepo --help` imports this module)
     import torch
 
-    from common.config import AlgoConfig, LearnerConfig, ModelConfig
-    from learner.advantages import tree_advantages
     from learner.batching import leaf_sequences
     from learner.rank import LearnerRank
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     shape = SHAPES[name]
-    cfg = LearnerConfig(
-        prompts_per_step=shape["prompts"],
-        mini_batch_prompts=shape["prompts"],
-        micro_batch_tokens=args.micro_batch_tokens,
-        packing=packing,
-        gpus_per_worker=1 if args.gpu else 0,
+    gpu = cfg.learner.gpus_per_worker > 0
+    lcfg = dataclasses.replace(
+        cfg.learner, prompts_per_step=shape["prompts"], mini_batch_prompts=shape["prompts"], packing=packing
     )
-    r = LearnerRank(ModelConfig(path=model_dir), AlgoConfig(), cfg)
+    r = LearnerRank(cfg.model, cfg.algo, lcfg)
     vocab = int(r.module.config.vocab_size)
     base = _rss_mib()
     times, tokens = [], 0.0
     for step in range(args.warmup + args.steps):
         trees = _shape_trees(shape, step, vocab)
-        seqs = leaf_sequences(trees, tree_advantages(trees, AlgoConfig()))
-        if args.gpu:
+        seqs = leaf_sequences(trees, tree_advantages(trees, cfg.algo))
+        if gpu:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         metrics = r.train_on([seqs])
-        if args.gpu:
+        if gpu:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             tokens += metrics["learner/forward_tokens"]
-    if args.gpu:
+    if gpu:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
@@ -227,8 +226,7 @@ def _packing_worker(_: int, name: str, packing: str, args: argparse.Namespace, m
 
 def _distinct_ratio(shape: dict, args: argparse.Namespace, vocab: int) -> float:
     """Tokens of the prefix trees / tokens of the leaves (prompts included), over the measured steps."""
-    import numpy as np
-
+    # torch (through the learner's packing): only when the bench runs (`treepo --help` needs none)
     from learner.batching import leaf_sequences
     from learner.packing import computed_tokens
 
@@ -241,14 +239,14 @@ def _distinct_ratio(shape: dict, args: argparse.Namespace, vocab: int) -> float:
     return distinct / leaves
 
 
-def _packing_rows(args: argparse.Namespace, model_dir: str, scratch: str) -> list[dict]:
-    import torch.multiprocessing as mp
+def _packing_rows(args: argparse.Namespace, cfg: TrainConfig, scratch: str) -> list[dict]:
+    import torch.multiprocessing as mp  # torch: only when the bench runs (`treepo --help` needs none)
 
     names = [n for n in args.shapes.split(",") if n]
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}: choose from {', '.join(SHAPES)}")
-    vocab = int(json.loads(Path(model_dir, "config.json").read_text())["vocab_size"])
+    vocab = int(json.loads(Path(cfg.model.path, "config.json").read_text())["vocab_size"])
     rows = []
     for name in names:
         runs: dict[str, list[dict]] = {p: [] for p in PACKINGS}
@@ -257,7 +255,7 @@ def _packing_rows(args: argparse.Namespace, model_dir: str, scratch: str) -> lis
                 out = str(Path(scratch, f"{name}-{packing}-{rep}.json"))
                 mp.start_processes(
                     _packing_worker,
-                    args=(name, packing, args, model_dir, out),
+                    args=(name, packing, args, cfg, out),
                     nprocs=1,
                     start_method="spawn",
                 )
@@ -268,8 +266,6 @@ def _packing_rows(args: argparse.Namespace, model_dir: str, scratch: str) -> lis
 
 
 def _shape_rows(name: str, runs: dict[str, list[dict]], distinct: float) -> list[dict]:
-    import statistics
-
     rows = []
     for packing in PACKINGS:
         medians = [statistics.median(r["times"]) for r in runs[packing]]
@@ -300,15 +296,15 @@ def _shape_rows(name: str, runs: dict[str, list[dict]], distinct: float) -> list
     return rows
 
 
-def _run_packing(args: argparse.Namespace, model_dir: str, scratch: str) -> int:
-    rows = _packing_rows(args, model_dir, scratch)
+def _run_packing(args: argparse.Namespace, cfg: TrainConfig, scratch: str) -> int:
+    rows = _packing_rows(args, cfg, scratch)
     report = {
         "bench": "learner",
         "compare": "packing",
-        "model": args.model or f"tiny:{args.size} (random init)",
-        "device": "cuda" if args.gpu else "cpu",
+        **_config_echo(args, cfg),
+        "device": "cuda" if cfg.learner.gpus_per_worker else "cpu",
         "threads": args.threads or os.cpu_count(),
-        "micro_batch_tokens": args.micro_batch_tokens,
+        "micro_batch_tokens": cfg.learner.micro_batch_tokens,
         "steps": args.steps,
         "cpu_count": os.cpu_count(),
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
@@ -351,27 +347,32 @@ def _met(row: dict) -> str:
     return "yes" if row["meets_target"] else "NO"
 
 
+def _config_echo(args: argparse.Namespace, cfg: TrainConfig) -> dict:
+    """The report's account of the config: preset, overrides and the model measured."""
+    return {
+        "preset": args.config,
+        "overrides": requested_overrides(args, DEFAULTS),
+        "model": model_label(cfg.model),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
+    cfg = load_bench_config(args)
+    # resolved once here (a tiny model is built and cached) so the spawned ranks load a directory
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=resolve_model(cfg.model)))
     with tempfile.TemporaryDirectory(prefix="treepo-bench-learner-") as scratch:
-        model_dir = args.model
-        if not model_dir:
-            from common.tiny import make_tiny_model
-
-            model_dir = str(
-                make_tiny_model(Path(scratch) / "tiny", task="arith", size=args.size, progress=False)
-            )
         if args.compare == "packing":
-            return _run_packing(args, model_dir, scratch)
-        return _run_ranks(args, model_dir, scratch)
+            return _run_packing(args, cfg, scratch)
+        return _run_ranks(args, cfg, scratch)
 
 
-def _run_ranks(args: argparse.Namespace, model_dir: str, scratch: str) -> int:
+def _run_ranks(args: argparse.Namespace, cfg: TrainConfig, scratch: str) -> int:
     worlds = [int(x) for x in args.ranks.split(",")]
     # alternate the world sizes so that load from other processes hits both alike; keep the best
     runs: dict[int, list[dict]] = {w: [] for w in worlds}
     for _ in range(max(1, args.repeats)):
         for w in worlds:
-            runs[w].append(_measure(w, args, model_dir, scratch))
+            runs[w].append(_measure(w, args, cfg, scratch))
     results = []
     for w in worlds:
         best = max(runs[w], key=lambda r: r["tokens_per_s"])
@@ -382,11 +383,11 @@ def _run_ranks(args: argparse.Namespace, model_dir: str, scratch: str) -> int:
         r["ratio_vs_first"] = round(r["tokens_per_s"] / base, 3)
     report = {
         "bench": "learner",
-        "model": args.model or f"tiny:{args.size} (random init)",
+        **_config_echo(args, cfg),
         "global_batch": {
-            "prompts": args.prompts,
-            "leaves": args.leaves,
-            "response_tokens": args.depth * args.segment,
+            "prompts": cfg.learner.prompts_per_step,
+            "leaves": cfg.tree.w,
+            "response_tokens": cfg.tree.d * cfg.tree.l,
         },
         "cpu_count": os.cpu_count(),
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
