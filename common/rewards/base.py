@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from common.data import full_metadata
 from common.errors import RewardError
 from common.rewards.pool import Outcome, VerifierPool, shared_pool
 from common.rewards.verify import overlong_penalty
@@ -95,6 +96,20 @@ class RewardFn(Protocol):
 def as_items(items: Iterable[RewardItem | tuple]) -> list[RewardItem]:
     """Items as :class:`RewardItem` (plain tuples are accepted)."""
     return [RewardItem(*it) for it in items]
+
+
+def batch_payload(items: Sequence[RewardItem]) -> list[dict]:
+    """Items as whole-batch scorers receive them (batched user functions, reward servers): the
+    prompt, response and answer as text, and the row's full metadata (nested values in place)."""
+    return [
+        {
+            "prompt": str(it.prompt),
+            "response": str(it.response_text),
+            "answer": str(it.answer),
+            "metadata": full_metadata(it.metadata),
+        }
+        for it in items
+    ]
 
 
 class Job(NamedTuple):
@@ -215,4 +230,5 @@ __all__ = [
     "RewardStats",
     "Scored",
     "as_items",
+    "batch_payload",
 ]

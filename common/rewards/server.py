@@ -1,6 +1,5 @@
-"""A reward server: ``reward.url`` sends every batch to an HTTP server instead of scoring it here.
-``reward.url`` sends every batch to an HTTP server instead: ``POST url`` with
-``{"items": [{"prompt", "response", "answer", "metadata"}, ...]}``, answered by
+"""A reward server: ``reward.url`` sends every batch to an HTTP server instead of scoring it here:
+``POST url`` with ``{"items": [{"prompt", "response", "answer", "metadata"}, ...]}``, answered by
 ``{"rewards": [value, ...]}`` (same order and length). Each try has ``reward.timeout_s``; connection
 errors, timeouts, HTTP 429 and 5xx are retried ``reward.retries`` times with doubling back-off
 (0.5 s, 1 s, 2 s, ...); after the last, or on any other HTTP error or a malformed answer, a
@@ -20,9 +19,8 @@ import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
-from common.data import full_metadata
 from common.errors import RewardError
-from common.rewards.base import Reward, RewardItem, Scored, as_items
+from common.rewards.base import Reward, RewardItem, Scored, as_items, batch_payload
 from common.rewards.user_fns import reward_value
 
 
@@ -86,16 +84,7 @@ class HttpReward(Reward):
         items = as_items(items)
         if not items:
             return []
-        payload = [
-            {
-                "prompt": str(it.prompt),
-                "response": str(it.response_text),
-                "answer": str(it.answer),
-                "metadata": full_metadata(it.metadata),
-            }
-            for it in items
-        ]
-        answer = self._send(json.dumps({"items": payload}, default=str).encode())
+        answer = self._send(json.dumps({"items": batch_payload(items)}, default=str).encode())
         rewards = answer.get("rewards") if isinstance(answer, dict) else None
         if not isinstance(rewards, list) or len(rewards) != len(items):
             raise RewardError(

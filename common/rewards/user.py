@@ -11,8 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from common.data import full_metadata
-from common.rewards.base import Job, Reward, RewardItem, Scored, as_items
+from common.rewards.base import Job, Reward, RewardItem, Scored, as_items, batch_payload
 from common.rewards.user_fns import absolute_spec, import_callable, load_user_fn, reward_kind, reward_value
 
 
@@ -52,15 +51,7 @@ class BatchUserReward(Reward):
             "op": "user_batch",
             "fn": self.spec,
             "paths": [p or os.getcwd() for p in sys.path],
-            "items": [
-                {
-                    "prompt": str(it.prompt),
-                    "response": str(it.response_text),
-                    "answer": str(it.answer),
-                    "metadata": full_metadata(it.metadata),
-                }
-                for it in items
-            ],
+            "items": batch_payload(items),
         }
         outcome = self.pool.call(req, self.timeout_s)
         values = outcome.value if outcome.status == "ok" else None

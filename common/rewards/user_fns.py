@@ -1,4 +1,5 @@
-"""Rewards users already have: their functions in any of three shapes, and a reward server.
+"""User reward functions: finding one and calling it, in any of three shapes (the rewards built on
+them are in :mod:`common.rewards.user`; this module is also what a verifier worker runs).
 
 ``reward.fn`` names a function as ``package.module:function`` or ``path/to/file.py:function`` (a
 relative path is taken from the working directory of the process that builds the reward). Its shape
@@ -14,10 +15,9 @@ is detected from its parameter names, never guessed from its name:
   One call per batch of responses, under one ``reward.timeout_s`` deadline.
 
 A value is a finite number (bool counts as 0/1), or a dict with a ``score`` (verl's richer return).
-Functions run in the verifier subprocesses of :mod:`common.rewards` (a hang or crash scores wrong and
-is counted). The verdict is the usual one: above the midpoint of ``reward.correct`` and
+Functions run in the verifier subprocesses of :mod:`common.rewards.pool` (a hang or crash scores
+wrong and is counted). The verdict is the usual one: above the midpoint of ``reward.correct`` and
 ``reward.wrong`` (a 0/1 function wants ``reward.wrong=0``).
-
 """
 
 from __future__ import annotations
