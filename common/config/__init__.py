@@ -46,7 +46,6 @@ from common.config.generation import (
     TreeConfig,
     TreeMode,
     check_segment_alignment,
-    segments_fit_blocks,
 )
 from common.config.loading import (
     PRESET_DIR,
@@ -147,7 +146,6 @@ __all__ = [
     "nested",
     "parse_overrides",
     "save_resolved",
-    "segments_fit_blocks",
     "to_yaml",
     "validate",
 ]

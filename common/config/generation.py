@@ -341,18 +341,13 @@ class GeneratorConfig:
             )
 
 
-def segments_fit_blocks(tree: TreeConfig, generators: GeneratorConfig) -> bool:
-    """Whether ``tree.l`` is a whole number of KV blocks (``generators.block_size``), which segment
-    alignment needs (below that, each child re-prefills part of a block)."""
-    return tree.l % generators.block_size == 0
-
-
 def check_segment_alignment(tree: TreeConfig, generators: GeneratorConfig) -> None:
     """Aligned segments (tree mode, ``tree.align_segments_to_blocks``, the vLLM backend) need ``tree.l``
-    to be a multiple of the KV block size; raise ConfigError naming both keys otherwise."""
+    to be a multiple of the KV block size (below that, each child re-prefills part of a block); raise
+    ConfigError naming both keys otherwise."""
     aligned = generators.backend == "vllm" and tree.align_segments_to_blocks and tree.mode == "tree"
-    if aligned and not segments_fit_blocks(tree, generators):
-        bs = generators.block_size
+    bs = generators.block_size
+    if aligned and tree.l % bs:
         raise ConfigError(
             f"tree.l={tree.l} is not a multiple of generators.block_size={bs}: segment alignment needs it; "
             f"set tree.l to a multiple of {bs} or tree.align_segments_to_blocks=false"

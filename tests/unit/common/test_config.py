@@ -205,8 +205,7 @@ def test_lowest_values_are_declared_with_the_field():
 
 def test_segment_alignment_is_one_rule():
     tree, gen = C.TreeConfig(l=40, align_segments_to_blocks=True), C.GeneratorConfig(block_size=32)
-    assert not C.segments_fit_blocks(tree, gen)
-    assert C.segments_fit_blocks(C.TreeConfig(l=64), gen)
+    C.check_segment_alignment(C.TreeConfig(l=64, align_segments_to_blocks=True), gen)
     with pytest.raises(ConfigError, match="tree.l=40 is not a multiple of generators.block_size=32"):
         C.check_segment_alignment(tree, gen)
     C.check_segment_alignment(C.TreeConfig(l=40, align_segments_to_blocks=True, mode="flat"), gen)
