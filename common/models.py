@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
+from common.config import DType
 from common.errors import CheckpointError, ConfigError, ModelError
 
 LATEST = "latest"  # the pointer file naming a checkpoint root's newest complete checkpoint
@@ -96,7 +98,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, **resolve_kw):
         raise _hub_error(resolved, exc) from exc
 
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = get_args(DType)  # model.dtype
 
 
 def load_model(

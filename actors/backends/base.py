@@ -36,6 +36,15 @@ class GenResult:
     num_cached_tokens: int  # prompt tokens served from the prefix cache (0 when unknown)
 
 
+def stop_ids(model_path: str, eos_ids: Sequence[int] | None) -> list[int]:
+    """The token ids that end a request: ``eos_ids`` as given, or the model's own EOS ids."""
+    if eos_ids is None:
+        from common.models import eos_token_ids  # transformers: loaded by the backend anyway
+
+        eos_ids = eos_token_ids(model_path)
+    return [int(i) for i in eos_ids]
+
+
 @dataclass
 class BackendCounters:
     """Cumulative counters since the backend was created (sum reductions)."""

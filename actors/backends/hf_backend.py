@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from actors.backends.base import BackendCounters, GenRequest, GenResult
+from actors.backends.base import BackendCounters, GenRequest, GenResult, stop_ids
 from common.config import GeneratorConfig, SamplingConfig
 from common.errors import ModelError
 
@@ -42,11 +42,7 @@ class HFBackend:
 
         self.gen_cfg = gen_cfg
         self.sampling = sampling_cfg
-        if eos_ids is None:
-            from common.models import eos_token_ids
-
-            eos_ids = eos_token_ids(model_path)
-        self.eos_ids = [int(i) for i in eos_ids]
+        self.eos_ids = stop_ids(model_path, eos_ids)
         self.stop = None  # stop strings (generators.stop): a request ends at the token completing one
         if stop_strings:
             from common.models import load_tokenizer

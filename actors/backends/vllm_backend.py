@@ -41,7 +41,7 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from actors.backends.base import BackendCounters, GenRequest, GenResult
+from actors.backends.base import BackendCounters, GenRequest, GenResult, stop_ids
 from actors.backends.engine_guard import mark_owner
 from common.config import GeneratorConfig, SamplingConfig
 from common.errors import ModelError, SyncError
@@ -174,11 +174,7 @@ class VLLMBackend:
 
         self.gen_cfg = gen_cfg
         self.sampling = sampling_cfg
-        if eos_ids is None:
-            from common.models import eos_token_ids
-
-            eos_ids = eos_token_ids(model_path)
-        self.eos_ids = [int(i) for i in eos_ids]
+        self.eos_ids = stop_ids(model_path, eos_ids)
         # stop strings (generators.stop) need the engine's detokenizer: it then ends a request at one
         # (the sampler still cuts, as a string split across two requests is invisible to the engine)
         self.stop_strings = [str(x) for x in stop_strings]

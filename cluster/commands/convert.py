@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import get_args
+
+from common.config import BadRows
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--bad-rows",
-        choices=("skip", "reject"),
+        choices=get_args(BadRows),
         default="skip",
         help="Skip bad rows (listed) or stop at the first one.",
     )

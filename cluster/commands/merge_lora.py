@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import get_args
+
+from common.config import DType
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=get_args(DType),
         default=None,
         help="dtype of the merged weights (default: the base model's).",
     )

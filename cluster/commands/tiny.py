@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import get_args
+
+from common.config import TinySize
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -12,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--task", default="arith", help="Task whose vocabulary the tokenizer uses ('none' = byte-level)."
     )
     p.add_argument(
-        "--size", default="s", choices=("xs", "s", "m"), help="Model size (head_dim 64 everywhere)."
+        "--size", default="s", choices=get_args(TinySize), help="Model size (head_dim 64 everywhere)."
     )
     p.add_argument(
         "--warmup-steps",

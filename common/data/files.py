@@ -11,16 +11,17 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.config import BadRows as BadRowMode
 from common.errors import DataError
 
 log = logging.getLogger(__name__)
 
-BAD_ROW_MODES = ("skip", "reject")
+BAD_ROW_MODES = get_args(BadRowMode)  # data.bad_rows
 MAX_LOGGED_BAD_ROWS = 10
 FILE_SUFFIXES = (".jsonl", ".parquet", ".pq", ".arrow")
 HELD_OUT_SPLITS = ("test", "validation", "valid", "eval", "dev")

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
+from common.config import Template
 from common.data.files import BadRows, DataReport
 from common.data.rows import PromptRow
 from common.errors import DataError
 
-TEMPLATES = ("plain", "chat")
+TEMPLATES = get_args(Template)  # data.template
 
 
 @dataclass
