@@ -19,8 +19,8 @@ def test_recipe_runs_both_arms_over_seeds_and_writes_json_and_plots(tiny_model_d
 
     out = tmp_path / "recipe"
     args = cli.build_parser().parse_args(
-        ["bench", "recipe", "--seeds", "2", "learner.total_steps=2", "eval.every_steps=2", "eval.max_problems=2"]
-        + ["eval.k=1", "--out-dir", str(out), "--json", str(tmp_path / "summary.json")]
+        ["bench", "recipe", "--seeds", "2", "--out-dir", str(out), "--json", str(tmp_path / "summary.json")]
+        + ["learner.total_steps=2", "eval.every_steps=2", "eval.max_problems=2", "eval.k=1"]
         + [f"model.path={tiny_model_dir}", "generators.kv_cache_gib=0.25", "generators.trees_in_flight=4"]
         + ["tree.w=4", "tree.d=2", "tree.l=32", "tree.max_response_tokens=64", "learner.prompts_per_step=2"]
         + ["learner.mini_batch_prompts=2", "algo.dynamic_sampling=false", "data.synthetic_train_size=8"]
