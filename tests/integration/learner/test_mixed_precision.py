@@ -127,7 +127,7 @@ ENGINE_SCRIPT = textwrap.dedent(
     from actors.backends.base import GenRequest
     from actors.backends.vllm_backend import VLLMBackend
     from learner.batching import LeafSequence
-    from tests.integration.test_mixed_precision import _one_step
+    from tests.integration.learner.test_mixed_precision import _one_step
 
     model_dir, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(2)
@@ -184,7 +184,8 @@ def test_bf16_engine_receives_bf16_weights_and_matches_the_learner(tiny_model_di
     script = tmp_path / "engine_run.py"
     script.write_text(ENGINE_SCRIPT)
     out = tmp_path / "result.json"
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    path = os.pathsep.join([str(REPO), str(REPO / "tests" / "support")])  # this module imports paths
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="2", PYTHONPATH=path)
     done = subprocess.run(
         [sys.executable, str(script), str(tiny_model_dir), str(out)],
         cwd=REPO,
