@@ -2,12 +2,15 @@
 
 :func:`small_tree`: root -> 1 (v0) -> {2 (v1), 3 (v1)}; root -> 4 (v0); leaves 2, 3, 4 — three
 leaves of different depths and finish reasons, every segment with its own behaviour log-probs.
+:func:`wire_tree`: the same tree as it comes off the queue (epoch and timings set).
+:func:`deep_tree`: root -> 1 -> {2 -> {4, 5}, 3}, with a fallback and a restart counted.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from common.sampling_metrics import FALLBACKS_KEY, RESTARTS_KEY
 from common.tree import Leaf, Segment, Tree
 
 
@@ -27,3 +30,22 @@ def small_tree(last_leaf: Leaf | None = None, **tree_kw: Any) -> Tree:
     ]
     tree_kw = {"generator_id": 2, "metadata": {"answer": "7"}, **tree_kw}
     return Tree("t-1", "p-1", [1, 2, 3], segs, leaves, **tree_kw)
+
+
+def wire_tree() -> Tree:
+    """:func:`small_tree` with the epoch and timings a generator sets."""
+    return small_tree(metadata={"answer": "7", "epoch": 0}, timings={"gen_s": 0.5})
+
+
+def deep_tree() -> Tree:
+    """root -> 1 -> {2 -> {4, 5}, 3}; leaves 4 (depth 3), 5 (depth 3), 3 (depth 2); 2-token segments."""
+    segs = [
+        Segment(1, 0, 1, [1, 2], [0.0, 0.0], 0),
+        Segment(2, 1, 2, [3, 4], [0.0, 0.0], 0),
+        Segment(3, 1, 2, [5, 6], [0.0, 0.0], 0),
+        Segment(4, 2, 3, [7, 8], [0.0, 0.0], 0),
+        Segment(5, 2, 3, [9, 10], [0.0, 0.0], 0),
+    ]
+    leaves = [Leaf(4, "finished", 6), Leaf(5, "eos", 6), Leaf(3, "max_depth", 4)]
+    meta = {FALLBACKS_KEY: 2, RESTARTS_KEY: 1}
+    return Tree("t-deep", "p-deep", [0], segs, leaves, metadata=meta)

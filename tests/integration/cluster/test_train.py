@@ -6,35 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from run_configs import local_config as _cfg
 
 from cluster.local import train
-from common.config import load_config
 from common.errors import ConfigError
 
 pytestmark = pytest.mark.integration
-
-
-def _cfg(run_dir, model_dir, *extra):
-    return load_config(
-        None,
-        [
-            f"run_dir={run_dir}",
-            "driver=local",
-            "data.epochs=1",
-            f"model.path={model_dir}",
-            "generators.kv_cache_gib=0.25",
-            "generators.trees_in_flight=4",
-            "tree.w=4",
-            "learner.prompts_per_step=2",
-            "learner.mini_batch_prompts=2",
-            "algo.dynamic_sampling=false",
-            "eval.every_steps=0",
-            "log.progress=false",
-            "log.backends=[]",
-            "checkpoint.every_steps=1",
-            *extra,
-        ],
-    )
 
 
 def _trained(run_dir):

@@ -262,7 +262,7 @@ def test_local_driver_trains_checkpoints_and_resumes_with_lora(tmp_path, tiny_mo
     a third step whose merged weights reach the engine."""
     import json
 
-    from test_train import _cfg as local_cfg
+    from run_configs import local_config as local_cfg
     from transformers import AutoModelForCausalLM
 
     from cluster.local import train

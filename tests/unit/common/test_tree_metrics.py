@@ -4,25 +4,11 @@ fallbacks and token counts: exact values, and their combination over sources by 
 from __future__ import annotations
 
 import pytest
-from test_tree_wire import make_tree
+from trees import deep_tree, wire_tree
 
 from common.metrics import reduce_metrics
-from common.sampling_metrics import FALLBACKS_KEY, RESTARTS_KEY, SamplingStats, TreeTally, tree_metrics
+from common.sampling_metrics import SamplingStats, TreeTally, tree_metrics
 from common.tree import Leaf, Segment, Tree
-
-
-def deep_tree() -> Tree:
-    """root -> 1 -> {2 -> {4, 5}, 3}; leaves 4 (depth 3), 5 (depth 3), 3 (depth 2); 2-token segments."""
-    segs = [
-        Segment(1, 0, 1, [1, 2], [0.0, 0.0], 0),
-        Segment(2, 1, 2, [3, 4], [0.0, 0.0], 0),
-        Segment(3, 1, 2, [5, 6], [0.0, 0.0], 0),
-        Segment(4, 2, 3, [7, 8], [0.0, 0.0], 0),
-        Segment(5, 2, 3, [9, 10], [0.0, 0.0], 0),
-    ]
-    leaves = [Leaf(4, "finished", 6), Leaf(5, "eos", 6), Leaf(3, "max_depth", 4)]
-    meta = {FALLBACKS_KEY: 2, RESTARTS_KEY: 1}
-    return Tree("t-deep", "p-deep", [0], segs, leaves, metadata=meta)
 
 
 def test_exact_values_on_one_tree():
@@ -44,7 +30,7 @@ def test_exact_values_on_one_tree():
 
 def test_two_trees_pool_their_nodes_and_leaves():
     # make_tree: root -> 1 -> {2, 3}; root -> 4; leaves 2, 3 (depth 2), 4 (depth 1); 7 distinct, 9 flat
-    m = tree_metrics([deep_tree(), make_tree()])
+    m = tree_metrics([deep_tree(), wire_tree()])
     assert m["tree/leaf_depth_mean"] == pytest.approx((8 + 5) / 6)
     assert m["tree/leaf_depth/1"] == 1 and m["tree/leaf_depth/2"] == 3 and m["tree/leaf_depth/3"] == 2
     assert m["tree/branching/0"] == pytest.approx(3 / 2)  # 1 + 2 root children over two roots
@@ -62,9 +48,9 @@ def test_a_flat_tree_decodes_what_flat_sampling_does():
 
 
 def test_sources_combine_by_declared_reduction():
-    a, b = TreeTally().update([deep_tree()]), TreeTally().update([make_tree()])
+    a, b = TreeTally().update([deep_tree()]), TreeTally().update([wire_tree()])
     combined = reduce_metrics([a.metrics(), b.metrics()])
-    one = tree_metrics([deep_tree(), make_tree()])
+    one = tree_metrics([deep_tree(), wire_tree()])
     for key in ("tree/leaves", "tree/leaf_depth_mean", "tree/branching/0", "tree/branching/1"):
         assert combined[key] == pytest.approx(one[key]), key
     assert combined["tree/decoded_vs_flat"] == pytest.approx(one["tree/decoded_vs_flat"])

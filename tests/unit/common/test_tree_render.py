@@ -7,8 +7,7 @@ from __future__ import annotations
 from html.parser import HTMLParser
 
 import pytest
-from test_tree_metrics import deep_tree
-from test_tree_wire import make_tree
+from trees import deep_tree, wire_tree
 
 from common.tree_render import pick_trees, render_page, segment_nodes, write_tree_page
 
@@ -60,7 +59,7 @@ def parse(page: str) -> Outline:
 
 
 def test_every_segment_and_every_leaf_is_drawn_where_the_tree_has_it():
-    trees = [make_tree(), deep_tree()]
+    trees = [wire_tree(), deep_tree()]
     page = render_page(trees, [[1.0, -2.0, 0.5], None], decode, "step 3")
     p = parse(page)
     assert p.trees == ["t-1", "t-deep"]
@@ -75,7 +74,7 @@ def test_every_segment_and_every_leaf_is_drawn_where_the_tree_has_it():
 
 
 def test_segment_figures_are_the_means_of_the_leaves_below():
-    t = make_tree()  # leaves 2, 3 under node 1 (rewards 1, -1), leaf 4 alone (reward 1)
+    t = wire_tree()  # leaves 2, 3 under node 1 (rewards 1, -1), leaf 4 alone (reward 1)
     view = segment_nodes(t, [0.5, -1.5, 2.0], decode)
     (n1, n4) = view["children"][0]
     assert (n1["id"], n1["below"], n1["mean_reward"], n1["mean_advantage"]) == (1, [0, 1], 0.0, -0.5)
@@ -91,7 +90,7 @@ def test_segment_figures_are_the_means_of_the_leaves_below():
 
 
 def test_the_most_branched_trees_are_picked_and_written(tmp_path):
-    trees = [make_tree(), deep_tree(), make_tree()]
+    trees = [wire_tree(), deep_tree(), wire_tree()]
     assert pick_trees(trees, 1) == [1] and pick_trees(trees, 2) == [0, 1] and pick_trees(trees, 0) == []
     out = write_tree_page(tmp_path / "trees" / "step-2.html", trees, None, decode, "step 2", n=1)
     assert parse(out.read_text()).trees == ["t-deep"]

@@ -7,18 +7,14 @@ import math
 import msgpack
 import numpy as np
 import pytest
-from trees import small_tree
+from trees import wire_tree
 
 from common.errors import WireError
 from common.tree import SCHEMA_VERSION, Tree, decode_tree, encode_tree
 
 
-def make_tree() -> Tree:
-    return small_tree(metadata={"answer": "7", "epoch": 0}, timings={"gen_s": 0.5})
-
-
 def test_paths_and_responses():
-    t = make_tree()
+    t = wire_tree()
     assert t.leaf_paths() == [[1, 2], [1, 3], [4]]
     assert t.response_ids(t.leaves[1]).tolist() == [10, 11, 13, 14, 15]
     np.testing.assert_allclose(t.response_logprobs(t.leaves[0]), [-0.5, -0.25, -1.0])
@@ -29,7 +25,7 @@ def test_paths_and_responses():
 
 
 def test_round_trip_is_exact():
-    t = make_tree()
+    t = wire_tree()
     back = decode_tree(encode_tree(t))
     assert back.tree_id == t.tree_id and back.prompt_id == t.prompt_id and back.generator_id == 2
     assert back.prompt_ids.tolist() == [1, 2, 3]
@@ -44,7 +40,7 @@ def test_round_trip_is_exact():
 
 
 def test_unscored_reward_survives_as_nan():
-    t = make_tree()
+    t = wire_tree()
     t.leaves[0].reward = math.nan
     t.leaves[0].correct = None
     back = decode_tree(encode_tree(t))
@@ -87,7 +83,7 @@ def _pack(obj) -> bytes:
     ],
 )
 def test_malformed_entries_are_rejected_with_a_reason(mutate, reason):
-    p = _payload(make_tree())
+    p = _payload(wire_tree())
     mutate(p)
     with pytest.raises(WireError, match=reason):
         decode_tree(_pack(p))
@@ -98,18 +94,18 @@ def test_garbage_and_size_limit():
         decode_tree(b"\xc1\xc1\xc1")
     with pytest.raises(WireError, match="not a map"):
         decode_tree(_pack([1, 2, 3]))
-    data = encode_tree(make_tree())
+    data = encode_tree(wire_tree())
     with pytest.raises(WireError, match="exceeds"):
         decode_tree(data, max_bytes=len(data) - 1)
     assert decode_tree(data, max_bytes=len(data)).tree_id == "t-1"
 
 
 def test_encode_refuses_an_invalid_tree():
-    t = make_tree()
+    t = wire_tree()
     t.leaves[0].length = 99
     with pytest.raises(WireError):
         encode_tree(t)
 
 
 def test_schema_version_is_written():
-    assert _payload(make_tree())["schema"] == SCHEMA_VERSION
+    assert _payload(wire_tree())["schema"] == SCHEMA_VERSION

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from test_tree_wire import make_tree
+from trees import wire_tree
 
 from common.errors import WireError
 from learner.selection import (
@@ -25,8 +25,8 @@ from learner.selection import (
 
 
 def _tree(tree_id: str, rewards: list[float], version_shift: int = 0, correct: list[bool] | None = None):
-    """``make_tree``'s three leaves with these rewards and verdicts (default: reward > 0)."""
-    t = make_tree()
+    """``wire_tree``'s three leaves with these rewards and verdicts (default: reward > 0)."""
+    t = wire_tree()
     t.tree_id = tree_id
     for leaf, r, c in zip(t.leaves, rewards, correct or [r > 0 for r in rewards]):
         leaf.reward, leaf.correct = r, c
@@ -35,7 +35,7 @@ def _tree(tree_id: str, rewards: list[float], version_shift: int = 0, correct: l
 
 
 def test_a_leaf_is_as_stale_as_the_oldest_segment_on_its_path():
-    t = make_tree()  # leaf 2's path holds versions 0 and 1, leaf 3's too, leaf 4's only 0
+    t = wire_tree()  # leaf 2's path holds versions 0 and 1, leaf 3's too, leaf 4's only 0
     assert leaf_staleness_L(t, 3) == [3, 3, 3]
     assert tree_staleness(t, 3) == 3
     hist: dict[int, int] = {}

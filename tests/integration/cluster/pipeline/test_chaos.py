@@ -17,7 +17,6 @@ controller crashes raised from patched controller methods); everything else is t
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -25,6 +24,7 @@ import threading
 import time
 
 import pytest
+from pipeline_runs import audit_rows, finish, metrics_rows, run_in_thread, trained_prompts, wait_for_step
 from poison import poison_entries
 from ray_nodes import in_process_ray, small_pipeline_overrides
 
@@ -78,21 +78,13 @@ def _cfg(run_dir, model_dir, server, *extra):
     )
 
 
-def _rows(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "trained_trees.jsonl").read_text().splitlines()]
-
-
-def _last_metrics(run_dir) -> dict:
-    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-
-
 def _trained_once(run_dir, n_prompts: int) -> tuple[int, int]:
     """(prompts lost, prompts trained twice) by the audit trail; its steps are 1..N, versions rise."""
-    rows = _rows(run_dir)
+    rows = audit_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     versions = [r["version"] for r in rows]
     assert versions == sorted(set(versions)), f"a policy version was reused: {versions}"
-    prompts = [t.split("@")[0] for r in rows for t in r["trees"]]
+    prompts = trained_prompts(rows)
     twice = len(prompts) - len(set(prompts))
     return n_prompts - len(set(prompts)), twice
 
@@ -115,39 +107,6 @@ def _queue_is_clean(server, run_dir, n_prompts: int) -> None:
         q.close()
 
 
-def _run_in_thread(run_pipeline, cfg) -> tuple[threading.Thread, dict]:
-    result: dict = {}
-
-    def target():
-        try:
-            result["rc"] = run_pipeline(cfg)
-        except BaseException as e:  # re-raised or inspected by the test
-            result["error"] = e
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    return th, result
-
-
-def _wait_for_step(run_dir, step: int, th, timeout_s: float = 240) -> None:
-    deadline = time.time() + timeout_s
-    path = run_dir / "trained_trees.jsonl"
-    while time.time() < deadline and th.is_alive():
-        if path.exists() and len(path.read_text().splitlines()) >= step:
-            return
-        time.sleep(0.3)
-    assert th.is_alive(), "the pipeline ended early"
-    raise AssertionError(f"step {step} not reached in {timeout_s} s")
-
-
-def _finish(th, result, timeout_s: float = 300) -> None:
-    th.join(timeout=timeout_s)
-    assert not th.is_alive(), "the pipeline did not finish"
-    if "error" in result:
-        raise result["error"]
-    assert result["rc"] == 0
-
-
 def test_generator_loop_failure_and_hang_restart_the_generator(
     tmp_path, tiny_model_dir, ray_chaos, redis_aof, fault_dir
 ):
@@ -157,16 +116,16 @@ def test_generator_loop_failure_and_hang_restart_the_generator(
 
     run = tmp_path / "run"
     (fault_dir / "loop_error-0").touch()
-    th, result = _run_in_thread(
+    th, result = run_in_thread(
         run_pipeline,
         _cfg(run, tiny_model_dir, redis_aof, "learner.total_steps=4", "data.synthetic_train_size=8"),
     )
-    _wait_for_step(run, 1, th)
+    wait_for_step(run, 1, th)
     (fault_dir / "hang-0").touch()
-    _finish(th, result)
+    finish(th, result)
     lost, twice = _trained_once(run, 8)
     assert (lost, twice) == (0, 0)
-    m = _last_metrics(run)
+    m = metrics_rows(run)[-1]
     assert m["pipeline/loop_failures"] >= 1 and m["pipeline/hangs"] >= 1, m
     assert not list(fault_dir.iterdir()), "a fault was not injected"
     _queue_is_clean(redis_aof, run, 8)
@@ -360,7 +319,7 @@ def test_chaos(seed, tmp_path, tiny_model_dir, ray_chaos, redis_aof, fault_dir, 
     )
     assert (lost, twice) == (0, 0)
     assert kills >= 1
-    rows = _rows(run)
+    rows = audit_rows(run)
     assert not any(t.startswith("poison-") for r in rows for t in r["trees"])
     from common.keys import run_name_for
     from common.replay import ReplayQueue

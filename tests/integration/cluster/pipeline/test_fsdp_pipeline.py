@@ -9,9 +9,8 @@ The refusal that remains: FSDP2 without the pipeline's process group (``driver=l
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from pipeline_runs import audit_rows, metrics_rows
 from ray_nodes import in_process_ray, small_pipeline_overrides
 
 from common.config import load_config
@@ -63,16 +62,16 @@ def test_fsdp_pipeline_on_cpu_trains_checkpoints_sharded_and_resumes(
 
     run = tmp_path / "run"
     assert run_pipeline(_cfg(run, tiny_model_dir, redis_server, monkeypatch, "learner.total_steps=2")) == 0
-    rows = [json.loads(x) for x in (run / "trained_trees.jsonl").read_text().splitlines()]
+    rows = audit_rows(run)
     assert [r["step"] for r in rows] == [1, 2]
     ckpt = require_checkpoint(run / "checkpoints")
     assert ckpt.sharded, "FSDP2 ranks save master weights and optimizer state with DCP"
-    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = metrics_rows(run)
     assert metrics[-1]["generator/version"] >= 1  # the sharded learner's weights reached the engine
 
     cfg = _cfg(run, tiny_model_dir, redis_server, monkeypatch, "learner.total_steps=3", "resume=true")
     assert run_pipeline(cfg) == 0
-    rows = [json.loads(x) for x in (run / "trained_trees.jsonl").read_text().splitlines()]
+    rows = audit_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     ids = [t.split("@")[0] for r in rows for t in r["trees"]]
     assert len(ids) == len(set(ids)) == 6, "a prompt was lost or trained twice"

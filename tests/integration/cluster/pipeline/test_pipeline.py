@@ -9,11 +9,10 @@ pure functions in ``tests/unit/common/test_schedule.py``.
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 
 import pytest
+from pipeline_runs import audit_rows, finish, metrics_rows, run_in_thread, trained_prompts, wait_for_step
 from ray_nodes import in_process_ray, small_pipeline_overrides
 
 from common.config import load_config
@@ -43,49 +42,21 @@ def _queue_cfg(redis_server, monkeypatch):
     return [f"queue.url={redis_server.url}", f"queue.password_env={PW_ENV}"]
 
 
-def _trained(run_dir):
-    return [json.loads(line) for line in (run_dir / "trained_trees.jsonl").read_text().splitlines()]
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _finished_with_every_prompt_once(th, result: dict, run, after: str) -> list[dict]:
     """Wait for a 4-step run started by :func:`_run_until_first_step`; check that it succeeded and
     trained each of its 8 prompts exactly once; return its metrics."""
-    th.join(timeout=300)
-    assert not th.is_alive(), f"the pipeline did not finish after {after}"
-    if "error" in result:
-        raise result["error"]
-    assert result["rc"] == 0
-    rows = _trained(run)
+    finish(th, result, after=after)
+    rows = audit_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    prompts = [t.split("@")[0] for r in rows for t in r["trees"]]
+    prompts = trained_prompts(rows)
     assert len(prompts) == len(set(prompts)) == 8, "a prompt was lost or trained twice"
-    return _metrics(run)
+    return metrics_rows(run)
 
 
 def _run_until_first_step(run_pipeline, cfg, run_dir, timeout_s: float = 240.0):
-    """Start the pipeline in a thread and return (thread, result) once step 1 is trained; ``result``
-    gets ``rc`` or the ``error`` the caller re-raises."""
-    result: dict = {}
-
-    def target():
-        try:
-            result["rc"] = run_pipeline(cfg)
-        except BaseException as e:  # re-raised in the test thread
-            result["error"] = e
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    deadline = time.time() + timeout_s
-    path = run_dir / "trained_trees.jsonl"
-    while time.time() < deadline and th.is_alive():
-        if path.exists() and path.read_text().strip():
-            break
-        time.sleep(0.5)
-    assert th.is_alive(), result
+    """Start the pipeline in a thread and return (thread, result) once step 1 is trained."""
+    th, result = run_in_thread(run_pipeline, cfg)
+    wait_for_step(run_dir, 1, th, timeout_s)
     return th, result
 
 
@@ -130,12 +101,12 @@ def test_synchronous_pipeline_trains_every_prompt_once_on_fresh_weights(
         *_queue_cfg(redis_server, monkeypatch),
     )
     assert run_pipeline(cfg) == 0
-    rows = _trained(run)
+    rows = audit_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["version"] for r in rows] == [1, 2, 3]
     ids = [t for r in rows for t in r["trees"]]
     assert len(ids) == len(set(ids)) == 6, "every prompt of the epoch is trained exactly once"
-    m = _metrics(run)
+    m = metrics_rows(run)
     assert [x["step"] for x in m] == [0, 1, 2, 3]
     # held-out evaluation at the start and at step 3, on the generator's engine with the newest weights
     assert 0.0 <= m[0]["eval/accuracy"] <= 1.0 and m[0]["eval/version"] == 0
@@ -223,18 +194,18 @@ def test_resume_after_controller_crash_loses_no_tree(
     monkeypatch.setattr(Controller, "learn", crash_on_third_step)
     with pytest.raises(RuntimeError, match="injected"):
         run_pipeline(_cfg(run, tiny_model_dir, "learner.total_steps=4", "checkpoint.every_steps=2", *q))
-    assert [r["step"] for r in _trained(run)] == [1, 2]
+    assert [r["step"] for r in audit_rows(run)] == [1, 2]
     monkeypatch.setattr(Controller, "learn", original)
 
     assert run_pipeline(_cfg(run, tiny_model_dir, "learner.total_steps=4", "resume=true", *q)) == 0
-    rows = _trained(run)
+    rows = audit_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert sorted(rows[2]["trees"]) == crashed["ids"], (
         "the unacknowledged trees were not trained after resume"
     )
     ids = [t for r in rows for t in r["trees"]]
     assert len(ids) == len(set(ids)) == 8, "a tree was trained twice"
-    assert [x["step"] for x in _metrics(run)] == [1, 2, 3, 4], "metrics after the resume were lost"
+    assert [x["step"] for x in metrics_rows(run)] == [1, 2, 3, 4], "metrics after the resume were lost"
 
 
 @pytest.mark.slow
