@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.data.files import BadRows, DataReport, sources_of
+from common.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +148,34 @@ def _answer_key_for(rec: Any, answer_key: str, source: str) -> str:
     if isinstance(rec, dict) and "answer" not in rec and dig(rec, VERL_ANSWER_KEY) is not _MISSING:
         if source not in _ANNOUNCED:
             _ANNOUNCED.add(source)
-            log.info(
-                "%s: verl layout (no 'answer'; answers from %s, chat-message prompts, data_source and "
+            log.warning(
+                "%s: read in verl layout (no 'answer'; answers from %s, chat-message prompts, data_source and "
                 "extra_info kept for the reward); set data.answer_key to choose another column",
                 source,
                 VERL_ANSWER_KEY,
             )
         return VERL_ANSWER_KEY
     return "answer"
+
+
+def _check_columns(source: str, records: list, needed: dict[str, str]) -> None:
+    """Refuse a file in which no record has one of the ``needed`` columns ({config key: column}): the
+    config names columns the file does not have, so every row would be skipped one by one."""
+    objects = [rec for _row, rec, error in records if error is None and isinstance(rec, dict)]
+    if not objects:
+        return
+    absent = {k: c for k, c in needed.items() if all(dig(rec, c) is _MISSING for rec in objects)}
+    if not absent:
+        return
+    columns: dict[str, None] = {}
+    for rec in objects[:100]:
+        columns.update(dict.fromkeys(map(str, rec)))
+    what = " and ".join(f"{c!r} ({k})" for k, c in absent.items())
+    raise DataError(
+        f"{source}: no row has the column {what}; the file's columns are {', '.join(columns) or 'none'}: "
+        f"set {' and '.join(f'{k}=<column>' for k in absent)} to the column that holds it "
+        "(a dotted path reaches a nested field, e.g. data.answer_key=reward_model.ground_truth)"
+    )
 
 
 def load_rows(
@@ -172,12 +193,18 @@ def load_rows(
     bad = BadRows(str(p), bad_rows)
     rows = PromptRows()
     first_seen: dict[str, str] = {}
-    for source, records in sources:
+    for source, source_records in sources:
         name, key = Path(source).name, None
+        records = list(source_records)  # a file's records are checked for its columns first
+        first = next((rec for _r, rec, err in records if err is None and isinstance(rec, dict)), None)
+        if first is not None:
+            key = _answer_key_for(first, answer_key, source)
+            needed = {"data.prompt_key": prompt_key} if "prompt" in required else {}
+            if "answer" in required:
+                needed["data.answer_key"] = key
+            _check_columns(source, records, needed)
         for row_no, rec, error in records:
             bad.report.total += 1
-            if key is None and isinstance(rec, dict):
-                key = _answer_key_for(rec, answer_key, source)
             if error is None:
                 fields, error = _check_row(rec, required, prompt_key, key or answer_key)
             if error is not None:

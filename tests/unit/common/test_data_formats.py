@@ -74,7 +74,8 @@ def test_verl_parquet_out_of_the_box(tmp_path, chat_tokenizer, caplog):
     with caplog.at_level(logging.INFO, logger="common.data"):
         rows = load_rows(path, bad_rows="reject")
         load_rows(path, bad_rows="reject")  # said once per file
-    assert sum("verl layout" in r.getMessage() for r in caplog.records) == 1
+    # said once per file, at warning level: the console of a quiet run shows it
+    assert [r.levelno for r in caplog.records if "verl layout" in r.getMessage()] == [logging.WARNING]
     assert [r.answer for r in rows] == ["1", "2", "3"]
     assert rows[0].id == "dapo.parquet:1"
     assert rows[0].prompt == [{"role": "user", "content": "What is 0 + 1?"}]
@@ -166,7 +167,7 @@ def test_named_and_dotted_keys(tmp_path):
     assert rows.report.bad[0].reason == "missing meta.gold"
     # an explicit key is used as given, never replaced by the detection
     verl = write_parquet(tmp_path / "v.parquet", verl_rows(2))
-    with pytest.raises(DataError, match="missing answer"):
+    with pytest.raises(DataError, match=r"no row has the column 'answer' \(data.answer_key\)"):
         load_rows(verl, answer_key="answer")
     assert [r.answer for r in load_rows(verl, answer_key="extra_info.index")] == ["0", "1"]
 
@@ -318,3 +319,26 @@ def test_nested_metadata_travels_as_one_json_string(tmp_path):
         back["extra_info"] == {"index": 0, "split": "train"} and back["reward_model"]["ground_truth"] == "1"
     )
     assert full_metadata({"a": 1}) == {"a": 1}
+
+
+def test_a_file_without_the_configured_columns_is_refused_with_its_columns(tmp_path, caplog):
+    """A parquet whose columns are not the configured keys: one error listing the file's columns and
+    the keys to set, before any row is reported bad (no line per row)."""
+    path = write_parquet(
+        tmp_path / "q.parquet",
+        [{"question_text": f"What is {i}+1?", "solution": str(i + 1)} for i in range(12)],
+    )
+    with caplog.at_level(logging.WARNING, logger="common.data"), pytest.raises(DataError) as e:
+        load_rows(path)
+    msg = str(e.value)
+    assert "'prompt' (data.prompt_key)" in msg and "'answer' (data.answer_key)" in msg
+    assert "columns are question_text, solution" in msg
+    assert "data.prompt_key=<column> and data.answer_key=<column>" in msg
+    assert not [r for r in caplog.records if "skipping bad row" in r.getMessage()]
+    # only the answer column is wrong: only data.answer_key is named
+    path = write_parquet(tmp_path / "a.parquet", [{"prompt": "2+2?", "solution": "4"}])
+    with pytest.raises(DataError, match=r"column 'answer' \(data.answer_key\); .*set data.answer_key="):
+        load_rows(path)
+    # the configured keys fix it
+    rows = load_rows(path, answer_key="solution")
+    assert [r.answer for r in rows] == ["4"]
