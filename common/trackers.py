@@ -5,11 +5,15 @@
 (``pip install 'treepo[trackers]'`` brings W&B and MLflow). Both drivers log through
 :func:`open_trackers`, so every tracker sees the same keys at the same steps.
 
-- **W&B**: project/entity/group/tags from ``log.wandb``; the API key comes from ``WANDB_API_KEY``
-  only (never from a config file); ``WANDB_MODE=offline`` logs into ``<run_dir>/wandb`` with no
-  network (``wandb sync`` uploads later). Every row carries ``train/step`` as its x-axis, so a resumed
+- **W&B**: project/entity/group/tags from ``log.wandb``, the flattened config as the run's config;
+  the credentials are the client's own (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE`` or the key
+  ``wandb login`` stored), never a config file, and are looked up when the config is validated
+  (:func:`check_wandb_credentials`), before anything starts; ``WANDB_MODE=offline`` logs into
+  ``<run_dir>/wandb`` with no network (``wandb sync`` uploads later). A quiet console
+  (``log.level=warning``) gets none of the client's own lines. Every row carries ``train/step`` as its x-axis, so a resumed
   run that redoes steps after its checkpoint never fights W&B's monotonic internal step.
-- **MLflow**: ``log.mlflow.tracking_uri`` names a server or a file store; a file store needs no server
+- **MLflow**: the flattened config as the run's params (filter and compare runs by any key), the
+  resolved ``config.yaml`` as an artifact; ``log.mlflow.tracking_uri`` names a server or a file store; a file store needs no server
   (MLflow 3 only writes one when ``MLFLOW_ALLOW_FILE_STORE`` is set, which a ``file:`` URI sets).
   Metric names may not hold ``@``: ``eval/mean@4`` is logged as ``eval/mean_at_4``.
 - The W&B and MLflow run ids are kept in ``<run_dir>/trackers.json``: ``--resume`` continues the same
@@ -18,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,11 +31,13 @@ import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from common.config import TrainConfig
 from common.errors import ConfigError
 from common.metrics import MetricsLog
+
+if TYPE_CHECKING:  # config validation imports this module (the W&B credential check)
+    from common.config import TrainConfig
 
 IDS_FILE = "trackers.json"
 ROLLOUTS_FILE = "rollouts.jsonl"
@@ -143,17 +150,50 @@ def rollout_rows(step: int, records: list[dict[str, Any]]) -> list[list[Any]]:
     ]
 
 
+WANDB_OFFLINE_MODES = ("offline", "disabled", "dryrun")
+WANDB_SERVER = "https://api.wandb.ai"
+
+
+def wandb_credentials() -> str | None:
+    """Where the W&B client will find its credentials, by its own lookup: ``WANDB_API_KEY``,
+    ``WANDB_IDENTITY_TOKEN_FILE``, or the key ``wandb login`` stored in the netrc file for the server
+    (``WANDB_BASE_URL``); None if nowhere."""
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(var):
+            return var
+    _import("wandb", "wandb")
+    # the client's own netrc reader (the file `wandb login` writes; NETRC names another one)
+    from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+
+    host = os.environ.get("WANDB_BASE_URL") or WANDB_SERVER
+    try:
+        key = read_netrc_auth(host=host)
+    except Exception as e:  # a key in the file that the client would refuse
+        raise ConfigError(
+            f"log.backends has wandb but the W&B key stored for {host} is not valid ({e}): "
+            "run `wandb login --relogin`"
+        ) from None
+    return "netrc" if key else None
+
+
+def check_wandb_credentials() -> None:
+    """Refuse W&B online logging that would fail at start for want of credentials (offline modes and
+    the client's own credential sources pass)."""
+    if os.environ.get("WANDB_MODE", "online") in WANDB_OFFLINE_MODES or wandb_credentials():
+        return
+    raise ConfigError(
+        "log.backends has wandb but no W&B credentials were found: run `wandb login` or export "
+        "WANDB_API_KEY=<your key> (WANDB_API_KEY is not set), or WANDB_MODE=offline to log locally and "
+        "`wandb sync` later"
+    )
+
+
 class WandbTracker:
     """A W&B run in ``<run_dir>/wandb``; metrics against ``train/step``; rollouts as a table."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, run_id: str | None, quiet: bool) -> None:
         wandb = _import("wandb", "wandb")
-        mode = os.environ.get("WANDB_MODE", "online")
-        if mode not in ("offline", "disabled", "dryrun") and not os.environ.get("WANDB_API_KEY"):
-            raise ConfigError(
-                "log.backends has wandb but WANDB_API_KEY is not set: export WANDB_API_KEY=<your key> (the key is "
-                "read from the environment only), or WANDB_MODE=offline to log locally and `wandb sync` later"
-            )
+        check_wandb_credentials()
         w = cfg.log.wandb
         self.wandb = wandb
         self.run = wandb.init(
@@ -166,7 +206,7 @@ class WandbTracker:
             resume="allow",
             dir=str(run_dir),
             config=_flat_config(cfg),
-            settings=wandb.Settings(console="off", quiet=quiet),
+            settings=wandb.Settings(console="off", quiet=quiet, silent=quiet),
         )
         self.run.define_metric("train/step")
         self.run.define_metric("*", step_metric="train/step")
@@ -199,6 +239,9 @@ def mlflow_uri(cfg: TrainConfig, run_dir: Path) -> str:
     return uri
 
 
+MLFLOW_PARAM_CHARS = 6000
+
+
 class MlflowTracker:
     """An MLflow run (client API, no global state): metrics by step, the resolved config and the
     rollouts as artifacts."""
@@ -218,9 +261,22 @@ class MlflowTracker:
         if self.id is None:
             run = self.client.create_run(exp_id, run_name=cfg.run_name or Path(cfg.run_dir).name)
             self.id = run.info.run_id
+            self._log_params(cfg)  # once: a resume may change keys (resume, total_steps), params are fixed
             config = Path(run_dir) / "config.yaml"
             if config.exists():
                 self.client.log_artifact(self.id, str(config))
+
+    def _log_params(self, cfg: TrainConfig) -> None:
+        """The flattened config as run params (MLflow's limits: 100 a batch, values of 6000 chars)."""
+        from mlflow.entities import Param
+
+        params = [
+            Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+            for k, v in _flat_config(cfg).items()
+        ]
+        params = [Param(p.key, p.value[:MLFLOW_PARAM_CHARS]) for p in params]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.id, params=params[i : i + 100])
 
     def _exists(self, run_id: str) -> bool:
         try:
@@ -247,8 +303,6 @@ class MlflowTracker:
 
 def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
     """The resolved config as ``{"tree.w": 8, ...}`` (the trackers' run parameters)."""
-    import dataclasses
-
     out: dict[str, Any] = {}
 
     def walk(obj: Any, prefix: str) -> None:

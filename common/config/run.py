@@ -113,8 +113,9 @@ class LogConfig:
     backends: list = doc(
         ["tensorboard"],
         "Experiment trackers besides metrics.jsonl (always written): any of tensorboard, wandb, mlflow "
-        "(their client libraries are the 'trackers' extra). W&B reads its API key from WANDB_API_KEY only "
-        "(or WANDB_MODE=offline); the W&B and MLflow run ids are kept in the run directory, so --resume "
+        "(their client libraries are the 'trackers' extra). W&B uses the client's own credentials (`wandb login` "
+        "or WANDB_API_KEY, checked when the config is validated; or WANDB_MODE=offline); MLflow gets the "
+        "config as run params; the W&B and MLflow run ids are kept in the run directory, so --resume "
         "continues the same runs.",
     )
     wandb: WandbConfig = nested(WandbConfig, "Weights & Biases.")
@@ -149,3 +150,9 @@ class LogConfig:
             )
         if len(set(backends)) != len(backends):
             raise ConfigError(f"log.backends={backends} names a tracker twice: list each once")
+        if "wandb" in backends:
+            # the client's own credential lookup, now rather than when the run has started (lazy: it
+            # imports the W&B client, which configs that do not list wandb never need)
+            from common.trackers import check_wandb_credentials
+
+            check_wandb_credentials()

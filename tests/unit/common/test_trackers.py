@@ -149,12 +149,40 @@ def test_wandb_offline_writes_the_run_and_resume_continues_it(tmp_path, wandb_of
     assert json.loads((tmp_path / "fresh" / IDS_FILE).read_text())["wandb"] != run_id
 
 
-def test_wandb_online_without_an_api_key_is_refused(tmp_path, monkeypatch):
+@pytest.fixture
+def wandb_online(monkeypatch, tmp_path):
+    """Online W&B with no credentials anywhere: no key variables, an empty netrc file."""
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "online")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    with pytest.raises(ConfigError, match="WANDB_API_KEY is not set"):
-        open_trackers(_cfg(tmp_path, "log.backends=[wandb]"))
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("")
+    monkeypatch.setenv("NETRC", str(netrc))
+    return netrc
+
+
+def test_wandb_online_without_credentials_is_refused_when_the_config_is_validated(tmp_path, wandb_online):
+    with pytest.raises(ConfigError, match=r"no W&B credentials.*run `wandb login` or export WANDB_API_KEY"):
+        _cfg(tmp_path, "log.backends=[wandb]")  # load_config validates: before anything starts
+    assert not (tmp_path / "wandb").exists()
+    _cfg(tmp_path, "log.backends=[tensorboard]")  # only a config that lists wandb looks
+
+
+def test_a_wandb_login_credential_is_accepted(tmp_path, wandb_online, monkeypatch):
+    """The key `wandb login` writes (a netrc entry for the server) is found by the client's own lookup,
+    also for a server of WANDB_BASE_URL; a key the client would refuse is reported at once."""
+    from common.trackers import wandb_credentials
+
+    wandb_online.write_text(f"machine api.wandb.ai\n  login user\n  password {'a' * 40}\n")
+    assert wandb_credentials() == "netrc"
+    _cfg(tmp_path, "log.backends=[wandb]")  # validates
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    assert wandb_credentials() is None  # the stored key is for another server
+    wandb_online.write_text(f"machine wandb.example.com\n  login user\n  password {'b' * 40}\n")
+    assert wandb_credentials() == "netrc"
+    monkeypatch.setenv("WANDB_API_KEY", "c" * 40)
+    assert wandb_credentials() == "WANDB_API_KEY"
 
 
 def test_a_missing_client_library_names_the_extra(tmp_path, monkeypatch):
@@ -173,7 +201,8 @@ def test_mlflow_file_store_needs_no_server_and_resume_continues_the_run(tmp_path
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     (tmp_path / "config.yaml").write_text("seed: 0\n")
-    _log_two_steps(_cfg(tmp_path, "log.backends=[mlflow]", "log.mlflow.experiment=exp1"))
+    run_cfg = _cfg(tmp_path, "log.backends=[mlflow]", "log.mlflow.experiment=exp1")
+    _log_two_steps(run_cfg)
     run_id = json.loads((tmp_path / IDS_FILE).read_text())["mlflow"]
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     run = client.get_run(run_id)
@@ -186,6 +215,13 @@ def test_mlflow_file_store_needs_no_server_and_resume_continues_the_run(tmp_path
     assert [m.value for m in client.get_metric_history(run_id, "eval/mean_at_4")] == [0.25]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "rollouts"} <= artifacts
+    params = run.data.params  # the flattened config: runs filter and compare by any key
+    assert (params["tree.w"], params["log.mlflow.experiment"], params["log.backends"]) == (
+        "8",
+        "exp1",
+        '["mlflow"]',
+    )
+    assert params["algo.max_staleness"] == str(run_cfg.algo.max_staleness) and len(params) > 100
 
     _log_two_steps(
         _cfg(tmp_path, "log.backends=[mlflow]", "log.mlflow.experiment=exp1", "resume=true"), first=3
