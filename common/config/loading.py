@@ -122,6 +122,9 @@ def _merge(base: DictConfig, other: DictConfig, origin: str) -> DictConfig:
 
 
 def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``key=value`` items as a config. Hydra's ``+key=value`` / ``++key=value`` are taken as
+    ``key=value``: every key exists in the schema already, and an unknown one is refused by name."""
+    overrides = [item.lstrip("+") if item.startswith("+") else item for item in overrides]
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not key=value: write e.g. tree.w=16")

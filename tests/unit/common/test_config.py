@@ -130,6 +130,15 @@ def test_override_without_equals():
         load_config(None, ["tree.w"])
 
 
+def test_hydra_style_plus_overrides_are_plain_overrides():
+    """``+key=value`` / ``++key=value`` (Hydra's add / force) set an existing key like ``key=value``;
+    an unknown key is refused by its own name, not as '+...'."""
+    assert load_config(None, ["+tree.w=4", "++learner.lr=0.5"]).tree.w == 4
+    assert load_config(None, ["++learner.lr=0.5"]).learner.lr == 0.5
+    with pytest.raises(ConfigError, match=r"unknown key 'tree.width'"):
+        load_config(None, ["+tree.width=4"])
+
+
 def test_preset_then_override_precedence(tmp_path):
     p = tmp_path / "p.yaml"
     p.write_text("tree:\n  w: 4\n  root_divergence_max: 2\nlearner:\n  lr: 0.5\n")
