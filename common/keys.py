@@ -9,8 +9,11 @@ somewhere new for every job).
   (:mod:`common.replay`).
 - ``prompts:meta``, ``prompts:cursor``, ``prompts:retry``, ``prompts:generators``,
   ``prompts:inflight:<generator>``: prompt dispatch (:mod:`common.prompts`).
-- ``pipeline:dropped``: the controller's count of discarded trees, the ``D`` of the admission rule
-  (:mod:`common.schedule`).
+- ``prompts:reissued`` (queue entry id -> prompt position, until the entry is acknowledged) and
+  ``pipeline:reissued_stale`` (counter): the prompts of trees dropped for staleness, re-issued once
+  per entry (:meth:`common.prompts.PromptDispatcher.reissue`).
+- ``pipeline:dropped``: the controller's count of discarded trees whose prompt is used up (dynamic
+  sampling), the ``D`` of the admission rule (:mod:`common.schedule`).
 - ``pipeline:version``: the highest policy version ever published, so a resumed run numbers its
   versions past every version a queued tree may carry.
 """
@@ -44,6 +47,8 @@ _NAMES = {
     "prompts_cursor": "prompts:cursor",
     "prompts_retry": "prompts:retry",
     "prompts_generators": "prompts:generators",
+    "prompts_reissued": "prompts:reissued",
+    "reissued_stale": "pipeline:reissued_stale",
     "dropped": "pipeline:dropped",
     "version": "pipeline:version",
 }
@@ -62,6 +67,8 @@ class RunKeys:
     prompts_cursor: str = field(init=False)
     prompts_retry: str = field(init=False)
     prompts_generators: str = field(init=False)
+    prompts_reissued: str = field(init=False)
+    reissued_stale: str = field(init=False)
     dropped: str = field(init=False)
     version: str = field(init=False)
 

@@ -17,6 +17,10 @@ mapping needs no shared state beyond the cursor.
   generator restarted under the same id calls it for itself first. :meth:`requeue_older_than` does
   the same for prompts in flight too long (a hung generator, or a claim whose reply was lost and
   retried by the client, which leaves prompts recorded that nobody works on).
+- :meth:`reissue` puts the prompt of a tree the controller dropped for staleness back on the retry
+  list, at most once per queue entry: the entry id is recorded with it in one script, so an entry
+  re-delivered after a crash (it stays pending until the checkpoint that covers it) re-issues
+  nothing again. :meth:`forget_reissued` drops the records of acknowledged entries.
 
 State lives under the run's ``prompts:*`` keys (:class:`common.keys.RunKeys`) and persists with
 Redis's AOF, so a resumed run continues where it stopped; :meth:`state` is a JSON-able snapshot for checkpoints. The dataset size,
@@ -84,6 +88,13 @@ if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
   return redis.call('XADD', KEYS[2], '*', ARGV[3], ARGV[2], ARGV[5], ARGV[4])
 end
 return false
+"""
+
+_REISSUE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('INCR', KEYS[3])
+return 1
 """
 
 _META = """
@@ -161,11 +172,14 @@ class PromptDispatcher:
             "cursor": self.run_keys.prompts_cursor,
             "retry": self.run_keys.prompts_retry,
             "generators": self.run_keys.prompts_generators,
+            "reissued": self.run_keys.prompts_reissued,
+            "reissued_count": self.run_keys.reissued_stale,
         }
         self._claim = client.register_script(_CLAIM)
         self._requeue = client.register_script(_REQUEUE)
         self._requeue_some = client.register_script(_REQUEUE_SOME)
         self._push_done = client.register_script(_PUSH_DONE)
+        self._reissue = client.register_script(_REISSUE)
         digest = hashlib.sha256("\n".join(self.prompt_ids).encode()).hexdigest()
         n, s, d = self._call(
             client.register_script(_META),
@@ -263,6 +277,28 @@ class PromptDispatcher:
                 args=[str(p) for p in orphans],
             )
         )
+
+    def reissue(self, entry_id: str, epoch: int, prompt_id: str) -> bool:
+        """Re-issue the prompt of the tree in queue entry ``entry_id`` (dropped for staleness): onto
+        the retry list, once per entry. False when this entry's prompt was re-issued before."""
+        pos = self.position_of(epoch, prompt_id)
+        keys = [self.keys["reissued"], self.keys["retry"], self.keys["reissued_count"]]
+        return bool(self._call(self._reissue, keys=keys, args=[str(entry_id), str(pos)]))
+
+    def forget_reissued(self, entry_ids: list[str]) -> None:
+        """The re-issue records of entries acknowledged (never delivered again): no longer needed."""
+        for i in range(0, len(entry_ids), 1000):
+            self._call(self.redis.hdel, self.keys["reissued"], *entry_ids[i : i + 1000])
+
+    def prune_reissued(self, pending: set[str]) -> None:
+        """Keep the re-issue records of the ``pending`` entries only (on resume: the others were
+        acknowledged, e.g. by a checkpoint whose acknowledgement a crash cut short)."""
+        done = [as_str(i) for i in self._call(self.redis.hkeys, self.keys["reissued"])]
+        self.forget_reissued([i for i in done if i not in pending])
+
+    def reissued_total(self) -> int:
+        """Prompts re-issued for staleness in this run, over every resume."""
+        return int(self._call(self.redis.get, self.keys["reissued_count"]) or 0)
 
     def generator_ids(self) -> list[str]:
         """Every generator id that ever claimed a prompt in this run."""

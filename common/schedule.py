@@ -8,8 +8,9 @@ than raw versions keeps the schedule alive when the learner refuses a non-finite
 does not move, the step does).
 
 Admission rule (:func:`admission_budget`). With ``v`` the step at which the controller published the
-weights a generator samples under and ``D`` the trees the controller discarded so far
-(dynamic-sampling and staleness drops: they used budget without advancing the step), new prompts are
+weights a generator samples under and ``D`` the trees the controller discarded so far whose prompt
+is used up (dynamic-sampling drops: they used budget without advancing the step; a stale tree's
+prompt is re-issued instead and takes its own place again), new prompts are
 admitted while ``(S + v + 1)·B + D − (accepted + running) > 0``. ``accepted + running`` is counted over
 ALL generators from Redis (prompts handed out minus prompts waiting for re-issue), so G generators
 together stay inside the bound (up to claims racing in the same instant: the read and the claim are

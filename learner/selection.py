@@ -10,7 +10,8 @@ both drivers (the local one and the asynchronous pipeline).
   re-delivered after a resume is as stale as the updates that really lie between its weights and the
   learner's (0 for a tree sampled under the checkpoint's weights), not as the numbers say.
 - A tree past the staleness limit (``algo.max_staleness`` in the pipeline; the local driver samples
-  every tree under the current weights and has no limit) is dropped and counted.
+  every tree under the current weights and has no limit) is dropped and counted (:func:`is_stale`);
+  the pipeline re-issues its prompt, so no prompt is lost to staleness.
 - With ``algo.dynamic_sampling`` (DAPO's filter, as the release runs it on accuracy) a tree whose
   leaves are all correct or all wrong is dropped and counted (:func:`dynamic_sampling_keep`). It is
   judged on each leaf's verdict (``Leaf.correct``, the reward's correct/wrong before the overlong
@@ -97,6 +98,11 @@ def tree_staleness(tree: Any, version: int, lineage: VersionLineage = PLAIN) -> 
     return max(leaf_staleness_L(tree, version, lineage), default=0)
 
 
+def is_stale(tree: Any, version: int, max_staleness: int | None, lineage: VersionLineage = PLAIN) -> bool:
+    """Past the staleness limit at learner version ``version`` (``max_staleness=None``: no limit)."""
+    return max_staleness is not None and tree_staleness(tree, version, lineage) > max_staleness
+
+
 def record_staleness(
     trees: Sequence[Any], version: int, hist: dict[int, int], lineage: VersionLineage = PLAIN
 ) -> list[int]:
@@ -135,10 +141,7 @@ class Selection:
         self.rewards_T_L.append(tree.rewards_L)
         self.correct_T_L.append(tree.correct_L)
         self.tally.add(tree)
-        if (
-            self.max_staleness is not None
-            and tree_staleness(tree, self.version, self.lineage) > self.max_staleness
-        ):
+        if is_stale(tree, self.version, self.max_staleness, self.lineage):
             self.dropped_stale += 1
             return STALE
         if self.dynamic_sampling and not dynamic_sampling_keep(self.correct_T_L[-1]):

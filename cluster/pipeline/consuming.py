@@ -4,10 +4,19 @@ entries are still to be acknowledged.
 :meth:`TreeConsumer.collect` consumes queue entries (``XREADGROUP``; on resume the unacknowledged
 ones first), drops duplicates (by tree id), trees with a leaf past ``algo.max_staleness`` and, with
 dynamic sampling, trees whose leaves all agree (:class:`learner.selection.Selection`); it waits until
-``learner.prompts_per_step`` trees are kept, unblocked by generators pushing. Every drop raises the
-Redis counter ``D`` the generators' admission rule adds (:mod:`common.schedule`), so a dropped tree
-is replaced instead of stalling the step. While it waits it calls ``on_idle`` (the controller's: the
-generators are watched, :mod:`cluster.pipeline.supervision`).
+``learner.prompts_per_step`` trees are kept, unblocked by generators pushing. While it waits it calls
+``on_idle`` (the controller's: the generators are watched, :mod:`cluster.pipeline.supervision`).
+
+No prompt is lost to staleness: a tree dropped as stale has its prompt re-issued to a generator
+(:meth:`common.prompts.PromptDispatcher.reissue`, counted in ``pipeline/reissued_stale``); its new
+tree has the same tree id and is no duplicate (only trained and kept trees are). The re-issue is
+recorded per queue entry, so the stale entry re-delivered after a crash before the next checkpoint
+re-issues nothing twice, and the record goes when the checkpoint's acknowledgement does. On resume
+(:meth:`TreeConsumer.reclaim`) the re-delivered trees already too stale for the resumed learner are
+dropped at once, their prompts re-issued. A re-issued prompt takes its own place in the admission
+budget again (it leaves the handed-out count while it waits); a dynamic-sampling drop, whose prompt
+is used up, raises the Redis counter ``D`` the generators' admission rule adds (:mod:`common.schedule`),
+so the dropped tree is replaced instead of stalling the step.
 
 Every tree is checked against the run (:func:`common.tree.check_for_run` with :func:`run_limits`:
 vocabulary, length caps, leaf count, finite rewards, no version from the future, a known prompt) and
@@ -39,7 +48,7 @@ from common.prompts import PromptDispatcher
 from common.replay import ReplayQueue
 from common.tree import RunLimits, Tree, check_for_run, encode_tree
 from learner import advantages  # looked up per call: tests swap advantages.tree_advantages
-from learner.selection import KEPT, Selection, VersionLineage
+from learner.selection import KEPT, STALE, Selection, VersionLineage, is_stale
 
 CONSUMER = "controller"  # the consumer name in the queue's group (the pending list is per consumer)
 STALL_TIMEOUT_S = 1800.0  # no tree at all for this long while generators live: something is wrong
@@ -94,7 +103,7 @@ class TreeConsumer:
         self.cfg, self.queue, self.dispatcher, self.limits = cfg, queue, dispatcher, limits
         self.policy, self.counts, self.on_idle = policy, counts, on_idle
         self.world = cfg.learner.num_workers
-        self.dropped = 0  # trees consumed without training (staleness, dynamic sampling)
+        self.dropped = 0  # trees dropped whose prompt is used up (dynamic sampling): the D of admission
         self.trained_ids: set[str] = set()
         self.unacked: list[str] = []  # entries consumed since the last checkpoint
         self.backlog: list[tuple[str, Tree]] = []  # reclaimed on resume: consumed first
@@ -111,14 +120,33 @@ class TreeConsumer:
         """The drop count into Redis, where the generators' admission rule reads it."""
         self.queue.redis.set(self._dropped_key, self.dropped)
 
-    def reclaim(self) -> int:
-        """On resume: the entries delivered before the stop and never acknowledged are consumed first."""
-        self.backlog = self.queue.reclaim(CONSUMER, min_idle_ms=0)
-        return len(self.backlog)
+    def reclaim(self) -> tuple[int, int, int]:
+        """On resume: the entries delivered before the stop and never acknowledged are consumed first;
+        those already past ``algo.max_staleness`` for the resumed learner (not trained before: those
+        are duplicates) are dropped now, their prompts re-issued. Returns (re-delivered, kept, re-issued)."""
+        backlog = self.queue.reclaim(CONSUMER, min_idle_ms=0)
+        self.dispatcher.prune_reissued({i for i, _ in backlog})
+        version, limit, lineage = self.policy.version, self.cfg.algo.max_staleness, self.policy.lineage
+        self.backlog = []
+        for entry_id, tree in backlog:
+            if tree.tree_id not in self.trained_ids and is_stale(tree, version, limit, lineage):
+                self._reissue(entry_id, tree)
+                self.unacked.append(entry_id)
+                self.counts["dropped_stale"] += 1
+            else:
+                self.backlog.append((entry_id, tree))
+        return len(backlog), len(self.backlog), len(backlog) - len(self.backlog)
+
+    def _reissue(self, entry_id: str, tree: Tree) -> None:
+        """The prompt of a tree dropped for staleness back to the generators (once per entry)."""
+        epoch = int(tree.tree_id.rpartition("@e")[2])  # '<prompt id>@e<epoch>': checked on read
+        self.dispatcher.reissue(entry_id, epoch, tree.prompt_id)
 
     def ack_consumed(self) -> None:
-        """Acknowledge every entry consumed so far (a checkpoint covering them is published), then trim."""
+        """Acknowledge every entry consumed so far (a checkpoint covering them is published), forget
+        their re-issue records (they are never delivered again), then trim."""
         self.queue.ack(self.unacked)
+        self.dispatcher.forget_reissued(self.unacked)
         self.unacked = []
         self.queue.trim_acked()
 
@@ -178,11 +206,17 @@ class TreeConsumer:
             return None
         self.counts["dropped_stale"] += sel.dropped_stale
         self.counts["dropped_uniform"] += sel.dropped_uniform
-        return kept, {**sel.metrics(), "staleness/trees_dropped": sel.dropped_stale}
+        reissued = float(self.dispatcher.reissued_total())
+        return kept, {
+            **sel.metrics(),
+            "staleness/trees_dropped": sel.dropped_stale,
+            "pipeline/reissued_stale": reissued,
+        }
 
     def _take(self, entry_id: str, tree: Tree, sel: Selection, entry_of: dict[str, str]) -> str:
         """One delivered tree: ``quarantined`` when checking or preparing it raises (it goes to the
-        dead-letter stream with the reason), else ``duplicate``, ``dropped`` or ``kept``."""
+        dead-letter stream with the reason), else ``duplicate``, ``stale`` (its prompt re-issued),
+        ``dropped`` (dynamic sampling) or ``kept``."""
         try:
             self._prepare(tree)
             duplicate = tree.tree_id in self.trained_ids or tree.tree_id in entry_of
@@ -198,6 +232,9 @@ class TreeConsumer:
             sel.skip_duplicate()
             self.counts["duplicates"] += 1  # at-least-once delivery: a retried XADD
             return "duplicate"
+        if verdict == STALE:
+            self._reissue(entry_id, tree)
+            return "stale"
         if verdict != KEPT:
             return "dropped"
         entry_of[tree.tree_id] = entry_id

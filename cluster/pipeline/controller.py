@@ -286,10 +286,10 @@ class Controller:
                 n = self.dispatcher.requeue_generator(gid)
                 if n:
                     print(f"[pipeline] re-issued {n} prompt(s) of retired generator {gid}", flush=True)
-        backlog = self.consumer.reclaim()
+        redelivered, kept, reissued = self.consumer.reclaim()
         print(
-            f"[pipeline] resumed at step {self.step} (policy version {self.version}): "
-            f"{backlog} unacknowledged tree(s) re-delivered",
+            f"[pipeline] resumed at step {self.step} (policy version {self.version}): {redelivered} "
+            f"unacknowledged tree(s) re-delivered, {kept} kept, {reissued} too stale (prompts re-issued)",
             flush=True,
         )
 

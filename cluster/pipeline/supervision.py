@@ -13,14 +13,16 @@ runs (the controller calls it while it waits for trees), looks at each one:
   has its actor killed for Ray to restart, then is waited for like one that died;
 - an actor out of restarts is dead for good: the other generators take its prompts, and when every
   generator is dead while prompts remain, the run fails with :class:`common.errors.TreepoError`;
-- a loop that returned means the data is used up there.
+- a loop that returned means the data is used up there; when prompts come back after that (a stale
+  tree's prompt re-issued by the controller, a dead generator's prompts), the finished loops run
+  again to take them.
 
 Every departure raises the generator's ``restarts`` count, which is also its incarnation: the
 weight-sync group (:mod:`cluster.pipeline.publishing`) is rebuilt whenever the incarnations of its
 members change, since a departed receiver is gone from the old group.
 
 The actors are taken by duck typing: handles whose methods have ``.remote(...)`` (``run``, ``ready``,
-``pid``, ``heartbeat``), a dispatcher with ``requeue_generator``/``finished``, a counts dict, and a
+``pid``, ``heartbeat``), a dispatcher with ``requeue_generator``/``finished``/``exhausted``, a counts dict, and a
 runtime with ``ray``'s ``get``/``wait``/``kill`` (``ray`` itself unless a test passes a fake).
 """
 
@@ -139,6 +141,20 @@ class GeneratorSupervisor:
                     self._loop_ended(g, slot)
                 else:
                     self._check_heartbeat(g, slot)
+        self._rerun_finished()
+
+    def _rerun_finished(self) -> None:
+        """Loops that ended because the data was used up run again when prompts came back to claim."""
+        idle = [g for g, s in enumerate(self.slots) if s.done and not s.dead and s.ready_ref is None]
+        if not idle or self.dispatcher.exhausted():
+            return
+        for g in idle:
+            slot = self.slots[g]
+            slot.done, slot.run_ref = False, slot.handle.run.remote()
+        print(
+            f"[pipeline] prompts were re-issued after the data ran out: generator(s) {idle} loop again",
+            flush=True,
+        )
 
     def _gone(self, slot: GenSlot) -> None:
         slot.restarts += 1  # a new incarnation: the weight-sync group is rebuilt without the old one

@@ -166,6 +166,7 @@ class FakeDispatcher:
     def __init__(self, finished: bool = False) -> None:
         self.requeued: list[int] = []
         self.is_finished = finished
+        self.is_exhausted = True  # nothing left to claim (prompts may be in flight): a test brings some back
 
     def requeue_generator(self, gid: int) -> int:
         self.requeued.append(gid)
@@ -173,6 +174,9 @@ class FakeDispatcher:
 
     def finished(self) -> bool:
         return self.is_finished
+
+    def exhausted(self) -> bool:
+        return self.is_exhausted
 
 
 class FakeStore(dict):

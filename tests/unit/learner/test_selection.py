@@ -16,6 +16,7 @@ from learner.selection import (
     Selection,
     VersionLineage,
     dynamic_sampling_keep,
+    is_stale,
     leaf_staleness_L,
     record_staleness,
     rollout_metrics,
@@ -76,6 +77,18 @@ def test_selection_drops_stale_then_uniform_trees_and_counts_everything():
     assert m["rollout/trees_sampled"] == 4 and m["rollout/trees_dropped_uniform"] == 1
     assert m["rollout/reward"] == pytest.approx(3 / 9)  # every non-duplicate tree's leaves
     assert m["rollout/accuracy"] == pytest.approx(6 / 9)
+
+
+def test_is_stale_is_the_rule_the_selection_applies():
+    """One rule for the step's filter and the resume's (which drops re-delivered trees before the
+    first step): past ``max_staleness`` versions, across a resume by the lineage; no limit: never."""
+    t = wire_tree()  # its stalest leaf lags version v by v
+    assert [is_stale(t, v, 1) for v in (0, 1, 2)] == [False, False, True]
+    assert not is_stale(t, 100, None)
+    lineage = VersionLineage().after_resume(0, 5)  # version 5 holds version 0's weights
+    assert is_stale(t, 5, 1) and not is_stale(t, 5, 1, lineage)  # the lost branch lags 1, not 5
+    sel = Selection(version=2, max_staleness=1, dynamic_sampling=False)
+    assert sel.offer(t) == STALE and sel.dropped_stale == 1
 
 
 def test_without_a_staleness_limit_only_uniform_trees_are_dropped():

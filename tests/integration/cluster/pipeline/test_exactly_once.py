@@ -39,9 +39,10 @@ def _cfg(run_dir, model_dir, server, monkeypatch, *extra):
     )
 
 
-def _shell(cfg, server, run: str, prompt_ids: list[str], world: int = 1):
-    """The controller's consumer without actors: the queue, the dispatcher (every prompt handed out and
-    done, so the data is finished once the queue is drained) and the learner's version 0."""
+def _shell(cfg, server, run: str, prompt_ids: list[str], world: int = 1, fresh: bool = True):
+    """The controller's consumer without actors: the queue, the dispatcher (``fresh``: every prompt
+    handed out and done, so the data is finished once the queue is drained; else the run's state as
+    Redis holds it, as on resume) and the learner's version 0."""
     from cluster.pipeline.consuming import CONSUMER, TreeConsumer, run_limits
     from cluster.pipeline.controller import COUNTS
     from common.prompts import PromptDispatcher
@@ -50,7 +51,7 @@ def _shell(cfg, server, run: str, prompt_ids: list[str], world: int = 1):
     cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, num_workers=world))
     queue = ReplayQueue(server.url, run, password=server.password, block_ms=100)
     dispatcher = PromptDispatcher(queue.redis, run, prompt_ids, 0, 1)
-    for epoch, pid in dispatcher.claim("0", len(prompt_ids)):
+    for epoch, pid in dispatcher.claim("0", len(prompt_ids)) if fresh else []:
         dispatcher.done("0", epoch, pid)
     policy = SimpleNamespace(version=0, lineage=VersionLineage())
     limits = run_limits(cfg, prompt_ids)
@@ -140,6 +141,49 @@ def test_entries_of_a_read_whose_reply_was_lost_are_taken_in(
     c.finish()  # nothing trained here: acknowledges what was consumed
     assert sorted(c.unacked) == [] and c.queue.pending() == []
     assert c.queue.redis.xlen(c.queue.keys["trees"]) == 0 and len(ids) == 2
+
+
+def test_a_stale_trees_prompt_is_reissued_once_even_when_a_crash_re_delivers_it(
+    tmp_path, tiny_model_dir, redis_server, monkeypatch
+):
+    """No prompt lost to staleness: a tree dropped for staleness puts its prompt back on the retry list, once, without
+    raising the admission rule's drop count (the prompt takes its own place again). The driver is
+    lost before the next checkpoint: the resume re-delivers the stale entry, drops it again, and
+    re-issues nothing twice; the re-issued prompt's new tree (the same tree id) is trained, not taken
+    for a duplicate; the checkpoint's acknowledgement forgets the re-issue record."""
+    from common.keys import RunKeys
+
+    cfg = _cfg(tmp_path / "run", tiny_model_dir, redis_server, monkeypatch, "algo.max_staleness=1")
+    run, prompts = unique_run("stale"), ["p-0", "p-1", "p-2"]
+    c, _ = _shell(cfg, redis_server, run, prompts)
+    c.policy.version = 2
+    stale = c.queue.push(valid_tree("p-0@e0", "p-0", version=0))  # 2 versions behind: past the limit 1
+    c.queue.push(valid_tree("p-1@e0", "p-1", version=2))
+    trees, m = c.collect(1)
+    assert [t.tree_id for t in trees] == ["p-1@e0"]
+    assert c.dispatcher.retry() == [(0, "p-0")] and not c.dispatcher.exhausted()
+    assert m["pipeline/reissued_stale"] == 1 and c.dropped == 0 and c.counts["dropped_stale"] == 1
+    reissued = c.queue.redis.hgetall(RunKeys(run).prompts_reissued)
+    assert reissued == {stale.encode(): str(c.dispatcher.position_of(0, "p-0")).encode()}
+
+    # the driver is lost before the next checkpoint; a checkpoint's acknowledged entry kept its record
+    c.queue.redis.hset(RunKeys(run).prompts_reissued, "1-0", "0")
+    c2, _ = _shell(cfg, redis_server, run, prompts, fresh=False)
+    c2.policy.version = 2
+    assert c2.reclaim() == (2, 1, 1)  # re-delivered, kept, too stale
+    assert c2.dispatcher.retry() == [(0, "p-0")] and c2.dispatcher.reissued_total() == 1
+    assert c2.queue.redis.hkeys(RunKeys(run).prompts_reissued) == [stale.encode()]
+    assert c2.unacked == [stale] and [t.tree_id for _, t in c2.backlog] == ["p-1@e0"]
+
+    # a generator takes the re-issued prompt; its new tree is trained with the re-delivered one
+    assert c2.dispatcher.claim("0", 5) == [(0, "p-0")]
+    again = valid_tree("p-0@e0", "p-0", version=2)
+    assert c2.dispatcher.push_and_done(c2.queue, again, "0", 0, "p-0")
+    trees, m = c2.collect(2)
+    assert sorted(t.tree_id for t in trees) == ["p-0@e0", "p-1@e0"] and c2.counts["duplicates"] == 0
+    assert m["pipeline/reissued_stale"] == 1 and c2.dispatcher.finished()
+    c2.ack_consumed()  # the checkpoint covering them is published
+    assert c2.queue.pending() == [] and not c2.queue.redis.exists(RunKeys(run).prompts_reissued)
 
 
 # ------------------------------------------------------------------ resume checks (no Ray needed)

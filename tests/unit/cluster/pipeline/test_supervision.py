@@ -111,6 +111,23 @@ def test_a_loop_that_returns_is_done_and_not_restarted():
     assert [m.gid for m in sup.members()] == [0, 1]  # and still receives weights
 
 
+def test_finished_loops_run_again_when_prompts_come_back(capsys):
+    """The data ran out (every loop returned), then a stale tree's prompt is re-issued: the finished
+    generators loop again to take it; nothing restarts."""
+    sup, gens, rt, dispatcher, counts, _ = _supervisor()
+    gens[0].loop_returns()
+    gens[1].loop_returns()
+    sup.watch()
+    assert sup.looping() == [] and all(len(g.run.calls) == 1 for g in gens)
+    dispatcher.is_exhausted = False  # a prompt back on the retry list
+    sup.watch()
+    assert sup.looping() == gens and all(len(g.run.calls) == 2 for g in gens)
+    assert rt.killed == [] and counts["restarts"] == 0
+    assert "generator(s) [0, 1] loop again" in capsys.readouterr().out
+    sup.watch()  # looping: not started twice
+    assert all(len(g.run.calls) == 2 for g in gens)
+
+
 def test_an_unreachable_generator_leaves_until_its_restart():
     sup, gens, _, _, counts, rejoins = _supervisor()
     gens[1].state = "restarting"
