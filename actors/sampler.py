@@ -1,6 +1,6 @@
 """TreePO segment-tree sampler: pure logic over a :class:`GenerationBackend`.
 
-The rules (``../shared/TREEPO.md``), per tree, level-synchronous:
+The rules (``docs/algorithm.md``), per tree, level-synchronous:
 
 1. The root gets ``root divergence`` children, drawn U{min..max} per tree and capped at ``w``.
 2. Each step extends every live path of EVERY tree in flight by one segment in ONE batched backend
@@ -21,7 +21,7 @@ The rules (``../shared/TREEPO.md``), per tree, level-synchronous:
    A continuation is a NEW node whose parent is the kept node, i.e. a sibling inside the original
    subtree. Invariant ``a + F ≤ w`` throughout; every tree ends with exactly ``w`` leaves.
 
-Deviations from the authors' release (deliberate, see TREEPO.md):
+Deviations from the authors' release (deliberate, see docs/algorithm.md):
 
 - EOS is detected anywhere in a segment (including its first token) and for every id of a list;
   tokens after the first EOS are dropped. A stop string (``generators.stop``) counts as an EOS: it is

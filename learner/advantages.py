@@ -1,6 +1,6 @@
 """Advantages: TreePO's tree-structured estimator, GRPO and REINFORCE++-baseline, batch whitening.
 
-TreePO (the rule the authors' release trains with, see ``../shared/TREEPO.md``). For leaf ``i`` of a
+TreePO (the rule the authors' release trains with, see ``docs/algorithm.md``). For leaf ``i`` of a
 prompt with reward ``R_i`` and root→leaf node path ``p_i``:
 
 - ``G_0(i)`` = all leaves of the prompt; ``G_j(i)`` = the leaves whose first ``j`` path nodes are

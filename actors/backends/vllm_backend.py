@@ -1,6 +1,6 @@
 """vLLM generation backend: automatic prefix caching, token ids in and out, one ``n=1`` request per path.
 
-Engine settings follow ``../shared/PITFALLS.md``: ``skip_tokenizer_init=True`` with ``TokensPrompt``
+Engine settings, as checked against the CPU build and the GPU release: ``skip_tokenizer_init=True`` with ``TokensPrompt``
 (so EOS handling is ``stop_token_ids`` = every EOS id; with stop strings the engine loads the
 tokenizer and detokenizes so that it ends a request at one), ``logprobs=0`` with an explicit
 ``logprobs_mode``, KV-cache size in bytes on CPU (``gpu_memory_utilization`` would mean a share of

@@ -1,4 +1,5 @@
-"""The dependency rule of DESIGN.md, checked on the import statements of every module."""
+"""The layout rules (README, "Layout"): the dependency rule, checked on the import statements of every
+module, and the rooms' sizes, circles and private names."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The presets in ``configs/``: each loads strictly, documents itself, and the cluster presets carry
-the production settings; the 7B TreePO preset carries the paper's settings (../shared/TREEPO.md).
+the production settings; the 7B TreePO preset carries the paper's settings (docs/algorithm.md).
 
 The run line each cluster preset's header documents is parsed with ``treepo train``'s own argument
 parser and its overrides are loaded on top of the preset, so the documented command is checked too.
@@ -131,7 +131,7 @@ def test_header_run_line_works(path, monkeypatch):
 
 def test_7b_treepo_has_the_paper_settings():
     cfg = load_config(ROOT / "configs" / "qwen2.5-7b-treepo.yaml")
-    # TREEPO.md, "Paper settings": Qwen2.5-7B base; system prompt; max prompt 1024; w=16,
+    # docs/algorithm.md, "Terms and settings": Qwen2.5-7B base; system prompt; max prompt 1024; w=16,
     # d x l = 14 x 512, b=2; temperature 1.0, top_p 1.0; lr 1e-6, 10 warm-up steps, weight decay
     # 0.1, grad clip 1.0; 512 prompts per step after filtering; 1 epoch; bf16.
     assert cfg.model.path == "Qwen/Qwen2.5-7B"
@@ -143,10 +143,10 @@ def test_7b_treepo_has_the_paper_settings():
     assert cfg.learner.weight_decay == 0.1 and cfg.learner.grad_clip == 1.0
     assert cfg.learner.prompts_per_step == 512 and cfg.data.epochs == 1
     assert cfg.model.dtype == "bfloat16" and cfg.learner.mixed_precision == "bf16"
-    # TREEPO.md, "Terms": Lmax = d*l = 7168; root divergence 2 (fixed) for "TreePO fixed init"
+    # docs/algorithm.md, "Terms and settings": Lmax = d*l = 7168; root divergence 2 (fixed) for "TreePO fixed init"
     assert cfg.tree.max_response_tokens == 7168
     assert (cfg.tree.root_divergence_min, cfg.tree.root_divergence_max) == (2, 2)
-    # TREEPO.md, "Reward and loss": +1/-1 reward, DAPO overlong penalty over the last 512 tokens;
+    # docs/algorithm.md, "Reward and loss": +1/-1 reward, DAPO overlong penalty over the last 512 tokens;
     # PPO-clip with clip-higher 0.2/0.28, dual clip 10, no KL; one epoch; mini-batches of 32 prompts
     assert (cfg.reward.fn, cfg.reward.correct, cfg.reward.wrong, cfg.reward.overlong_buffer) == (
         "math",
@@ -161,12 +161,12 @@ def test_7b_treepo_has_the_paper_settings():
         0.0,
     )
     assert cfg.learner.ppo_epochs == 1 and cfg.learner.mini_batch_prompts == 32
-    # TREEPO.md, "Advantage": the release's rule (average aggregation, no subgroup std filter,
+    # docs/algorithm.md, "Advantages": the release's rule (average aggregation, no subgroup std filter,
     # batch whitening) with prompt-level dynamic sampling
     assert cfg.algo.advantage == "treepo" and cfg.algo.aggregation == "average"
     assert cfg.algo.subgroup_std_filter is False and cfg.algo.whiten is True
     assert cfg.algo.dynamic_sampling is True
-    # TREEPO.md, "Sampling": fixed_avg allocation; fallback from answered-or-EOS leaves; the
+    # docs/algorithm.md, "Sampling a tree": fixed_avg allocation; fallback from answered-or-EOS leaves; the
     # release's answer policy; repetition = a 32-character substring >= 8 times in a segment
     assert cfg.tree.allocation == "fixed_avg" and cfg.tree.fallback == "answered_or_eos"
     assert cfg.tree.answer_policy == "boxed_and_eos_first"

@@ -1,4 +1,4 @@
-"""Golden values for TreePO advantages (TREEPO.md worked example), baselines and whitening."""
+"""Golden values for TreePO advantages (the worked example of docs/algorithm.md), baselines and whitening."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ EXAMPLE_PATHS = [
     [2, 6, 14],  # c2/c22/b
 ]
 EXAMPLE_R = np.array([1, 1, 1, -1, -1, -1, 1, -1], dtype=float)
-# rows of the table in TREEPO.md: leaf index -> (average, group_size)
+# rows of the worked example in docs/algorithm.md: leaf index -> (average, group_size)
 EXAMPLE_TABLE = {
     0: (0.500, 0.714),
     2: (0.833, 0.857),
