@@ -28,11 +28,13 @@
 #
 # Two users. `treepo` (the job, through `exec`; its name is in TREEPO_QUEUE_URL) may run everything
 # the queue needs and nothing in Redis's @dangerous category (CONFIG, DEBUG, FLUSHALL, FLUSHDB,
-# SHUTDOWN, KEYS, ACL, MONITOR, REPLICAOF, ...) except INFO, on keys under treepo: only. `default`
+# SHUTDOWN, KEYS, ACL, MONITOR, REPLICAOF, ...) except INFO, nor SCRIPT FLUSH, SCRIPT DEBUG or FUNCTION
+# (its Lua scripts run with EVALSHA and SCRIPT LOAD), on keys under treepo: only. `default`
 # (the admin: this script's stop/status) has its own random password in $TREEPO_REDIS_DIR/admin_password
 # (0600), which never leaves the head. No password appears on a command line (`ps` shows those):
 # redis-server reads them from its 0600 config file (the job's as a SHA-256 hash), redis-cli from
-# REDISCLI_AUTH.
+# REDISCLI_AUTH. $TREEPO_REDIS_DIR is 0700 and redis-server starts with umask 077: the AOF (the
+# queue's contents) is 0600.
 set -euo pipefail
 
 DIR=${TREEPO_REDIS_DIR:-/mnt/treepo/redis}
@@ -44,7 +46,7 @@ START_TIMEOUT_S=${TREEPO_REDIS_START_TIMEOUT_S:-600} # replaying a large AOF tak
 STOP_TIMEOUT_S=${TREEPO_REDIS_STOP_TIMEOUT_S:-120}
 RAY_GCS_PORT=6379
 QUEUE_USER=treepo
-QUEUE_ACL="resetchannels ~treepo:* -@all +@all -@dangerous +info" # as cluster/pipeline/redis_launcher.py
+QUEUE_ACL="resetchannels ~treepo:* -@all +@all -@dangerous +info -script|flush -script|debug -function" # as cluster/pipeline/redis_launcher.py
 
 die() {
   echo "head_redis.sh: error: $*" >&2

@@ -299,6 +299,9 @@ class ReplayQueue:
         # The consumer's run-level check of a decoded tree (common.tree.check_for_run): a tree it
         # rejects with WireError is quarantined like an undecodable one.
         self.check: Callable[[Tree], None] | None = None
+        # Told (entry id, reason) of every entry moved to the dead-letter stream: the consumer counts
+        # and reports them, whichever check refused them.
+        self.on_dead_letter: Callable[[str, str], None] | None = None
         self._ensure_group()
 
     @classmethod
@@ -426,6 +429,8 @@ class ReplayQueue:
         pipe.xack(self.keys["trees"], GROUP, entry_id)
         pipe.incr(self.keys["dead_count"])
         self._call(pipe.execute)
+        if self.on_dead_letter is not None:
+            self.on_dead_letter(entry_id, reason)
         # the poison leaves the main stream now, not at the next checkpoint's trim (there may be none:
         # poison read after the last checkpoint stayed in the stream); trimming acknowledged entries
         # is safe at any time (never below the oldest pending or undelivered one)

@@ -199,8 +199,10 @@ class RunLimits:
     """What a tree must satisfy to be trained by one run (its config, model and data): checked by
     :func:`check_for_run` at the queue boundary, after :func:`decode_tree`'s structural checks.
 
-    ``max_version`` is read at check time (a callable: the learner's version moves); ``prompt_ids``
-    is the run's training prompt id set (None: not checked).
+    ``rewards`` is the lowest and highest reward the run's ``reward.*`` can give a leaf
+    (:func:`common.rewards.resolve.reward_range`); ``max_version`` is read at check time (a
+    callable: the learner's version moves); ``prompt_ids`` is the run's training prompt id set
+    (None: not checked).
     """
 
     vocab_size: int
@@ -208,6 +210,7 @@ class RunLimits:
     max_response_tokens: int
     leaves: int  # tree.w: every tree ends with exactly w leaves
     epochs: int
+    rewards: tuple[float, float]  # (lowest, highest) reward a leaf can get from the run's reward.*
     max_version: Any = None  # () -> int
     prompt_ids: frozenset[str] | None = None
 
@@ -215,9 +218,9 @@ class RunLimits:
 def check_for_run(tree: Tree, limits: RunLimits) -> None:
     """Raise WireError naming the first way ``tree`` (decodable, structurally valid) does not fit the
     run: token ids outside the vocabulary, prompt or response over its cap, a leaf count other than
-    ``tree.w``, a non-finite reward, a segment version from the future, an unknown prompt or a tree id
-    that is not ``<prompt id>@e<epoch>`` of a run epoch."""
-    v = limits.vocab_size
+    ``tree.w``, a non-finite reward or one outside what ``reward.*`` can give, a segment version from
+    the future, an unknown prompt or a tree id that is not ``<prompt id>@e<epoch>`` of a run epoch."""
+    v, (lo, hi) = limits.vocab_size, limits.rewards
     _check(int(tree.prompt_ids.max()) < v, f"prompt token id {int(tree.prompt_ids.max())} >= vocab size {v}")
     _check(
         len(tree.prompt_ids) <= limits.max_prompt_tokens,
@@ -238,6 +241,11 @@ def check_for_run(tree: Tree, limits: RunLimits) -> None:
             f"{limits.max_response_tokens}",
         )
         _check(math.isfinite(leaf.reward), f"leaf {leaf.node_id}: reward {leaf.reward} is not finite")
+        _check(
+            lo <= leaf.reward <= hi,
+            f"leaf {leaf.node_id}: reward {leaf.reward:g} is outside [{lo:g}, {hi:g}], what reward.* can "
+            "give (a user function or reward server that returns more needs a larger reward.max_abs)",
+        )
     if limits.max_version is not None and tree.segments:
         newest, now = max(s.version for s in tree.segments), int(limits.max_version())
         _check(newest <= now, f"segment version {newest} is from the future (the learner is at {now})")

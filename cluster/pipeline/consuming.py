@@ -19,10 +19,13 @@ is used up, raises the Redis counter ``D`` the generators' admission rule adds (
 so the dropped tree is replaced instead of stalling the step.
 
 Every tree is checked against the run (:func:`common.tree.check_for_run` with :func:`run_limits`:
-vocabulary, length caps, leaf count, finite rewards, no version from the future, a known prompt) and
-run through what training does to it (advantages, encoding); one that fails is quarantined in the
-dead-letter stream with the reason, and the run goes on. Entries delivered by a read whose reply was
-lost (the client retried it) are found in the pending list and taken in.
+vocabulary, length caps, leaf count, finite rewards within what ``reward.*`` can give, no version from
+the future, a known prompt) and run through what training does to it (advantages, encoding); one
+that fails is quarantined in the dead-letter stream with the reason, and the run goes on. Every
+quarantined entry (refused by the queue's decoder, the run's check or training's preparation) is
+counted in ``pipeline/quarantined`` and said on the console with its reason (the first
+``QUARANTINE_LINES`` of a step, then one line saying that more are only counted). Entries delivered
+by a read whose reply was lost (the client retried it) are found in the pending list and taken in.
 
 Consumed entries stay pending until the checkpoint that covers them is published
 (:meth:`TreeConsumer.ack_consumed`, called after the save). With several ranks, trees short of a
@@ -46,6 +49,7 @@ from common.keys import RunKeys
 from common.models import load_tokenizer
 from common.prompts import PromptDispatcher
 from common.replay import ReplayQueue
+from common.rewards.resolve import reward_range
 from common.tree import RunLimits, Tree, check_for_run, encode_tree
 from learner import advantages  # looked up per call: tests swap advantages.tree_advantages
 from learner.selection import KEPT, STALE, Selection, VersionLineage, is_stale
@@ -53,6 +57,7 @@ from learner.selection import KEPT, STALE, Selection, VersionLineage, is_stale
 CONSUMER = "controller"  # the consumer name in the queue's group (the pending list is per consumer)
 STALL_TIMEOUT_S = 1800.0  # no tree at all for this long while generators live: something is wrong
 ORPHAN_CHECK_S = 10.0  # how often an idle collect compares the pending list with what it consumed
+QUARANTINE_LINES = 20  # console lines of quarantined entries per step; the rest are only counted
 
 
 def encoded_prompt_ids(cfg: TrainConfig) -> list[str]:
@@ -72,6 +77,7 @@ def run_limits(cfg: TrainConfig, prompt_ids: list[str]) -> RunLimits:
         max_response_tokens=cfg.tree.max_response_tokens,
         leaves=cfg.tree.w,
         epochs=cfg.data.epochs,
+        rewards=reward_range(cfg.reward),
         prompt_ids=frozenset(prompt_ids),
     )
 
@@ -111,6 +117,8 @@ class TreeConsumer:
         self._orphans_at = 0.0  # when the pending list is compared with what was consumed next
         self._dropped_key = RunKeys(run_name).dropped
         queue.check = self._check_tree
+        queue.on_dead_letter = self._quarantined  # every dead letter, whoever refused the entry
+        self._lines_left = QUARANTINE_LINES  # console lines left for quarantined entries this step
 
     def _check_tree(self, tree: Tree) -> None:
         """The queue's run-level check of a decoded tree (WireError quarantines it)."""
@@ -165,6 +173,7 @@ class TreeConsumer:
 
     def collect(self, need: int) -> tuple[list[Tree], dict[str, float]] | None:
         """``need`` kept trees from the queue (fewer only when the data is used up; None if none)."""
+        self._lines_left = QUARANTINE_LINES
         cfg = self.cfg
         sel = Selection(
             self.policy.version,
@@ -222,10 +231,7 @@ class TreeConsumer:
             duplicate = tree.tree_id in self.trained_ids or tree.tree_id in entry_of
             verdict = None if duplicate else sel.offer(tree)
         except Exception as e:  # one bad tree must not stop (nor, re-delivered, crash-loop) the run
-            reason = f"{type(e).__name__}: {e}"
-            self.queue.quarantine(entry_id, reason, CONSUMER)
-            self.counts["quarantined"] += 1
-            print(f"[pipeline] entry {entry_id} quarantined in the dead-letter stream: {reason}", flush=True)
+            self.queue.quarantine(entry_id, f"{type(e).__name__}: {e}", CONSUMER)  # -> _quarantined
             return "quarantined"
         self.unacked.append(entry_id)
         if duplicate:
@@ -239,6 +245,20 @@ class TreeConsumer:
             return "dropped"
         entry_of[tree.tree_id] = entry_id
         return "kept"
+
+    def _quarantined(self, entry_id: str, reason: str) -> None:
+        """An entry moved to the dead-letter stream (the queue's hook): counted, and said on the console
+        (the first QUARANTINE_LINES of a step, then once that more are only counted)."""
+        self.counts["quarantined"] += 1
+        self._lines_left -= 1
+        if self._lines_left >= 0:
+            print(f"[pipeline] entry {entry_id} quarantined in the dead-letter stream: {reason}", flush=True)
+        elif self._lines_left == -1:
+            print(
+                "[pipeline] more entries quarantined this step: counted in pipeline/quarantined, not "
+                "printed (reasons: `treepo queue inspect`)",
+                flush=True,
+            )
 
     def _prepare(self, tree: Tree) -> None:
         """What training does to one tree alone: its advantages (finite) and its wire encoding."""

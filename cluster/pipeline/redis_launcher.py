@@ -10,7 +10,7 @@ Everything lives under ``<run_dir>/redis/``:
 - ``redis.conf`` generated config, mode 0600 (it holds ``requirepass`` and the treepo user's
                  password as a SHA-256 hash: no password ever appears on a command line, where ``ps``
                  would show it);
-- ``appendonlydir/`` the AOF (Redis 7 multi-part AOF), the only persistence: RDB snapshots are
+- ``appendonlydir/`` the AOF (Redis 7 multi-part AOF: the queue's contents), the only persistence: RDB snapshots are
                  off (``save ""``) because a periodic fork-and-dump of a multi-GB queue doubles its
                  memory briefly and adds nothing the AOF does not already guarantee; AOF rewrites
                  still use an RDB preamble for a compact file;
@@ -20,9 +20,12 @@ Everything lives under ``<run_dir>/redis/``:
 
 Least privilege: the ``treepo`` user (:data:`QUEUE_ACL`) may run every command except Redis's
 ``@dangerous`` category (CONFIG, DEBUG, FLUSHALL, FLUSHDB, SHUTDOWN, KEYS, MONITOR, ACL, MODULE,
-REPLICAOF, ...) bar INFO (queue stats read its memory section), on keys under ``treepo:`` only, with
-no pub/sub channels. A leaked queue password can read and write the queue, not reconfigure, wipe or
-stop the server. ``cluster/head_redis.sh`` sets up the cluster's server the same way.
+REPLICAOF, ...) bar INFO (queue stats read its memory section), SCRIPT FLUSH, SCRIPT DEBUG and
+FUNCTION (the queue's Lua scripts run with EVALSHA and SCRIPT LOAD), on keys under ``treepo:`` only,
+with no pub/sub channels. A leaked queue password can read and write the queue, not reconfigure, wipe or
+stop the server. ``redis/`` is mode 0700 and the server runs with umask 077, so the AOF, its
+directory and the log it writes are its owner's only (0600/0700). ``cluster/head_redis.sh`` sets up
+the cluster's server the same way.
 
 The server binds 127.0.0.1 on a free port (never 6379, which a Ray head uses), runs with
 ``maxmemory`` and ``noeviction`` (eviction would silently drop streams: memory is bounded by the
@@ -55,8 +58,9 @@ from common.errors import QueueError
 RAY_REDIS_PORT = 6379
 QUEUE_USER = "treepo"
 # What the queue's clients need (common/replay.py, common/prompts.py Lua scripts, recovery's SCAN):
-# streams, strings, hashes, lists, sets, EVALSHA/SCRIPT LOAD, TIME, SCAN, INFO; nothing dangerous.
-QUEUE_ACL = "resetchannels ~treepo:* -@all +@all -@dangerous +info"
+# streams, strings, hashes, lists, sets, EVALSHA/SCRIPT LOAD, TIME, SCAN, INFO; nothing dangerous,
+# nor SCRIPT FLUSH / SCRIPT DEBUG (wipe every client's scripts, block the server) or FUNCTION (unused).
+QUEUE_ACL = "resetchannels ~treepo:* -@all +@all -@dangerous +info -script|flush -script|debug -function"
 _APPENDFSYNC = ("everysec", "always", "no")
 
 
@@ -240,6 +244,7 @@ class EmbeddedRedis:
                 "existing Redis server"
             )
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._owner_only()
         other = find_running(self.dir.parent)
         if other is not None:
             if not self.adopt:
@@ -283,6 +288,16 @@ class EmbeddedRedis:
         # redis-server sets its title to "redis-server ADDR:PORT": a reused pid does not match
         name = title.split(" ", 1)[0].rsplit("/", 1)[-1]
         return pid if name == "redis-server" and f":{port}" in title and _pid_alive(pid) else None
+
+    def _owner_only(self) -> None:
+        """``redis/`` and an AOF written before (by a build that left it 0644) for this user only; what
+        the server writes from now on is created so (umask 077, :meth:`_launch`)."""
+        self.dir.chmod(0o700)
+        if self.aof_dir.is_dir():
+            self.aof_dir.chmod(0o700)
+            for f in self.aof_dir.iterdir():
+                if f.is_file():
+                    f.chmod(0o600)
 
     def _read_passwords(self) -> None:
         self.password = _read_password(self.dir / "password")
@@ -351,6 +366,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            umask=0o077,  # the AOF (the queue's contents), its directory and the log: owner only
         )
         self._proc, self.port = proc, port
         deadline = time.monotonic() + self.startup_timeout_s

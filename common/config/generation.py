@@ -401,6 +401,14 @@ class RewardConfig:
         "DAPO overlong penalty: beyond Lmax - buffer tokens add -(len - (Lmax - buffer))/buffer (0 = off; the paper uses 512).",
         at_least=0,
     )
+    max_abs: float = doc(
+        100.0,
+        "Largest |reward| a user function or reward server may return. The queue quarantines a tree "
+        "whose reward is outside what reward.* can give: [wrong, correct] for the built-in rewards, "
+        "[-max_abs, max_abs] (widened to wrong and correct) for user functions and servers, down to 1 "
+        "lower with the overlong penalty. Raise it if your function's scores are larger.",
+        at_least=0,
+    )
 
     def check(self) -> None:
         if self.correct <= self.wrong:

@@ -54,6 +54,20 @@ def resolve_reward(
     )
 
 
+def reward_range(cfg: RewardConfig) -> tuple[float, float]:
+    """The lowest and highest reward a leaf can get from ``cfg``; the queue refuses a tree outside it
+    (:func:`common.tree.check_for_run`). The built-in rewards give ``reward.correct`` or
+    ``reward.wrong`` (a failed call scores wrong); user functions and reward servers return any finite
+    value, bounded by ``reward.max_abs``; the overlong penalty subtracts up to 1 (at ``len >= Lmax``)."""
+    lo, hi = float(cfg.wrong), float(cfg.correct)
+    if cfg.url or ":" in cfg.fn:  # what resolve_reward builds as a user function or a reward server
+        lo, hi = min(lo, -float(cfg.max_abs)), max(hi, float(cfg.max_abs))
+    if cfg.overlong_buffer > 0:
+        lo -= 1.0
+    return lo, hi
+
+
 __all__ = [
     "resolve_reward",
+    "reward_range",
 ]

@@ -51,6 +51,9 @@ def poison_entries(vocab_size: int, max_prompt_tokens: int, max_response_tokens:
     t = valid_tree("poison-inf@e0", "poison-inf", w)
     t.leaves[1].reward = math.inf
     add("inf reward", t, r"reward inf is not finite")
+    t = valid_tree("poison-reward@e0", "poison-reward", w)
+    t.leaves[2 % w].reward = 1e6  # finite, but no reward.* config gives it
+    add("reward out of range", t, r"reward 1e\+06 is outside \[")
     add(
         "version from the future",
         valid_tree("poison-future@e0", "poison-future", w, version=10**6),

@@ -64,10 +64,11 @@ def _push_raw(queue: ReplayQueue, data: bytes) -> str:
 
 
 def test_poison_trees_are_quarantined_with_their_reason_and_never_come_back(
-    tmp_path, tiny_model_dir, redis_server, monkeypatch
+    tmp_path, tiny_model_dir, redis_server, monkeypatch, capsys
 ):
-    """Hole 1: trees that decode but do not fit the run (each kind), and a tree whose processing
-    raises, go to the dead-letter stream with the reason; the valid trees are collected; a resumed
+    """Hole 1: trees that decode but do not fit the run (each kind, a reward of 1e6 among them), and a
+    tree whose processing raises, go to the dead-letter stream with the reason, each counted in
+    ``pipeline/quarantined`` and said on the console; the valid trees are collected; a resumed
     consumer (reclaim) sees only the valid ones again, so nothing crash-loops."""
     import learner.advantages as adv
 
@@ -97,7 +98,12 @@ def test_poison_trees_are_quarantined_with_their_reason_and_never_come_back(
         assert any(re.search(reason, r) for r in reasons), (kind, reasons)
     assert any("injected failure on one tree" in r for r in reasons)
     assert all(d["bytes"] > 0 for d in dead), "the dead letters keep the original bytes"
-    assert c.counts["quarantined"] == 1  # the rest were refused by the queue's check while reading
+    # counted and said, whether the queue's decoder or check refused it or the controller's preparation
+    assert c.counts["quarantined"] == len(poison) + 1
+    lines = [x for x in capsys.readouterr().out.splitlines() if "quarantined in the dead-letter" in x]
+    assert len(lines) == len(poison) + 1
+    for kind, _, reason in poison:
+        assert any(re.search(reason, x) for x in lines), (kind, lines)
     assert sorted(c.queue.pending()) == sorted(good) == sorted(c.unacked)
     # a resume: only the two valid trees are re-delivered
     c2, _ = _shell(cfg, redis_server, run, ["p-0", "p-1", "p-2"])

@@ -4,15 +4,17 @@ reconfigures, wipes or stops the server. Against a real redis-server."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import redis
+from paths import REPO
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cluster.bench.queue import synthetic_tree
-from cluster.pipeline.redis_launcher import QUEUE_USER, EmbeddedRedis, find_running
+from cluster.pipeline.redis_launcher import QUEUE_ACL, QUEUE_USER, EmbeddedRedis, find_running
 from common.errors import QueueError
 from common.prompts import PromptDispatcher
 from common.replay import ReplayQueue, connect
@@ -34,6 +36,10 @@ REFUSED = [
     ("BGREWRITEAOF",),
     ("CLIENT", "KILL", "TYPE", "normal"),
     ("MODULE", "LIST"),
+    ("SCRIPT", "FLUSH"),  # would wipe every client's loaded scripts
+    ("SCRIPT", "DEBUG", "SYNC"),  # would block the server in a debugging session
+    ("FUNCTION", "FLUSH"),
+    ("FUNCTION", "LOAD", "#!lua name=probe\nredis.register_function('probe', function() return 1 end)"),
 ]
 
 
@@ -75,6 +81,23 @@ def test_the_treepo_user_is_refused_dangerous_commands(acl_server, command):
     client.close()
     admin = acl_server.client()
     assert admin.ping() and _s(admin.config_get("maxmemory")["maxmemory"]) == str(128 << 20)
+
+
+def test_the_queue_lua_scripts_still_run_after_a_refused_script_flush(acl_server):
+    """The dispatcher's scripts load (SCRIPT LOAD on a NOSCRIPT) and run (EVALSHA) as the queue user;
+    the refused flush leaves them loaded."""
+    q = ReplayQueue(acl_server.url, "acl-lua", password=acl_server.password, block_ms=100)
+    client = _no_retry(q.redis)
+    d = PromptDispatcher(client, "acl-lua", [f"p{i}" for i in range(4)], seed=0, epochs=1)
+    assert len(d.claim("g0", 2)) == 2  # loads the claim script
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        client.script_flush()
+    assert len(d.claim("g0", 2)) == 2 and d.requeue_generator("g0") == 4
+
+
+def test_the_cluster_head_server_has_the_same_acl():
+    script = (REPO / "cluster" / "head_redis.sh").read_text()
+    assert re.search(rf'^QUEUE_ACL="{re.escape(QUEUE_ACL)}"', script, re.M)
 
 
 def test_the_treepo_user_is_confined_to_treepo_keys(acl_server):

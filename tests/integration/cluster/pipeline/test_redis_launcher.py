@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import redis
@@ -62,6 +63,36 @@ def test_start_secure_persistent_and_stop_leaves_no_process(tmp_path):
     aof = list((tmp_path / "redis" / "appendonlydir").iterdir())
     assert any(p.name.endswith(".manifest") for p in aof) and any(".incr.aof" in p.name for p in aof)
     assert b"k" in b"".join(p.read_bytes() for p in aof)
+
+
+def test_the_aof_is_for_its_owner_only(tmp_path):
+    """The AOF holds the queue's contents: its directory 0700 and its files 0600 after writes and a
+    rewrite, whatever the umask of the process that started the server; an AOF left 0644 by an older
+    build is tightened at the next start."""
+    old = os.umask(0o022)
+    try:
+        with EmbeddedRedis(tmp_path, appendfsync="always") as server:
+            c = server.client()
+            c.xadd("treepo:r:trees", {"tree": b"x" * 1000})
+            c.bgrewriteaof()  # a new base file and a new incremental file
+            for _ in range(250):
+                if int(c.info("persistence")["aof_rewrite_in_progress"]) == 0:
+                    break
+                time.sleep(0.02)
+            c.xadd("treepo:r:trees", {"tree": b"y" * 1000})
+            root, aof = tmp_path / "redis", tmp_path / "redis" / "appendonlydir"
+            modes = {p.name: p.stat().st_mode & 0o777 for p in [root, aof, *aof.iterdir()]}
+            assert modes["redis"] == 0o700 and modes["appendonlydir"] == 0o700, modes
+            files = {n: m for n, m in modes.items() if n not in ("redis", "appendonlydir")}
+            assert len(files) >= 3 and set(files.values()) == {0o600}, files
+            assert (root / "redis.log").stat().st_mode & 0o777 == 0o600
+        for p in [root, aof, *aof.iterdir()]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        with EmbeddedRedis(tmp_path):
+            assert {p.stat().st_mode & 0o777 for p in aof.iterdir()} == {0o600}
+            assert root.stat().st_mode & 0o777 == 0o700 and aof.stat().st_mode & 0o777 == 0o700
+    finally:
+        os.umask(old)
 
 
 def test_second_launcher_resumes_password_and_data(tmp_path):
