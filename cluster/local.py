@@ -24,13 +24,14 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cluster.logs import engine_output
 from cluster.rundir import (
     append_trained,
-    check_run_dir,
+    check_before_writing,
     checkpoint_dir,
     final_plots,
     progress_bar,
@@ -47,14 +48,16 @@ from learner.selection import Selection, record_staleness, rollout_metrics
 log = logging.getLogger("treepo.train")
 
 
-def train(cfg: TrainConfig, backend=None) -> int:
+def train(cfg: TrainConfig, backend=None, on_checked: Callable[[], None] | None = None) -> int:
     """Run the local driver. ``backend``: an open generation backend on ``model.path``'s weights to
-    use instead of starting one (it is left open; the caller owns it)."""
+    use instead of starting one (it is left open; the caller owns it). Every refusal that needs no
+    engine comes before anything is written; then ``on_checked`` (the command starts the run's
+    logging there)."""
     # One process by design: the engine runs in-process (fast start, weights handed over in memory)
     # and keeps its per-step INFO lines off the progress bar.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    run = LocalRun(cfg, backend)
+    run = LocalRun(cfg, backend, on_checked)
     try:
         step = run.loop()
     finally:
@@ -70,7 +73,9 @@ def train(cfg: TrainConfig, backend=None) -> int:
 class LocalRun:
     """The engine, the sampler, the learner rank and the prompt cursor of one local run."""
 
-    def __init__(self, cfg: TrainConfig, backend: Any = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, backend: Any = None, on_checked: Callable[[], None] | None = None
+    ) -> None:
         import torch
 
         from actors.engine_inputs import EngineInputs
@@ -80,7 +85,9 @@ class LocalRun:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = checkpoint_dir(self.run_dir)
-        check_run_dir(cfg, self.ckpt_dir)
+        check_before_writing(cfg)  # refused before anything is written: the run directory stays as it was
+        if on_checked is not None:
+            on_checked()
         save_resolved(cfg, self.run_dir)
         torch.manual_seed(cfg.seed)
         self.inputs = EngineInputs.load(cfg)

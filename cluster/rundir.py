@@ -1,6 +1,6 @@
-"""A training run's directory, the same for both drivers: the guard against overwriting a run, the
-truncation of logs past a resumed checkpoint, the exactly-once audit trail ``trained_trees.jsonl``
-and the final PNGs.
+"""A training run's directory, the same for both drivers: the refusals made before anything is
+written into it (:func:`check_before_writing`), the truncation of logs past a resumed checkpoint,
+the exactly-once audit trail ``trained_trees.jsonl`` and the final PNGs.
 
 Layout: ``config.yaml`` (written by :func:`common.config.save_resolved`), ``metrics.jsonl``,
 ``trained_trees.jsonl``, ``rollouts.jsonl`` (``log.rollouts_every_steps``), ``trackers.json`` (W&B /
@@ -19,7 +19,9 @@ from tqdm import tqdm
 from common.config import TrainConfig
 from common.errors import ConfigError
 from common.metrics import plot_histogram, plot_series, read_metrics
+from common.models import resolve_model_path
 from common.tree import Tree
+from learner.checkpoint import Checkpoint, require_checkpoint
 
 # rows keyed by step: truncated on resume (rollouts.jsonl: one row per logged tree)
 LOGS = ("metrics.jsonl", "trained_trees.jsonl", "rollouts.jsonl")
@@ -36,6 +38,21 @@ def check_run_dir(cfg: TrainConfig, ckpt_dir: Path) -> None:
         raise ConfigError(
             f"run_dir={cfg.run_dir} already holds checkpoints: pass --resume to continue it, or choose another run_dir"
         )
+
+
+def check_before_writing(cfg: TrainConfig, *, fallback: bool = True) -> Checkpoint | None:
+    """Every refusal that needs no server, made before the run directory is touched, so a refused
+    run leaves it byte for byte as it was (or absent): checkpoints without ``--resume``, a
+    ``--resume`` with no usable checkpoint (``fallback``: whether an older intact one may stand in
+    for a damaged published one), a ``model.path`` that names no model directory. Returns the
+    checkpoint a resume continues (verified), None on a fresh start."""
+    ckpt_dir = checkpoint_dir(cfg.run_dir)
+    check_run_dir(cfg, ckpt_dir)
+    # a 'tiny:' model is built when resolved (minutes on first use): that happens later, with the
+    # run's logging on; a directory or hub id is checked here without loading anything
+    if not cfg.model.path.startswith("tiny:"):
+        resolve_model_path(cfg.model.path)
+    return require_checkpoint(ckpt_dir, fallback) if cfg.resume else None
 
 
 def truncate_after(path: Path, step: int) -> None:

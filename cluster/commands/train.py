@@ -1,5 +1,7 @@
-"""``treepo train``: resolve the config (defaults <- preset <- key=value overrides), write it into the
-run directory, then run training. With no arguments it runs the CPU demo on the embedded defaults."""
+"""``treepo train``: resolve the config (defaults <- preset <- key=value overrides), refuse what would
+fail before anything is written (a refused run leaves its directory as it was), write the config
+into the run directory, then run training. With no arguments it runs the CPU demo on the embedded
+defaults."""
 
 from __future__ import annotations
 
@@ -56,16 +58,20 @@ def run(args: argparse.Namespace) -> int:
             )
     from cluster.logs import RunLogging
 
-    logs = RunLogging(cfg).start()
-    try:
+    logs = RunLogging(cfg)
+
+    def start_logging() -> None:  # called by the driver once its refusals are behind it
+        logs.start()
         if logs.quiet:
             print(f"[train] engine and Ray logs: {logs.dir}/ (--verbose shows them here)", flush=True)
+
+    try:
         if cfg.driver == "ray":
             from cluster.pipeline.controller import run_pipeline
 
-            return run_pipeline(cfg)
+            return run_pipeline(cfg, on_checked=start_logging)
         from cluster.local import train
 
-        return train(cfg)
+        return train(cfg, on_checked=start_logging)
     finally:
         logs.close()

@@ -1,8 +1,10 @@
 """The asynchronous pipeline's driver (``driver=ray``): generators stream trees through Redis, the
 learner group trains on them, new weights flow back. :func:`run_pipeline` is ``treepo train``'s entry.
 
-Set-up: the run's Redis (``queue.url`` or the embedded server in the run directory), Ray (a local
-``ray.init()`` unless already connected, e.g. inside ``ray job submit``), the learner ranks and the
+Set-up: first every refusal that needs no server (nothing is written before it: a refused run leaves
+its directory as it was), then the resolved config into the run directory, the run's Redis
+(``queue.url`` or the embedded server in the run directory), Ray (:mod:`cluster.pipeline.ray_session`:
+a local ``ray.init()`` unless already connected, e.g. inside ``ray job submit``), the learner ranks and the
 generators (:mod:`cluster.pipeline.topology`). Then :meth:`Controller.run`, one step after another,
 each loop one named method of :class:`Controller`:
 
@@ -35,8 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +49,13 @@ from cluster.logs import copy_ray_worker_logs
 from cluster.pipeline import topology
 from cluster.pipeline.consuming import CONSUMER, TreeConsumer, encoded_prompt_ids, run_limits
 from cluster.pipeline.publishing import WeightPublisher
-from cluster.pipeline.recovery import check_queue_state, config_snapshot, reconcile_window
+from cluster.pipeline.ray_session import connect_ray
+from cluster.pipeline.recovery import check_checkpoint, check_queue_state, config_snapshot, reconcile_window
 from cluster.pipeline.redis_launcher import queue_endpoint
 from cluster.pipeline.supervision import STATS_TIMEOUT_S, GeneratorSupervisor
 from cluster.rundir import (
     append_row,
-    check_run_dir,
+    check_before_writing,
     final_plots,
     progress_bar,
     trained_row,
@@ -72,6 +75,7 @@ from common.trackers import Trackers, open_trackers
 from common.tree import Tree, encode_tree
 from common.tree_render import write_step_pictures
 from learner import advantages  # looked up per call: tests swap advantages.tree_advantages
+from learner.checkpoint import Checkpoint
 from learner.rank import shard_for_rank
 from learner.selection import PLAIN, VersionLineage, record_staleness, rollout_metrics, staleness_metrics
 
@@ -82,40 +86,31 @@ COUNTS = ("duplicates", "dropped_stale", "dropped_uniform", "restarts", "sync_fa
 COUNTS += ("loop_failures", "hangs", "orphans")  # the pipeline/ counters, from the loops and the supervisor
 
 
-def _connect_ray(cfg: TrainConfig) -> tuple[bool, str | None]:
-    """Connect to the Ray cluster named by ``RAY_ADDRESS`` (set inside ``ray job submit``, or by the
-    user) or start a private local one; (True if we connected, the session directory of a Ray we
-    started). Never attaches to some other cluster
-    that happens to run on this machine (plain ``ray.init()`` would join the last ``ray start``)."""
-    if ray.is_initialized():
-        return False, None
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    # quiet (log.level=warning): the actors' output stays in Ray's log files, off the console
-    # (cluster/logs.py copies a local Ray's into the run directory)
-    verbose = cfg.log.level != "warning"
-    ctx = ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
-    return True, (ctx.address_info.get("session_dir") if address == "local" else None)
-
-
-def run_pipeline(cfg: TrainConfig) -> int:
-    """``treepo train driver=ray``: the asynchronous pipeline; returns the exit code."""
+def run_pipeline(cfg: TrainConfig, on_checked: Callable[[], None] | None = None) -> int:
+    """``treepo train driver=ray``: the asynchronous pipeline; returns the exit code. Every refusal
+    that needs no server comes before anything is written; then ``on_checked`` (the command starts
+    the run's logging there)."""
     check_sync_every(cfg)  # config validation refuses it already; a cfg built another way is checked here
-    run_dir = Path(cfg.run_dir)
-    check_run_dir(cfg, run_dir / "checkpoints")
+    run_dir, run_name = Path(cfg.run_dir), run_name_for(cfg.run_dir)
+    resumed = check_before_writing(cfg, fallback=False)
+    if resumed is not None:
+        check_checkpoint(cfg, resumed, run_name)
+    if on_checked is not None:
+        on_checked()
     save_resolved(cfg, run_dir)
     # resolved once here: a 'tiny:' model is built once, not by every actor
     model_path = resolve_model(cfg.model)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
     with queue_endpoint(cfg.queue, run_dir) as (url, password):
-        _check_queue_state(cfg, url, password, run_name_for(run_dir))
-        started, session_dir = _connect_ray(cfg)
+        _check_queue_state(cfg, url, password, run_name, resumed)
+        started, session_dir = connect_ray(cfg)
         try:
             if not cfg.queue.url and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
                 raise ConfigError(
                     "the embedded Redis listens on 127.0.0.1 of the driver's node, which generators on other "
                     "nodes cannot reach: set queue.url to a Redis every node can reach (e.g. on the head node)"
                 )
-            controller = Controller(cfg, url, password, run_name_for(run_dir))
+            controller = Controller(cfg, url, password, run_name)
             try:
                 return controller.run()
             finally:
@@ -126,11 +121,13 @@ def run_pipeline(cfg: TrainConfig) -> int:
                 ray.shutdown()
 
 
-def _check_queue_state(cfg: TrainConfig, url: str, password: str | None, run_name: str) -> None:
+def _check_queue_state(
+    cfg: TrainConfig, url: str, password: str | None, run_name: str, resumed: Checkpoint | None
+) -> None:
     """The resume's Redis-against-checkpoint check, or a fresh start's reset (see recovery.py)."""
     client = connect(url, password)
     try:
-        check_queue_state(cfg, client, run_name, describe(url))
+        check_queue_state(cfg, client, run_name, describe(url), resumed)
     finally:
         client.close()
 

@@ -1,14 +1,16 @@
 """What the pipeline checks and repairs before it runs, so a resume neither loses nor repeats a tree.
 
-- :func:`check_queue_state` compares the queue's Redis with the run directory. On ``--resume``: the
-  published checkpoint must be intact (no silent fall-back to an older one whose successors' trees
-  were already acknowledged), it must belong to this run (the Redis keys are named after the run
-  directory's absolute path, so a moved directory would find no state), Redis must still hold the
-  run's prompt state at least as far as the checkpoint's snapshot (a wiped or AOF-less Redis would
-  hand every prompt out again), and the keys that define what a tree is (data, ``tree.w``) must
-  equal the checkpoint's resolved config. On a fresh start (no checkpoint), Redis state left by an
-  earlier attempt that crashed before its first checkpoint is removed, with a message, and so are
-  that attempt's per-step logs.
+- :func:`check_checkpoint`, before anything is written or started (a refused resume leaves the run
+  directory as it was): the published checkpoint must be intact (no silent fall-back to an older one
+  whose successors' trees were already acknowledged: :func:`cluster.rundir.check_before_writing`
+  with ``fallback=False``), it must belong to this run (the Redis keys are named after the run
+  directory's absolute path, so a moved directory would find no state), and the keys that define
+  what a tree is (data, ``tree.w``) must equal the checkpoint's resolved config.
+- :func:`check_queue_state` compares the queue's Redis with the run directory. On ``--resume``:
+  Redis must still hold the run's prompt state at least as far as the checkpoint's snapshot (a wiped
+  or AOF-less Redis would hand every prompt out again). On a fresh start (no checkpoint), Redis
+  state left by an earlier attempt that crashed before its first checkpoint is removed, with a
+  message, and so are that attempt's per-step logs.
 - :func:`reconcile_window` runs after the learners loaded the checkpoint: the audit rows and the
   queue entries of the checkpoint's window (the steps since the previous checkpoint) are part of the
   checkpoint itself, so a crash between the save and the acknowledgement is finished here: rows
@@ -29,7 +31,7 @@ from common.config import TrainConfig
 from common.errors import ConfigError, QueueError
 from common.keys import RunKeys
 from common.replay import ReplayQueue
-from learner.checkpoint import require_checkpoint
+from learner.checkpoint import Checkpoint, require_checkpoint
 
 # keys whose change would make a queued tree or a prompt position mean something else
 RESUME_FIXED = (
@@ -54,15 +56,10 @@ def config_snapshot(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
-def check_queue_state(cfg: TrainConfig, client: redis.Redis, run_name: str, where: str) -> None:
-    """Refuse a resume whose Redis state or run directory does not match its checkpoint; clear the
-    state of an unfinished earlier attempt on a fresh start. ``where`` names the server in messages."""
-    keys = RunKeys(run_name)
-    if not cfg.resume:
-        _reset_unfinished_attempt(client, keys)
-        truncate_logs(Path(cfg.run_dir), -1)
-        return
-    ckpt = require_checkpoint(checkpoint_dir(cfg.run_dir), fallback=False)
+def check_checkpoint(cfg: TrainConfig, ckpt: Checkpoint, run_name: str) -> None:
+    """Refuse a resume whose checkpoint belongs to another run directory or whose config changes a
+    key that defines the run's prompts and trees. Reads the checkpoint only: made before anything is
+    written, so the run directory (its ``config.yaml`` included) stays as it was."""
     extra = ckpt.extra
     owner = (extra.get("stream") or {}).get("run")
     if owner and owner != run_name:
@@ -70,18 +67,6 @@ def check_queue_state(cfg: TrainConfig, client: redis.Redis, run_name: str, wher
             f"checkpoint {ckpt.path} belongs to run {owner!r} but run_dir={cfg.run_dir} is run {run_name!r}: "
             "the run directory moved (the queue's Redis keys are named after its absolute path); resume "
             "with run_dir set to the path the run was started at"
-        )
-    claimed = int(((extra.get("prompts") or {}).get("cursor") or {}).get("claimed", 0))
-    has_meta = bool(client.exists(keys.prompts_meta))
-    cursor = int(client.get(keys.prompts_cursor) or 0)
-    if claimed and (not has_meta or cursor < claimed):
-        held = f"prompt cursor {cursor}" if has_meta else "no state"
-        raise QueueError(
-            f"the queue's Redis at {where} holds {held} for run {run_name!r} but checkpoint {ckpt.path.name} "
-            f"was taken at prompt cursor {claimed}: Redis lost the run's data (restarted without its AOF, "
-            "flushed, or queue.url names another server), and resuming would hand prompts out again. "
-            "Restore Redis from its AOF (<run_dir>/redis/appendonlydir for the embedded server), or start "
-            f"a new run_dir from the checkpoint's weights (model.path={ckpt.path})"
         )
     saved = extra.get("config") or {}
     now = config_snapshot(cfg)
@@ -92,6 +77,35 @@ def check_queue_state(cfg: TrainConfig, client: redis.Redis, run_name: str, wher
             f"resume changes {detail}, which define the run's prompts and trees: resume with the "
             f"checkpoint's values (see {Path(cfg.run_dir) / 'config.yaml'} of the first run), or start "
             "a new run_dir"
+        )
+
+
+def check_queue_state(
+    cfg: TrainConfig, client: redis.Redis, run_name: str, where: str, ckpt: Checkpoint | None = None
+) -> None:
+    """Refuse a resume whose Redis state does not match its checkpoint; clear the state of an
+    unfinished earlier attempt on a fresh start. ``where`` names the server in messages; ``ckpt``:
+    the resumed checkpoint already checked by :func:`check_checkpoint` (found and checked here if
+    None)."""
+    keys = RunKeys(run_name)
+    if not cfg.resume:
+        _reset_unfinished_attempt(client, keys)
+        truncate_logs(Path(cfg.run_dir), -1)
+        return
+    if ckpt is None:
+        ckpt = require_checkpoint(checkpoint_dir(cfg.run_dir), fallback=False)
+        check_checkpoint(cfg, ckpt, run_name)
+    claimed = int(((ckpt.extra.get("prompts") or {}).get("cursor") or {}).get("claimed", 0))
+    has_meta = bool(client.exists(keys.prompts_meta))
+    cursor = int(client.get(keys.prompts_cursor) or 0)
+    if claimed and (not has_meta or cursor < claimed):
+        held = f"prompt cursor {cursor}" if has_meta else "no state"
+        raise QueueError(
+            f"the queue's Redis at {where} holds {held} for run {run_name!r} but checkpoint {ckpt.path.name} "
+            f"was taken at prompt cursor {claimed}: Redis lost the run's data (restarted without its AOF, "
+            "flushed, or queue.url names another server), and resuming would hand prompts out again. "
+            "Restore Redis from its AOF (<run_dir>/redis/appendonlydir for the embedded server), or start "
+            f"a new run_dir from the checkpoint's weights (model.path={ckpt.path})"
         )
 
 

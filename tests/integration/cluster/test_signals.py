@@ -1,0 +1,140 @@
+"""``treepo train driver=ray`` stopped by a signal once it trains, as a job scheduler (SIGTERM) or a
+person at the terminal (SIGINT) stops it: the exit status says so (143, 130; not the SIGABRT, 134,
+that Ray's C++ failure handler turns a slow cleanup into), and the cleanup is complete: the embedded
+redis-server, Ray's processes, the actors and their engines are gone, and the queue password file
+handed to the generators is removed from the run directory.
+
+The command runs in a child process with a Ray temp directory of its own (``RAY_TMPDIR``), so every
+process of its Ray is found by that path on its command line, besides the descendants it had when
+the signal was sent."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from paths import REPO
+from ray_nodes import small_pipeline_overrides
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+FIRST_STEP_TIMEOUT_S = 300.0
+
+
+def _processes() -> dict[int, tuple[int, str, str]]:
+    """Every process: pid -> (parent pid, start time, state)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(d.name)] = (int(fields[1]), fields[19], fields[0])
+    return out
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """The live descendants of ``root``: pid -> start time (so a reused pid is not mistaken)."""
+    procs = _processes()
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, start, _state) in procs.items():
+            if ppid == parent and pid not in found:
+                found[pid] = start
+                frontier.append(pid)
+    return found
+
+
+def _marked(marker: str) -> dict[int, str]:
+    """Processes with ``marker`` on their command line: pid -> start time."""
+    procs, out = _processes(), {}
+    for pid, (_ppid, start, _state) in procs.items():
+        with contextlib.suppress(OSError):
+            if pid != os.getpid() and marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out[pid] = start
+    return out
+
+
+def _alive(pids: dict[int, str]) -> dict[int, str]:
+    """The processes of ``pids`` still running (zombies count as gone), with their command lines."""
+    procs, out = _processes(), {}
+    for pid, start in pids.items():
+        info = procs.get(pid)
+        if info is not None and info[1] == start and info[2] != "Z":
+            with contextlib.suppress(OSError):
+                out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+    return out
+
+
+def _wait_gone(pids: dict[int, str], timeout_s: float) -> dict[int, str]:
+    deadline = time.monotonic() + timeout_s
+    while (left := _alive(pids)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.mark.parametrize(
+    "signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_signal_after_the_first_step_ends_cleanly(tmp_path, tiny_model_dir, signum, status):
+    pytest.importorskip("vllm")
+    run = tmp_path / "run"
+    ray_tmp = tempfile.mkdtemp(prefix="rsig", dir="/tmp")  # short: Ray's unix sockets live below it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["RAY_TMPDIR"] = ray_tmp
+    argv = [
+        sys.executable,
+        "-m",
+        "cluster",
+        "train",
+        *small_pipeline_overrides(
+            run, tiny_model_dir, "learner.total_steps=100", "checkpoint.every_steps=100"
+        ),
+    ]
+    log = tmp_path / "console.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
+    tree: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + FIRST_STEP_TIMEOUT_S
+        metrics = run / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"no step in {FIRST_STEP_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}"
+            )
+            time.sleep(0.5)
+        tree = {**_descendants(proc.pid), **_marked(ray_tmp)}
+        assert any("redis-server" in c for c in _alive(tree).values()), "no embedded redis-server found"
+        assert (run / "secrets" / "queue_password").exists()
+        t0 = time.monotonic()
+        proc.send_signal(signum)
+        rc = proc.wait(timeout=180)
+        console = log.read_text(errors="replace")
+        assert rc == status, f"exit status {rc} after {signum.name}:\n{console[-4000:]}"
+        assert "SIGTERM received" not in console and "Traceback" not in console, console[-4000:]
+        left = _wait_gone({**tree, **_marked(ray_tmp)}, 15.0)
+        assert not left, f"left running after {signum.name}: {left}"
+        assert not (run / "secrets" / "queue_password").exists(), "the queue password file was left behind"
+        assert not (run / "redis" / "endpoint.json").exists(), "the embedded Redis was not stopped cleanly"
+        print(f"[timing] {signum.name}: exit {rc} in {time.monotonic() - t0:.1f} s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        for pid in _alive({**tree, **_marked(ray_tmp)}):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
