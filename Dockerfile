@@ -52,7 +52,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     echo "ray==$RAY_VERSION" > "$VIRTUAL_ENV/constraints.txt"; \
     export PIP_CONSTRAINT="$VIRTUAL_ENV/constraints.txt"; \
     case "$VARIANT" in \
-      gpu) "$VIRTUAL_ENV/bin/pip" install -q -e ".[gpu,dev]" ;; \
+      gpu) "$VIRTUAL_ENV/bin/pip" install -q -e ".[gpu,dev,lora,trackers]" ;; \
       cpu) ln -s "$VIRTUAL_ENV" .venv \
            && TREEPO_TORCH_INDEX="$TORCH_INDEX" bash scripts/setup.sh \
            && rm .venv ;; \

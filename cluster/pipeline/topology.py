@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -38,7 +39,6 @@ from common.replay import SecretFile
 
 GENERATOR_MAX_RESTARTS = 8  # a generator that dies this often is broken, not unlucky
 GENERATOR_CONCURRENCY = 4  # the run loop + weight offers + stats + stop
-START_TIMEOUT_S = 600.0
 
 
 class LearnerHost:
@@ -193,8 +193,10 @@ def _check_resources(cfg: TrainConfig) -> None:
         )
 
 
-def start_learners(cfg: TrainConfig, timeout_s: float = START_TIMEOUT_S) -> tuple[list[Any], Any]:
-    """Create and set up the learner ranks in one placement group; returns (handles, placement group)."""
+def start_learners(cfg: TrainConfig, timeout_s: float | None = None) -> tuple[list[Any], Any]:
+    """Create and set up the learner ranks in one placement group; returns (handles, placement group).
+    Every wait is bounded by ``timeout_s`` (default ``generators.start_timeout_s``)."""
+    timeout_s = cfg.generators.start_timeout_s if timeout_s is None else timeout_s
     n, gpus = cfg.learner.num_workers, cfg.learner.gpus_per_worker
     bundle: dict[str, float] = {"CPU": 1, **cfg.learner.ray_resources}
     if gpus:
@@ -204,8 +206,8 @@ def start_learners(cfg: TrainConfig, timeout_s: float = START_TIMEOUT_S) -> tupl
     if not ready:
         remove_placement_group(pg)
         raise ConfigError(
-            f"no room for {n} learner rank(s) of {bundle} within {timeout_s:.0f} s: free resources or lower "
-            "learner.num_workers / learner.gpus_per_worker"
+            f"no room for {n} learner rank(s) of {bundle} within {timeout_s:.0f} s: free resources, lower "
+            "learner.num_workers / learner.gpus_per_worker, or raise generators.start_timeout_s"
         )
     cls = ray.remote(LearnerHost)
     handles = [
@@ -251,9 +253,11 @@ def start_generator(
 
 
 def start(
-    cfg: TrainConfig, queue_url: str, password: str | None, run_name: str, timeout_s: float = START_TIMEOUT_S
+    cfg: TrainConfig, queue_url: str, password: str | None, run_name: str, timeout_s: float | None = None
 ) -> Topology:
-    """Learners and generators, all started and answering (generators start while learners load)."""
+    """Learners and generators, all started and answering (generators start while learners load), each
+    wait bounded by ``timeout_s`` (default ``generators.start_timeout_s``)."""
+    timeout_s = cfg.generators.start_timeout_s if timeout_s is None else timeout_s
     _check_resources(cfg)
     # absolute: the generators' working directories differ from the driver's
     secret = SecretFile.write(Path(cfg.run_dir).resolve(), password) if password else None
@@ -261,9 +265,14 @@ def start(
         gens = [start_generator(cfg, g, queue_url, secret, run_name) for g in range(cfg.generators.num)]
         learners, pg = start_learners(cfg, timeout_s)
         ray.get([g.ready.remote() for g in gens], timeout=timeout_s)
-    except BaseException:
+    except BaseException as e:
         if secret is not None:
             secret.remove()
+        if isinstance(e, GetTimeoutError):
+            raise ConfigError(
+                f"the learner ranks and generators did not all start within {timeout_s:.0f} s "
+                "(generators.start_timeout_s): raise it, or point model.path at a copy on a local or shared disk"
+            ) from e
         raise
     return Topology(learners, gens, pg, queue_secret=secret)
 

@@ -32,6 +32,12 @@ def check_across_sections(cfg: TrainConfig) -> None:
             f"sync.receiver=engine_workers needs generators.backend=vllm (got {gen.backend!r}): "
             "use sync.receiver=auto or generator"
         )
+    if cfg.sync.receiver == "generator" and gen.gpus_per_engine > 0:
+        raise ConfigError(
+            "sync.receiver=generator holds every weight bucket of an update on the generator's GPU (a "
+            "second copy of the model and a second CUDA context beside the engine's) when "
+            "generators.gpus_per_engine > 0: use sync.receiver=engine_workers or auto"
+        )
     longest = cfg.tree.max_response_tokens
     if cfg.reward.overlong_buffer > longest:
         raise ConfigError(

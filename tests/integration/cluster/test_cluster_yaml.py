@@ -360,9 +360,42 @@ def test_setup_installs_the_gpu_extra_with_the_images_ray(path):
     installs = [c for c in cfg["setup_commands"] if "pip install" in c]
     assert installs, "setup_commands must install the project"
     cmd = shlex.split(installs[0])
-    assert ".[gpu]" in cmd and cmd[cmd.index(".[gpu]") - 1] == "-e"
+    project = [w for w in cmd if w.startswith(".[")]
+    assert len(project) == 1 and cmd[cmd.index(project[0]) - 1] == "-e"
+    assert "gpu" in install_extras(project[0])
     assert f"ray[default]=={ray.__version__}" in cmd  # pip fails instead of swapping Ray
     assert cmd[:3] == ["cd", next(iter(cfg["file_mounts"])), "&&"]
+
+
+def install_extras(word: str) -> set[str]:
+    """The extras of an editable install's target: ".[gpu,lora]" -> {"gpu", "lora"}."""
+    found = re.fullmatch(r"\.\[([a-z0-9_,-]+)\]", word)
+    assert found, f"not a project install target: {word!r}"
+    return set(found.group(1).split(","))
+
+
+def test_gpu_images_carry_every_runtime_extra():
+    """The Dockerfile's GPU image and every cluster YAML install each extra the code imports at run
+    time (every extra but the CPU build and the dev tools): without `lora` a learner.lora.rank > 0
+    run, without `trackers` a log.backends=[wandb] run fails at start on the cluster."""
+    # the names of pyproject.toml's [project.optional-dependencies] table (no tomllib on Python 3.10)
+    table = (
+        (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]\n")[1].split("\n[")[0]
+    )
+    extras = set(re.findall(r"^([a-z0-9_-]+) = \[", table, re.M))
+    runtime = extras - {"cpu", "dev"}
+    assert {"gpu", "lora", "trackers"} <= runtime
+    gpu_step = re.search(r'gpu\)[^;]*pip"? install -q -e "(\.\[[^\]]*\])"', (ROOT / "Dockerfile").read_text())
+    assert gpu_step, "the Dockerfile's gpu variant must pip install the project"
+    targets = {"Dockerfile": gpu_step.group(1)}
+    for path in CLUSTER_YAMLS:
+        cmd = shlex.split(next(c for c in load(path)["setup_commands"] if "pip install" in c))
+        targets[path.name] = next(w for w in cmd if w.startswith(".["))
+    for where, target in targets.items():
+        have = install_extras(target)
+        assert have <= extras, f"{where}: unknown extras {sorted(have - extras)}"
+        assert runtime <= have, f"{where} installs {target}: add {sorted(runtime - have)}"
+    assert len(targets) == 1 + len(CLUSTER_YAMLS) >= 3
 
 
 @pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=ids)

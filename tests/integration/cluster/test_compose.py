@@ -372,7 +372,7 @@ def test_dockerfile_install_step_per_variant(tmp_path):
     proc, log, work = _run_install_step(tmp_path / "gpu", "gpu")
     assert proc.returncode == 0, proc.stderr
     pip = [line for line in log.splitlines() if line.startswith("pip ")]
-    assert len(pip) == 1 and "install -q -e .[gpu,dev]" in pip[0] and pinned_ray in pip[0]
+    assert len(pip) == 1 and "install -q -e .[gpu,dev,lora,trackers]" in pip[0] and pinned_ray in pip[0]
     assert "setup.sh" not in log
     assert all((work / pkg / "__init__.py").exists() for pkg in ("common", "actors", "learner", "cluster"))
 
