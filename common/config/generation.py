@@ -319,6 +319,14 @@ class GeneratorConfig:
         "hung: the controller restarts it and re-issues its prompts.",
         at_least=1.0,
     )
+    start_timeout_s: float = doc(
+        600.0,
+        "Seconds the pipeline waits for its actors to start (learner ranks and generator engines: room "
+        "on the cluster, model load, compile, CUDA-graph capture). The first start of a large run (e.g. "
+        "32 GPUs each fetching the model from the hub) can take longer: raise it, and point model.path "
+        "at a directory on the shared disk.",
+        at_least=1.0,
+    )
     ray_resources: dict[str, float] = doc(
         {},
         "Extra Ray resources each generator actor requests, e.g. {generator_node: 1} to pin generators "
