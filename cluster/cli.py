@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": (
         "cluster.commands.bench",
-        "Benchmarks (JSON and a table, ratios against a baseline in the same run): sampling, learner, sync, queue, eval.",
+        "Benchmarks (JSON and a table, ratios against a baseline in the same run): sampling, learner, sync, queue, eval, pipeline, recipe.",
     ),
     "make-tiny-model": (
         "cluster.commands.tiny",

@@ -4,7 +4,7 @@ Keys of a run (:class:`common.keys.RunKeys`): the stream ``trees`` (entries ``{t
 bytes>, schema: <version>}``), the dead-letter stream ``dead`` and the counter ``dead_count``;
 consumers read in the group ``learners``.
 
-Delivery contract (DESIGN.md): at-least-once into Redis, exactly-once into training relative to
+Delivery contract: at-least-once into Redis, exactly-once into training relative to
 checkpoints.
 
 - Generators call :meth:`ReplayQueue.push`; an entry over ``max_entry_bytes`` is refused at the

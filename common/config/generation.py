@@ -254,7 +254,8 @@ class SamplingConfig:
     )
     per_request_seed: bool = doc(
         False,
-        "Give each request its own seed (derived from tree and node ids). Off on CPU by default: see PITFALLS.",
+        "Give each request its own seed (derived from tree and node ids). Off by default: on the CPU build a "
+        "seeded request whose prefill is split into chunks crashes the engine (the engine's seed still applies).",
     )
 
     def check(self) -> None:
