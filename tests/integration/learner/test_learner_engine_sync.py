@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sequences import generated_sequence
 
 from actors.backends.base import GenRequest
 from common.config import load_config
-from learner.batching import LeafSequence
 from learner.synthetic import synthetic_trees
 
 pytestmark = pytest.mark.integration
@@ -46,23 +46,11 @@ def test_engine_matches_learner_after_sync(vllm_backend, tiny_model_dir):
         vllm_backend.reset_prefix_cache()
         assert vllm_backend.policy_version == 1
         out = vllm_backend.generate([GenRequest(prompt, 24)])[0]
-        seq = LeafSequence(
-            token_ids=np.array(prompt + list(out.token_ids), dtype=np.int64),
-            prompt_len=len(prompt),
-            behavior_logprobs_R=np.array(out.logprobs, dtype=np.float32),
-            versions_R=np.ones(len(out.token_ids), dtype=np.int64),
-            advantage=0.0,
-        )
+        seq = generated_sequence(prompt, out, version=1)
         learner_lp = learner.compute_logprobs([seq])[0]
         np.testing.assert_allclose(np.array(out.logprobs), learner_lp, atol=2e-3)
         # and the old engine weights would NOT have matched (the update really changed the policy)
-        old_seq = LeafSequence(
-            token_ids=np.array(prompt + list(before.token_ids), dtype=np.int64),
-            prompt_len=len(prompt),
-            behavior_logprobs_R=np.array(before.logprobs, dtype=np.float32),
-            versions_R=np.zeros(len(before.token_ids), dtype=np.int64),
-            advantage=0.0,
-        )
+        old_seq = generated_sequence(prompt, before, version=0)
         assert np.abs(learner.compute_logprobs([old_seq])[0] - np.array(before.logprobs)).max() > 1e-2
     finally:
         original = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)

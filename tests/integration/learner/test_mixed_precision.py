@@ -126,7 +126,7 @@ ENGINE_SCRIPT = textwrap.dedent(
     import numpy as np, torch
     from actors.backends.base import GenRequest
     from actors.backends.vllm_backend import VLLMBackend
-    from learner.batching import LeafSequence
+    from sequences import generated_sequence
     from tests.integration.learner.test_mixed_precision import _one_step
 
     model_dir, out = sys.argv[1], sys.argv[2]
@@ -157,13 +157,7 @@ ENGINE_SCRIPT = textwrap.dedent(
     prompt = [3, 4, 5, 6, 7, 8, 9]
     for seed in range(3):
         got = engine.generate([GenRequest(prompt, 24, seed=seed)])[0]
-        seq = LeafSequence(
-            token_ids=np.array(prompt + list(got.token_ids), dtype=np.int64),
-            prompt_len=len(prompt),
-            behavior_logprobs_R=np.array(got.logprobs, dtype=np.float32),
-            versions_R=np.ones(len(got.token_ids), dtype=np.int64),
-            advantage=0.0,
-        )
+        seq = generated_sequence(prompt, got, version=1)
         mine = learner.compute_logprobs([seq])[0]
         result["diffs"].extend(np.abs(np.array(got.logprobs) - mine).tolist())
     engine.close()
