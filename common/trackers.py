@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from common.config.fields import flat_config  # not the package: its validation imports this module
 from common.errors import ConfigError
 from common.metrics import MetricsLog
 
@@ -205,7 +205,7 @@ class WandbTracker:
             id=run_id or secrets.token_hex(6),
             resume="allow",
             dir=str(run_dir),
-            config=_flat_config(cfg),
+            config=flat_config(cfg),
             settings=wandb.Settings(console="off", quiet=quiet, silent=quiet),
         )
         self.run.define_metric("train/step")
@@ -272,7 +272,7 @@ class MlflowTracker:
 
         params = [
             Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-            for k, v in _flat_config(cfg).items()
+            for k, v in flat_config(cfg).items()
         ]
         params = [Param(p.key, p.value[:MLFLOW_PARAM_CHARS]) for p in params]
         for i in range(0, len(params), 100):
@@ -299,22 +299,6 @@ class MlflowTracker:
 
     def close(self) -> None:
         self.client.set_terminated(self.id)
-
-
-def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The resolved config as ``{"tree.w": 8, ...}`` (the trackers' run parameters)."""
-    out: dict[str, Any] = {}
-
-    def walk(obj: Any, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                out[f"{prefix}{f.name}"] = value
-
-    walk(cfg, "")
-    return out
 
 
 class Trackers:

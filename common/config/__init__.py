@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from omegaconf import MISSING
 
-from common.config.fields import check_fields, choice, doc, nested
+from common.config.fields import check_fields, choice, doc, flat_config, nested
 from common.config.generation import (
     BUILTIN_REWARDS,
     Allocation,
@@ -142,6 +142,7 @@ __all__ = [
     "doc",
     "from_yaml_text",
     "help_table",
+    "flat_config",
     "load_config",
     "nested",
     "parse_overrides",

@@ -56,3 +56,20 @@ def check_fields(section: Any, prefix: str = "") -> None:
         low = f.metadata.get("at_least")
         if low is not None and value < low:
             raise ConfigError(f"{key}={value} is too small: set {key} >= {low}")
+
+
+def flat_config(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as ``{"tree.w": 8, "log.wandb.project": ...}``: every leaf field under its
+    dotted key (the trackers' run parameters)."""
+    out: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = value
+
+    walk(cfg, "")
+    return out

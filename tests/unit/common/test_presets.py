@@ -8,7 +8,6 @@ parser and its overrides are loaded on top of the preset, so the documented comm
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from paths import REPO
 
-from common.config import ConfigError, TrainConfig, load_config
+from common.config import ConfigError, flat_config, load_config
 
 ROOT = REPO
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -48,21 +47,6 @@ def run_line(path: Path) -> list[str]:
     lines = [line for line in text.splitlines() if line.lstrip().startswith("ray job submit")]
     assert len(lines) == 1, f"{path.name}: the header must show one `ray job submit` line"
     return shlex.split(lines[0])
-
-
-def flat(cfg: TrainConfig) -> dict[str, object]:
-    out: dict[str, object] = {}
-
-    def walk(obj, prefix):
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            if dataclasses.is_dataclass(v):
-                walk(v, f"{prefix}{f.name}.")
-            else:
-                out[f"{prefix}{f.name}"] = v
-
-    walk(cfg, "")
-    return out
 
 
 def test_there_are_cluster_presets():
@@ -175,8 +159,8 @@ def test_7b_treepo_has_the_paper_settings():
 
 
 def test_grpo_baseline_differs_only_in_sampling_and_advantage():
-    treepo = flat(load_config(ROOT / "configs" / "qwen2.5-7b-treepo.yaml"))
-    grpo = flat(load_config(ROOT / "configs" / "qwen2.5-7b-grpo.yaml"))
+    treepo = flat_config(load_config(ROOT / "configs" / "qwen2.5-7b-treepo.yaml"))
+    grpo = flat_config(load_config(ROOT / "configs" / "qwen2.5-7b-grpo.yaml"))
     differ = {k for k in treepo if treepo[k] != grpo[k]}
     assert grpo["tree.mode"] == "flat" and grpo["algo.advantage"] == "grpo" and grpo["algo.whiten"] is False
     # tree-only knobs (unused by flat sampling) may differ; nothing that shapes training may
