@@ -270,11 +270,8 @@ class MlflowTracker:
         """The flattened config as run params (MLflow's limits: 100 a batch, values of 6000 chars)."""
         from mlflow.entities import Param
 
-        params = [
-            Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-            for k, v in flat_config(cfg).items()
-        ]
-        params = [Param(p.key, p.value[:MLFLOW_PARAM_CHARS]) for p in params]
+        text = lambda v: json.dumps(v) if isinstance(v, (list, dict)) else str(v)  # noqa: E731
+        params = [Param(k, text(v)[:MLFLOW_PARAM_CHARS]) for k, v in flat_config(cfg).items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.id, params=params[i : i + 100])
 
