@@ -2,7 +2,10 @@
 answer; the verdict on one problem's answers.
 
 Rewards are computed in one batch per tree (``RewardFn.judge_many``), so verifier subprocesses work
-in parallel; a crashing or timed-out reward scores as wrong and is counted by the reward's stats.
+in parallel; a crashing or timed-out reward scores as wrong and is counted by the reward's stats, and
+each tree carries how many of its leaves' calls failed and the first error
+(:func:`common.rewards.failures.mark_tree`: the drivers count them per step and stop a run whose
+reward fails too often).
 A leaf's verdict (``Leaf.correct``) is the reward's (:mod:`common.rewards`: above the midpoint of its
 correct and wrong values, before the overlong penalty); the majority answer is
 :func:`common.eval_metrics.majority_vote`'s.
@@ -19,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from common.answers import last_boxed
 from common.eval_metrics import majority_vote
 from common.rewards import RewardFn, RewardItem
+from common.rewards.failures import mark_tree
 from common.stops import StopRule
 from common.tree import Tree
 
@@ -42,17 +46,21 @@ def score_trees(
     leaf of every tree (in place)."""
     items, slots = [], []
     wants_prompts = bool(getattr(reward, "wants_prompts", False))  # batched user functions, reward servers
-    for tree in trees:
+    for t, tree in enumerate(trees):
         answer = str(tree.metadata.get("answer", ""))
         prompt = decode(tree.prompt_ids.tolist()) if wants_prompts else ""
         for leaf, text in zip(tree.leaves, leaf_texts(tree, decode, stop)):
             leaf.answer = last_boxed(text)
             items.append(RewardItem(text, answer, dict(tree.metadata), leaf.length, prompt))
-            slots.append(leaf)
+            slots.append((t, leaf))
     if reward is None:
         return
-    for leaf, scored in zip(slots, reward.judge_many(items)):
+    errors: dict[int, list[str]] = {}  # per tree (by position): the failure text of each leaf's call
+    for (t, leaf), scored in zip(slots, reward.judge_many(items)):
         leaf.reward, leaf.correct = float(scored.reward), bool(scored.correct)
+        errors.setdefault(t, []).append(getattr(scored, "error", ""))
+    for t, tree in enumerate(trees):
+        mark_tree(tree.metadata, errors.get(t, ()))
 
 
 def majority_verdict(answers: Sequence[str | None], correct: Sequence[bool]) -> tuple[str | None, bool]:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cluster.logs import engine_output
+from cluster.logs import engine_output, eval_line, nothing_trained
 from cluster.rundir import (
     append_trained,
     check_before_writing,
@@ -40,6 +40,7 @@ from cluster.rundir import (
 from common.config import TrainConfig, save_resolved
 from common.metrics import values
 from common.prompts import EpochCursor
+from common.rewards.failures import StepFailures
 from common.rollouts import due, step_records
 from common.trackers import open_trackers
 from common.tree_render import write_step_pictures
@@ -62,6 +63,8 @@ def train(cfg: TrainConfig, backend=None, on_checked: Callable[[], None] | None 
         step = run.loop()
     finally:
         run.close()
+    if step == run.start_step < cfg.learner.total_steps:  # the data ran out before a step
+        raise nothing_trained(cfg, run.dropped_uniform)
     final_plots(run.run_dir, run.staleness_hist)
     print(
         f"[train] done: {step} steps, metrics in {run.run_dir / 'metrics.jsonl'}, plots in {run.run_dir}",
@@ -102,6 +105,8 @@ class LocalRun:
         )
         extra = self.learner.load(self.ckpt_dir, required=True) if cfg.resume else None
         self.start_step = int(extra["step"]) if extra else 0
+        if extra:
+            print(f"[train] resumed from step {self.start_step}", flush=True)
         truncate_logs(self.run_dir, self.start_step)
         self.cursor = EpochCursor(
             len(self.train_set.prompts),
@@ -120,6 +125,8 @@ class LocalRun:
         self.sampler = self.inputs.sampler(self.backend, stats=self.stats)
         self.metrics_log = open_trackers(cfg)
         self.staleness_hist: dict[int, int] = {}
+        self.failures = StepFailures.for_run(cfg)  # failed reward calls of the step being collected
+        self.dropped_uniform = 0  # trees dropped by dynamic sampling over the run
 
     @property
     def evaluates(self) -> bool:
@@ -130,7 +137,7 @@ class LocalRun:
         from actors.evaluator import run_eval
 
         out = run_eval(self.backend, self.inputs, self.held_out.prompts, self.held_out.reward).train_metrics()
-        print(f"[eval] step {step}: " + "  ".join(f"{k}={v:.3f}" for k, v in out.items()), flush=True)
+        print(eval_line(step, out), flush=True)
         return out
 
     def collect(self, need: int) -> tuple[list, dict[str, float]] | None:
@@ -158,7 +165,10 @@ class LocalRun:
             done = sampler.step()
             score_trees(done, self.train_set.reward, self.inputs.decode, self.inputs.stop_set)
             for tree in done:
+                self.failures.add_tree(tree)
                 sel.offer(tree)
+            self.failures.check()  # a reward failing past reward.max_error_share stops the run
+        self.dropped_uniform += sel.dropped_uniform
         if not sel.kept:
             return None
         return sel.kept, sel.metrics()
@@ -213,6 +223,10 @@ class LocalRun:
             while step < cfg.learner.total_steps:
                 t0 = time.perf_counter()
                 got = self.collect(cfg.learner.prompts_per_step)
+                line = self.failures.summary(step + 1)
+                if line:
+                    print(line, flush=True)
+                failed = self.failures.close_step()  # stops the run past reward.max_error_share
                 if got is None:
                     print(
                         f"[train] prompts exhausted after {cfg.data.epochs} epoch(s) at step {step}",
@@ -221,6 +235,7 @@ class LocalRun:
                     break
                 trees, m = got
                 step += 1
+                m.update(failed)
                 m = self.step(step, trees, m, t0)
                 self.metrics_log.log(step, m)
                 append_trained(

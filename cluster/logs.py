@@ -28,7 +28,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.config import TrainConfig
+from common.config import DataConfig, ModelConfig, TrainConfig
+from common.errors import DataError
 
 LIBRARY_LOGGERS = (
     "vllm",
@@ -68,6 +69,7 @@ class RunLogging:
     :meth:`route` re-detaches console handlers a library added when imported later (Ray, vLLM)."""
 
     def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
         self.quiet = is_quiet(cfg)
         self.level = getattr(logging, cfg.log.level.upper())
         self.dir = log_dir(cfg.run_dir)
@@ -78,6 +80,8 @@ class RunLogging:
         self._env: dict[str, str | None] = {}
 
     def start(self) -> RunLogging:
+        for line in demo_notes(self.cfg):  # the first lines of the run
+            print(line, flush=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         project = logging.getLogger(PROJECT_LOGGER)
         self._saved[PROJECT_LOGGER] = (list(project.handlers), project.propagate, project.level)
@@ -191,3 +195,59 @@ def copy_ray_worker_logs(
         with contextlib.suppress(OSError):  # a file Ray rotates away right now: the others still come
             shutil.copyfile(f, dst / f.name)
     return dst
+
+
+DEMO_MODEL = ModelConfig().path  # the demo's defaults: model.path, data.train and data.eval
+DEMO_DATA = DataConfig().train
+DEMO_EVAL = DataConfig().eval
+
+
+def demo_notes(cfg: TrainConfig) -> list[str]:
+    """The run's first console lines when it uses the demo's model or held-out data (defaults that
+    stay silently when only data.train is set), with a warning when the user's training data is
+    evaluated on the demo's synthetic task."""
+    lines = []
+    if cfg.model.path == DEMO_MODEL:
+        lines.append(
+            f"[train] model: {DEMO_MODEL}, the demo's tiny model (set model.path=<model directory or hub id>)"
+        )
+    if cfg.eval.every_steps > 0 and cfg.data.eval == DEMO_EVAL:
+        lines.append(
+            f"[train] eval data: {DEMO_EVAL}, the demo's held-out problems (set data.eval=<file> for yours, "
+            "or eval.every_steps=0)"
+        )
+    specs = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+    users = [str(s) for s in specs if not str(s).startswith("synthetic:")]
+    if cfg.eval.every_steps > 0 and users and str(cfg.data.eval).startswith("synthetic:"):
+        lines.append(
+            f"[train] warning: training on {', '.join(users)} but evaluating on the synthetic task "
+            f"{cfg.data.eval}, which says nothing about your data: set data.eval=<your held-out file> "
+            "or eval.every_steps=0"
+        )
+    return lines
+
+
+def eval_line(step: int, metrics: dict[str, float]) -> str:
+    """The console line of an evaluation, the same for both drivers: its ``eval/`` metrics."""
+    shown = "  ".join(
+        f"{k}={v:.3f}"
+        for k, v in metrics.items()
+        if k.startswith("eval/") and ("@" in k or k == "eval/answered")
+    )
+    return f"[eval] step {step}: {shown}"
+
+
+def nothing_trained(cfg: TrainConfig, trees_dropped: int) -> DataError:
+    """The error of a run that ended without training a step although ``learner.total_steps`` asked
+    for more: the data ran out before one step's trees were kept."""
+    why = (
+        f"dynamic sampling dropped all {trees_dropped} tree(s) (every leaf right, or every leaf wrong): "
+        "check that the reward tells answers apart (reward.fn, reward.correct/wrong), or set "
+        "algo.dynamic_sampling=false"
+        if trees_dropped
+        else "no prompt was left to sample (a resumed run whose data is used up: raise data.epochs)"
+    )
+    return DataError(
+        f"0 steps trained: the prompts ran out (data.epochs={cfg.data.epochs}) before a step's trees were "
+        f"kept; {why}"
+    )

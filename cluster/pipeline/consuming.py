@@ -49,6 +49,7 @@ from common.keys import RunKeys
 from common.models import load_tokenizer
 from common.prompts import PromptDispatcher
 from common.replay import ReplayQueue
+from common.rewards.failures import StepFailures
 from common.rewards.resolve import reward_range
 from common.tree import RunLimits, Tree, check_for_run, encode_tree
 from learner import advantages  # looked up per call: tests swap advantages.tree_advantages
@@ -83,10 +84,11 @@ def run_limits(cfg: TrainConfig, prompt_ids: list[str]) -> RunLimits:
 
 
 class Policy(Protocol):
-    """The learner's current policy version and its lineage (the controller has both)."""
+    """The learner's current policy version, its lineage and the steps trained (the controller has them)."""
 
     version: int
     lineage: VersionLineage
+    step: int
 
 
 class TreeConsumer:
@@ -119,6 +121,7 @@ class TreeConsumer:
         queue.check = self._check_tree
         queue.on_dead_letter = self._quarantined  # every dead letter, whoever refused the entry
         self._lines_left = QUARANTINE_LINES  # console lines left for quarantined entries this step
+        self.failures = StepFailures.for_run(cfg)  # failed reward calls of the trees of this step
 
     def _check_tree(self, tree: Tree) -> None:
         """The queue's run-level check of a decoded tree (WireError quarantines it)."""
@@ -187,10 +190,14 @@ class TreeConsumer:
             entries = self._next_entries(need - len(sel.kept))
             before = self.dropped
             for entry_id, tree in entries:
-                if self._take(entry_id, tree, sel, entry_of) == "dropped":
+                taken = self._take(entry_id, tree, sel, entry_of)
+                if taken == "dropped":
                     self.dropped += 1
+                if taken not in ("quarantined", "duplicate"):
+                    self.failures.add_tree(tree)
             if self.dropped != before:
                 self.set_dropped()
+            self.failures.check()  # a reward failing past reward.max_error_share stops the run
             if entries:
                 last_tree = time.perf_counter()
                 continue
@@ -204,7 +211,10 @@ class TreeConsumer:
                     f"no tree arrived for {STALL_TIMEOUT_S:.0f} s while generators are alive: check the "
                     "generator logs (ray logs) and queue state (`treepo queue inspect`)"
                 )
+        failed = self._close_step()
         kept = sel.kept
+        self.counts["dropped_stale"] += sel.dropped_stale
+        self.counts["dropped_uniform"] += sel.dropped_uniform
         if len(kept) < need and self.world > 1:  # every rank needs the same share: the rest stays pending
             keep = len(kept) - len(kept) % cfg.learner.mini_batch_prompts
             short = {entry_of[t.tree_id] for t in kept[keep:]}
@@ -213,14 +223,20 @@ class TreeConsumer:
             kept = kept[:keep]
         if not kept:
             return None
-        self.counts["dropped_stale"] += sel.dropped_stale
-        self.counts["dropped_uniform"] += sel.dropped_uniform
         reissued = float(self.dispatcher.reissued_total())
         return kept, {
             **sel.metrics(),
+            **failed,
             "staleness/trees_dropped": sel.dropped_stale,
             "pipeline/reissued_stale": reissued,
         }
+
+    def _close_step(self) -> dict[str, float]:
+        """The step's one line about failed reward calls, if any; the bound over all of its calls
+        (RewardError past it); its reward/failed_* metrics."""
+        if self.failures.failed:
+            print(self.failures.summary(self.policy.step + 1), flush=True)
+        return self.failures.close_step()
 
     def _take(self, entry_id: str, tree: Tree, sel: Selection, entry_of: dict[str, str]) -> str:
         """One delivered tree: ``quarantined`` when checking or preparing it raises (it goes to the

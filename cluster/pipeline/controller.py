@@ -45,7 +45,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from cluster.logs import copy_ray_worker_logs
+from cluster.logs import copy_ray_worker_logs, eval_line, nothing_trained
 from cluster.pipeline import topology
 from cluster.pipeline.consuming import CONSUMER, TreeConsumer, encoded_prompt_ids, run_limits
 from cluster.pipeline.publishing import WeightPublisher
@@ -193,7 +193,7 @@ class Controller:
         checkpoint (:meth:`_finish`) and the final plots."""
         cfg = self.cfg
         self._start()
-        last_ckpt = self.step
+        last_ckpt = start = self.step
         progress = progress_bar(cfg, self.step, "train[ray]")
         try:
             while self.step < cfg.learner.total_steps:
@@ -211,6 +211,8 @@ class Controller:
             self._finish(last_ckpt)
         finally:
             progress.close()
+        if self.step == start < cfg.learner.total_steps:  # the data ran out before a step
+            raise nothing_trained(cfg, self.counts["dropped_uniform"])
         final_plots(self.run_dir, self.staleness_hist)
         wall = time.perf_counter() - self.t_start
         print(
@@ -285,7 +287,7 @@ class Controller:
                     print(f"[pipeline] re-issued {n} prompt(s) of retired generator {gid}", flush=True)
         redelivered, kept, reissued = self.consumer.reclaim()
         print(
-            f"[pipeline] resumed at step {self.step} (policy version {self.version}): {redelivered} "
+            f"[pipeline] resumed from step {self.step} (policy version {self.version}): {redelivered} "
             f"unacknowledged tree(s) re-delivered, {kept} kept, {reissued} too stale (prompts re-issued)",
             flush=True,
         )
@@ -366,11 +368,7 @@ class Controller:
                 print(f"[eval] generator {g} is gone; trying the next one", flush=True)
         if out:
             out["timing/eval_s"] = time.perf_counter() - t0
-            print(
-                f"[eval] step {self.step}: "
-                + "  ".join(f"{k}={v:.3f}" for k, v in out.items() if k.startswith("eval/") and "@" in k),
-                flush=True,
-            )
+            print(eval_line(self.step, out), flush=True)
         return out
 
     # ------------------------------------------------------------------ metrics

@@ -418,8 +418,20 @@ class RewardConfig:
         "lower with the overlong penalty. Raise it if your function's scores are larger.",
         at_least=0,
     )
+    max_error_share: float = doc(
+        0.5,
+        "Largest share of a step's reward calls that may fail (raise, return no number, time out; each "
+        "scores wrong): past it the run stops with the function's first error (1 = never stop). Each "
+        "step with failures prints one line: how many calls failed and the first error.",
+        at_least=0,
+    )
 
     def check(self) -> None:
+        if self.max_error_share > 1:
+            raise ConfigError(
+                f"reward.max_error_share={self.max_error_share} is a share of calls: set it between 0 and 1 "
+                "(1 = never stop the run for failed reward calls)"
+            )
         if self.correct <= self.wrong:
             raise ConfigError(
                 f"reward.correct={self.correct} <= reward.wrong={self.wrong}: a correct answer must score "

@@ -106,7 +106,7 @@ def jsonl_records(path: Path) -> Records:
             try:
                 yield line_no, json.loads(text), None
             except json.JSONDecodeError as e:
-                yield line_no, None, f"invalid JSON ({e.msg} at column {e.colno})"
+                yield line_no, None, f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
 
 
 def _batch_records(batches: Iterable[Any]) -> Records:

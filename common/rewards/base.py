@@ -61,10 +61,12 @@ class RewardStats:
 
 
 class Scored(NamedTuple):
-    """One scored response: the reward (penalty included) and the verdict (judged before the penalty)."""
+    """One scored response: the reward (penalty included), the verdict (judged before the penalty) and,
+    when the call failed (an error or a timeout, scored wrong), what went wrong."""
 
     reward: float
     correct: bool
+    error: str = ""
 
 
 class RewardItem(NamedTuple):
@@ -118,6 +120,12 @@ class Job(NamedTuple):
     req: dict
 
 
+class Failed(NamedTuple):
+    """An item whose call failed: it scores ``wrong``; ``detail`` says why."""
+
+    detail: str
+
+
 class Reward:
     """Shared machinery: in-process decisions, isolated jobs, counting, the overlong penalty."""
 
@@ -146,6 +154,7 @@ class Reward:
         self.overlong_buffer, self.max_response_tokens = int(overlong_buffer), int(max_response_tokens or 0)
         self._pool = pool
         self.stats = RewardStats()
+        self._kinds_logged: set[str] = set()  # failure kinds already logged (each is logged once)
 
     @property
     def pool(self) -> VerifierPool:
@@ -167,26 +176,41 @@ class Reward:
             return base
         return base + overlong_penalty(response_len, self.max_response_tokens, self.overlong_buffer)
 
-    def _resolve(self, outcome: Outcome) -> float:
+    def _resolve(self, outcome: Outcome) -> float | Failed:
+        """A worker's outcome as a base reward, or the failure (counted, scored wrong)."""
         if outcome.status == "ok":
             try:
                 return self._finish(outcome.value)
             except (TypeError, ValueError) as e:
-                outcome = Outcome("error", detail=str(e))
+                outcome = Outcome("error", detail=f"{type(e).__name__}: {e}")
         if outcome.status == "timeout":
+            return self._failed(
+                f"timeout: {outcome.detail} (reward.timeout_s={self.timeout_s:g})", timeout=True
+            )
+        return self._failed(outcome.detail)
+
+    def _failed(self, detail: str, timeout: bool = False) -> Failed:
+        """Count one failed call; the first failure of each kind (its exception type) is logged once,
+        the later ones only counted (the drivers print one summary line a step, common.rewards.failures)."""
+        if timeout:
             self.stats.add(timeouts=1)
         else:
-            self.stats.add(errors=1, last_error=outcome.detail)
-            log.warning("reward %s failed: %s (scored as wrong)", self.name, outcome.detail)
-        return self.wrong
+            self.stats.add(errors=1, last_error=detail)
+        kind = detail.partition(":")[0]
+        if kind not in self._kinds_logged:
+            self._kinds_logged.add(kind)
+            log.warning(
+                "reward %s failed: %s (scored as wrong; later failures of this kind are counted, not logged)",
+                self.name,
+                detail,
+            )
+        return Failed(detail)
 
-    def _prepare_counted(self, text: str, answer: str, metadata: dict) -> float | Job:
+    def _prepare_counted(self, text: str, answer: str, metadata: dict) -> float | Job | Failed:
         try:
             return self._prepare(text, answer, metadata)
         except Exception as e:  # an in-process check that fails scores wrong, counted, like a worker crash
-            self.stats.add(errors=1, last_error=f"{type(e).__name__}: {e}")
-            log.warning("reward %s failed in-process: %s (scored as wrong)", self.name, e)
-            return self.wrong
+            return self._failed(f"{type(e).__name__}: {e}")
 
     def __call__(
         self, response_text: str, answer: str, metadata: dict | None = None, response_len: int = 0
@@ -200,7 +224,7 @@ class Reward:
         """Reward and verdict of every item (one batch: verifier calls run in parallel)."""
         t0 = time.perf_counter()
         items = as_items(items)
-        base_I: list[float | None] = [None] * len(items)
+        base_I: list[float | Failed | None] = [None] * len(items)
         jobs: list[tuple[int, dict]] = []
         for i, it in enumerate(items):
             r = self._prepare_counted(str(it.response_text), str(it.answer), dict(it.metadata or {}))
@@ -215,14 +239,20 @@ class Reward:
         self.stats.add(calls=len(items), in_process=len(items) - len(jobs), seconds=time.perf_counter() - t0)
         return self.verdicts(base_I, items)  # type: ignore[arg-type]
 
-    def verdicts(self, base_I: Sequence[float], items: Sequence[RewardItem]) -> list[Scored]:
+    def verdicts(self, base_I: Sequence[float | Failed], items: Sequence[RewardItem]) -> list[Scored]:
         """Each item's reward (its base plus the overlong penalty) and verdict (the base above the
-        midpoint of ``correct`` and ``wrong``)."""
+        midpoint of ``correct`` and ``wrong``); a failed item scores ``wrong`` and carries its error."""
         midpoint = (self.correct + self.wrong) / 2
-        return [Scored(self._shape(b, it.response_len), b > midpoint) for b, it in zip(base_I, items)]
+        out = []
+        for b, it in zip(base_I, items):
+            error = b.detail if isinstance(b, Failed) else ""
+            base = self.wrong if isinstance(b, Failed) else float(b)
+            out.append(Scored(self._shape(base, it.response_len), base > midpoint, error))
+        return out
 
 
 __all__ = [
+    "Failed",
     "Job",
     "Reward",
     "RewardFn",

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from common.rewards.base import Job, Reward, RewardItem, Scored, as_items, batch_payload
+from common.rewards.base import Failed, Job, Reward, RewardItem, Scored, as_items, batch_payload
 from common.rewards.user_fns import absolute_spec, import_callable, load_user_fn, reward_kind, reward_value
 
 
@@ -54,12 +54,10 @@ class BatchUserReward(Reward):
             "items": batch_payload(items),
         }
         outcome = self.pool.call(req, self.timeout_s)
-        values = outcome.value if outcome.status == "ok" else None
-        if values is None:
-            wrong = self._resolve(outcome)
-            base = [wrong] * len(items)
-        else:
-            base = [float(v) for v in values]
+        if outcome.status == "ok":
+            base: list[float | Failed] = [float(v) for v in outcome.value]
+        else:  # a failed batch: every item of it failed, with the batch's error
+            base = [self._resolve(outcome)] * len(items)
         self.stats.add(calls=len(items), seconds=time.perf_counter() - t0)
         return self.verdicts(base, items)
 

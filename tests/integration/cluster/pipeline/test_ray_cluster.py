@@ -183,7 +183,7 @@ def test_job_stopped_after_a_checkpoint_resumes_with_every_tree_trained_once(
     status = _wait_job(ray_head, sid)
     log = _logs(ray_head, sid)
     assert status == "SUCCEEDED", log[-4000:]
-    assert f"[pipeline] resumed at step {ckpt_step}" in log and f"[pipeline] done: {total} steps" in log
+    assert f"[pipeline] resumed from step {ckpt_step}" in log and f"[pipeline] done: {total} steps" in log
     rows = _rows(run / "trained_trees.jsonl")
     assert [r["step"] for r in rows] == list(range(1, total + 1))
     assert rows[:ckpt_step] == before[:ckpt_step], "checkpointed steps were rewritten"
