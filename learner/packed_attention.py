@@ -8,8 +8,13 @@ it:
 - ``runs`` (``auto``): a registered transformers attention function (:data:`RUNS_ATTENTION`) that
   attends each run's queries to its ancestors' and its own keys with ``scaled_dot_product_attention``;
   runs of similar size are batched into one call (padded, at most :data:`GROUP_WASTE` times the real
-  query/key pairs): no T x T mask and little work on masked pairs, on CPU and GPU alike. Outside a
-  packed forward it is the model's sdpa attention (padded rows keep working).
+  query/key pairs): no T x T mask and little work on masked pairs, on CPU and GPU alike. The groups
+  are built once per micro-batch, before the forward, and shared by the copies of the layout that
+  FSDP2 hands each layer. On CUDA every group runs on a kernel chosen once per micro-batch from
+  torch's own checks (:func:`choose_kernel`; :func:`describe_kernels` reports it): flash attention for
+  the causal groups, the memory-efficient kernel for the masked ones (KV heads expanded where it takes
+  no grouped-query heads), the math kernel only as a fallback said in the log. On CPU torch picks.
+  Outside a packed forward it is the model's sdpa attention (padded rows keep working).
 - ``mask``: the model's own sdpa or eager attention with a dense 4-D mask (boolean for sdpa,
   additive for eager; transformers passes a 4-D mask through unchanged). Exact, but O(T^2) memory
   and compute, including the masked pairs: a reference, refused on GPU for packs over

@@ -1,6 +1,7 @@
 """The ``runs`` attention's kernel choice (learner/packed_attention.py): the KV-head expansion that
 lets the memory-efficient kernel take masked grouped-query groups equals the grouped-query path, the
-choice follows what each kernel accepts, and the per-group kernel description is sane.
+choice follows what each kernel accepts, the per-group kernel description is sane, and the copies of
+a layout that FSDP2's input casting makes share its groups.
 
 CUDA's own checks decide on a GPU (the device check runs :func:`describe_kernels` there); here the
 kernels' refusals are injected into :func:`choose_kernel`, and the chosen path runs on CPU's sdpa.
@@ -8,13 +9,17 @@ kernels' refusals are injected into :func:`choose_kernel`, and the chosen path r
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 import pytest
 import torch
+from torch.distributed.fsdp._fully_shard._fsdp_common import _cast_fp_tensor
+from torch.distributed.utils import _apply_to_tensors
 from torch.nn.attention import SDPBackend
 
+import learner.packed_attention as pa
 from learner.batching import LeafSequence
 from learner.packed import pack
 from learner.packed_attention import (
@@ -169,3 +174,18 @@ def test_runs_attention_on_cpu_takes_no_kernel_plan(dtype):
     q, k, v = (t.to(dtype) for t in _qkv(layout))
     runs_attention(_Module(), q, k, v, None, treepo_layout=layout)
     assert layout.shared.calls == 1 and not layout.shared.kernels
+
+
+def test_copies_made_by_fsdp_input_casting_share_the_groups(monkeypatch):
+    """FSDP2 casts a wrapped layer's keyword arguments with this walk, rebuilding dataclasses, lists
+    and dicts; every copy of a layout builds nothing new once the groups exist."""
+    built = []
+    group_runs = pa._group_runs
+    monkeypatch.setattr(pa, "_group_runs", lambda *a: built.append(1) or group_runs(*a))
+    layout = _layout()
+    cast = functools.partial(_cast_fp_tensor, torch.bfloat16)
+    copies = [_apply_to_tensors(cast, {"treepo_layout": layout})["treepo_layout"] for _ in range(3)]
+    assert all(c is not layout and c.shared is layout.shared for c in copies)
+    first = copies[0].groups(torch.device("cpu"))
+    assert all(c.groups(torch.device("cpu")) is first for c in copies[1:] + [layout])
+    assert len(built) == 1
