@@ -13,6 +13,13 @@ runs (the controller calls it while it waits for trees), looks at each one:
   has its actor killed for Ray to restart, then is waited for like one that died;
 - an actor out of restarts is dead for good: the other generators take its prompts, and when every
   generator is dead while prompts remain, the run fails with :class:`common.errors.TreepoError`;
+- an actor whose restart cannot be placed (its node is gone, e.g. a spot preemption, and no other
+  node has the resources it asks for) is lost with its node: Ray keeps its restart pending, and
+  its calls fail at once. The run goes on with the others, which take its prompts; the supervisor
+  asks it again on later rounds (backing off to ``LOST_RETRY_MAX_S``) and takes it back, with the
+  current weights, once a node with those resources joined and Ray restarted it there. While no
+  generator runs at all, a status line says so every ``STATUS_EVERY_S``; past ``rejoin_timeout_s``
+  (``generators.start_timeout_s``) the run fails with a :class:`common.errors.TreepoError`;
 - a loop that returned means the data is used up there; when prompts come back after that (a stale
   tree's prompt re-issued by the controller, a dead generator's prompts), the finished loops run
   again to take them.
@@ -22,8 +29,10 @@ weight-sync group (:mod:`cluster.pipeline.publishing`) is rebuilt whenever the i
 members change, since a departed receiver is gone from the old group.
 
 The actors are taken by duck typing: handles whose methods have ``.remote(...)`` (``run``, ``ready``,
-``pid``, ``heartbeat``), a dispatcher with ``requeue_generator``/``finished``/``exhausted``, a counts dict, and a
-runtime with ``ray``'s ``get``/``wait``/``kill`` (``ray`` itself unless a test passes a fake).
+``pid``, ``heartbeat``), a dispatcher with ``requeue_generator``/``finished``/``exhausted``, a counts dict, a
+runtime with ``ray``'s ``get``/``wait``/``kill`` (``ray`` itself unless a test passes a fake), and a
+``restartable(handle)`` probe that says whether Ray still holds an actor for a restart
+(:func:`cluster.pipeline.topology.generator_restartable`).
 """
 
 from __future__ import annotations
@@ -40,6 +49,9 @@ from common.errors import TreepoError
 
 STATS_TIMEOUT_S = 10.0  # a question to a generator that should answer at once (pid, ready, heartbeat)
 KILL_WAIT_S = 60.0  # how long a deliberate restart waits for the killed process to be gone
+LOST_RETRY_MIN_S = 1.0  # a generator lost with its node is asked again after this, doubling each time ...
+LOST_RETRY_MAX_S = 30.0  # ... up to this
+STATUS_EVERY_S = 30.0  # how often the console says that no generator runs
 
 
 class Runtime(Protocol):
@@ -78,6 +90,14 @@ class GenSlot:
     restarts: int = 0
     old_pid: int | None = None  # the process a deliberate restart killed (its answers are ignored)
     beat_at: float = 0.0  # when the heartbeat is asked next
+    lost: bool = False  # its restart waits for a node with its resources (its node is gone)
+    retry_at: float = 0.0  # when a lost generator is asked again
+    backoff_s: float = LOST_RETRY_MIN_S
+
+    @property
+    def running(self) -> bool:
+        """Alive and answering (its loop may have finished): neither restarting, lost nor dead."""
+        return self.ready_ref is None and not self.lost and not self.dead
 
 
 class GeneratorSupervisor:
@@ -91,6 +111,8 @@ class GeneratorSupervisor:
         hang_timeout_s: float,
         on_rejoin: Callable[[], None] = lambda: None,
         rt: Runtime = ray,
+        restartable: Callable[[Any], bool] = lambda handle: False,
+        rejoin_timeout_s: float = 600.0,
     ) -> None:
         self.slots = [GenSlot(h) for h in handles]
         self.dispatcher = dispatcher
@@ -98,6 +120,10 @@ class GeneratorSupervisor:
         self.hang_timeout_s = hang_timeout_s
         self.on_rejoin = on_rejoin  # a generator is back: it gets the current weights
         self.rt = rt
+        self.restartable = restartable  # Ray still holds this actor for a restart (not dead for good)
+        self.rejoin_timeout_s = rejoin_timeout_s  # how long the run waits with no generator running
+        self.idle_since: float | None = None  # since when no generator runs
+        self.status_at = 0.0  # when the no-generator status line is said next
 
     # ------------------------------------------------------------------ what the others ask
     def start_loops(self) -> None:
@@ -106,19 +132,15 @@ class GeneratorSupervisor:
 
     def members(self) -> list[Member]:
         """The generators that can take part in a weight sync: alive, not restarting."""
-        return [
-            Member(g, s.handle, s.restarts)
-            for g, s in enumerate(self.slots)
-            if s.ready_ref is None and not s.dead
-        ]
+        return [Member(g, s.handle, s.restarts) for g, s in enumerate(self.slots) if s.running]
 
     def reachable(self) -> list[tuple[int, Any]]:
         """(id, handle) of every generator not restarting (one whose loop finished keeps its engine)."""
-        return [(g, s.handle) for g, s in enumerate(self.slots) if s.ready_ref is None]
+        return [(g, s.handle) for g, s in enumerate(self.slots) if s.ready_ref is None and not s.lost]
 
     def looping(self) -> list[Any]:
         """The handles of the generators whose loop runs now."""
-        return [s.handle for s in self.slots if s.ready_ref is None and not s.done]
+        return [s.handle for s in self.slots if s.running and not s.done]
 
     def unreachable(self, g: int) -> None:
         """Generator ``g`` did not answer (died or restarting): it leaves the sync group until Ray
@@ -133,7 +155,10 @@ class GeneratorSupervisor:
     def watch(self) -> None:
         """One look at every generator: a restart that settled, a loop that ended, a silent loop."""
         for g, slot in enumerate(self.slots):
-            if slot.ready_ref is not None:
+            if slot.lost and slot.ready_ref is None:
+                if time.monotonic() >= slot.retry_at:  # is it back (a node with its resources joined)?
+                    slot.ready_ref = slot.handle.ready.remote()
+            elif slot.ready_ref is not None:
                 if self.rt.wait([slot.ready_ref], timeout=0)[0]:
                     self._restart_settled(g, slot)
             elif slot.run_ref is not None and not slot.done:
@@ -142,10 +167,38 @@ class GeneratorSupervisor:
                 else:
                     self._check_heartbeat(g, slot)
         self._rerun_finished()
+        self._check_some_run()
+
+    def _check_some_run(self) -> None:
+        """While no generator runs (lost with their nodes, restarting) and prompts remain: a status
+        line every ``STATUS_EVERY_S``; past ``rejoin_timeout_s`` a clear error."""
+        if any(s.running for s in self.slots) or self.dispatcher.finished():
+            self.idle_since = None
+            return
+        now = time.monotonic()
+        if self.idle_since is None:  # the first status line after STATUS_EVERY_S: a restart is quicker
+            self.idle_since, self.status_at = now, now + STATUS_EVERY_S
+        waited = now - self.idle_since
+        lost = [g for g, s in enumerate(self.slots) if s.lost]
+        restarting = [g for g, s in enumerate(self.slots) if s.ready_ref is not None and not s.lost]
+        if waited > self.rejoin_timeout_s:
+            raise TreepoError(
+                f"no generator ran for {waited:.0f} s (lost with their node: {lost}, restarting: "
+                f"{restarting}): start a node with the generators' resources (generators.ray_resources, "
+                "generators.gpus_per_engine) and run again with --resume, or raise generators.start_timeout_s"
+            )
+        if now >= self.status_at:
+            self.status_at = now + STATUS_EVERY_S
+            print(
+                f"[pipeline] no generator is running for {waited:.0f} s (lost with their node: {lost}, "
+                f"restarting: {restarting}); waiting for a node with their resources, "
+                f"{self.rejoin_timeout_s - waited:.0f} s left (generators.start_timeout_s)",
+                flush=True,
+            )
 
     def _rerun_finished(self) -> None:
         """Loops that ended because the data was used up run again when prompts came back to claim."""
-        idle = [g for g, s in enumerate(self.slots) if s.done and not s.dead and s.ready_ref is None]
+        idle = [g for g, s in enumerate(self.slots) if s.done and s.running]
         if not idle or self.dispatcher.exhausted():
             return
         for g in idle:
@@ -208,7 +261,13 @@ class GeneratorSupervisor:
         except ActorUnavailableError:  # still restarting: ask again on the next round
             slot.ready_ref = slot.handle.ready.remote()
             return
-        except RayActorError as e:  # out of restarts (or its constructor fails)
+        except RayActorError as e:  # out of restarts (or its constructor fails), or its node is gone
+            if self.restartable(slot.handle):  # Ray holds its restart until a node with its resources joins
+                self._lost(g, slot)
+                return
+            if slot.lost:
+                print(f"[pipeline] generator {g}, lost with its node, is dead for good", flush=True)
+                slot.lost = False
             self.dispatcher.requeue_generator(g)  # for good: others take its prompts
             slot.done = slot.dead = True
             if all(s.done for s in self.slots) and not self.dispatcher.finished():
@@ -220,9 +279,35 @@ class GeneratorSupervisor:
             slot.ready_ref = slot.handle.pid.remote()
             return
         slot.old_pid = None
+        was_lost, slot.lost, slot.backoff_s = slot.lost, False, LOST_RETRY_MIN_S
         self.on_rejoin()  # it joins the group and gets the current weights
         slot.run_ref = slot.handle.run.remote()
+        if was_lost:
+            n = sum(s.running for s in self.slots)
+            print(
+                f"[pipeline] generator {g} is back (a node with its resources joined); going on with "
+                f"{n} generator(s)",
+                flush=True,
+            )
+            return
         print(f"[pipeline] generator {g} restarted ({slot.restarts}x), loop resumed", flush=True)
+
+    def _lost(self, g: int, slot: GenSlot) -> None:
+        """Generator ``g``'s restart waits for resources no node has: the first time, the others take its
+        prompts; it is asked again later, each time after a longer wait."""
+        now = time.monotonic()
+        slot.retry_at = now + slot.backoff_s
+        slot.backoff_s = min(2 * slot.backoff_s, LOST_RETRY_MAX_S)
+        if slot.lost:
+            return
+        slot.lost = True
+        n = self.dispatcher.requeue_generator(g)
+        running = sum(s.running for s in self.slots)
+        print(
+            f"[pipeline] generator {g} lost with its node; going on with {running} generator(s), its {n} "
+            "prompt(s) re-issued",
+            flush=True,
+        )
 
     def _loop_ended(self, g: int, slot: GenSlot) -> None:
         """A generator's loop returned (the data is used up there) or died with its actor."""

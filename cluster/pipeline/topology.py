@@ -9,7 +9,9 @@
   ``{CPU: 1, GPU: generators.gpus_per_engine}`` plus ``generators.ray_resources`` (the GPUs are the engine's tensor-parallel group),
   with ``max_restarts`` so Ray restarts a dead one; they are threaded actors (one thread runs the
   generation loop, the others answer weight offers, stats and stop calls). Generators are not in
-  the placement group: a restarted one may land on any node with room.
+  the placement group: a restarted one may land on any node with room. One whose node is gone
+  waits in Ray's restart until a node with its resources joins (:func:`generator_restartable` tells
+  it from one out of restarts; :mod:`cluster.pipeline.supervision` goes on without it meanwhile).
 - CPU engines run vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set): one process per
   generator, a start-up of seconds instead of tens of seconds.
 
@@ -250,6 +252,19 @@ def start_generator(
         max_concurrency=GENERATOR_CONCURRENCY,
         runtime_env={"env_vars": _generator_env(cfg)},
     ).remote(cfg, generator_id, queue_url, password, run_name)
+
+
+def generator_restartable(handle: Any) -> bool:
+    """Whether Ray still holds a generator actor for a restart: its state is not DEAD. One whose node is
+    gone stays RESTARTING until a node with its resources joins (its calls fail at once meanwhile); one
+    out of restarts is DEAD. False when the state cannot be read."""
+    from ray._private import state  # the GCS's actor table: works without a dashboard, unlike ray.util.state
+
+    try:
+        info = state.actors(actor_id=handle._actor_id.hex())
+    except Exception:  # no answer from the GCS: taken as dead, as before the probe
+        return False
+    return bool(info) and info.get("State") != "DEAD"
 
 
 def start(

@@ -58,8 +58,10 @@ class FakeRay:
 
 class FakeGenerator:
     """A generator actor. ``state``: ``alive``, ``restarting`` (Ray is bringing it back: a call waits
-    for the new process, or, with ``unavailable``, fails with ActorUnavailableError) or ``dead`` (out
-    of restarts). A kill restarts it at once as a new process (a new pid)."""
+    for the new process, or, with ``unavailable``, fails with ActorUnavailableError), ``lost`` (its
+    node is gone and no node has room for its restart: a call fails at once, as Ray's does, while
+    :meth:`restart_pending` says Ray still holds it) or ``dead`` (out of restarts). A kill restarts it
+    at once as a new process (a new pid)."""
 
     def __init__(self, gid: int, ranks: int = 1) -> None:
         self.gid, self.ranks = gid, ranks
@@ -81,7 +83,7 @@ class FakeGenerator:
         self.sync_receive = Method(self._receive)
 
     def _answer(self, value: Callable[[], Any]) -> Ref:
-        if self.state == "dead":
+        if self.state in ("dead", "lost"):
             return Ref(error=RayActorError())
         if self.state == "restarting" and self.unavailable:
             return Ref(error=ActorUnavailableError("restarting", None))
@@ -125,6 +127,10 @@ class FakeGenerator:
             for ref, _value in self.waiting:
                 ref.error, ref.ready = RayActorError(), True
             self.waiting = []
+
+    def restart_pending(self) -> bool:
+        """What ``topology.generator_restartable`` says of it: Ray holds it for a restart."""
+        return self.state in ("alive", "restarting", "lost")
 
     def back(self) -> None:
         """Ray's restart finished: a new process; the calls made meanwhile are answered by it."""
