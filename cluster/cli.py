@@ -8,12 +8,10 @@ stays fast and needs no torch, ray or vllm import. Errors of the project's own h
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import signal
 import sys
-import threading
 
+from cluster.signals import sigterm_as_exit
 from common.errors import TreepoError
 
 # name -> (module, one-line help)
@@ -72,27 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def _sigterm_as_exit():
-    """SIGTERM ends a command like Ctrl-C does: the ``finally`` blocks run, so the engines, Ray and
-    Redis it started are shut down (the default action kills the process and leaves them running).
-    A second SIGTERM during that cleanup is ignored; SIGKILL still ends it. The previous handler is
-    restored afterwards (``main`` is also called in-process, by tests)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -109,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with _sigterm_as_exit():
+        with sigterm_as_exit():
             return int(args._run(args) or 0)
     except TreepoError as e:
         print(f"treepo {args.command}: error: {e}", file=sys.stderr)

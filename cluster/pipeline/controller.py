@@ -49,7 +49,7 @@ from cluster.logs import copy_ray_worker_logs, eval_line, nothing_trained
 from cluster.pipeline import topology
 from cluster.pipeline.consuming import CONSUMER, TreeConsumer, encoded_prompt_ids, run_limits
 from cluster.pipeline.publishing import WeightPublisher
-from cluster.pipeline.ray_session import connect_ray
+from cluster.pipeline.ray_session import connect_ray, shutdown_ray
 from cluster.pipeline.recovery import check_checkpoint, check_queue_state, config_snapshot, reconcile_window
 from cluster.pipeline.redis_launcher import queue_endpoint
 from cluster.pipeline.supervision import STATS_TIMEOUT_S, GeneratorSupervisor
@@ -62,6 +62,7 @@ from cluster.rundir import (
     trained_tree_ids,
     truncate_logs,
 )
+from cluster.signals import cleanup_scope
 from common.config import TrainConfig, save_resolved
 from common.errors import ConfigError
 from common.keys import RunKeys, run_name_for
@@ -101,7 +102,7 @@ def run_pipeline(cfg: TrainConfig, on_checked: Callable[[], None] | None = None)
     # resolved once here: a 'tiny:' model is built once, not by every actor
     model_path = resolve_model(cfg.model)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
-    with queue_endpoint(cfg.queue, run_dir) as (url, password):
+    with cleanup_scope() as hold, queue_endpoint(cfg.queue, run_dir) as (url, password):
         _check_queue_state(cfg, url, password, run_name, resumed)
         started, session_dir = connect_ray(cfg)
         try:
@@ -114,11 +115,13 @@ def run_pipeline(cfg: TrainConfig, on_checked: Callable[[], None] | None = None)
             try:
                 return controller.run()
             finally:
+                hold()  # from here the cleanup runs to its end, Redis's stop included (cluster/signals.py)
                 controller.close()
         finally:
+            hold()
             if started:
                 copy_ray_worker_logs(run_dir, session_dir, ray.get_runtime_context().get_job_id())
-                ray.shutdown()
+                shutdown_ray()
 
 
 def _check_queue_state(
@@ -165,6 +168,8 @@ class Controller:
             self.counts,
             cfg.generators.hang_timeout_s,
             on_rejoin=lambda: self.publisher.rejoin(self.version),
+            restartable=topology.generator_restartable,  # a generator lost with its node comes back later
+            rejoin_timeout_s=cfg.generators.start_timeout_s,
         )
         self.publisher = WeightPublisher(
             self.topo.learners,
