@@ -257,4 +257,6 @@ class LocalRun:
         self.metrics_log.close()
         if self.owns_backend:
             self.backend.close()
+        else:  # a borrowed engine goes back idle, also when the run stopped mid-step
+            self.sampler.drain()
         self.learner.close()
