@@ -76,6 +76,18 @@ def _group_members(sizes: list[tuple[int, int]]) -> list[list[int]]:
     return groups
 
 
+def _runs_mask(n: torch.Tensor, k: torch.Tensor, n_max: int, kv_max: int, device) -> torch.Tensor:
+    """[m, 1, n_max, kv_max] boolean mask of runs with ``n`` [m] own tokens after ``k`` [m] ancestors:
+    query i of a run sees every ancestor and its own tokens 0..i; padding queries see key 0 only (no
+    NaN; their output is dropped). Built on ``device`` with no loop."""
+    n, k = n.to(device)[:, None, None], k.to(device)[:, None, None]
+    i = torch.arange(n_max, device=device)[None, :, None]
+    j = torch.arange(kv_max, device=device)[None, None, :]
+    mask = (j - k <= i) & (i < n)  # ancestors: j - k < 0 <= i; own tokens: causal; padding: none
+    mask[:, :, 0] = True
+    return mask.unsqueeze(1)
+
+
 def _group_runs(starts, ends, ancestors, device) -> tuple[list[_RunGroup], torch.Tensor]:
     sizes = [(b - a, len(anc)) for a, b, anc in zip(starts, ends, ancestors)]
     out_idx = torch.zeros(ends[-1] if ends else 0, dtype=torch.long)
@@ -86,8 +98,6 @@ def _group_runs(starts, ends, ancestors, device) -> tuple[list[_RunGroup], torch
         m = len(members)
         q_idx = torch.zeros((m, n_max), dtype=torch.long)
         kv_idx = torch.zeros((m, kv_max), dtype=torch.long)
-        mask = torch.zeros((m, 1, n_max, kv_max), dtype=torch.bool)
-        mask[:, :, :, 0] = True  # padding queries attend somewhere (no NaN); their output is dropped
         for slot, r in enumerate(members):
             a, b, anc = starts[r], ends[r], ancestors[r]
             n, k = b - a, len(anc)
@@ -95,11 +105,11 @@ def _group_runs(starts, ends, ancestors, device) -> tuple[list[_RunGroup], torch
             q_idx[slot, :n] = own
             kv_idx[slot, :k] = torch.from_numpy(anc)
             kv_idx[slot, k : k + n] = own
-            mask[slot, 0, :n, :k] = True
-            mask[slot, 0, :n, k : k + n] = torch.ones((n, n), dtype=torch.bool).tril()
             out_idx[a:b] = offset + slot * n_max + torch.arange(n)
         causal = all(sizes[r] == (n_max, 0) for r in members)
-        groups.append(_RunGroup(q_idx.to(device), kv_idx.to(device), None if causal else mask.to(device)))
+        n_k = torch.tensor([sizes[r] for r in members], dtype=torch.long)
+        mask = None if causal else _runs_mask(n_k[:, 0], n_k[:, 1], n_max, kv_max, device)
+        groups.append(_RunGroup(q_idx.to(device), kv_idx.to(device), mask))
         offset += m * n_max
     return groups, out_idx.to(device)
 
