@@ -191,6 +191,11 @@ def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def _probe(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``x`` with its heads expanded, outside autograd (only its shape and flags are looked at)."""
+    return _expand(x.detach(), heads).requires_grad_(x.requires_grad)
+
+
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean [m, 1, n, kv] as an additive bias in ``dtype`` (0 where allowed, -inf elsewhere), its
     rows padded in memory to :data:`MASK_ALIGN` elements so that sdpa uses it without copying."""
@@ -208,7 +213,7 @@ def choose_kernel(q, k, v, mask, dropout: float = 0.0, can_use=None) -> tuple[SD
     gqa = q.shape[1] != k.shape[1]
     tries = [(b, False) for b in _FAST] + ([(SDPBackend.EFFICIENT_ATTENTION, True)] if gqa else [])
     for backend, expand in tries:
-        kk, vv = (_expand(k, q.shape[1]), _expand(v, q.shape[1])) if expand else (k, v)
+        kk, vv = (_probe(k, q.shape[1]), _probe(v, q.shape[1])) if expand else (k, v)
         if can_use[backend](SDPAParams(q, kk, vv, mask, dropout, mask is None, gqa and not expand), False):
             return backend, expand
     return SDPBackend.MATH, False
