@@ -55,6 +55,22 @@ MAX_NUM_SEQS = 256  # vLLM's default concurrent sequences (its sampler's fp32 lo
 LOGIT_BYTES_PER_ENTRY = 14  # bf16 logits (2) + fp32 copy (4) + log-softmax gradient (4) + entropy softmax (4)
 RESUME_WAIT_S = 600.0  # the pipeline's wait for the learner ranks to load a checkpoint
 DEFAULT_READ_GBPS = 1.0  # shared file system read bandwidth (GB/s = 1e9 bytes/s) assumed by default
+# The weight-sync communicator's own NCCL buffers on an engine GPU: per channel and peer NCCL keeps
+# ~4 MiB (NCCL_BUFFSIZE, SIMPLE protocol) plus the LL/LL128 buffers, ~9 MiB; up to 32 channels and
+# two ring peers on NVLink/InfiniBand nodes is ~0.6 GiB at most, ~0.3 GiB typically.
+NCCL_BUFFERS_GIB = 0.5
+# GPU memory (GiB) of the cloud instance types the cluster YAMLs use, for the plan per node type: the
+# total the device reports (torch.cuda.mem_get_info, what vLLM's gpu_memory_utilization is a share
+# of), a little under the nominal size.
+INSTANCE_GPU_GIB: dict[str, float] = {
+    "p4de.24xlarge": 79.35,  # 8 x A100-SXM4 80 GB
+    "p4d.24xlarge": 39.59,  # 8 x A100-SXM4 40 GB
+    "p5.48xlarge": 79.1,  # 8 x H100 80 GB
+    "p5e.48xlarge": 139.8,  # 8 x H200 141 GB
+    "a2-ultragpu-8g": 79.35,  # 8 x A100 80 GB
+    "a2-highgpu-8g": 39.59,  # 8 x A100 40 GB
+    "a3-highgpu-8g": 79.1,  # 8 x H100 80 GB
+}
 
 
 @dataclass(frozen=True)
@@ -210,6 +226,20 @@ def model_arch(model_cfg) -> Arch:
     )
 
 
+@dataclass(frozen=True)
+class Node:
+    """A node type a side may land on: its name (e.g. a Ray cluster YAML's node type) and GPU memory."""
+
+    name: str
+    gpu_gib: float
+
+
+def _capacity_source(role: str, node: Node | None, default_gib: float) -> str:
+    if node is None:
+        return f"{'generators' if role == 'engine' else 'learner'}.gpu_memory_gib={default_gib:g}"
+    return f"node type {node.name}'s {node.gpu_gib:g} GiB"
+
+
 @dataclass
 class Side:
     """One GPU's budget: named parts in bytes, the capacity they must fit, and the fix when they do not."""
@@ -243,23 +273,35 @@ class Side:
 
 @dataclass
 class Plan:
+    """The plan; ``engines`` and ``learners`` hold one side per node type (one without node types)."""
+
     arch: Arch
     params: int
-    engine: Side
-    learner: Side
+    engines: list[Side]
+    learners: list[Side]
     sync_peak: dict[str, float]
     checkpoint: dict[str, float]
 
     @property
+    def engine(self) -> Side:
+        return self.engines[0]
+
+    @property
+    def learner(self) -> Side:
+        return self.learners[0]
+
+    @property
     def fits(self) -> bool:
-        return self.engine.fits and self.learner.fits
+        return all(s.fits for s in (*self.engines, *self.learners))
 
     def refusals(self, sides: tuple[str, ...] | list[str] = ("engine", "learner")) -> list[str]:
-        """The one-line fixes of the named sides that do not fit."""
+        """The one-line fixes of the named sides (every node type of each) that do not fit."""
         return [
             s.fix
-            for name, s in (("engine", self.engine), ("learner", self.learner))
-            if name in sides and s.fix
+            for name, group in (("engine", self.engines), ("learner", self.learners))
+            if name in sides
+            for s in group
+            if s.fix
         ]
 
     def as_dict(self) -> dict[str, Any]:
@@ -267,6 +309,8 @@ class Plan:
             "model": {**asdict(self.arch), "params": self.params},
             "engine": self.engine.as_dict(),
             "learner_rank": self.learner.as_dict(),
+            "engines_by_node": {s.name: s.as_dict() for s in self.engines},
+            "learner_ranks_by_node": {s.name: s.as_dict() for s in self.learners},
             "sync_peak": self.sync_peak,
             "checkpoint": self.checkpoint,
             "fits": self.fits,
@@ -277,11 +321,30 @@ def _gib(x: float) -> str:
     return f"{x / GIB:.1f}"
 
 
-def engine_side(cfg, arch: Arch, params: int) -> Side:
+def _side_name(role: str, node: Node | None) -> str:
+    return role if node is None else f"{role} on {node.name} ({node.gpu_gib:g} GiB GPUs)"
+
+
+def sync_staging(cfg, arch: Arch) -> dict[str, float]:
+    """An engine GPU's weight-sync staging: two buckets in flight (a bucket is ``sync.bucket_mb`` or the
+    largest tensor, which travels alone: the untied embedding or head), the communicator's NCCL
+    buffers, and one decoder layer reloaded at a time while the update is applied."""
+    wb = DTYPE_BYTES[cfg.model.dtype]
+    tp = max(1, int(cfg.generators.gpus_per_engine))
+    bucket = max(cfg.sync.bucket_mb * (1 << 20), arch.largest_param() * wb)
+    nccl = NCCL_BUFFERS_GIB * GIB if cfg.sync.backend != "gloo" else 0.0
+    return {
+        "buckets_in_flight": 2 * bucket,
+        "nccl_buffers": nccl,
+        "layer_reload": arch.layer_params() * wb / tp,
+    }
+
+
+def engine_side(cfg, arch: Arch, params: int, node: Node | None = None) -> Side:
     g = cfg.generators
     tp = max(1, int(g.gpus_per_engine))
     wb = DTYPE_BYTES[cfg.model.dtype]
-    capacity = float(g.gpu_memory_gib) * GIB
+    capacity = float(node.gpu_gib if node else g.gpu_memory_gib) * GIB
     budget = float(g.gpu_memory_utilization) * capacity
     weights = params * wb / tp
     per_token = 2 * arch.layers * arch.kv_heads * arch.hd * wb / tp
@@ -289,14 +352,17 @@ def engine_side(cfg, arch: Arch, params: int) -> Side:
     act += MAX_NUM_SEQS * arch.vocab * 4 / tp
     max_len = cfg.data.max_prompt_tokens + cfg.tree.max_response_tokens
     kv = budget - weights - act
-    side = Side("engine", capacity, limit=capacity)
+    side = Side(_side_name("engine", node), capacity, limit=capacity)
     side.parts = {"weights": weights, "activations": act, "kv_cache": max(kv, 0.0)}
-    staging = 2 * cfg.sync.bucket_mb * (1 << 20) + arch.layer_params() * wb / tp
-    outside = {"cuda_context": CUDA_CONTEXT_GIB * GIB, "sync_staging": staging}
+    staging = sync_staging(cfg, arch)
+    outside = {"cuda_context": CUDA_CONTEXT_GIB * GIB, "sync_staging": sum(staging.values())}
     side.parts.update(outside)
     tokens = max(kv, 0.0) / per_token
     side.notes.append(
         f"KV cache {_gib(max(kv, 0.0))} GiB = {int(tokens)} tokens = {tokens / max_len:.1f} sequences of {max_len} tokens"
+    )
+    side.notes.append(
+        "sync staging = " + " + ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in staging.items())
     )
     room = capacity - budget
     if weights + act >= budget:
@@ -313,10 +379,12 @@ def engine_side(cfg, arch: Arch, params: int) -> Side:
     elif sum(outside.values()) > room:
         most = (capacity - sum(outside.values())) / capacity
         side.fix = (
-            f"the engine's CUDA context and weight-sync staging ({_gib(sum(outside.values()))} GiB) do not fit "
-            f"beside vLLM's share ({_gib(room)} GiB left): lower generators.gpu_memory_utilization to "
+            f"the engine's CUDA context and weight-sync staging ({sum(outside.values()) / GIB:.3f} GiB) do not "
+            f"fit beside vLLM's share ({room / GIB:.3f} GiB left): lower generators.gpu_memory_utilization to "
             f"<= {math.floor(most * 100) / 100:.2f}"
         )
+    if node is not None and side.fix:
+        side.fix = f"on node type {node.name} ({node.gpu_gib:g} GiB GPUs): {side.fix}"
     return side
 
 
@@ -328,17 +396,39 @@ def _activations(cfg, arch: Arch, checkpointing: bool) -> float:
     return arch.layers * per_layer
 
 
-def learner_side(cfg, arch: Arch, params: int) -> Side:
+def gradient_bytes(cfg, arch: Arch, params: int, grad_sync: str | None = None) -> float:
+    """A learner rank's gradients during accumulation. FSDP2 with ``learner.grad_sync=last_micro_batch``
+    accumulates an unsharded gradient of the whole model in its reduce dtype (fp32 under the bf16
+    policy, else ``param_dtype``) until the last micro-batch, whose backward reduce-scatters it layer by
+    layer into the sharded gradient (each layer's unsharded one freed as its shard appears);
+    ``every_micro_batch`` reduce-scatters after each backward, so only the shard is kept."""
+    lr = cfg.learner
+    pb = DTYPE_BYTES[lr.param_dtype]
+    if lr.lora.rank > 0:  # the adapters only; the base is frozen (and LoRA is never sharded)
+        return arch.lora_params(lr.lora.rank, lr.lora.target_modules) * pb
+    if lr.fsdp and (grad_sync or lr.grad_sync) == "last_micro_batch":
+        return params * (4 if lr.mixed_precision == "bf16" else pb)
+    return params * pb / (lr.num_workers if lr.fsdp else 1)
+
+
+def learner_side(cfg, arch: Arch, params: int, node: Node | None = None) -> Side:
     lr = cfg.learner
     pb = DTYPE_BYTES[lr.param_dtype]
     shards = lr.num_workers if lr.fsdp else 1
-    capacity = float(lr.gpu_memory_gib) * GIB
-    side = Side("learner rank", capacity, limit=capacity * (1 - LEARNER_MARGIN))
+    capacity = float(node.gpu_gib if node else lr.gpu_memory_gib) * GIB
+    side = Side(_side_name("learner rank", node), capacity, limit=capacity * (1 - LEARNER_MARGIN))
     static = params * pb / shards
     # learner.lora: gradients and AdamW moments of the adapters only; the base is frozen
     lora = lr.lora.rank > 0
     trained = arch.lora_params(lr.lora.rank, lr.lora.target_modules) * pb if lora else static
-    side.parts = {"master_weights": static, "gradients": trained, "optimizer": 2 * trained}
+    grads = gradient_bytes(cfg, arch, params)
+    side.parts = {"master_weights": static, "gradients": grads, "optimizer": 2 * trained}
+    if lr.fsdp and not lora:
+        side.notes.append(
+            f"gradients {_gib(grads)} GiB with learner.grad_sync={lr.grad_sync} (every_micro_batch: "
+            f"{_gib(gradient_bytes(cfg, arch, params, 'every_micro_batch'))} sharded, last_micro_batch: "
+            f"{_gib(gradient_bytes(cfg, arch, params, 'last_micro_batch'))} unsharded)"
+        )
     if lr.mixed_precision == "bf16" and pb != 2:
         if lr.fsdp:
             root = arch.vocab * arch.hidden * (1 if arch.tied else 2)
@@ -356,7 +446,10 @@ def learner_side(cfg, arch: Arch, params: int) -> Side:
         return side
     over = side.total - side.limit
     fixed = side.total - side.parts["activations"] - side.parts["logits"]
-    if not lr.activation_checkpointing and side.total - without + with_ckpt <= side.limit:
+    sharded_grads = gradient_bytes(cfg, arch, params, "every_micro_batch")
+    if side.total - grads + sharded_grads <= side.limit < side.total:
+        side.fix = "set learner.grad_sync=every_micro_batch (keep the gradient sharded)"
+    elif not lr.activation_checkpointing and side.total - without + with_ckpt <= side.limit:
         side.fix = "set learner.activation_checkpointing=true"
     elif fixed < side.limit:
         per_token = (side.parts["activations"] + side.parts["logits"]) / lr.micro_batch_tokens
@@ -373,16 +466,27 @@ def learner_side(cfg, arch: Arch, params: int) -> Side:
         side.fix = f"raise learner.num_workers above {lr.num_workers} (more shards)"
     side.fix = (
         f"a learner rank needs {_gib(side.total)} GiB, {_gib(over)} GiB over {_gib(side.limit)} GiB "
-        f"({100 * (1 - LEARNER_MARGIN):.0f} % of learner.gpu_memory_gib={lr.gpu_memory_gib:g}): {side.fix}"
+        f"({100 * (1 - LEARNER_MARGIN):.0f} % of {_capacity_source('learner', node, lr.gpu_memory_gib)}): {side.fix}"
     )
     return side
 
 
-def make_plan(cfg, *, read_gbps: float = DEFAULT_READ_GBPS, arch: Arch | None = None) -> Plan:
-    """The memory plan of ``cfg`` (a validated ``TrainConfig``)."""
+def make_plan(
+    cfg,
+    *,
+    read_gbps: float = DEFAULT_READ_GBPS,
+    arch: Arch | None = None,
+    nodes: dict[str, list[Node]] | None = None,
+) -> Plan:
+    """The memory plan of ``cfg`` (a validated ``TrainConfig``). ``nodes``: the node types each side
+    ("engine", "learner") may land on, one plan of that side per type; a side without node types is
+    planned on ``generators.gpu_memory_gib`` / ``learner.gpu_memory_gib``."""
     arch = arch or model_arch(cfg.model)
     params = arch.params()
-    engine, learner = engine_side(cfg, arch, params), learner_side(cfg, arch, params)
+    nodes = nodes or {}
+    engines = [engine_side(cfg, arch, params, n) for n in nodes.get("engine") or [None]]
+    learners = [learner_side(cfg, arch, params, n) for n in nodes.get("learner") or [None]]
+    engine, learner = engines[0], learners[0]
     pb, wb = DTYPE_BYTES[cfg.learner.param_dtype], DTYPE_BYTES[cfg.model.dtype]
     static = sum(learner.parts[k] for k in ("master_weights", "optimizer"))
     bucket = cfg.sync.bucket_mb * (1 << 20)
@@ -416,7 +520,7 @@ def make_plan(cfg, *, read_gbps: float = DEFAULT_READ_GBPS, arch: Arch | None = 
         "resume_within_wait": resume_s <= RESUME_WAIT_S,
         "rank0_host_at_save_gib": (params * pb + export) / GIB,
     }
-    return Plan(arch, params, engine, learner, sync, checkpoint)
+    return Plan(arch, params, engines, learners, sync, checkpoint)
 
 
 def gpu_sides(cfg) -> list[str]:
@@ -448,7 +552,7 @@ def table(plan: Plan) -> str:
         f"model: {plan.params / 1e9:.2f} B parameters ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab}; {a.source})",
         "",
     ]
-    for side in (plan.engine, plan.learner):
+    for side in (*plan.engines, *plan.learners):
         lines.append(f"{side.name} (per GPU, GiB)")
         for k, v in side.parts.items():
             lines.append(f"  {k:<20} {v / GIB:8.2f}")

@@ -9,7 +9,10 @@ no process group at all.
 
 Gradient accumulation equals one big batch: the loss of every micro-batch is its sum over valid
 tokens divided by the mini-batch's GLOBAL valid-token count (all ranks), times the world size because
-DDP/FSDP average gradients over ranks. Only the last micro-batch synchronises gradients.
+DDP/FSDP average gradients over ranks. DDP synchronises gradients on the last micro-batch only; FSDP2
+reduce-scatters them after every micro-batch (``learner.grad_sync=every_micro_batch``: the gradient
+stays sharded) or on the last one (``last_micro_batch``: less communication, an unsharded fp32
+gradient of the whole model on every rank until then).
 
 A step whose loss or gradient norm is not finite (on any rank) is refused: the gradients are dropped,
 the optimizer, scheduler and policy version do not move, ``skipped_steps`` counts it; since
@@ -155,6 +158,7 @@ class LearnerRank:
         self.packer = make_packer(learner_cfg.packing, learner_cfg.packed_attention, pad_id)
         self.packer.prepare_model(module)
         self.fsdp = bool(learner_cfg.fsdp)
+        self._sync_every_micro_batch = learner_cfg.grad_sync == "every_micro_batch"
         self.model = self._wrap(module)
         # with LoRA the reference policy is the base: the same module with its adapters switched off
         self.has_reference = algo_cfg.kl_coef > 0
@@ -322,7 +326,7 @@ class LearnerRank:
         for k, group in enumerate(groups):
             last = k == len(groups) - 1
             if self.fsdp:
-                self.model.set_requires_gradient_sync(last)
+                self.model.set_requires_gradient_sync(last or self._sync_every_micro_batch)
                 sync = contextlib.nullcontext()
             elif self.distributed and not last:
                 sync = self.model.no_sync()

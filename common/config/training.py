@@ -99,6 +99,7 @@ class LoraConfig:
 PackingMode = Literal["tree", "flat", "none"]  # learner.packing
 PackedAttention = Literal["auto", "runs", "mask"]  # learner.packed_attention
 MixedPrecision = Literal["none", "bf16"]  # learner.mixed_precision
+GradSync = Literal["every_micro_batch", "last_micro_batch"]  # learner.grad_sync
 
 
 @dataclass
@@ -156,6 +157,16 @@ class LearnerConfig:
         "sharded, torch.autocast otherwise, on GPU and CPU; gradients reduced in fp32) | 'none' (param_dtype).",
     )
     activation_checkpointing: bool = doc(False, "Recompute activations in the backward pass.")
+    grad_sync: str = choice(
+        GradSync,
+        "every_micro_batch",
+        "When FSDP2 reduce-scatters gradients during accumulation (learner.fsdp only; DDP's replicated "
+        "gradients cost the same memory either way and sync on the last micro-batch): "
+        "'every_micro_batch' (after each micro-batch's backward: one reduce-scatter per micro-batch, the "
+        "gradient stays sharded, 4 x params / ranks bytes in fp32) | 'last_micro_batch' (once per "
+        "mini-batch: less communication, but every rank holds an unsharded fp32 gradient of the whole "
+        "model until then, 4 x params bytes: 28 GiB for a 7B model). `treepo plan` counts the choice.",
+    )
     total_steps: int = doc(60, "Optimizer steps to run (stops earlier when the data runs out).", at_least=1)
     ray_resources: dict[str, float] = doc(
         {},

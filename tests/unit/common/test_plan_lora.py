@@ -27,7 +27,12 @@ def test_lora_plan_by_hand(tmp_path):
 
 
 def test_7b_fits_one_80gib_learner_gpu_only_with_lora():
-    keys = ["learner.fsdp=false", "learner.num_workers=1", "learner.gpu_memory_gib=80"]
+    keys = [
+        "learner.fsdp=false",
+        "learner.num_workers=1",
+        "learner.gpu_memory_gib=80",
+        "learner.micro_batch_tokens=8192",
+    ]
     full = make_plan(load_config(PRESET, keys))
     # fp32 master + gradients + AdamW moments of 7.6 B parameters: 148 GiB
     assert not full.learner.fits and "learner.fsdp=true" in full.learner.fix
