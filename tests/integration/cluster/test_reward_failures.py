@@ -120,7 +120,6 @@ def ray_local():
         yield
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fn,first_error", STOPS)
 def test_ray_driver_stops_on_a_reward_that_always_fails(
     tmp_path, tiny_model_dir, ray_local, redis_server, monkeypatch, capsys, files, fn, first_error
