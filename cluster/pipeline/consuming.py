@@ -21,7 +21,9 @@ so the dropped tree is replaced instead of stalling the step.
 Every tree is checked against the run (:func:`common.tree.check_for_run` with :func:`run_limits`:
 vocabulary, length caps, leaf count, finite rewards within what ``reward.*`` can give, no version from
 the future, a known prompt) and run through what training does to it (advantages, encoding); one
-that fails is quarantined in the dead-letter stream with the reason, and the run goes on. Every
+that fails is quarantined in the dead-letter stream with the reason, and the run goes on: its prompt
+counts as used up, so admission replaces it as it does a drop; ``QUARANTINE_STREAK`` (or two steps'
+worth) in a row stop the run with the first one's reason, since nothing can be trained. Every
 quarantined entry (refused by the queue's decoder, the run's check or training's preparation) is
 counted in ``pipeline/quarantined`` and said on the console with its reason (the first
 ``QUARANTINE_LINES`` of a step, then one line saying that more are only counted). Entries delivered
@@ -59,6 +61,7 @@ CONSUMER = "controller"  # the consumer name in the queue's group (the pending l
 STALL_TIMEOUT_S = 1800.0  # no tree at all for this long while generators live: something is wrong
 ORPHAN_CHECK_S = 10.0  # how often an idle collect compares the pending list with what it consumed
 QUARANTINE_LINES = 20  # console lines of quarantined entries per step; the rest are only counted
+QUARANTINE_STREAK = 16  # quarantined trees in a row (at least 2 steps' worth) that stop the run
 
 
 def encoded_prompt_ids(cfg: TrainConfig) -> list[str]:
@@ -111,7 +114,9 @@ class TreeConsumer:
         self.cfg, self.queue, self.dispatcher, self.limits = cfg, queue, dispatcher, limits
         self.policy, self.counts, self.on_idle = policy, counts, on_idle
         self.world = cfg.learner.num_workers
-        self.dropped = 0  # trees dropped whose prompt is used up (dynamic sampling): the D of admission
+        self.dropped = (
+            0  # trees dropped whose prompt is used up (dynamic sampling, quarantine): admission's D
+        )
         self.trained_ids: set[str] = set()
         self.unacked: list[str] = []  # entries consumed since the last checkpoint
         self.backlog: list[tuple[str, Tree]] = []  # reclaimed on resume: consumed first
@@ -121,6 +126,7 @@ class TreeConsumer:
         queue.check = self._check_tree
         queue.on_dead_letter = self._quarantined  # every dead letter, whoever refused the entry
         self._lines_left = QUARANTINE_LINES  # console lines left for quarantined entries this step
+        self._streak, self._first_reason = 0, ""  # quarantined trees in a row, and why the first was
         self.failures = StepFailures.for_run(cfg)  # failed reward calls of the trees of this step
 
     def _check_tree(self, tree: Tree) -> None:
@@ -187,16 +193,18 @@ class TreeConsumer:
         last_tree = time.perf_counter()
         entry_of: dict[str, str] = {}  # tree id -> entry id of the kept trees
         while len(sel.kept) < need:
+            before = self.dropped  # quarantines while reading count too
             entries = self._next_entries(need - len(sel.kept))
-            before = self.dropped
             for entry_id, tree in entries:
                 taken = self._take(entry_id, tree, sel, entry_of)
                 if taken == "dropped":
                     self.dropped += 1
                 if taken not in ("quarantined", "duplicate"):
                     self.failures.add_tree(tree)
+                    self._streak = 0
             if self.dropped != before:
                 self.set_dropped()
+            self._check_streak()
             self.failures.check()  # a reward failing past reward.max_error_share stops the run
             if entries:
                 last_tree = time.perf_counter()
@@ -266,6 +274,11 @@ class TreeConsumer:
         """An entry moved to the dead-letter stream (the queue's hook): counted, and said on the console
         (the first QUARANTINE_LINES of a step, then once that more are only counted)."""
         self.counts["quarantined"] += 1
+        # its prompt is used up: admission replaces it as it does a drop (else every quarantined tree
+        # holds an admission place for good, and a run whose trees are all refused waits forever)
+        self.dropped += 1
+        self._streak += 1
+        self._first_reason = self._first_reason if self._streak > 1 else reason
         self._lines_left -= 1
         if self._lines_left >= 0:
             print(f"[pipeline] entry {entry_id} quarantined in the dead-letter stream: {reason}", flush=True)
@@ -274,6 +287,17 @@ class TreeConsumer:
                 "[pipeline] more entries quarantined this step: counted in pipeline/quarantined, not "
                 "printed (reasons: `treepo queue inspect`)",
                 flush=True,
+            )
+
+    def _check_streak(self) -> None:
+        """A run whose trees are all quarantined trains nothing: stop it, naming the first reason."""
+        limit = max(QUARANTINE_STREAK, 2 * self.cfg.learner.prompts_per_step)
+        if self._streak >= limit:
+            raise QueueError(
+                f"the last {self._streak} trees were all quarantined, the first for: {self._first_reason}. "
+                "Nothing can be trained: fix what the reason names (a reward outside reward.max_abs, "
+                "a model or tokenizer that does not match the run...); `treepo queue inspect` lists "
+                "the dead letters; the entries stay there"
             )
 
     def _prepare(self, tree: Tree) -> None:

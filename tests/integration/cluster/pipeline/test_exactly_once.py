@@ -277,3 +277,34 @@ def test_a_fresh_start_clears_the_state_of_an_attempt_that_never_checkpointed(
     assert "removed the queue state of an earlier attempt" in capsys.readouterr().out
     assert not list(q.redis.scan_iter(match=f"{RunKeys(name).base}:*"))
     assert (run / "trained_trees.jsonl").read_text() == ""
+
+
+def test_quarantined_trees_free_their_admission_place_and_a_run_of_them_stops_the_run(
+    tmp_path, tiny_model_dir, redis_server, monkeypatch
+):
+    """A reward function past reward.max_abs gets every tree quarantined: each counts in the
+    admission's D (else the generators, their places all held, wait forever), and two steps' worth
+    in a row stop the run with the first reason instead of waiting for trees that never come."""
+    from common.keys import RunKeys
+
+    cfg = _cfg(tmp_path / "run", tiny_model_dir, redis_server, monkeypatch, "learner.prompts_per_step=8")
+    run = unique_run("qstreak")
+    ids = [f"p-{i}" for i in range(40)]
+    c, _ = _shell(cfg, redis_server, run, ids)
+    for i in range(3):
+        t = valid_tree(f"p-{i}@e0", f"p-{i}")
+        t.leaves[0].reward = 1e6
+        c.queue.push(t)
+    c.queue.push(valid_tree("p-3@e0", "p-3"))
+    trees, _ = c.collect(1)
+    assert [t.tree_id for t in trees] == ["p-3@e0"]
+    assert c.counts["quarantined"] == 3 and c.dropped == 3
+    assert int(c.queue.redis.get(RunKeys(run).dropped)) == 3, "admission must see the quarantined trees"
+    for i in range(4, 4 + 16):
+        t = valid_tree(f"p-{i}@e0", f"p-{i}")
+        t.leaves[1].reward = 1e6
+        c.queue.push(t)
+    with pytest.raises(
+        QueueError, match=r"last 16 trees were all quarantined, the first for: .*reward 1e\+06"
+    ):
+        c.collect(8)
