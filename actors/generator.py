@@ -8,7 +8,11 @@ The loop (:meth:`Generator.step_once`, repeated by :meth:`Generator.run`):
 2. Admission control: claim new prompts while the budget of
    :func:`common.schedule.admission_budget` is positive and
    fewer than ``generators.trees_in_flight`` trees grow here.
-3. One sampler step (one batched engine call over every live path of every tree in flight).
+3. One sampler step (``sampling.expansion``: one batched engine call over every live path of every
+   tree in flight, or engine steps until some tree's depth is done with the other trees' segments
+   still running). Before an update is applied, the segments still in the engine finish under the
+   weights they started with (:meth:`actors.sampler.TreeSampler.drain`), so every segment records the
+   one version that sampled it, and the prefix cache is reset with no request in the engine.
 4. Score finished trees (the reward objects live in this process) and push each with
    :meth:`common.prompts.PromptDispatcher.push_and_done`: the push and the end of the prompt's flight
    are one atomic script, and a prompt re-issued to another generator is refused (no duplicate).
@@ -134,6 +138,7 @@ class Generator:
         # the engine is used by one thread at a time: the run loop, or an evaluation between two steps
         self._engine_lock = threading.Lock()
         self._eval_waiting = threading.Event()
+        self._drained: list[Any] = []  # trees finished by a drain before an update, pushed next step
         self._exhausted = False
         self._beat = time.monotonic()  # the loop's last sign of life (heartbeat)
         self.counters = {
@@ -279,6 +284,7 @@ class Generator:
         self._eval_waiting.set()  # the run loop yields the engine at its next step boundary
         with self._engine_lock:
             self._eval_waiting.clear()
+            self._drain_for_update(force=True)
             self._apply_pending()
             res = run_eval(self.backend, self.inputs, self._held_out.prompts, self._held_out.reward)
         out = res.train_metrics()
@@ -286,6 +292,18 @@ class Generator:
         return out
 
     # ------------------------------------------------------------------ the loop (one thread)
+    def _drain_for_update(self, force: bool = False) -> None:
+        """With barrier-free expansion segments stay in the engine between sampler steps: before the
+        weights change (or another user takes the engine, ``force``) they finish under the weights they
+        started with. The trees that finish meanwhile are pushed by the next step."""
+        with self._lock:
+            due = force or self._pending is not None
+        if due and self.sampler.requests_in_engine:
+            t0 = time.perf_counter()
+            self._drained.extend(self.sampler.drain())
+            with self._lock:
+                self.counters["busy_s"] += time.perf_counter() - t0
+
     def _apply_pending(self) -> None:
         with self._staged_lock:
             with self._lock:
@@ -370,12 +388,15 @@ class Generator:
 
         self._injected_fault()
         with self._engine_lock:
+            self._drain_for_update()
             self._apply_pending()
             self._admit()
-            if not self.sampler.in_flight:
-                return 0
             t0 = time.perf_counter()
-            done = self.sampler.step()
+            done, self._drained = self._drained, []
+            if not self.sampler.in_flight and not done:
+                return 0
+            if self.sampler.in_flight:
+                done += self.sampler.step()
             if self._bench_delay_s > 0:  # `treepo bench pipeline`'s synthetic workload: known cost per step
                 time.sleep(self._bench_delay_s)
         score_trees(done, self.reward, self.inputs.decode, self.inputs.stop_set)
@@ -407,7 +428,12 @@ class Generator:
             if self.counters["steps"] > before:
                 steps += 1
                 continue
-            if self._exhausted and not self.sampler.in_flight and not self._reconcile_claims():
+            if (
+                self._exhausted
+                and not self.sampler.in_flight
+                and not self._drained
+                and not self._reconcile_claims()
+            ):
                 break
             t0 = time.perf_counter()
             self._stop.wait(idle_sleep_s)  # at the admission bound: wait for a new version or drops

@@ -1,10 +1,15 @@
 """TreePO segment-tree sampler: pure logic over a :class:`GenerationBackend`.
 
-The rules (``docs/algorithm.md``), per tree, level-synchronous:
+The rules (``docs/algorithm.md``), per tree, one depth at a time:
 
 1. The root gets ``root divergence`` children, drawn U{min..max} per tree and capped at ``w``.
-2. Each step extends every live path of EVERY tree in flight by one segment in ONE batched backend
-   call (one ``n=1`` request per path; children of a node are duplicate requests of its prefix).
+2. A depth extends every live path of the tree by one segment (one ``n=1`` request per path;
+   children of a node are duplicate requests of its prefix). How depths reach the engine is the
+   expansion (``sampling.expansion``, :mod:`actors.expansion`): ``level`` runs one depth of EVERY tree
+   in flight as ONE batched backend call; ``barrier_free`` submits a tree's next depth as soon as its
+   own depth is done, while the other trees' requests keep running (the only barrier left is per
+   tree and depth: rules 3-5 look at all the siblings of a depth). Both grow the same trees from the
+   same seeds.
 3. Classification after the segment, first match wins: answer (``boxed_as_eos``: a complete
    ``\\boxed{}``; ``boxed_and_eos_first``: boxed AND EOS) → ``finished``; EOS → ``eos``; response
    length ≥ Lmax → ``max_tokens`` (truncated to Lmax); depth ≥ d → ``max_depth``; some substring of
@@ -62,6 +67,7 @@ from typing import Any
 import numpy as np
 
 from actors.backends.base import GenerationBackend, GenRequest, GenResult
+from actors.expansion import make_expansion
 from common.answers import last_boxed
 from common.config import SamplingConfig, TreeConfig
 from common.errors import ConfigError
@@ -254,12 +260,13 @@ class _TreeState:
 
 
 class TreeSampler:
-    """Grows many segment trees at once over one backend; one batched backend call per :meth:`step`.
+    """Grows many segment trees at once over one backend.
 
-    ``submit`` adds a prompt (its tree starts growing at the next step); ``step`` runs one segment for
-    every live path of every tree in flight and returns the trees that finished; ``run`` keeps up to
+    ``submit`` adds a prompt (its tree starts growing at the next step); ``step`` advances the trees
+    in flight (see the expansion) and returns the trees that finished; ``run`` keeps up to
     ``max_in_flight`` trees growing and yields each as soon as it is done (a finished tree leaves and
-    the next prompt enters without waiting for the slowest tree).
+    the next prompt enters without waiting for the slowest tree); ``drain`` lets the segments in the
+    engine finish without starting new ones (before a weight update).
     """
 
     def __init__(
@@ -274,6 +281,7 @@ class TreeSampler:
         stats: SamplingStats | None = None,
         require_eos: bool = True,
         stop_strings: Sequence[str] = (),
+        expansion: str | None = None,
     ) -> None:
         self.backend = backend
         self.cfg = tree_cfg
@@ -288,6 +296,8 @@ class TreeSampler:
         self.d = 1 if self.flat else tree_cfg.d
         self._trees: dict[str, _TreeState] = {}
         self._seen_prompts: Counter[str] = Counter()
+        self.expansion = expansion or self.sampling.expansion
+        self._expansion = make_expansion(self.expansion, self)
         if tree_cfg.mode not in ("tree", "flat"):
             raise ConfigError(f"tree.mode={tree_cfg.mode!r} is not 'tree' or 'flat': fix tree.mode")
         if tree_cfg.root_divergence_min > tree_cfg.root_divergence_max:
@@ -334,60 +344,79 @@ class TreeSampler:
         return tree_id
 
     def step(self) -> list[Tree]:
-        """One segment for every live path of every tree in flight (ONE backend call)."""
-        work: list[tuple[_TreeState, _Pending]] = []
-        requests: list[GenRequest] = []
-        bs = max(int(self.backend.block_size), 1)
-        for st in self._trees.values():
-            for p in st.pending:
-                prefix = st.prompt_ids + st.response(p.parent_id)
-                resp_len = st.resp_len(p.parent_id)
-                if self.flat:
-                    n = self.lmax - resp_len
-                else:
-                    n = segment_tokens(
-                        len(prefix), resp_len, self.cfg.l, self.lmax, bs, self.cfg.align_segments_to_blocks
-                    )
-                seed = (
-                    stable_hash(self.cfg.seed, st.tree_id, p.node_id) % (2**31)
-                    if self.sampling.per_request_seed
-                    else None
-                )
-                requests.append(GenRequest(prefix, n, seed))
-                work.append((st, p))
-        if not requests:
-            return []
-        version = int(self.backend.policy_version)
-        t0 = time.perf_counter()
-        results = self.backend.generate(requests)
-        wall = time.perf_counter() - t0
-        if len(results) != len(requests):
-            raise RuntimeError(f"backend returned {len(results)} results for {len(requests)} requests")
-        self.stats.record_step(results, wall)
+        """Advance the trees in flight; returns the trees that finished. Level-synchronous: one segment
+        for every live path of every tree (ONE backend call). Barrier-free: engine steps until some
+        tree's depth completes (its children are in the engine before this returns)."""
+        return self._expansion.step()
 
-        per_tree: dict[str, tuple[list[_Node], int]] = {}
-        for (st, p), req, res in zip(work, requests, results):
+    def drain(self) -> list[Tree]:
+        """Run the segments in the engine to their end without starting new ones; returns the trees
+        that finished. Call before the weights change (a segment is sampled under one version) or
+        before another user takes the engine. Level-synchronous expansion has nothing in the engine
+        between steps."""
+        return self._expansion.drain()
+
+    @property
+    def requests_in_engine(self) -> int:
+        """Segment requests submitted and not finished (always 0 between level-synchronous steps)."""
+        return self._expansion.in_engine
+
+    # ------------------------------------------------------------------ one depth of one tree (expansion)
+    def tree_ids(self) -> list[str]:
+        """The trees in flight, in the order they entered."""
+        return list(self._trees)
+
+    def wave_requests(self, tree_id: str) -> list[GenRequest]:
+        """One request per pending segment of tree ``tree_id`` (its next depth), in pending order."""
+        st = self._trees[tree_id]
+        bs = max(int(self.backend.block_size), 1)
+        out = []
+        for p in st.pending:
+            prefix = st.prompt_ids + st.response(p.parent_id)
+            resp_len = st.resp_len(p.parent_id)
+            if self.flat:
+                n = self.lmax - resp_len
+            else:
+                n = segment_tokens(
+                    len(prefix), resp_len, self.cfg.l, self.lmax, bs, self.cfg.align_segments_to_blocks
+                )
+            seed = (
+                stable_hash(self.cfg.seed, st.tree_id, p.node_id) % (2**31)
+                if self.sampling.per_request_seed
+                else None
+            )
+            out.append(GenRequest(prefix, n, seed))
+        return out
+
+    def complete_wave(
+        self, tree_id: str, requests: Sequence[GenRequest], results: Sequence[GenResult], version: int
+    ) -> Tree | None:
+        """Add the segments of tree ``tree_id``'s pending depth (``results`` of ``requests``, sampled
+        under policy ``version``), then branch or fall back. Returns the tree once it has its ``w``
+        leaves (it leaves the sampler), else None (its next depth is pending)."""
+        st = self._trees[tree_id]
+        if len(results) != len(st.pending) or len(requests) != len(st.pending):
+            raise RuntimeError(
+                f"tree {tree_id}: {len(results)} results for {len(st.pending)} pending segments"
+            )
+        live: list[_Node] = []
+        f = 0
+        for p, req, res in zip(st.pending, requests, results):
             node, reason = self._add_segment(st, p, res, version, req.max_tokens)
-            live, f = per_tree.get(st.tree_id, ([], 0))
             if reason is None:
                 live.append(node)
             else:
                 st.leaves.append(Leaf(node.node_id, reason, node.resp_len))
                 f += 1
-            per_tree[st.tree_id] = (live, f)
-
-        finished: list[Tree] = []
-        for tree_id, (live, f) in per_tree.items():
-            st = self._trees[tree_id]
-            st.steps += 1
-            st.pending = []
-            self._grow(st, live, f)
-            if len(st.pending) + len(st.leaves) > self.cfg.w:
-                raise RuntimeError(f"tree {tree_id}: a + F = {len(st.pending)} + {len(st.leaves)} > w")
-            if not st.pending:
-                del self._trees[tree_id]
-                finished.append(self._finish(st))
-        return finished
+        st.steps += 1
+        st.pending = []
+        self._grow(st, live, f)
+        if len(st.pending) + len(st.leaves) > self.cfg.w:
+            raise RuntimeError(f"tree {tree_id}: a + F = {len(st.pending)} + {len(st.leaves)} > w")
+        if st.pending:
+            return None
+        del self._trees[tree_id]
+        return self._finish(st)
 
     def run(
         self,

@@ -8,6 +8,13 @@ request, the sampled token ids, the behavior logprob of each sampled token (as c
 last token; ``"length"``: ``max_tokens`` reached) and how many prompt tokens were served from the
 prefix cache.
 
+Two ways to drive a backend: ``generate`` (one batched call, the whole batch returns together: the
+level-synchronous sampler) and the request stream (``add_request`` a request under an id of the
+caller's, ``step_requests`` runs one engine step and returns the requests that finished in it: the
+barrier-free sampler submits a child segment as soon as its tree may branch). A backend without an
+engine step loop streams through :class:`BatchStream` (each step runs every queued request in one
+``generate`` call).
+
 This module imports no torch or vllm: the sampler and its tests depend only on these types.
 """
 
@@ -54,14 +61,21 @@ class BackendCounters:
     prefill_tokens_computed: int = 0
     prefill_tokens_cached: int = 0
     decoded_tokens: int = 0
+    engine_steps: int = 0  # engine forward passes (one decoded token per running request)
+    engine_requests: int = 0  # requests in the engine summed over its steps (occupancy = this / steps)
 
-    def add(self, results: Sequence[GenResult]) -> None:
-        self.calls += 1
+    def add(self, results: Sequence[GenResult], *, calls: int = 1) -> None:
+        self.calls += calls
         self.requests += len(results)
         for r in results:
             self.prefill_tokens_cached += r.num_cached_tokens
             self.prefill_tokens_computed += r.num_prompt_tokens - r.num_cached_tokens
             self.decoded_tokens += len(r.token_ids)
+
+    def add_engine_step(self, running: int) -> None:
+        """One engine step over ``running`` requests (running or waiting in the engine)."""
+        self.engine_steps += 1
+        self.engine_requests += int(running)
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -88,3 +102,54 @@ class GenerationBackend(Protocol):
     def reset_prefix_cache(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class RequestStream(Protocol):
+    """The request stream of a backend (see the module docstring)."""
+
+    def add_request(self, request_id: str, request: GenRequest) -> None:
+        """Queue ``request`` under ``request_id`` (unique among the unfinished ones)."""
+        ...
+
+    def step_requests(self) -> list[tuple[str, GenResult]]:
+        """Run one engine step; the requests that finished in it, as ``(request_id, result)``."""
+        ...
+
+    @property
+    def unfinished_requests(self) -> int:
+        """Requests added and not yet returned by :meth:`step_requests`."""
+        ...
+
+
+class BatchStream:
+    """:class:`RequestStream` over a backend's ``generate``: a step runs every queued request in one
+    batched call (all of them finish in that step), which is level-synchronous expansion again. For
+    backends with no engine step loop of their own (the transformers backend, test fakes)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self._queued: list[tuple[str, GenRequest]] = []
+
+    def add_request(self, request_id: str, request: GenRequest) -> None:
+        self._queued.append((str(request_id), request))
+
+    def step_requests(self) -> list[tuple[str, GenResult]]:
+        if not self._queued:
+            return []
+        batch, self._queued = self._queued, []
+        results = self.backend.generate([r for _, r in batch])
+        if len(results) != len(batch):
+            raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} requests")
+        return [(rid, res) for (rid, _), res in zip(batch, results)]
+
+    @property
+    def unfinished_requests(self) -> int:
+        return len(self._queued)
+
+
+def request_stream(backend: Any) -> RequestStream:
+    """``backend`` itself if it streams requests, else a :class:`BatchStream` over its ``generate``."""
+    if callable(getattr(backend, "step_requests", None)) and callable(getattr(backend, "add_request", None)):
+        return backend
+    return BatchStream(backend)

@@ -117,6 +117,7 @@ class HFBackend:
             for _ in range(max(max_new)):
                 if all(done):
                     break
+                self.counters.add_engine_step(sum(1 for x in done if not x))
                 out = self.model(
                     input_ids=cur_ids,
                     attention_mask=mask,

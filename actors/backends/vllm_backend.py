@@ -27,6 +27,13 @@ update runs inside the worker through a worker extension (:class:`TreepoWorkerEx
   pipeline; neither side holds a copy of the whole model).
 
 vLLM does not drop cached KV after an update: ``generators.reset_prefix_cache_on_update`` decides.
+
+Two ways to generate, both over the engine's step loop (``LLMEngine.add_request`` / ``step``):
+``generate`` (a batch, returned together) and the request stream (``add_request`` /
+``step_requests``: one engine step at a time, so the sampler can add a child segment while other
+requests run). Every engine step counts the requests in the engine (``counters.engine_steps`` /
+``engine_requests``: the batch occupancy). Weights change and the prefix cache resets only with no
+request of the stream in the engine (the sampler drains first): a segment is sampled under one version.
 """
 
 from __future__ import annotations
@@ -181,6 +188,10 @@ class VLLMBackend:
         self.policy_version = 0
         self.update_bucket_bytes = DEFAULT_BUCKET_BYTES  # update_weights through files (multiprocess)
         self.counters = BackendCounters()
+        self._open: dict[str, int] = {}  # request id -> prompt tokens, for requests in the engine
+        self._finished: dict[str, GenResult] = {}  # finished, not yet handed out
+        self._batch_ids: set[str] = set()  # requests of a running generate() call
+        self._batch_seq = 0
         self.on_cpu = current_platform.is_cpu()
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
         self._send_serialized = self.in_process  # an in-process engine has no socket
@@ -263,22 +274,78 @@ class VLLMBackend:
         )
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
-        from vllm.inputs import TokensPrompt
-
+        """One batched call over the engine's step loop (requests of the stream in flight meanwhile
+        keep running; their results wait for :meth:`step_requests`)."""
         if not requests:
             return []
+        ids = [f"treepo-batch-{self._batch_seq}-{i}" for i in range(len(requests))]
+        self._batch_seq += 1
+        self._add(ids, requests)
+        self._batch_ids.update(ids)
+        try:
+            while not all(rid in self._finished for rid in ids):
+                self._engine_step()
+        finally:
+            self._batch_ids.difference_update(ids)
+        results = [self._finished.pop(rid) for rid in ids]
+        self.counters.add(results)
+        return results
+
+    # ------------------------------------------------------------------ the request stream
+    def add_request(self, request_id: str, request: GenRequest) -> None:
+        """Queue one request of the stream; it starts at the next engine step."""
+        self._add([str(request_id)], [request])
+
+    def step_requests(self) -> list[tuple[str, GenResult]]:
+        """One engine step (unless results of the stream are already waiting); the stream's requests
+        that finished, as ``(request_id, result)``."""
+        if not self._stream_done() and self._open:
+            self._engine_step()
+        done = [(rid, self._finished.pop(rid)) for rid in self._stream_done()]
+        self.counters.add([r for _, r in done], calls=0)
+        return done
+
+    @property
+    def unfinished_requests(self) -> int:
+        """Requests of the stream not yet returned by :meth:`step_requests`."""
+        return sum(1 for rid in self._open if rid not in self._batch_ids) + len(self._stream_done())
+
+    def _stream_done(self) -> list[str]:
+        return [rid for rid in self._finished if rid not in self._batch_ids]
+
+    def _add(self, request_ids: Sequence[str], requests: Sequence[GenRequest]) -> None:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        for rid in request_ids:
+            if rid in self._open or rid in self._finished:
+                raise ValueError(f"request id {rid!r} is already in the engine: use a unique id")
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in r.prompt_ids]) for r in requests]
-        params = [self._params(r.max_tokens, r.seed) for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for req, out in zip(requests, outputs):
+        # rendered as LLM.generate renders them (a raw prompt still works, with a deprecation warning)
+        render = getattr(self.llm, "_preprocess_cmpl", None)
+        inputs = render(prompts) if callable(render) else prompts
+        for rid, req, prompt in zip(request_ids, requests, inputs):
+            params = self._params(req.max_tokens, req.seed)
+            params.output_kind = RequestOutputKind.FINAL_ONLY  # only the finished output comes back
+            self.llm.llm_engine.add_request(rid, prompt, params)
+            self._open[rid] = len(req.prompt_ids)
+
+    def _engine_step(self) -> None:
+        """One step of the engine; finished requests move to :attr:`_finished`."""
+        running = len(self._open)
+        outputs = self.llm.llm_engine.step()
+        self.counters.add_engine_step(running)
+        for out in outputs:
+            if not out.finished or out.request_id not in self._open:
+                continue
             comp = out.outputs[0]
             toks = [int(t) for t in comp.token_ids]
             lps = [float(comp.logprobs[i][t].logprob) for i, t in enumerate(toks)]
             reason = "stop" if comp.finish_reason == "stop" else "length"
-            results.append(GenResult(toks, lps, reason, len(req.prompt_ids), int(out.num_cached_tokens or 0)))
-        self.counters.add(results)
-        return results
+            n_prompt = self._open.pop(out.request_id)
+            self._finished[out.request_id] = GenResult(
+                toks, lps, reason, n_prompt, int(out.num_cached_tokens or 0)
+            )
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]], version: int) -> None:
         """Load ``named_tensors`` into the engine. In-process the iterator streams into the reload one
@@ -286,6 +353,7 @@ class VLLMBackend:
         safetensors files written bucket by bucket (:attr:`update_bucket_bytes` each): this process
         holds one bucket's host copies at a time, never the whole model, and the worker reads the files
         back one tensor at a time into the reload."""
+        self._check_idle("update_weights")
         if self.in_process:
             stream = ((name, t.detach()) for name, t in named_tensors)
             self.llm.collective_rpc("treepo_reload_weights", args=(stream,))
@@ -298,7 +366,15 @@ class VLLMBackend:
         self.policy_version = int(version)
 
     def reset_prefix_cache(self) -> None:
+        self._check_idle("reset_prefix_cache")
         self.llm.reset_prefix_cache()
+
+    def _check_idle(self, what: str) -> None:
+        if self._open:
+            raise RuntimeError(
+                f"{what} with {len(self._open)} requests in the engine: drain the sampler first "
+                "(TreeSampler.drain), so that every segment is sampled under one policy version"
+            )
 
     # ------------------------------------------------------------------ one receiver rank per worker
     @property
@@ -373,6 +449,7 @@ class VLLMBackend:
     def apply_staged(self, version: int) -> None:
         """Reload the staged update of ``version`` on every worker (dropping it and any older one),
         reset the prefix cache per the config and sample under ``version`` from now on."""
+        self._check_idle("apply_staged")
         self._sync_rpc("treepo_sync_apply", int(version))
         if self.gen_cfg.reset_prefix_cache_on_update:
             self.reset_prefix_cache()

@@ -1,19 +1,25 @@
-"""``treepo bench sampling``: tree vs flat sampling on the same engine, model, prompts, ``w``, max
-response length and seeds, in one run.
+"""``treepo bench sampling``: flat sampling against segment trees grown level-synchronously and
+barrier-free, on the same engine, model, prompts, ``w``, max response length and seeds, in one run, at
+several tree shapes.
 
-Both modes sample ``tree.w`` trajectories per prompt of at most Lmax = ``tree.max_response_tokens``
-tokens; flat is ``w`` independent requests of Lmax tokens (GRPO), tree is the segment tree (``tree.d``
-× ``tree.l``, branching ``tree.b``). By default EOS is ignored, which is the analytic no-early-stop
-case: the tree then decodes exactly ``Σ_k n_k·len_k`` tokens per prompt (``n_k`` live paths at step k:
-r, min(b·r, w), …) against ``w·Lmax`` for flat, and the wall-clock ratio tree/flat is printed beside
-that bound. A warm-up of both modes (excluded from timing) runs first; the prefix cache is reset
-before each timed mode.
+Every mode samples ``tree.w`` trajectories per prompt of at most Lmax tokens; flat is ``w``
+independent requests of Lmax tokens (GRPO), a tree is ``d`` segments of ``l`` tokens branching
+``tree.b``. The shapes are ``--shapes`` (``DxL``: Lmax = D·L; default 4×64 and 7×32) and the config's
+own shape (``tree.d`` × ``tree.l`` with its ``tree.max_response_tokens``, e.g. a long preset's). The
+trees grow two ways (``sampling.expansion``): ``level`` (one batched engine call per depth over every
+tree: the batch drains at every depth) and ``barrier_free`` (a tree's next depth enters the engine as
+soon as its own depth is done). By default EOS is ignored, which is the analytic no-early-stop case:
+a tree then decodes exactly ``Σ_k n_k·len_k`` tokens per prompt (``n_k`` live paths at step k: r,
+min(b·r, w), …) against ``w·Lmax`` for flat. Per shape the bench reports each mode's wall time, the
+engine's batch occupancy (mean requests in the engine per engine step) and engine steps, the wall
+ratio tree/flat beside that decoded-token bound, and the share of the analytic saving realised in
+wall time, ``(1 − wall_tree/wall_flat) / (1 − tokens_tree/tokens_flat)``. A warm-up of every mode
+(excluded from timing) runs first; the prefix cache is reset before each timed mode.
 
 The settings are a run's config (``--config PRESET`` and ``key=value``, validated like ``treepo
 train``'s). Without ``--config`` the bench's own settings apply (:data:`DEFAULTS`): a random-init tiny
 Qwen2 of size "s" (``model.tiny_warmup_steps=0``: built once and cached, seconds, offline; another
-size with ``model.tiny_size``), 4 segments of 64 tokens aligned to the KV blocks, 16 leaves, Lmax 256,
-no repetition stop.
+size with ``model.tiny_size``), segments aligned to the KV blocks, 16 leaves, no repetition stop.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from actors.engine_inputs import EngineInputs
 from actors.sampler import TreeSampler, analytic_decoded_tokens
 from cluster.bench.report import add_bench_arguments, emit_json, model_label, print_table, ratio
 from cluster.config_args import load_args_config, requested_overrides
-from common.config import TrainConfig, validate
+from common.config import TrainConfig, TreeConfig, validate
 from common.errors import ConfigError
 from common.models import resolve_model
 from common.sampling_metrics import SamplingStats
@@ -49,6 +55,10 @@ DEFAULTS = [
 ]
 
 
+MODES = ("flat", "level", "barrier_free")  # flat sampling, then trees grown each way
+DEFAULT_SHAPES = "4x64,7x32"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompts", type=int, default=8, help="Number of prompts (synthetic arith problems)."
@@ -56,13 +66,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stop-at-eos", action="store_true", help="Honour EOS (default: ignore it, the analytic case)."
     )
+    parser.add_argument(
+        "--shapes",
+        default=DEFAULT_SHAPES,
+        help="Tree shapes DxL (segments x segment length, Lmax = D*L), comma-separated, measured besides "
+        "the config's own shape (tree.d x tree.l, Lmax tree.max_response_tokens); 'none': only the "
+        f"config's. Default {DEFAULT_SHAPES}.",
+    )
     add_bench_arguments(
         parser,
         DEFAULTS,
         overrides_help="Config overrides: the shape (tree.w, tree.d, tree.l, tree.b, tree.root_divergence_*, "
         "tree.max_response_tokens = Lmax), model.*, generators.backend/block_size/kv_cache_gib, sampling.*, "
-        "seed (engine and prompts) and tree.seed (sampler); both modes share them.",
+        "seed (engine and prompts) and tree.seed (sampler); every mode shares them.",
     )
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"4x64,7x32"`` -> ``[(4, 64), (7, 32)]``; ``"none"`` or empty -> ``[]``."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part or part == "none":
+            continue
+        d, sep, l = part.lower().partition("x")
+        if not sep or not d.isdigit() or not l.isdigit() or int(d) < 1 or int(l) < 1:
+            raise ConfigError(f"--shapes entry {part!r} is not DxL (e.g. 4x64): give positive integers")
+        out.append((int(d), int(l)))
+    return out
+
+
+def bench_shapes(cfg: TrainConfig, shapes: str) -> list[TreeConfig]:
+    """The tree configs measured: each ``--shapes`` entry (Lmax = D·L), then the config's own shape
+    unless it is one of them; each validated with the rest of the config."""
+    out = [
+        dataclasses.replace(cfg.tree, d=d, l=l, max_response_tokens=d * l) for d, l in parse_shapes(shapes)
+    ]
+    if not any(
+        (t.d, t.l, t.max_response_tokens) == (cfg.tree.d, cfg.tree.l, cfg.tree.max_response_tokens)
+        for t in out
+    ):
+        out.append(cfg.tree)
+    for t in out:
+        validate(dataclasses.replace(cfg, tree=dataclasses.replace(t, mode="tree")))
+    return out
 
 
 def load_bench_config(args: argparse.Namespace) -> TrainConfig:
@@ -79,30 +125,50 @@ def load_bench_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def _run_mode(backend, tree_cfg, sampling, inputs, eos, prompts) -> tuple[dict, float]:
-    """One mode over ``prompts`` from an empty prefix cache: its sampling metrics and wall time."""
+def _run_mode(backend, tree_cfg, sampling, inputs, eos, prompts) -> dict:
+    """One mode over ``prompts`` from an empty prefix cache: its sampling metrics, wall time and the
+    engine's batch occupancy (mean requests in the engine per engine step)."""
     stats = SamplingStats()
     sampler = TreeSampler(backend, tree_cfg, sampling, eos, inputs.decode, stats=stats, require_eos=False)
     backend.reset_prefix_cache()
+    steps0, reqs0 = backend.counters.engine_steps, backend.counters.engine_requests
     t0 = time.perf_counter()
     list(sampler.run(prompts, max_in_flight=len(prompts)))
     wall = time.perf_counter() - t0
     out = stats.as_dict(wall_s=wall)
     out["wall_s"] = wall
-    return out, wall
+    steps = backend.counters.engine_steps - steps0
+    out["engine/steps"] = steps
+    out["engine/occupancy"] = ratio(backend.counters.engine_requests - reqs0, steps)
+    return out
 
 
-def _measure(args: argparse.Namespace, cfg: TrainConfig, model: str) -> tuple[dict, dict, int, list]:
-    """Warm-up of both modes on other prompts (untimed, one block per segment), then flat and tree;
-    returns (tree metrics, flat metrics, the engine's block size, the timed prompts)."""
+def _modes(t: TreeConfig, sampling) -> dict[str, tuple[TreeConfig, object]]:
+    """Each mode's tree and sampling config: flat, then the tree grown level-synchronously and barrier-free."""
+    return {
+        "flat": (dataclasses.replace(t, mode="flat"), dataclasses.replace(sampling, expansion="level")),
+        "level": (dataclasses.replace(t, mode="tree"), dataclasses.replace(sampling, expansion="level")),
+        "barrier_free": (
+            dataclasses.replace(t, mode="tree"),
+            dataclasses.replace(sampling, expansion="barrier_free"),
+        ),
+    }
+
+
+def _measure(
+    args: argparse.Namespace, cfg: TrainConfig, model: str, shapes: list[TreeConfig]
+) -> tuple[list[dict], int, list]:
+    """A warm-up of every mode on other prompts (untimed, one block per segment), then every mode at
+    every shape; returns (per shape {mode: metrics}, the engine's block size, the timed prompts)."""
     inputs = EngineInputs.for_model(model)
     eos = inputs.stop_ids if args.stop_at_eos else []
     rows = generate("arith", 2 * args.prompts, seed=cfg.seed, split="eval")
     encoded = [(r["id"], inputs.tokenizer.encode(r["prompt"], add_special_tokens=False)) for r in rows]
     # distinct warm-up prompts (no cache reuse) with the same batch-size ladder
     warm, prompts = encoded[: args.prompts], encoded[args.prompts :]
-    gen, t = cfg.generators, cfg.tree
-    max_len = max(len(p) for _, p in encoded) + t.d * t.l + gen.block_size + 8
+    gen = cfg.generators
+    longest = max(t.max_response_tokens for t in shapes)
+    max_len = max(len(p) for _, p in encoded) + longest + gen.block_size + 8
     backend = make_backend(
         gen.backend,
         model,
@@ -115,24 +181,26 @@ def _measure(args: argparse.Namespace, cfg: TrainConfig, model: str) -> tuple[di
     )
     try:
         bs = backend.block_size
-        short = dataclasses.replace(t, l=bs, max_response_tokens=t.d * bs)
-        for mode in ("flat", "tree"):  # warm-up, not timed
-            warm_cfg = dataclasses.replace(short, mode=mode)
-            _run_mode(backend, warm_cfg, cfg.sampling, inputs, eos, warm)
-        flat, _ = _run_mode(backend, dataclasses.replace(t, mode="flat"), cfg.sampling, inputs, eos, prompts)
-        tree, _ = _run_mode(backend, dataclasses.replace(t, mode="tree"), cfg.sampling, inputs, eos, prompts)
+        short = dataclasses.replace(cfg.tree, l=bs, max_response_tokens=cfg.tree.d * bs)
+        for tree_cfg, sampling in _modes(short, cfg.sampling).values():  # warm-up, not timed
+            _run_mode(backend, tree_cfg, sampling, inputs, eos, warm)
+        measured = [
+            {
+                mode: _run_mode(backend, tree_cfg, sampling, inputs, eos, prompts)
+                for mode, (tree_cfg, sampling) in _modes(t, cfg.sampling).items()
+            }
+            for t in shapes
+        ]
     finally:
         backend.close()
-    return tree, flat, bs, prompts
+    return measured, bs, prompts
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = load_bench_config(args)
-    t = cfg.tree
-    tree, flat, bs, prompts = _measure(args, cfg, resolve_model(cfg.model))
+def _analytic(t: TreeConfig, prompts: list, bs: int) -> tuple[int, int]:
+    """(tree, flat) decoded tokens of ``prompts`` with no early stop (summed over prompts)."""
     a_tree = a_flat = 0
     for _, p in prompts:
-        tokens = analytic_decoded_tokens(
+        tree, flat = analytic_decoded_tokens(
             t.w,
             t.d,
             t.l,
@@ -143,7 +211,29 @@ def run(args: argparse.Namespace) -> int:
             bs,
             t.align_segments_to_blocks,
         )
-        a_tree, a_flat = a_tree + tokens[0], a_flat + tokens[1]
+        a_tree, a_flat = a_tree + tree, a_flat + flat
+    return a_tree, a_flat
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_bench_config(args)
+    shapes = bench_shapes(cfg, args.shapes)
+    measured, bs, prompts = _measure(args, cfg, resolve_model(cfg.model), shapes)
+    t = cfg.tree
+    results = []
+    for shape, modes in zip(shapes, measured):
+        a_tree, a_flat = _analytic(shape, prompts, bs)
+        results.append(
+            {
+                "shape": f"{shape.d}x{shape.l}",
+                "d": shape.d,
+                "l": shape.l,
+                "max_response_tokens": shape.max_response_tokens,
+                **modes,
+                "ratios": _ratios(modes, a_tree, a_flat),
+                "analytic_decoded_tokens": {"tree": a_tree, "flat": a_flat},
+            }
+        )
     result = {
         "config": {
             "preset": args.config,
@@ -157,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
             "root_divergence": t.root_divergence_min,
             "prompts": args.prompts,
             "max_response_tokens": t.max_response_tokens,
+            "shapes": [r["shape"] for r in results],
             "block_size": bs,
             "aligned": t.align_segments_to_blocks,
             "stop_at_eos": args.stop_at_eos,
@@ -164,48 +255,59 @@ def run(args: argparse.Namespace) -> int:
             "seed": cfg.seed,
             "tree_seed": t.seed,
         },
-        "tree": tree,
-        "flat": flat,
-        "ratios": _ratios(tree, flat, a_tree, a_flat),
-        "analytic_decoded_tokens": {"tree": a_tree, "flat": a_flat},
+        "shapes": results,
     }
     emit_json(result, args.json)
-    _print_table(tree, flat, result["ratios"])
+    _print_table(results)
     return 0
 
 
-def _ratios(tree: dict, flat: dict, a_tree: int, a_flat: int) -> dict[str, float]:
-    return {
-        "wall_tree_over_flat": tree["wall_s"] / flat["wall_s"],
-        "decoded_tokens_tree_over_flat": ratio(
-            tree["rollout/decoded_tokens"], flat["rollout/decoded_tokens"]
-        ),
-        "analytic_decoded_tokens_tree_over_flat": a_tree / a_flat,
-        "analytic_saving": 1 - a_tree / a_flat,
-        "trajectories_per_s_tree_over_flat": ratio(
-            tree["rollout/trajectories_per_s"], flat["rollout/trajectories_per_s"]
-        ),
-        "tokens_per_s_tree_over_flat": ratio(tree["rollout/tokens_per_s"], flat["rollout/tokens_per_s"]),
-    }
+def _ratios(modes: dict, a_tree: int, a_flat: int) -> dict[str, float]:
+    """Per tree mode: wall and decoded tokens over flat's, and the share of the analytic saving
+    realised in wall time; barrier-free's wall over level's."""
+    flat = modes["flat"]
+    saving = 1 - a_tree / a_flat
+    out = {"analytic_decoded_tokens_tree_over_flat": a_tree / a_flat, "analytic_saving": saving}
+    for mode in ("level", "barrier_free"):
+        m = modes[mode]
+        wall = m["wall_s"] / flat["wall_s"]
+        out[f"wall_{mode}_over_flat"] = wall
+        out[f"decoded_tokens_{mode}_over_flat"] = ratio(
+            m["rollout/decoded_tokens"], flat["rollout/decoded_tokens"]
+        )
+        out[f"saving_realised_{mode}"] = ratio(1 - wall, saving)
+    out["wall_barrier_free_over_level"] = modes["barrier_free"]["wall_s"] / modes["level"]["wall_s"]
+    return out
 
 
-def _print_table(tree: dict, flat: dict, rr: dict) -> None:
+def _print_table(results: list[dict]) -> None:
     rows_out = [
         ("wall s", "wall_s", "{:.2f}"),
-        ("trajectories/s", "rollout/trajectories_per_s", "{:.1f}"),
-        ("tokens/s (trajectory)", "rollout/tokens_per_s", "{:.0f}"),
+        ("engine occupancy", "engine/occupancy", "{:.1f}"),
+        ("engine steps", "engine/steps", "{:.0f}"),
+        ("engine calls", "rollout/steps", "{:.0f}"),
         ("decoded tokens", "rollout/decoded_tokens", "{:.0f}"),
         ("prefill computed", "rollout/prefill_tokens_computed", "{:.0f}"),
         ("prefill cached", "rollout/prefill_tokens_cached", "{:.0f}"),
-        ("engine calls", "rollout/steps", "{:.0f}"),
     ]
-    columns = [("metric", 24), ("tree", 14), ("flat", 14), ("tree/flat", 12)]
-    rows = [
-        [label, fmt.format(tree[key]), fmt.format(flat[key]), f"{ratio(tree[key], flat[key]):.3f}"]
-        for label, key, fmt in rows_out
-    ]
+    columns = [("shape / metric", 24), ("flat", 11), ("level", 11), ("barrier-free", 13)]
+    columns += [("level/flat", 11), ("free/flat", 10)]
+    rows = []
+    for r in results:
+        rows.append([f"{r['shape']} (Lmax {r['max_response_tokens']})", "", "", "", "", ""])
+        for label, key, fmt in rows_out:
+            f, lv, bf = (r[m][key] for m in MODES)
+            rows.append(
+                [f"  {label}", fmt.format(f), fmt.format(lv), fmt.format(bf)]
+                + [f"{ratio(lv, f):.3f}", f"{ratio(bf, f):.3f}"]
+            )
     print_table(columns, rows)
-    sys.stdout.write(
-        f"\nwall-clock ratio tree/flat {rr['wall_tree_over_flat']:.3f} vs analytic decoded-token bound "
-        f"{rr['analytic_decoded_tokens_tree_over_flat']:.3f} (measured decoded ratio {rr['decoded_tokens_tree_over_flat']:.3f})\n"
-    )
+    for r in results:
+        rr = r["ratios"]
+        sys.stdout.write(
+            f"\n{r['shape']}: wall tree/flat level {rr['wall_level_over_flat']:.3f}, barrier-free "
+            f"{rr['wall_barrier_free_over_flat']:.3f} vs analytic decoded-token bound "
+            f"{rr['analytic_decoded_tokens_tree_over_flat']:.3f}: saving realised level "
+            f"{rr['saving_realised_level']:.0%}, barrier-free {rr['saving_realised_barrier_free']:.0%}"
+        )
+    sys.stdout.write("\n")

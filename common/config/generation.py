@@ -240,6 +240,7 @@ class TreeConfig:
 
 
 LogprobsMode = Literal["processed_logprobs", "raw_logprobs"]  # sampling.logprobs_mode
+Expansion = Literal["barrier_free", "level"]  # sampling.expansion
 
 
 @dataclass
@@ -256,6 +257,14 @@ class SamplingConfig:
         False,
         "Give each request its own seed (derived from tree and node ids). Off by default: on the CPU build a "
         "seeded request whose prefill is split into chunks crashes the engine (the engine's seed still applies).",
+    )
+    expansion: str = choice(
+        Expansion,
+        "barrier_free",
+        "How tree depths reach the engine: 'barrier_free' (a tree's next depth is submitted as soon as its "
+        "own depth is done, while other trees' requests run: the engine's batch stays full) | 'level' (one "
+        "depth of every tree in flight per batched call; the reference). Same trees from the same seeds "
+        "with sampling.per_request_seed.",
     )
 
     def check(self) -> None:

@@ -70,10 +70,11 @@ class FakeBackend:
             prefix = list(req.prompt_ids)
             n = req.max_tokens + self.extra_tokens
             toks = None
+            rng = self._rng_for(req)
             if self.script is not None:
-                toks = self.script(prefix, len(prefix) - self.prompt_len, n, self.rng)
+                toks = self.script(prefix, len(prefix) - self.prompt_len, n, rng)
             if toks is None:
-                toks = [int(t) for t in self.rng.integers(97, 123, size=n)]
+                toks = [int(t) for t in rng.integers(97, 123, size=n)]
             toks = toks[:n]
             lps = [self.logprob_fn(prefix, t) if self.logprob_fn else -0.5 for t in toks]
             self.outputs.setdefault(tuple(prefix), []).append(toks)
@@ -81,6 +82,9 @@ class FakeBackend:
             out.append(GenResult(toks, lps, reason, len(prefix), 0))
         self.counters.add(out)
         return out
+
+    def _rng_for(self, req):
+        return self.rng  # one stream for every request, in call order
 
     def update_weights(self, named_tensors, version):
         self.policy_version = version
@@ -666,20 +670,36 @@ def test_many_trees_in_flight_one_call_per_step_and_early_admission():
     assert sampler.stats.trees == 4 and sampler.stats.leaves == 16
 
 
-def test_segments_record_the_policy_version():
-    fake = FakeBackend()
+@pytest.mark.parametrize("expansion", ["level", "barrier_free"])
+def test_segments_record_the_policy_version(expansion):
+    fake = FakeStreamBackend() if expansion == "barrier_free" else FakeBackend()
     c = cfg(w=4, d=3, l=4, max_response_tokens=12)
-    sampler = TreeSampler(fake, c, None, EOS_IDS, decode)
+    sampler = TreeSampler(fake, c, SamplingConfig(expansion=expansion), EOS_IDS, decode)
     sampler.submit("p", PROMPT)
-    sampler.step()
+    trees = sampler.step()
+    # barrier-free: depth 2 is in the engine already; it finishes under the weights it started with
+    trees += sampler.drain()
+    assert sampler.requests_in_engine == 0
     fake.update_weights([], version=3)  # an update between two steps (a segment boundary)
-    trees = []
     while sampler.in_flight:
         trees += sampler.step()
     versions = {s.depth: s.version for s in trees[0].segments}
-    assert versions[1] == 0 and versions[2] == 3 and versions[3] == 3
+    old = 4 if expansion == "level" else 8  # response tokens sampled under version 0
+    assert versions[1] == 0 and versions[2] == (0 if expansion == "barrier_free" else 3) and versions[3] == 3
     leaf = trees[0].leaves[0]
-    assert trees[0].response_versions(leaf).tolist() == [0] * 4 + [3] * 8
+    assert trees[0].response_versions(leaf).tolist() == [0] * old + [3] * (12 - old)
+
+
+def test_barrier_free_refuses_an_update_with_segments_in_the_engine():
+    fake = FakeStreamBackend()
+    sampler = TreeSampler(fake, cfg(w=4, d=3, l=4, max_response_tokens=12), None, EOS_IDS, decode)
+    sampler.submit("p", PROMPT)
+    sampler.step()
+    assert sampler.requests_in_engine > 0
+    fake.update_weights([], version=1)  # without drain(): the in-flight segments would mix versions
+    with pytest.raises(RuntimeError, match="drain"):
+        while sampler.in_flight:
+            sampler.step()
 
 
 def test_metrics_are_namespaced_and_consistent():
@@ -701,3 +721,158 @@ def test_backend_factory_rejects_an_unknown_kind():
 
     with pytest.raises(ConfigError, match="generators.backend"):
         make_backend("tgi", "/nonexistent", GeneratorConfig(), SamplingConfig())
+
+
+# --------------------------------------------------------------------------------------------------
+# Barrier-free expansion: the same trees as the level-synchronous reference
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeStreamBackend(FakeBackend):
+    """A fake with an engine step loop: one token of every request in the engine per step (a request
+    ends after its last token). A request's tokens depend only on its prefix and its seed, as with
+    per-request seeds on a real engine, whatever else is in the batch."""
+
+    def __init__(self, script=None, **kw):
+        super().__init__(script, **kw)
+        self.running: dict[str, list] = {}  # request id -> [request, its result, steps left]
+        self.occupancy: list[int] = []  # requests in the engine per step
+        self.depths: list[set] = []  # distinct response lengths of the requests per step
+
+    def _rng_for(self, req):
+        seed = 0 if req.seed is None else req.seed
+        return np.random.default_rng([seed, *(int(t) for t in req.prompt_ids)])
+
+    def generate(self, requests):  # one batch: as many steps as its longest request, then it drains
+        results = super().generate(requests)
+        lengths = [max(1, len(r.token_ids)) for r in results]
+        for k in range(max(lengths, default=0)):
+            self.occupancy.append(sum(1 for n in lengths if n > k))
+        return results
+
+    def add_request(self, request_id, request):
+        assert request_id not in self.running
+        res = FakeBackend.generate(self, [request])[0]
+        self.batches.pop()  # a stream has no batches
+        self.running[request_id] = [request, res, max(1, len(res.token_ids))]
+
+    def step_requests(self):
+        self.occupancy.append(len(self.running))
+        self.depths.append({len(r[0].prompt_ids) for r in self.running.values()})
+        done = []
+        for rid, entry in list(self.running.items()):
+            entry[2] -= 1
+            if entry[2] == 0:
+                done.append((rid, entry[1]))
+                del self.running[rid]
+        return done
+
+    @property
+    def unfinished_requests(self):
+        return len(self.running)
+
+
+def grow_all(c, expansion, prompts, script, block, max_in_flight):
+    fake = FakeStreamBackend(script, block_size=block)
+    sampling = SamplingConfig(per_request_seed=True, expansion=expansion)
+    sampler = TreeSampler(fake, c, sampling, EOS_IDS, decode)
+    trees = {t.tree_id: t for t in sampler.run(prompts, max_in_flight=max_in_flight)}
+    assert sampler.requests_in_engine == 0 and not fake.running
+    return trees, fake
+
+
+def same_trees(a, b):
+    assert sorted(a) == sorted(b)
+    for tree_id, x in a.items():
+        y = b[tree_id]
+        assert [(lf.node_id, lf.finish_reason, lf.length) for lf in x.leaves] == [
+            (lf.node_id, lf.finish_reason, lf.length) for lf in y.leaves
+        ]
+        assert len(x.segments) == len(y.segments)
+        for s1, s2 in zip(x.segments, y.segments):
+            assert (s1.node_id, s1.parent_id, s1.depth, s1.version) == (
+                s2.node_id,
+                s2.parent_id,
+                s2.depth,
+                s2.version,
+            )
+            assert s1.token_ids.tolist() == s2.token_ids.tolist()
+            assert s1.logprobs.tolist() == s2.logprobs.tolist()
+        assert x.metadata == y.metadata
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes, st.integers(1, 3))
+def test_barrier_free_grows_the_same_trees_as_level(s, max_in_flight):
+    w = s["w"]
+    l = s["l"] * (s["block"] if s["align"] else 1)
+    rmin = min(s["rd"][0], w)
+    c = TreeConfig(
+        mode=s["mode"],
+        w=w,
+        d=s["d"],
+        l=l,
+        b=s["b"],
+        root_divergence_min=rmin,
+        root_divergence_max=min(rmin + s["rd"][1], w),
+        max_response_tokens=max(1, int(s["d"] * l * s["lmax_frac"])),
+        allocation=s["allocation"],
+        remainder=s["remainder"],
+        fallback=s["fallback"],
+        answer_policy=s["answer_policy"],
+        align_segments_to_blocks=s["align"],
+        seed=s["seed"],
+        repetition_substring_chars=4,
+        repetition_min_count=3,
+    )
+    # prompts of different lengths: segment lengths differ across trees (aligned), so depths interleave
+    prompts = [(f"p{i}", PROMPT + [97 + i] * (3 * i), {"answer": "5"}) for i in range(s["trees"] + 1)]
+    script = random_script(*s["p"])
+    level, _ = grow_all(c, "level", prompts, script, s["block"], max_in_flight)
+    free, fake = grow_all(c, "barrier_free", prompts, script, s["block"], max_in_flight)
+    same_trees(level, free)
+    for tree in free.values():
+        check_tree(tree, c, fake)
+
+
+def test_barrier_free_keeps_the_batch_full_across_trees_and_depths():
+    # aligned segments: the first one is stretched by a different amount per prompt length, so the
+    # trees' depths end at different engine steps (and EOS ends some paths early)
+    c = cfg(w=8, d=4, l=8, max_response_tokens=32, fallback="any", align_segments_to_blocks=True)
+    prompts = [(f"p{i}", PROMPT + [97] * (3 * i)) for i in range(6)]
+    script = random_script(0.3, 0.0, 0.0)
+    level, lv = grow_all(c, "level", prompts, script, 8, 3)
+    free, bf = grow_all(c, "barrier_free", prompts, script, 8, 3)
+    same_trees(level, free)
+    assert len(bf.occupancy) < len(lv.occupancy)  # fewer engine steps for the same tokens
+    assert np.mean(bf.occupancy) > np.mean(lv.occupancy)
+    assert any(len(d) > 1 for d in bf.depths)  # requests of different trees and depths in one step
+
+
+def test_the_generator_drains_the_engine_before_an_update():
+    import threading
+
+    from actors.generator import Generator
+    from common.config import load_config
+
+    fake = FakeStreamBackend()
+    sampling = SamplingConfig(expansion="barrier_free")
+    sampler = TreeSampler(fake, cfg(w=4, d=3, l=4, max_response_tokens=12), sampling, EOS_IDS, decode)
+    gen = Generator.__new__(Generator)  # the loop's update path only: no queue, no prompts
+    gen.cfg, gen.backend, gen.sampler = load_config(None, []), fake, sampler
+    gen._init_state()
+    gen._staged_lock = threading.Lock()
+    sampler.submit("p", PROMPT)
+    sampler.step()
+    gen._drain_for_update()  # no update pending: the segments stay in the engine
+    assert sampler.requests_in_engine > 0
+    assert gen.offer_weights({}, version=5, step=1)
+    gen._drain_for_update()
+    assert sampler.requests_in_engine == 0 and not fake.running
+    gen._apply_pending()
+    assert fake.policy_version == 5 and gen.weights_step == 1
+    trees = list(gen._drained)
+    while sampler.in_flight:
+        trees += sampler.step()
+    versions = {s.depth: s.version for s in trees[0].segments}
+    assert versions == {1: 0, 2: 0, 3: 5}  # depth 2 finished under the weights it started with

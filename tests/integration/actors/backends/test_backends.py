@@ -91,11 +91,13 @@ def test_vllm_weight_update_hook(vllm_backend, reference, tiny_model_dir):
     check_against_reference(vllm_backend, model, reqs, 1.0)
 
 
-def test_vllm_tree_sampling_end_to_end(vllm_backend, tiny_model_dir):
+@pytest.mark.parametrize("expansion", ["level", "barrier_free"])
+def test_vllm_tree_sampling_end_to_end(vllm_backend, tiny_model_dir, expansion):
     tok = load_tokenizer(str(tiny_model_dir))
     eos = eos_token_ids(str(tiny_model_dir))
     cfg = TreeConfig(w=8, d=2, l=32, b=2, max_response_tokens=64, align_segments_to_blocks=True, seed=1)
-    sampler = TreeSampler(vllm_backend, cfg, SamplingConfig(), eos, lambda ids: tok.decode(ids))
+    sampling = SamplingConfig(expansion=expansion)
+    sampler = TreeSampler(vllm_backend, cfg, sampling, eos, lambda ids: tok.decode(ids))
     before = vllm_backend.counters.as_dict()
     items = [(f"p{i}", p, {"answer": "0"}) for i, p in enumerate(prompts(tok))]
     trees = list(sampler.run(items, max_in_flight=2))  # the third tree enters when one leaves
@@ -112,4 +114,48 @@ def test_vllm_tree_sampling_end_to_end(vllm_backend, tiny_model_dir):
     stats = sampler.stats
     assert stats.prefill_tokens_cached > 0  # children reuse their parents' KV blocks
     assert stats.decoded_tokens == vllm_backend.counters.decoded_tokens - before["decoded_tokens"]
-    assert stats.steps == vllm_backend.counters.calls - before["calls"]
+    assert stats.requests == vllm_backend.counters.requests - before["requests"]
+    calls = vllm_backend.counters.calls - before["calls"]
+    assert calls == (stats.steps if expansion == "level" else 0)  # barrier-free: the request stream
+    assert vllm_backend.counters.engine_steps > before["engine_steps"]
+    assert sampler.requests_in_engine == 0 and vllm_backend.unfinished_requests == 0
+
+
+def grow(backend, cfg, sampling, items, eos, decode, max_in_flight):
+    """Trees by id and the engine's batch occupancy (requests per engine step) while they grew."""
+    sampler = TreeSampler(backend, cfg, sampling, eos, decode)
+    backend.reset_prefix_cache()
+    steps, reqs = backend.counters.engine_steps, backend.counters.engine_requests
+    trees = {t.tree_id: t for t in sampler.run(items, max_in_flight=max_in_flight)}
+    steps = backend.counters.engine_steps - steps
+    return trees, (backend.counters.engine_requests - reqs) / steps
+
+
+def test_vllm_barrier_free_grows_the_same_trees_as_level(vllm_backend, tiny_model_dir):
+    """Per-request seeds: a request samples from its own seed whatever shares the engine's batch, so
+    both expansions grow the same trees (tokens, structure, finish reasons; log-probabilities to
+    float tolerance: the batch's shape changes the kernels' rounding)."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    eos = eos_token_ids(str(tiny_model_dir))
+    cfg = TreeConfig(w=6, d=3, l=32, b=2, max_response_tokens=96, align_segments_to_blocks=True, seed=3)
+    items = [(f"p{i}", p, {"answer": "0"}) for i, p in enumerate(prompts(tok))]
+    grown, occupancy = {}, {}
+    for expansion in ("level", "barrier_free"):
+        sampling = SamplingConfig(per_request_seed=True, expansion=expansion)
+        grown[expansion], occupancy[expansion] = grow(
+            vllm_backend, cfg, sampling, items, eos, lambda ids: tok.decode(ids), 2
+        )
+    level, free = grown["level"], grown["barrier_free"]
+    assert sorted(level) == sorted(free) == ["p0", "p1", "p2"]
+    for tree_id, a in level.items():
+        b = free[tree_id]
+        assert [(x.node_id, x.finish_reason, x.length) for x in a.leaves] == [
+            (x.node_id, x.finish_reason, x.length) for x in b.leaves
+        ]
+        assert [(s.node_id, s.parent_id, s.depth) for s in a.segments] == [
+            (s.node_id, s.parent_id, s.depth) for s in b.segments
+        ]
+        for s1, s2 in zip(a.segments, b.segments):
+            assert s1.token_ids.tolist() == s2.token_ids.tolist()
+            np.testing.assert_allclose(s1.logprobs, s2.logprobs, atol=1e-3)
+    assert occupancy["barrier_free"] > occupancy["level"]  # the third tree enters while others are deep

@@ -47,12 +47,15 @@ def test_the_segment_rule_of_the_config_holds_for_both_sampling_modes(capsys):
 
 def test_sampling_keys_reach_the_measurement_and_the_json(monkeypatch, tmp_path, capsys):
     seen = {}
+    keys = ["wall_s", "rollout/decoded_tokens", "rollout/trajectories_per_s", "rollout/tokens_per_s"]
+    keys += ["rollout/prefill_tokens_computed", "rollout/prefill_tokens_cached", "rollout/steps"]
+    keys += ["engine/steps", "engine/occupancy"]
+    walls = {"flat": 4.0, "level": 3.0, "barrier_free": 2.0}
 
-    def measure(args, cfg, model):
-        seen.update(cfg=cfg, model=model)
-        keys = ["wall_s", "rollout/decoded_tokens", "rollout/trajectories_per_s", "rollout/tokens_per_s"]
-        keys += ["rollout/prefill_tokens_computed", "rollout/prefill_tokens_cached", "rollout/steps"]
-        return {k: 2.0 for k in keys}, {k: 4.0 for k in keys}, 32, [("p0", [1] * 10)]
+    def measure(args, cfg, model, shapes):
+        seen.update(cfg=cfg, model=model, shapes=shapes)
+        per_shape = [{m: {k: wall for k in keys} for m, wall in walls.items()} for _ in shapes]
+        return per_shape, 32, [("p0", [1] * 10)]
 
     monkeypatch.setattr(sampling, "_measure", measure)
     monkeypatch.setattr(sampling, "resolve_model", lambda m: f"/models/{m.tiny_size}")
@@ -64,7 +67,14 @@ def test_sampling_keys_reach_the_measurement_and_the_json(monkeypatch, tmp_path,
     assert (cfg.tree.w, cfg.tree.d, cfg.tree.l, cfg.tree.b, cfg.tree.max_response_tokens) == (4, 2, 32, 4, 64)
     assert cfg.sampling.temperature == 0.5 and cfg.tree.repetition_check is False  # the bench's default
     assert seen["model"] == "/models/xs"
-    c = json.loads(out.read_text())["config"]
+    # the default shapes, then the config's own
+    assert [(t.d, t.l, t.max_response_tokens, t.w) for t in seen["shapes"]] == [
+        (4, 64, 256, 4),
+        (7, 32, 224, 4),
+        (2, 32, 64, 4),
+    ]
+    report = json.loads(out.read_text())
+    c = report["config"]
     assert (c["w"], c["d"], c["l"], c["b"], c["max_response_tokens"]) == (4, 2, 32, 4, 64)
     assert c["model"] == "tiny:arith xs (random init)" and c["preset"] is None
     assert c["overrides"][: len(sampling.DEFAULTS)] == sampling.DEFAULTS
@@ -73,7 +83,30 @@ def test_sampling_keys_reach_the_measurement_and_the_json(monkeypatch, tmp_path,
         "model.tiny_size=xs",
         "sampling.temperature=0.5",
     ]
-    assert "tree/flat" in capsys.readouterr().out
+    assert c["shapes"] == ["4x64", "7x32", "2x32"]
+    last = report["shapes"][-1]
+    assert last["barrier_free"]["engine/occupancy"] == 2.0
+    # one prompt of 10 tokens, w=4 b=4 r=2, aligned to 32-token blocks: the first segment is stretched
+    # to 55 tokens (10 + 55 - 1 = 64), the second has the 9 left of Lmax 64
+    assert last["analytic_decoded_tokens"] == {"tree": 2 * 55 + 4 * 9, "flat": 4 * 64}
+    rr = last["ratios"]
+    assert rr["wall_barrier_free_over_flat"] == 0.5 and rr["wall_barrier_free_over_level"] == pytest.approx(
+        2 / 3
+    )
+    assert rr["saving_realised_barrier_free"] == pytest.approx(0.5 / (1 - 146 / 256))
+    text = capsys.readouterr().out
+    assert "barrier-free" in text and "saving realised" in text
+
+
+def test_the_bench_shapes_are_checked():
+    with pytest.raises(ConfigError, match="DxL"):
+        sampling.parse_shapes("4x64,7by32")
+    assert sampling.parse_shapes("none") == []
+    cfg = sampling.load_bench_config(_args("sampling"))
+    assert [(t.d, t.l) for t in sampling.bench_shapes(cfg, "none")] == [(4, 64)]  # the config's own
+    assert [(t.d, t.l) for t in sampling.bench_shapes(cfg, "4x64,7x32")] == [(4, 64), (7, 32)]
+    with pytest.raises(ConfigError, match="tree.l=48"):  # aligned segments: a multiple of the block
+        sampling.bench_shapes(cfg, "4x48")
 
 
 def test_a_preset_replaces_the_benchs_own_defaults():

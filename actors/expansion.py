@@ -1,0 +1,177 @@
+"""How the sampler's tree depths reach the engine (``sampling.expansion``).
+
+A *wave* is one depth of one tree: a request per pending segment. The sampler's rules decide what a
+wave's children are once the whole wave is done (the child budget counts the siblings that finished,
+fallback needs every path of the tree ended, probability-driven allocation compares the siblings),
+so a wave is the unit both expansions submit and complete (:meth:`actors.sampler.TreeSampler.complete_wave`).
+
+- ``level`` (:class:`LevelExpansion`): every tree's wave in ONE batched ``generate`` call per step; a
+  tree of depth d waits for d calls, and the engine's batch drains at the end of every call.
+- ``barrier_free`` (:class:`BarrierFreeExpansion`): over the backend's request stream
+  (:class:`actors.backends.base.RequestStream`: one engine step at a time), a tree's next wave is
+  submitted as soon as its own wave is done and a new tree's first wave as soon as it is admitted,
+  while the other trees' requests keep running, so the engine's batch stays full across trees and
+  depths. The barrier is per tree and depth instead of global. A backend without a step loop of its
+  own streams through :class:`actors.backends.base.BatchStream` (every queued request in one call),
+  which is level-synchronous again.
+
+Both grow the same trees: a tree's choices come from its own random generator in the same order, node
+ids are fixed when a segment is queued, and with ``sampling.per_request_seed`` every request samples
+from its own seed, whatever else shares the engine's batch. (Without per-request seeds the engine's
+one random stream is consumed in a different order, so the trees differ between the two, as they do
+between two batch compositions of one expansion.)
+
+Weights: a request records the policy version it was submitted under; the version must not change
+while it is in the engine (``TreeSampler.drain`` first, as the generator does before an update).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.backends.base import GenRequest, GenResult, request_stream
+from common.errors import ConfigError
+
+EXPANSIONS = ("barrier_free", "level")
+
+
+def make_expansion(kind: str, sampler: Any) -> LevelExpansion | BarrierFreeExpansion:
+    """The expansion ``kind`` (``barrier_free`` | ``level``) driving ``sampler``'s backend."""
+    if kind == "level":
+        return LevelExpansion(sampler)
+    if kind == "barrier_free":
+        return BarrierFreeExpansion(sampler)
+    raise ConfigError(f"sampling.expansion={kind!r} is not one of {', '.join(EXPANSIONS)}: set one of them")
+
+
+class LevelExpansion:
+    """One batched backend call per step over one wave of every tree in flight."""
+
+    in_engine = 0  # nothing is in the engine between steps
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def step(self) -> list[Any]:
+        s = self.sampler
+        waves = [(tree_id, s.wave_requests(tree_id)) for tree_id in s.tree_ids()]
+        requests = [r for _, reqs in waves for r in reqs]
+        if not requests:
+            return []
+        version = int(s.backend.policy_version)
+        t0 = time.perf_counter()
+        results = s.backend.generate(requests)
+        wall = time.perf_counter() - t0
+        if len(results) != len(requests):
+            raise RuntimeError(f"backend returned {len(results)} results for {len(requests)} requests")
+        s.stats.record_step(results, wall)
+        finished, i = [], 0
+        for tree_id, reqs in waves:
+            tree = s.complete_wave(tree_id, reqs, results[i : i + len(reqs)], version)
+            i += len(reqs)
+            if tree is not None:
+                finished.append(tree)
+        return finished
+
+    def drain(self) -> list[Any]:
+        return []
+
+
+@dataclass
+class _Wave:
+    tree_id: str
+    requests: list[GenRequest]
+    version: int  # the policy version the wave was submitted under
+    results: list[GenResult | None] = field(default_factory=list)
+    left: int = 0
+
+
+class BarrierFreeExpansion:
+    """Waves submitted one by one to the backend's request stream as soon as they can be."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+        self.stream = request_stream(sampler.backend)
+        self._waves: dict[str, _Wave] = {}  # tree id -> its wave in the engine
+        self._owner: dict[str, tuple[str, int]] = {}  # request id -> (tree id, index in the wave)
+        self._seq = 0
+
+    @property
+    def in_engine(self) -> int:
+        return len(self._owner)
+
+    def step(self, submit: bool = True) -> list[Any]:
+        """Engine steps until some wave is done (its tree branches and, with ``submit``, its next wave
+        is in the engine before this returns) or nothing is left in the engine; returns the trees that
+        finished. ``submit`` also queues the first wave of every tree admitted since the last step."""
+        s = self.sampler
+        if submit:
+            for tree_id in s.tree_ids():
+                if tree_id not in self._waves:
+                    self._submit(tree_id)
+        finished: list[Any] = []
+        results: list[GenResult] = []
+        t0 = time.perf_counter()
+        while self._owner:
+            done = self._engine_step(results)
+            for wave in done:
+                tree = self._complete(wave)
+                if tree is not None:
+                    finished.append(tree)
+                elif submit:
+                    self._submit(wave.tree_id)
+            if done:
+                break
+        if results:
+            s.stats.record_step(results, time.perf_counter() - t0)
+        return finished
+
+    def drain(self) -> list[Any]:
+        """Engine steps until nothing of this sampler is in the engine; no new wave starts (the trees
+        that branched meanwhile submit theirs at the next :meth:`step`)."""
+        finished: list[Any] = []
+        while self._owner:
+            finished += self.step(submit=False)
+        return finished
+
+    def _submit(self, tree_id: str) -> None:
+        s = self.sampler
+        requests = s.wave_requests(tree_id)
+        wave = _Wave(tree_id, requests, int(s.backend.policy_version), [None] * len(requests), len(requests))
+        self._waves[tree_id] = wave
+        for i, req in enumerate(requests):
+            request_id = f"treepo-seg-{self._seq}"
+            self._seq += 1
+            self._owner[request_id] = (tree_id, i)
+            self.stream.add_request(request_id, req)
+
+    def _engine_step(self, results: list[GenResult]) -> list[_Wave]:
+        """One step of the stream; the waves it completed (in the order their last request finished)."""
+        if not self.stream.unfinished_requests:
+            raise RuntimeError(
+                f"{len(self._owner)} segment requests are not in the backend's stream: it lost them"
+            )
+        done = []
+        for request_id, res in self.stream.step_requests():
+            owner = self._owner.pop(request_id, None)
+            if owner is None:
+                raise RuntimeError(f"the backend's stream returned an unknown request {request_id!r}")
+            wave = self._waves[owner[0]]
+            wave.results[owner[1]] = res
+            wave.left -= 1
+            results.append(res)
+            if wave.left == 0:
+                done.append(wave)
+        return done
+
+    def _complete(self, wave: _Wave) -> Any:
+        del self._waves[wave.tree_id]
+        version = int(self.sampler.backend.policy_version)
+        if version != wave.version:
+            raise RuntimeError(
+                f"tree {wave.tree_id}: the policy version changed from {wave.version} to {version} while "
+                "its segments were in the engine: call TreeSampler.drain() before updating the weights"
+            )
+        return self.sampler.complete_wave(wave.tree_id, wave.requests, wave.results, wave.version)
