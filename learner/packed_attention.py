@@ -126,7 +126,7 @@ class _Shared:
     def __init__(self) -> None:
         self.calls = 0
         self.groups: dict[str, tuple[list[_RunGroup], torch.Tensor]] = {}
-        self.kernels: dict[tuple, list[GroupKernel]] = {}
+        self.kernels: dict[tuple, GroupKernel] = {}
 
 
 @dataclass
@@ -264,12 +264,13 @@ def describe_kernels(
         kernel = _kernel_for(q, k, k, g.mask, dropout) if device.type == "cuda" else None
         mask = g.mask if kernel is None else kernel.mask
         if kernel is not None and kernel.expand_kv:
-            k = _expand(k, q_heads)
+            k = _probe(k, q_heads)
         only = sdpa_kernel([kernel.backend]) if kernel is not None else contextlib.nullcontext()
         with only:
             chosen = torch._fused_sdp_choice(
                 q, k, k, mask, dropout, g.mask is None, enable_gqa=q_heads != k.shape[1]
             )
+        expanded = kernel is not None and kernel.expand_kv
         esize = torch.empty((), dtype=dtype).element_size()
         out.append(
             {
@@ -278,11 +279,9 @@ def describe_kernels(
                 "keys": kv,
                 "masked": g.mask is not None,
                 "backend": SDPBackend(chosen).name.lower(),
-                "expand_kv": bool(kernel is not None and kernel.expand_kv),
+                "expand_kv": expanded,
                 "mask_bytes": 0 if mask is None else mask.untyped_storage().nbytes(),
-                "expanded_kv_bytes": 2 * m * (q_heads - kv_heads) * kv * head_dim * esize
-                if kernel is not None and kernel.expand_kv
-                else 0,
+                "expanded_kv_bytes": 2 * m * (q_heads - kv_heads) * kv * head_dim * esize if expanded else 0,
             }
         )
     return out
