@@ -14,12 +14,15 @@ bytes each in a 16-bit dtype, plus fp32 logits of ``MAX_NUM_SEQS`` sequences) an
 one sequence of ``data.max_prompt_tokens + tree.max_response_tokens`` tokens (vLLM refuses to start
 otherwise). Outside vLLM's share: the CUDA context (``CUDA_CONTEXT_GIB``) and the weight-sync staging:
 engine workers stage an update in host memory as it arrives (``actors/backends/worker_sync.py``), so
-the GPU holds only the buckets in flight (two of ``sync.bucket_mb``) and, while the update is applied,
-one decoder layer reloaded at a time.
+the GPU holds only the buckets in flight (two, each ``sync.bucket_mb`` or the largest tensor, which
+travels alone), the sync group's NCCL buffers (``NCCL_BUFFERS_GIB``) and, while the update is applied,
+one decoder layer reloaded at a time. Each side is planned per node type when ``nodes`` are given
+(``treepo plan`` reads them from the Ray cluster YAMLs; GPU memory from ``INSTANCE_GPU_GIB``).
 
 Learner rank (``N = learner.num_workers``; FSDP2 shards by ``N``, DDP replicates): master weights,
 gradients and AdamW's two moments in ``learner.param_dtype`` (``(1 + 1 + 2) * P * bytes / N`` under
-FSDP); the bf16 compute copy (FSDP2: the root's embeddings/head plus two decoder layers gathered at a
+FSDP; with ``learner.grad_sync=last_micro_batch`` the gradient is FSDP2's unsharded accumulation,
+``P`` times the reduce dtype's bytes, see :func:`gradient_bytes`); the bf16 compute copy (FSDP2: the root's embeddings/head plus two decoder layers gathered at a
 time; autocast without FSDP: a bf16 copy of every weight, cached for the forward); activations of one
 micro-batch of ``T = learner.micro_batch_tokens`` tokens: with checkpointing one hidden state per layer
 (``L * T * h * 2``) plus one layer's recompute, without it every layer's (``L * T * (9h + 2 kv + 4I) *
