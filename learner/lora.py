@@ -30,6 +30,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -129,19 +130,33 @@ def delta(layer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merged_weights(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF base name, tensor in ``dtype``) of every parameter of the merged model, tied ones included
-    (like ``named_parameters(remove_duplicate=False)`` of the model without LoRA). The trained
-    parameters are only read."""
+def _base_params(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Any]]:
+    """(HF base name, base parameter, its LoRA layer or None) of every parameter of the merged model,
+    tied ones included (like ``named_parameters(remove_duplicate=False)`` of the model without LoRA)."""
     layers = lora_layers(module)
     for name, p in module.named_parameters(remove_duplicate=False):
         if is_adapter_param(name):
             continue
         owner, _, leaf = name.rpartition(".base_layer.")
         if owner and leaf == "weight" and owner in layers:
-            yield f"{owner}.weight", (p.float() + delta(layers[owner])).to(dtype)
+            yield f"{owner}.weight", p, layers[owner]
         else:
-            yield base_name(name), p.detach().to(dtype)
+            yield base_name(name), p, None
+
+
+def merged_weights(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF base name, tensor in ``dtype``) of every parameter of the merged model, tied ones included
+    (like ``named_parameters(remove_duplicate=False)`` of the model without LoRA). The trained
+    parameters are only read."""
+    for name, p, layer in _base_params(module):
+        yield name, ((p.float() + delta(layer)).to(dtype) if layer is not None else p.detach().to(dtype))
+
+
+def merged_spec(
+    module: torch.nn.Module, dtype: torch.dtype
+) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of what :func:`merged_weights` yields, in its order, without merging."""
+    return [(name, dtype, tuple(p.shape)) for name, p, _ in _base_params(module)]
 
 
 def merged_state(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:

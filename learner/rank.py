@@ -426,15 +426,26 @@ class LearnerRank:
 
     # ------------------------------------------------------------------ weights and checkpoints
     def weights_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor in ``model.dtype``) per parameter. Every rank must drive the iterator
-        (FSDP gathers are collective); only rank 0's tensors are meant to be sent."""
+        """(HF name, full tensor in ``model.dtype``) per parameter, in :meth:`weights_spec`'s order,
+        one at a time. Every rank must drive the iterator (FSDP gathers are collective); only rank 0's
+        tensors are meant to be sent. A sharded parameter is cast shard by shard before it is gathered:
+        the gather moves ``model.dtype`` bytes, not the fp32 master's."""
         if self.lora is not None:  # the merged weights under the base names
             yield from lora.merged_weights(self.module, self.export_dtype)
             return
         # remove_duplicate=False: a tied lm_head must be sent too, or the engine keeps its old head
         for name, p in self.module.named_parameters(remove_duplicate=False):
-            t = p.full_tensor() if hasattr(p, "full_tensor") else p
-            yield name, t.detach().to(self.export_dtype)
+            t = p.detach().to(self.export_dtype)  # a DTensor casts its local shard
+            yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+    def weights_spec(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(name, dtype, full shape) of what :meth:`weights_for_sync` yields, in its order, without
+        gathering anything: the weight sender pulls the tensors bucket by bucket against it instead of
+        holding the whole model."""
+        if self.lora is not None:
+            return lora.merged_spec(self.module, self.export_dtype)
+        params = self.module.named_parameters(remove_duplicate=False)
+        return [(name, self.export_dtype, tuple(p.shape)) for name, p in params]
 
     @property
     def _sharded_checkpoint(self) -> bool:

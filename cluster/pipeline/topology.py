@@ -114,13 +114,15 @@ class LearnerHost:
 
     def sync_send(self) -> dict[str, float]:
         """Broadcast the current weights (rank 0) as the current policy version. Every rank drives the
-        (collective, under FSDP) parameter iterator; only rank 0 sends."""
+        (collective, under FSDP) parameter iterator; only rank 0 sends, pulling it bucket by bucket
+        against the learner's spec (never the whole model at once)."""
         stream = self.learner.weights_for_sync()
         if self.rank != 0:
             for _ in stream:
                 pass
             return {}
-        return self.sender.send(stream, int(self.learner.version)).as_metrics()
+        spec = self.learner.weights_spec()
+        return self.sender.send(stream, int(self.learner.version), spec=spec).as_metrics()
 
     def save(self, root: str, extra: dict, step: int, keep_last: int) -> str | None:
         path = self.learner.save(root, extra=extra, step=step, keep_last=keep_last)

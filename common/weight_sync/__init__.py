@@ -15,9 +15,11 @@ Rooms:
   :mod:`~common.weight_sync.receiver`: the two ends (:class:`WeightSender` on learner rank 0,
   :class:`WeightReceiver` on each engine worker) and the timeout / dead-group rules they share.
 
-Every wait has a timeout (store waits, every collective). A failure or timeout raises
-:class:`common.errors.SyncError` naming the stage (metadata or bucket k/B) and marks the group dead:
-the fix is always to rebuild.
+Every wait has a timeout (store waits, building the group with its first collective, every
+collective), NCCL's included: its watchdog's own timeout is far above the wait's and never tears the
+process down (:mod:`~common.weight_sync.torch_dist`). A failure or timeout raises
+:class:`common.errors.SyncError` naming the stage (connect, metadata or bucket k/B), aborts the group
+and marks it dead: the fix is always to rebuild.
 
 Join / rebuild protocol (the controller drives it; this package implements the group side). Whenever
 membership changes — a generator restarts or is added, or a sync failed — the controller:

@@ -13,6 +13,8 @@ inside the engine``); old members re-apply the version they have (idempotent).
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -32,6 +34,20 @@ from common.weight_sync.wire import (
     SyncStats,
     decode_metadata,
 )
+
+
+def _injected_death() -> None:
+    """Failure injection for tests, one shot: when the file ``<TREEPO_FAULT_DIR>/sync_die_after_claim``
+    exists it is removed and this process is SIGKILLed (a receiver dying after it claimed its rank,
+    before the group is built); nothing in normal runs."""
+    root = os.environ.get("TREEPO_FAULT_DIR")
+    if not root:
+        return
+    try:
+        os.unlink(os.path.join(root, "sync_die_after_claim"))
+    except FileNotFoundError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class WeightReceiver(GroupPeer):
@@ -113,6 +129,7 @@ class WeightReceiver(GroupPeer):
             raise SyncError(
                 f"{where}: rank {self.rank} was already claimed in this generation; ranks must be unique"
             )
+        _injected_death()
         try:
             return transport_for(self.backend).connect(store, self.rank, self.world_size, self.timeout)
         except Exception as e:

@@ -143,7 +143,9 @@ class WeightSender(GroupPeer):
         Without ``spec`` the iterable is listed first (it holds references, so a generator of full
         tensors — FSDP gathers — is held whole). With ``spec`` = [(name, dtype, shape)] in the
         iterator's order (e.g. from ``module.named_parameters()``: a DTensor's shape is the full
-        shape), tensors are pulled one bucket at a time and checked against it.
+        shape), tensors are pulled one bucket at a time and checked against it: at most two buckets
+        plus the largest tensor of the iterator's tensors are alive at once (the learner's
+        ``weights_spec`` gives it).
         """
         self._check_usable()
         t0 = time.perf_counter()
@@ -193,16 +195,25 @@ class WeightSender(GroupPeer):
         )
 
     def _send_buckets(self, meta: SyncMetadata, stream: Iterator, where: str) -> None:
+        """One bucket on the wire while the next is pulled and packed. Of the iterator's tensors this
+        holds at most two buckets' worth plus the largest tensor: a packed bucket is a copy (its tensors
+        are dropped once copied), a bucket of one tensor is sent from the tensor itself; two such in a
+        row that would pass the bound wait for the first before pulling the second."""
         n_buckets = len(meta.bucket_nbytes)
-        in_flight = None  # (work, stage): one bucket on the wire while the next is packed
+        bound = 2 * self.bucket_bytes + max((p.nbytes for p in meta.params), default=0)
+        in_flight = None  # (work, stage, bytes of the iterator's tensors it holds)
         for b, (size, members) in enumerate(zip(meta.bucket_nbytes, meta.slots_by_bucket())):
+            if in_flight is not None and in_flight[2] + size > bound:
+                self._wait(*in_flight[:2], where)
+                in_flight = buf = work = None  # the work and its buffer hold the tensor
             buf = self._pack(members, size, stream, b % 2)
             work = self._bcast(buf) if size else None
             if in_flight is not None:
-                self._wait(*in_flight, where)
-            in_flight = (work, f"bucket {b + 1}/{n_buckets}") if work is not None else None
+                self._wait(*in_flight[:2], where)
+            held = size if len(members) == 1 else 0  # sent from the tensor itself (no staging copy)
+            in_flight = (work, f"bucket {b + 1}/{n_buckets}", held) if work is not None else None
         if in_flight is not None:
-            self._wait(*in_flight, where)
+            self._wait(*in_flight[:2], where)
 
     def _pack(self, members: list[ParamSlot], size: int, stream: Iterator, staging: int) -> torch.Tensor:
         """Bucket bytes: the parameter itself for a bucket of one, else a copy into staging buffer

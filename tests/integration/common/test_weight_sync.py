@@ -7,16 +7,20 @@ plain data (names, dtypes, shapes, SHA-256 of the bytes), so bit-exactness is ch
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 
+import common.weight_sync.receiver as receiver_module
 from common.errors import SyncError, WireError
 from common.weight_sync import (
     ALIGN,
@@ -27,6 +31,7 @@ from common.weight_sync import (
     decode_metadata,
     encode_metadata,
     plan_buckets,
+    torch_dist,
 )
 
 pytestmark = pytest.mark.integration
@@ -65,6 +70,16 @@ def mixed_tensors(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
+def _killing_transport(backend: str):
+    """A transport whose connect kills the process (the receiver has just claimed its rank)."""
+
+    class Killing:
+        def connect(self, *args):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return Killing()
+
+
 def _receiver_main(cmd_q, res_q) -> None:
     """Commands: (token, op, *args); every reply starts with (token, status, rank)."""
     torch.set_num_threads(1)
@@ -80,6 +95,13 @@ def _receiver_main(cmd_q, res_q) -> None:
             else:
                 recv.rejoin(info, rank, timeout_s)
             res_q.put((token, "joined", rank))
+        elif op == "die_after_claim":  # SIGKILLed once its rank is claimed, before the group is built
+            receiver_module.transport_for = _killing_transport
+            recv.connect()
+        elif op == "die_after_connect":  # SIGKILLed once the group is built, before the first update
+            recv.connect()
+            res_q.put((token, "connected", recv.rank))
+            os.kill(os.getpid(), signal.SIGKILL)
         elif op == "idle":  # connect, then take part in no broadcast for a while
             recv.connect()
             res_q.put((token, "connected", recv.rank))
@@ -400,6 +422,91 @@ def test_receiver_dies_mid_stream_then_rebuilt_group_works(receivers):
         info = sender.rebuild(port=0, world_size=2)
         assert info.port != old_port and info.generation == 1 and info.world_size == 2
         receivers.join_all(info, {survivor: 1}, timeout_s=timeout_s)
+        receivers.tell(survivor, "receive", None)
+        sender.send(named.items(), 2)
+        status, rank, version, got, _ = receivers.results(1)[0]
+        assert (status, rank, version) == ("ok", 1, 2) and got == expected(named)
+    finally:
+        sender.close()
+
+
+class LazyGroup:
+    """NCCL's shape on gloo: building the group returns at once and the communicator is built inside
+    the first collective, which waits for every rank with no deadline of its own (here 120 s, far past
+    any sync timeout of these tests)."""
+
+    def __init__(self, store, rank: int, world_size: int, backend: str, timeout) -> None:
+        self.args = (store, rank, world_size)
+        self.pg = None
+
+    def _group(self):
+        if self.pg is None:
+            self.pg = torch.distributed.ProcessGroupGloo(*self.args, datetime.timedelta(seconds=120))
+        return self.pg
+
+    def broadcast(self, *args):
+        return self._group().broadcast(*args)
+
+    def allreduce(self, *args):
+        return self._group().allreduce(*args)
+
+    def abort(self) -> None:
+        pass
+
+
+def _send_in_thread(sender: WeightSender, named: dict, bound_s: float) -> tuple[BaseException | None, float]:
+    """``sender.send`` on a thread, joined with ``bound_s``: a hang fails the test, not the suite."""
+    out: dict = {}
+
+    def send() -> None:
+        t0 = time.monotonic()
+        try:
+            sender.send(named.items(), 1)
+        except BaseException as e:  # the test inspects it
+            out["error"] = e
+        out["elapsed"] = time.monotonic() - t0
+
+    th = threading.Thread(target=send, daemon=True)
+    th.start()
+    th.join(bound_s)
+    assert not th.is_alive(), f"the sender still waits after {bound_s:g} s: a receiver's death hangs it"
+    return out.get("error"), out["elapsed"]
+
+
+@pytest.mark.parametrize(
+    "when, lazy",
+    [("die_after_claim", False), ("die_after_claim", True), ("die_after_connect", False)],
+    ids=["after-claim", "after-claim-lazy-communicator", "after-connect"],
+)
+def test_receiver_killed_after_claiming_its_rank_fails_the_sender_in_time(receivers, monkeypatch, when, lazy):
+    """A receiver SIGKILLed after it claimed its rank (before the group is built, or before the first
+    update): the sender raises SyncError within the sync timeout (+ slack) instead of waiting on it,
+    also where the communicator is built lazily inside the first collective (NCCL's shape), and the
+    rebuilt group without it works."""
+    timeout_s = 3.0
+    if lazy:
+        monkeypatch.setattr(torch_dist, "new_backend_pg", LazyGroup)
+    sender = WeightSender(HOST, 0, world_size=3, backend="gloo", timeout_s=timeout_s, bucket_mb=1 / 16)
+    named = mixed_tensors(4)
+    try:
+        survivor, victim = receivers.spawn(2)
+        receivers.join_all(sender.info, {survivor: 1, victim: 2}, timeout_s=timeout_s)
+        receivers.tell(victim, when)
+        receivers.tell(survivor, "receive", None)
+        if when == "die_after_connect":
+            sender.connect()  # with both receivers; then the victim dies
+        receivers.procs[victim].join(timeout=30)
+        assert receivers.procs[victim].exitcode == -signal.SIGKILL
+        error, elapsed = _send_in_thread(sender, named, timeout_s + SLACK_S + 10)
+        print(f"receiver killed ({when}, lazy={lazy}): sender raised after {elapsed:.2f} s: {error}")
+        assert isinstance(error, SyncError) and "rebuild" in str(error), error
+        assert elapsed <= timeout_s + SLACK_S, elapsed
+        replies = by_rank(receivers.results(2 if when == "die_after_connect" else 1, timeout=timeout_s + 30))
+        assert replies[1][0] == "error"  # the survivor's update failed too: it rejoins below
+        assert when == "die_after_claim" or replies[2][0] == "connected"
+
+        monkeypatch.undo()
+        receivers.join_all(sender.rebuild(world_size=2), {survivor: 1}, timeout_s=timeout_s)
         receivers.tell(survivor, "receive", None)
         sender.send(named.items(), 2)
         status, rank, version, got, _ = receivers.results(1)[0]
