@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.logs import engine_output, eval_line, nothing_trained
+from cluster.pipeline.recovery import check_checkpoint, config_snapshot
 from cluster.rundir import (
     append_trained,
     check_before_writing,
@@ -38,6 +39,7 @@ from cluster.rundir import (
     truncate_logs,
 )
 from common.config import TrainConfig, save_resolved
+from common.keys import run_name_for
 from common.metrics import values
 from common.prompts import EpochCursor
 from common.rewards.failures import StepFailures
@@ -88,7 +90,10 @@ class LocalRun:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = checkpoint_dir(self.run_dir)
-        check_before_writing(cfg)  # refused before anything is written: the run directory stays as it was
+        # refused before anything is written: the run directory stays as it was
+        resumed = check_before_writing(cfg)
+        if resumed is not None:  # a changed key that defines the run's prompts and trees
+            check_checkpoint(cfg, resumed, run_name_for(cfg.run_dir))
         if on_checked is not None:
             on_checked()
         save_resolved(cfg, self.run_dir)
@@ -123,6 +128,7 @@ class LocalRun:
             self.backend.update_weights(self.learner.weights_for_sync(), self.learner.version)
         self.stats = SamplingStats()
         self.sampler = self.inputs.sampler(self.backend, stats=self.stats)
+        self.carried: list = []  # finished trees not offered yet (drained before an update)
         self.metrics_log = open_trackers(cfg)
         self.staleness_hist: dict[int, int] = {}
         self.failures = StepFailures.for_run(cfg)  # failed reward calls of the step being collected
@@ -150,8 +156,9 @@ class LocalRun:
         sampler, prompts = self.sampler, self.train_set.prompts
         sel = Selection(self.learner.version, dynamic_sampling=self.cfg.algo.dynamic_sampling)  # no limit
         data_left = True
+        ready, self.carried = self.carried, []  # trees finished by the last drain
         while len(sel.kept) < need:
-            while data_left and sampler.in_flight + len(sel.kept) < need:
+            while data_left and sampler.in_flight + len(ready) + len(sel.kept) < need:
                 item = self.cursor.next()
                 if item is None:
                     data_left = False
@@ -160,14 +167,20 @@ class LocalRun:
                 p = prompts[idx]
                 tree_id = tree_id_for(p.row.id, epoch)
                 sampler.submit(p.row.id, p.prompt_ids, prompt_metadata(p.row, epoch), tree_id=tree_id)
-            if not sampler.in_flight:
+            if ready:
+                done, ready = ready, []
+            elif not sampler.in_flight:
                 break
-            done = sampler.step()
+            else:
+                done = sampler.step()
             score_trees(done, self.train_set.reward, self.inputs.decode, self.inputs.stop_set)
             for tree in done:
                 self.failures.add_tree(tree)
                 sel.offer(tree)
             self.failures.check()  # a reward failing past reward.max_error_share stops the run
+        # barrier-free expansion leaves segments in the engine: they finish under these weights before
+        # the update, and their trees wait for the next step
+        self.carried = ready + sampler.drain()
         self.dropped_uniform += sel.dropped_uniform
         if not sel.kept:
             return None
@@ -208,7 +221,7 @@ class LocalRun:
                 self.run_dir, step, trees, advantages, self.inputs.decode, cfg.log.tree_pictures
             )
         if step % cfg.checkpoint.every_steps == 0 or step == cfg.learner.total_steps:
-            extra = {"step": step, "cursor": self.cursor.state()}
+            extra = {"step": step, "cursor": self.cursor.state(), "config": config_snapshot(cfg)}
             learner.save(self.ckpt_dir, extra=extra, step=step, keep_last=cfg.checkpoint.keep_last)
         return m
 

@@ -1,9 +1,9 @@
 """A refused ``treepo train`` leaves the run directory byte for byte as it was, or absent if it was:
 each refusal is made before anything is written or started, with both drivers. The cases: a run
 directory holding checkpoints without ``--resume``, ``--resume`` where there is no checkpoint (the
-directory absent, or present without one), a ``model.path`` that does not exist, and with
-``driver=ray`` a resume that changes a key defining the run's trees (``tree.w``) or whose
-checkpoint belongs to another run directory.
+directory absent, or present without one), a ``model.path`` that does not exist, a resume that
+changes a key defining the run's trees (``tree.w``), and with ``driver=ray`` one whose checkpoint
+belongs to another run directory.
 
 The command line runs in-process; every file of the run directory is hashed before and after."""
 
@@ -60,7 +60,7 @@ CASES = {
     "--resume, no checkpoint": (("local", "ray"), "config", ["--resume"], r"holds no checkpoint"),
     "missing model.path": (("local", "ray"), "", ["model.path=/nonexistent/model"], r"does not exist"),
     "--resume changing tree.w": (
-        ("ray",),
+        ("local", "ray"),
         "ckpt",
         ["--resume", "tree.w=8"],
         r"resume changes tree\.w: 4 -> 8",
