@@ -126,7 +126,7 @@ METRICS: dict[str, str] = {
     "pipeline/reissued_stale": "Prompts re-issued this step because their tree was stale.",
     "pipeline/quarantined": "Queue entries moved to the dead-letter stream so far (poison entries).",
     "pipeline/generator_restarts": "Generator actors restarted so far.",
-    "pipeline/sync_failures": "Weight syncs that failed so far (the engines kept older weights).",
+    "pipeline/sync_failures": "Weight-sync attempts that failed so far (the group is rebuilt and the sync tried again).",
     "pipeline/loop_failures": "Generator loops that ended with an error so far.",
     "pipeline/hangs": "Generators restarted for a silent loop (generators.hang_timeout_s) so far.",
     "pipeline/orphans": "Entries delivered but never acknowledged, taken back so far.",
