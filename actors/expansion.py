@@ -27,6 +27,7 @@ while it is in the engine (``TreeSampler.drain`` first, as the generator does be
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from actors.backends.base import GenRequest, GenResult, request_stream
 from common.errors import ConfigError
 
 EXPANSIONS = ("barrier_free", "level")
+_REQUEST_IDS = itertools.count()
 
 
 def make_expansion(kind: str, sampler: Any) -> LevelExpansion | BarrierFreeExpansion:
@@ -96,7 +98,6 @@ class BarrierFreeExpansion:
         self.stream = request_stream(sampler.backend)
         self._waves: dict[str, _Wave] = {}  # tree id -> its wave in the engine
         self._owner: dict[str, tuple[str, int]] = {}  # request id -> (tree id, index in the wave)
-        self._seq = 0
 
     @property
     def in_engine(self) -> int:
@@ -142,8 +143,7 @@ class BarrierFreeExpansion:
         wave = _Wave(tree_id, requests, int(s.backend.policy_version), [None] * len(requests), len(requests))
         self._waves[tree_id] = wave
         for i, req in enumerate(requests):
-            request_id = f"treepo-seg-{self._seq}"
-            self._seq += 1
+            request_id = f"treepo-seg-{next(_REQUEST_IDS)}"  # unique among every sampler of the process
             self._owner[request_id] = (tree_id, i)
             self.stream.add_request(request_id, req)
 
