@@ -159,3 +159,11 @@ def test_the_rules_catch_wrong_names():
     assert key_exists("generators.ray_resources.generator_node")
     assert KEY_ASSIGN.findall("x tree.w=8 and /mnt/tree.w=1 `algo.clip_low` y") == ["tree.w"]
     assert [s for s in ("algo.clip_lo", "tree.py", "`x`") if is_key_span(s)] == ["algo.clip_lo"]
+
+
+@pytest.mark.parametrize("path", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_relative_links_resolve(path):
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
+    local = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
+    missing = [t for t in local if not (path.parent / t).exists()]
+    assert not missing, f"{path.relative_to(REPO)} links to missing files: {missing}"
