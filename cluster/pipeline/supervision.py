@@ -13,12 +13,13 @@ runs (the controller calls it while it waits for trees), looks at each one:
   has its actor killed for Ray to restart, then is waited for like one that died;
 - an actor out of restarts is dead for good: the other generators take its prompts, and when every
   generator is dead while prompts remain, the run fails with :class:`common.errors.TreepoError`;
-- an actor whose restart cannot be placed (its node is gone, e.g. a spot preemption, and no other
-  node has the resources it asks for) is lost with its node: Ray keeps its restart pending, and
-  its calls fail at once. The run goes on with the others, which take its prompts; the supervisor
-  asks it again on later rounds (backing off to ``LOST_RETRY_MAX_S``) and takes it back, with the
-  current weights, once a node with those resources joined and Ray restarted it there. While no
-  generator runs at all, a status line says so every ``STATUS_EVERY_S``; past ``rejoin_timeout_s``
+- an actor whose node is gone (e.g. a spot preemption) while no other node has the resources it
+  asks for is lost with its node: Ray keeps its restart pending until a node with them joins; its
+  calls wait meanwhile, or fail at once. The supervisor asks Ray's view of it (the ``probe``, every
+  ``PROBE_EVERY_S`` of a restart): the run goes on with the others, which take its prompts, and a
+  failed call is made again on later rounds (backing off to ``ASK_AGAIN_MAX_S``); once Ray restarted
+  it on a joining node it answers, and is taken back with the current weights. While no generator
+  runs at all, a status line says so every ``STATUS_EVERY_S``; past ``rejoin_timeout_s``
   (``generators.start_timeout_s``) the run fails with a :class:`common.errors.TreepoError`;
 - a loop that returned means the data is used up there; when prompts come back after that (a stale
   tree's prompt re-issued by the controller, a dead generator's prompts), the finished loops run
@@ -31,8 +32,8 @@ members change, since a departed receiver is gone from the old group.
 The actors are taken by duck typing: handles whose methods have ``.remote(...)`` (``run``, ``ready``,
 ``pid``, ``heartbeat``), a dispatcher with ``requeue_generator``/``finished``/``exhausted``, a counts dict, a
 runtime with ``ray``'s ``get``/``wait``/``kill`` (``ray`` itself unless a test passes a fake), and a
-``restartable(handle)`` probe that says whether Ray still holds an actor for a restart
-(:func:`cluster.pipeline.topology.generator_restartable`).
+``probe(handle)`` that says what Ray holds of an actor: ``alive``, ``restarting``, ``lost`` (restarting,
+its node gone) or ``dead`` (:func:`cluster.pipeline.topology.generator_state`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ from common.errors import TreepoError
 
 STATS_TIMEOUT_S = 10.0  # a question to a generator that should answer at once (pid, ready, heartbeat)
 KILL_WAIT_S = 60.0  # how long a deliberate restart waits for the killed process to be gone
-LOST_RETRY_MIN_S = 1.0  # a generator lost with its node is asked again after this, doubling each time ...
-LOST_RETRY_MAX_S = 30.0  # ... up to this
+ASK_AGAIN_MIN_S = 1.0  # a restarting generator whose call failed is asked again after this, doubling ...
+ASK_AGAIN_MAX_S = 30.0  # ... up to this
+PROBE_EVERY_S = 2.0  # how often Ray's view of a restarting generator is read (is its node gone?)
 STATUS_EVERY_S = 30.0  # how often the console says that no generator runs
 
 
@@ -91,13 +93,19 @@ class GenSlot:
     old_pid: int | None = None  # the process a deliberate restart killed (its answers are ignored)
     beat_at: float = 0.0  # when the heartbeat is asked next
     lost: bool = False  # its restart waits for a node with its resources (its node is gone)
-    retry_at: float = 0.0  # when a lost generator is asked again
-    backoff_s: float = LOST_RETRY_MIN_S
+    ask_at: float | None = None  # restarting, its last call failed: asked again then
+    backoff_s: float = ASK_AGAIN_MIN_S
+    probe_at: float = 0.0  # when Ray's view of it is read next while it restarts
+
+    @property
+    def restarting(self) -> bool:
+        """Waiting for Ray's restart (a call pending, or one to make again), lost with its node included."""
+        return self.ready_ref is not None or self.ask_at is not None
 
     @property
     def running(self) -> bool:
-        """Alive and answering (its loop may have finished): neither restarting, lost nor dead."""
-        return self.ready_ref is None and not self.lost and not self.dead
+        """Alive and answering (its loop may have finished): neither restarting nor dead."""
+        return not self.restarting and not self.dead
 
 
 class GeneratorSupervisor:
@@ -111,7 +119,7 @@ class GeneratorSupervisor:
         hang_timeout_s: float,
         on_rejoin: Callable[[], None] = lambda: None,
         rt: Runtime = ray,
-        restartable: Callable[[Any], bool] = lambda handle: False,
+        probe: Callable[[Any], str] = lambda handle: "dead",
         rejoin_timeout_s: float = 600.0,
     ) -> None:
         self.slots = [GenSlot(h) for h in handles]
@@ -120,7 +128,7 @@ class GeneratorSupervisor:
         self.hang_timeout_s = hang_timeout_s
         self.on_rejoin = on_rejoin  # a generator is back: it gets the current weights
         self.rt = rt
-        self.restartable = restartable  # Ray still holds this actor for a restart (not dead for good)
+        self.probe = probe  # Ray's view of an actor: alive, restarting, lost (its node gone) or dead
         self.rejoin_timeout_s = rejoin_timeout_s  # how long the run waits with no generator running
         self.idle_since: float | None = None  # since when no generator runs
         self.status_at = 0.0  # when the no-generator status line is said next
@@ -136,7 +144,7 @@ class GeneratorSupervisor:
 
     def reachable(self) -> list[tuple[int, Any]]:
         """(id, handle) of every generator not restarting (one whose loop finished keeps its engine)."""
-        return [(g, s.handle) for g, s in enumerate(self.slots) if s.ready_ref is None and not s.lost]
+        return [(g, s.handle) for g, s in enumerate(self.slots) if not s.restarting]
 
     def looping(self) -> list[Any]:
         """The handles of the generators whose loop runs now."""
@@ -155,12 +163,14 @@ class GeneratorSupervisor:
     def watch(self) -> None:
         """One look at every generator: a restart that settled, a loop that ended, a silent loop."""
         for g, slot in enumerate(self.slots):
-            if slot.lost and slot.ready_ref is None:
-                if time.monotonic() >= slot.retry_at:  # is it back (a node with its resources joined)?
-                    slot.ready_ref = slot.handle.ready.remote()
+            if slot.ask_at is not None:
+                if time.monotonic() >= slot.ask_at:  # is it back (e.g. a node with its resources joined)?
+                    slot.ask_at, slot.ready_ref = None, slot.handle.ready.remote()
             elif slot.ready_ref is not None:
                 if self.rt.wait([slot.ready_ref], timeout=0)[0]:
                     self._restart_settled(g, slot)
+                else:
+                    self._check_node(g, slot)
             elif slot.run_ref is not None and not slot.done:
                 if self.rt.wait([slot.run_ref], timeout=0)[0]:
                     self._loop_ended(g, slot)
@@ -180,7 +190,7 @@ class GeneratorSupervisor:
             self.idle_since, self.status_at = now, now + STATUS_EVERY_S
         waited = now - self.idle_since
         lost = [g for g, s in enumerate(self.slots) if s.lost]
-        restarting = [g for g, s in enumerate(self.slots) if s.ready_ref is not None and not s.lost]
+        restarting = [g for g, s in enumerate(self.slots) if s.restarting and not s.lost]
         if waited > self.rejoin_timeout_s:
             raise TreepoError(
                 f"no generator ran for {waited:.0f} s (lost with their node: {lost}, restarting: "
@@ -262,8 +272,12 @@ class GeneratorSupervisor:
             slot.ready_ref = slot.handle.ready.remote()
             return
         except RayActorError as e:  # out of restarts (or its constructor fails), or its node is gone
-            if self.restartable(slot.handle):  # Ray holds its restart until a node with its resources joins
-                self._lost(g, slot)
+            state = self.probe(slot.handle)
+            if state != "dead":  # Ray holds its restart (until a node with its resources joins)
+                slot.ask_at = time.monotonic() + slot.backoff_s
+                slot.backoff_s = min(2 * slot.backoff_s, ASK_AGAIN_MAX_S)
+                if state == "lost":
+                    self._lost(g, slot)
                 return
             if slot.lost:
                 print(f"[pipeline] generator {g}, lost with its node, is dead for good", flush=True)
@@ -279,7 +293,7 @@ class GeneratorSupervisor:
             slot.ready_ref = slot.handle.pid.remote()
             return
         slot.old_pid = None
-        was_lost, slot.lost, slot.backoff_s = slot.lost, False, LOST_RETRY_MIN_S
+        was_lost, slot.lost, slot.backoff_s = slot.lost, False, ASK_AGAIN_MIN_S
         self.on_rejoin()  # it joins the group and gets the current weights
         slot.run_ref = slot.handle.run.remote()
         if was_lost:
@@ -292,12 +306,17 @@ class GeneratorSupervisor:
             return
         print(f"[pipeline] generator {g} restarted ({slot.restarts}x), loop resumed", flush=True)
 
-    def _lost(self, g: int, slot: GenSlot) -> None:
-        """Generator ``g``'s restart waits for resources no node has: the first time, the others take its
-        prompts; it is asked again later, each time after a longer wait."""
+    def _check_node(self, g: int, slot: GenSlot) -> None:
+        """A restart that has not answered yet: every ``PROBE_EVERY_S``, is its node gone?"""
         now = time.monotonic()
-        slot.retry_at = now + slot.backoff_s
-        slot.backoff_s = min(2 * slot.backoff_s, LOST_RETRY_MAX_S)
+        if slot.lost or now < slot.probe_at:
+            return
+        slot.probe_at = now + PROBE_EVERY_S
+        if self.probe(slot.handle) == "lost":
+            self._lost(g, slot)
+
+    def _lost(self, g: int, slot: GenSlot) -> None:
+        """Generator ``g``'s restart waits for a node with its resources: the others take its prompts."""
         if slot.lost:
             return
         slot.lost = True

@@ -10,8 +10,9 @@
   with ``max_restarts`` so Ray restarts a dead one; they are threaded actors (one thread runs the
   generation loop, the others answer weight offers, stats and stop calls). Generators are not in
   the placement group: a restarted one may land on any node with room. One whose node is gone
-  waits in Ray's restart until a node with its resources joins (:func:`generator_restartable` tells
-  it from one out of restarts; :mod:`cluster.pipeline.supervision` goes on without it meanwhile).
+  waits in Ray's restart until a node with its resources joins (:func:`generator_state` tells it
+  from one restarting on a live node and one out of restarts; :mod:`cluster.pipeline.supervision` goes
+  on without it meanwhile).
 - CPU engines run vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set): one process per
   generator, a start-up of seconds instead of tens of seconds.
 
@@ -256,17 +257,22 @@ def start_generator(
     ).remote(cfg, generator_id, queue_url, password, run_name)
 
 
-def generator_restartable(handle: Any) -> bool:
-    """Whether Ray still holds a generator actor for a restart: its state is not DEAD. One whose node is
-    gone stays RESTARTING until a node with its resources joins (its calls fail at once meanwhile); one
-    out of restarts is DEAD. False when the state cannot be read."""
+def generator_state(handle: Any) -> str:
+    """What Ray holds of a generator actor: ``alive``, ``restarting``, ``lost`` (restarting while the
+    node it ran on is gone: its restart waits until a node with its resources joins) or ``dead`` (out
+    of restarts; also when the GCS does not answer)."""
     from ray._private import state  # the GCS's actor table: works without a dashboard, unlike ray.util.state
 
     try:
         info = state.actors(actor_id=handle._actor_id.hex())
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
     except Exception:  # no answer from the GCS: taken as dead, as before the probe
-        return False
-    return bool(info) and info.get("State") != "DEAD"
+        return "dead"
+    if not info or info.get("State") == "DEAD":
+        return "dead"
+    if info.get("State") == "ALIVE":
+        return "alive"
+    return "restarting" if info.get("Address", {}).get("NodeID") in alive else "lost"
 
 
 def start(

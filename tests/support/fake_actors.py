@@ -59,8 +59,8 @@ class FakeRay:
 class FakeGenerator:
     """A generator actor. ``state``: ``alive``, ``restarting`` (Ray is bringing it back: a call waits
     for the new process, or, with ``unavailable``, fails with ActorUnavailableError), ``lost`` (its
-    node is gone and no node has room for its restart: a call fails at once, as Ray's does, while
-    :meth:`restart_pending` says Ray still holds it) or ``dead`` (out of restarts). A kill restarts it
+    node is gone and no node has room for its restart: a call fails at once, as Ray's made just after
+    the loss does, or with ``waits`` waits like a restarting one's; :meth:`ray_state` says ``lost``) or ``dead`` (out of restarts). A kill restarts it
     at once as a new process (a new pid)."""
 
     def __init__(self, gid: int, ranks: int = 1) -> None:
@@ -68,6 +68,7 @@ class FakeGenerator:
         self.pid_value = 1000 + gid
         self.state = "alive"
         self.unavailable = False
+        self.waits = False  # lost: its calls wait instead of failing at once
         self.waiting: list[tuple[Ref, Callable[[], Any]]] = []  # calls made while restarting
         self.silent = 0.0  # what its heartbeat says
         self.loop = Ref(ready=False)
@@ -83,11 +84,11 @@ class FakeGenerator:
         self.sync_receive = Method(self._receive)
 
     def _answer(self, value: Callable[[], Any]) -> Ref:
-        if self.state in ("dead", "lost"):
+        if self.state == "dead" or (self.state == "lost" and not self.waits):
             return Ref(error=RayActorError())
         if self.state == "restarting" and self.unavailable:
             return Ref(error=ActorUnavailableError("restarting", None))
-        if self.state == "restarting":
+        if self.state in ("restarting", "lost"):
             ref = Ref(ready=False)
             self.waiting.append((ref, value))
             return ref
@@ -128,9 +129,9 @@ class FakeGenerator:
                 ref.error, ref.ready = RayActorError(), True
             self.waiting = []
 
-    def restart_pending(self) -> bool:
-        """What ``topology.generator_restartable`` says of it: Ray holds it for a restart."""
-        return self.state in ("alive", "restarting", "lost")
+    def ray_state(self) -> str:
+        """What ``topology.generator_state`` says of it."""
+        return self.state
 
     def back(self) -> None:
         """Ray's restart finished: a new process; the calls made meanwhile are answered by it."""

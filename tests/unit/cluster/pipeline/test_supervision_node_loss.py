@@ -26,7 +26,7 @@ def _supervisor(n: int = 2, rejoin_timeout_s: float = 600.0):
         60.0,
         on_rejoin=lambda: rejoins.append(1),
         rt=FakeRay(),
-        restartable=lambda handle: handle.restart_pending(),
+        probe=lambda handle: handle.ray_state(),
         rejoin_timeout_s=rejoin_timeout_s,
     )
     sup.start_loops()
@@ -34,7 +34,7 @@ def _supervisor(n: int = 2, rejoin_timeout_s: float = 600.0):
 
 
 def _retry_due(sup: GeneratorSupervisor, g: int) -> None:
-    sup.slots[g].retry_at = 0.0  # as if its back-off wait had passed
+    sup.slots[g].ask_at = 0.0  # as if its back-off wait had passed
 
 
 def test_a_generator_lost_with_its_node_gives_its_prompts_to_the_others_and_comes_back(capsys):
@@ -55,7 +55,7 @@ def test_a_generator_lost_with_its_node_gives_its_prompts_to_the_others_and_come
     sup.watch()  # asked again: still lost; its prompts are not re-issued twice, the wait doubles
     sup.watch()
     assert len(gens[1].ready.calls) == asks + 1 and dispatcher.requeued == [1]
-    assert sup.slots[1].backoff_s == 4 * supervision.LOST_RETRY_MIN_S
+    assert sup.slots[1].backoff_s == 4 * supervision.ASK_AGAIN_MIN_S
 
     gens[1].back()  # a node with its resources joined; Ray restarted it there
     _retry_due(sup, 1)
@@ -65,7 +65,35 @@ def test_a_generator_lost_with_its_node_gives_its_prompts_to_the_others_and_come
     assert [(m.gid, m.incarnation) for m in sup.members()] == [(0, 0), (1, 1)]
     out = capsys.readouterr().out
     assert "generator 1 is back (a node with its resources joined); going on with 2 generator(s)" in out
-    assert sup.slots[1].backoff_s == supervision.LOST_RETRY_MIN_S
+    assert sup.slots[1].backoff_s == supervision.ASK_AGAIN_MIN_S
+
+
+def test_a_lost_generator_whose_calls_wait_is_found_by_the_probe_and_comes_back(capsys):
+    """Ray queues the calls of an actor whose restart waits for resources: the supervisor reads Ray's
+    view while the restart has not answered, and a node gone makes the generator lost."""
+    sup, gens, dispatcher, rejoins = _supervisor()
+    gens[1].waits = True
+    gens[1].dies("lost")
+    sup.watch()  # its loop failed with its actor: asked whether it is back (the call waits)
+    sup.watch()  # the probe says its node is gone
+    assert "generator 1 lost with its node; going on with 1 generator(s)" in capsys.readouterr().out
+    assert dispatcher.requeued == [1] and len(gens[1].ready.calls) == 1
+    sup.slots[1].probe_at = 0.0
+    sup.watch()  # still lost: said and re-issued once
+    assert dispatcher.requeued == [1] and "lost" not in capsys.readouterr().out
+    gens[1].back()  # Ray restarted it on a joining node: the waiting call is answered
+    sup.watch()
+    assert rejoins == [1] and len(gens[1].run.calls) == 2 and sup.slots[1].running
+    assert "generator 1 is back" in capsys.readouterr().out
+
+
+def test_a_restart_on_a_live_node_is_not_lost():
+    sup, gens, dispatcher, _ = _supervisor()
+    gens[1].dies()  # restarting, its node alive
+    for _ in range(3):
+        sup.slots[1].probe_at = 0.0
+        sup.watch()
+    assert dispatcher.requeued == [] and not sup.slots[1].lost
 
 
 def test_a_lost_generator_that_ray_gives_up_on_is_dead_for_good(capsys):
@@ -140,7 +168,7 @@ def test_the_weight_sync_group_goes_on_without_a_lost_generator_and_takes_it_bac
         60.0,
         on_rejoin=lambda: pub.rejoin(7),
         rt=rt,
-        restartable=lambda handle: handle.restart_pending(),
+        probe=lambda handle: handle.ray_state(),
     )
     pub = WeightPublisher([learner], sup, counts, 30.0, FakeStore(), "v", rt=rt)
     sup.start_loops()
@@ -154,7 +182,7 @@ def test_the_weight_sync_group_goes_on_without_a_lost_generator_and_takes_it_bac
     assert learner.worlds == [3, 2] and gens[0].received == [5, 6] and gens[1].received == [5]
 
     gens[1].back()
-    sup.slots[1].retry_at = 0.0
+    sup.slots[1].ask_at = 0.0
     sup.watch()
     runs_before = len(gens[1].run.calls)
     sup.watch()  # back: the group is rebuilt with it and the current weights go out, then its loop
