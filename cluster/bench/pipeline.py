@@ -111,7 +111,9 @@ def summarize(rows: list[dict], batch: int, leaves_per_tree: int) -> dict[str, f
 def _one_run(case: str, mode: str, args: argparse.Namespace, steps: int, scratch: Path) -> dict:
     run_dir = scratch / f"{case}-{mode}"
     before = [f"run_dir={run_dir}", *RUN_SETTINGS, f"checkpoint.every_steps={steps}"]
-    cfg = load_args_config(args, DEFAULTS, before=before, after=[MODES[mode]])
+    # synthetic: the known cost is per sampler step, one depth of every tree (level-synchronous)
+    after = [MODES[mode], *(["sampling.expansion=level"] if case == "synthetic" else [])]
+    cfg = load_args_config(args, DEFAULTS, before=before, after=after)
     env = {}
     if case == "synthetic":
         env = {
