@@ -10,7 +10,11 @@ Extraction rules (small on purpose, so a reader can predict what is checked):
 - config keys: anywhere, ``section.key=`` (a dotted key followed by ``=``), and inline code that is
   exactly a dotted key (``section.key``), where ``section`` is a top-level config section. It must be
   a key of the schema (a leaf, a section, or a name inside a mapping such as ``ray_resources``), or
-  one of the removed keys the config loader refuses with a pointer to their replacement.
+  one of the removed keys the config loader refuses with a pointer to their replacement;
+- metric keys: inline code that is exactly a metric key (``rollout/reward``, ``tree/leaf_depth/<k>``)
+  must be in common/metric_keys.py (MLflow's spelling ``eval/mean_at_4`` counts as ``eval/mean@4``);
+- files: in code, a path under one of the repository's top folders (``cluster/head_redis.sh``) that
+  is not a metric key and has no placeholder (``<``, ``*``) must exist.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from paths import REPO
 
 from cluster.cli import build_parser
 from common.config import ConfigError, TrainConfig, help_table, load_config
+from common.metric_keys import NAMESPACES, documented_as
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # removed keys that pages may name as refused (checked below to be refused)
@@ -167,3 +172,46 @@ def test_relative_links_resolve(path):
     local = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
     missing = [t for t in local if not (path.parent / t).exists()]
     assert not missing, f"{path.relative_to(REPO)} links to missing files: {missing}"
+
+
+_NS = "|".join(re.escape(n) for n in NAMESPACES if n)
+METRIC_SPAN = re.compile(rf"(?:{_NS})[a-z0-9_]+(?:/[^\s/`]+)*")
+REPO_PATH = re.compile(
+    r"(?:^|[\s`(])((?:cluster|scripts|configs|docs|tests|common|actors|learner)/[A-Za-z0-9_./-]*)"
+)
+
+
+def metric_problems(text: str) -> list[str]:
+    spans = [s for s in re.findall(r"`([^`\n]+)`", text) if METRIC_SPAN.fullmatch(s)]
+    return [
+        f"`{s}`: no such metric key (common/metric_keys.py)"
+        for s in spans
+        if not documented_as(s.replace("_at_", "@")) and not documented_as(re.sub(r"<[a-z_]+>", "0", s))
+    ]
+
+
+def path_problems(text: str) -> list[str]:
+    paths = {m.rstrip(".,:") for snippet in code_snippets(text) for m in REPO_PATH.findall(snippet)}
+    return [
+        f"`{p}`: no such file or folder"
+        for p in sorted(paths)
+        if not any(c in p for c in "<*") and not documented_as(p) and not (REPO / p).exists()
+    ]
+
+
+@pytest.mark.parametrize("path", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_metric_and_file_named_exists(path):
+    text = path.read_text()
+    problems = metric_problems(text) + path_problems(text)
+    assert not problems, f"{path.relative_to(REPO)}:\n" + "\n".join(problems)
+
+
+def test_the_metric_and_file_rules_catch_wrong_names():
+    assert metric_problems("`rollout/reward`, `tree/leaf_depth/<k>`, `eval/mean_at_4`, `eval/`") == []
+    assert metric_problems("`rollout/rewards`") == [
+        "`rollout/rewards`: no such metric key (common/metric_keys.py)"
+    ]
+    assert path_problems("`bash cluster/head_redis.sh start` and `learner/idle_frac`") == []
+    assert path_problems("`bash cluster/head_redis.py start`") == [
+        "`cluster/head_redis.py`: no such file or folder"
+    ]
