@@ -56,10 +56,15 @@ def op_timeout(backend: str, wait: datetime.timedelta) -> datetime.timedelta:
 
 
 @contextlib.contextmanager
-def _nccl_error_handling():
-    """``TORCH_NCCL_ASYNC_ERROR_HANDLING`` for the group built inside (its constructor reads it)."""
+def _nccl_error_handling(timeout: datetime.timedelta):
+    """``TORCH_NCCL_ASYNC_ERROR_HANDLING`` for the group built inside (its constructor reads it). Also
+    bounds how long torch polls a non-blocking communicator that never comes up (read once per process,
+    used by non-blocking communicators only; an explicit setting is kept)."""
     key = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
     with _ENV_LOCK:
+        os.environ.setdefault(
+            "TORCH_NCCL_NONBLOCKING_TIMEOUT", str(int(group_timeout(timeout).total_seconds()))
+        )
         old = os.environ.get(key)
         os.environ[key] = NCCL_ERROR_HANDLING
         try:
@@ -82,7 +87,7 @@ def new_backend_pg(store: Store, rank: int, world_size: int, backend: str, timeo
         opts = ProcessGroupNCCL.Options()
         opts._timeout = op_timeout(backend, timeout)
         opts.config.blocking = 0  # a non-blocking communicator: abort() ends a pending init or collective
-        with _nccl_error_handling():
+        with _nccl_error_handling(timeout):
             return ProcessGroupNCCL(store, rank, world_size, opts)
     return ProcessGroupGloo(store, rank, world_size, op_timeout(backend, timeout))
 

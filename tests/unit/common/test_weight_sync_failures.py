@@ -95,6 +95,7 @@ def test_nccl_group_gets_a_high_watchdog_timeout_nonblocking_comms_and_clean_up_
 
     monkeypatch.setattr(torch.distributed, "ProcessGroupNCCL", FakeNCCL, raising=False)
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # torch's default: tear the process down
+    monkeypatch.delenv("TORCH_NCCL_NONBLOCKING_TIMEOUT", raising=False)
     torch_dist.new_backend_pg(object(), 0, 3, "nccl", TIMEOUT)
     assert built == {
         "rank": 0,
@@ -104,6 +105,7 @@ def test_nccl_group_gets_a_high_watchdog_timeout_nonblocking_comms_and_clean_up_
         "env": "2",
     }
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"  # the process's other groups keep theirs
+    assert os.environ["TORCH_NCCL_NONBLOCKING_TIMEOUT"] == "64"  # a pending init ends with the group timeout
 
 
 def test_a_collective_that_never_completes_times_out_by_its_deadline():
