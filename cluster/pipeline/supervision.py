@@ -32,8 +32,9 @@ members change, since a departed receiver is gone from the old group.
 The actors are taken by duck typing: handles whose methods have ``.remote(...)`` (``run``, ``ready``,
 ``pid``, ``heartbeat``), a dispatcher with ``requeue_generator``/``finished``/``exhausted``, a counts dict, a
 runtime with ``ray``'s ``get``/``wait``/``kill`` (``ray`` itself unless a test passes a fake), and a
-``probe(handle)`` that says what Ray holds of an actor: ``alive``, ``restarting``, ``lost`` (restarting,
-its node gone) or ``dead`` (:func:`cluster.pipeline.topology.generator_state`).
+``probe(handle, ran_on)`` that says what Ray holds of an actor and the node it is on: ``alive``,
+``restarting``, ``lost`` (restarting while ``ran_on``, the node it last ran on, is gone) or ``dead``
+(:func:`cluster.pipeline.topology.generator_state`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class GenSlot:
     ask_at: float | None = None  # restarting, its last call failed: asked again then
     backoff_s: float = ASK_AGAIN_MIN_S
     probe_at: float = 0.0  # when Ray's view of it is read next while it restarts
+    node: str | None = None  # the node it last ran on
 
     @property
     def restarting(self) -> bool:
@@ -119,7 +121,7 @@ class GeneratorSupervisor:
         hang_timeout_s: float,
         on_rejoin: Callable[[], None] = lambda: None,
         rt: Runtime = ray,
-        probe: Callable[[Any], str] = lambda handle: "dead",
+        probe: Callable[[Any, str | None], tuple[str, str | None]] = lambda handle, ran_on: ("dead", None),
         rejoin_timeout_s: float = 600.0,
     ) -> None:
         self.slots = [GenSlot(h) for h in handles]
@@ -136,6 +138,7 @@ class GeneratorSupervisor:
     # ------------------------------------------------------------------ what the others ask
     def start_loops(self) -> None:
         for slot in self.slots:
+            slot.node = self.probe(slot.handle, None)[1]
             slot.run_ref = slot.handle.run.remote()
 
     def members(self) -> list[Member]:
@@ -272,7 +275,7 @@ class GeneratorSupervisor:
             slot.ready_ref = slot.handle.ready.remote()
             return
         except RayActorError as e:  # out of restarts (or its constructor fails), or its node is gone
-            state = self.probe(slot.handle)
+            state = self.probe(slot.handle, slot.node)[0]
             if state != "dead":  # Ray holds its restart (until a node with its resources joins)
                 slot.ask_at = time.monotonic() + slot.backoff_s
                 slot.backoff_s = min(2 * slot.backoff_s, ASK_AGAIN_MAX_S)
@@ -294,6 +297,7 @@ class GeneratorSupervisor:
             return
         slot.old_pid = None
         was_lost, slot.lost, slot.backoff_s = slot.lost, False, ASK_AGAIN_MIN_S
+        slot.node = self.probe(slot.handle, None)[1]  # where Ray restarted it
         self.on_rejoin()  # it joins the group and gets the current weights
         slot.run_ref = slot.handle.run.remote()
         if was_lost:
@@ -312,7 +316,7 @@ class GeneratorSupervisor:
         if slot.lost or now < slot.probe_at:
             return
         slot.probe_at = now + PROBE_EVERY_S
-        if self.probe(slot.handle) == "lost":
+        if self.probe(slot.handle, slot.node)[0] == "lost":
             self._lost(g, slot)
 
     def _lost(self, g: int, slot: GenSlot) -> None:

@@ -257,22 +257,23 @@ def start_generator(
     ).remote(cfg, generator_id, queue_url, password, run_name)
 
 
-def generator_state(handle: Any) -> str:
-    """What Ray holds of a generator actor: ``alive``, ``restarting``, ``lost`` (restarting while the
-    node it ran on is gone: its restart waits until a node with its resources joins) or ``dead`` (out
-    of restarts; also when the GCS does not answer)."""
+def generator_state(handle: Any, ran_on: str | None) -> tuple[str, str | None]:
+    """What Ray holds of a generator actor, and the node it is on now: ``alive``, ``restarting``,
+    ``lost`` (restarting while ``ran_on``, the node it last ran on, is gone: its restart waits until
+    a node with its resources joins) or ``dead`` (out of restarts; also when the GCS does not answer)."""
     from ray._private import state  # the GCS's actor table: works without a dashboard, unlike ray.util.state
 
     try:
         info = state.actors(actor_id=handle._actor_id.hex())
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
     except Exception:  # no answer from the GCS: taken as dead, as before the probe
-        return "dead"
+        return "dead", None
+    node = (info or {}).get("Address", {}).get("NodeID")
     if not info or info.get("State") == "DEAD":
-        return "dead"
+        return "dead", node
     if info.get("State") == "ALIVE":
-        return "alive"
-    return "restarting" if info.get("Address", {}).get("NodeID") in alive else "lost"
+        return "alive", node
+    return ("lost" if ran_on is not None and ran_on not in alive else "restarting"), node
 
 
 def start(

@@ -129,9 +129,10 @@ class FakeGenerator:
                 ref.error, ref.ready = RayActorError(), True
             self.waiting = []
 
-    def ray_state(self) -> str:
-        """What ``topology.generator_state`` says of it."""
-        return self.state
+    def ray_state(self, ran_on: str | None) -> tuple[str, str]:
+        """What ``topology.generator_state`` says of it (``lost`` only knowing the node it ran on)."""
+        state = "restarting" if self.state == "lost" and ran_on is None else self.state
+        return state, f"node-{self.gid}"
 
     def back(self) -> None:
         """Ray's restart finished: a new process; the calls made meanwhile are answered by it."""

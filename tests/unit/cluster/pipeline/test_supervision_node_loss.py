@@ -26,7 +26,7 @@ def _supervisor(n: int = 2, rejoin_timeout_s: float = 600.0):
         60.0,
         on_rejoin=lambda: rejoins.append(1),
         rt=FakeRay(),
-        probe=lambda handle: handle.ray_state(),
+        probe=lambda handle, ran_on: handle.ray_state(ran_on),
         rejoin_timeout_s=rejoin_timeout_s,
     )
     sup.start_loops()
@@ -168,7 +168,7 @@ def test_the_weight_sync_group_goes_on_without_a_lost_generator_and_takes_it_bac
         60.0,
         on_rejoin=lambda: pub.rejoin(7),
         rt=rt,
-        probe=lambda handle: handle.ray_state(),
+        probe=lambda handle, ran_on: handle.ray_state(ran_on),
     )
     pub = WeightPublisher([learner], sup, counts, 30.0, FakeStore(), "v", rt=rt)
     sup.start_loops()
