@@ -6,7 +6,9 @@ in sampling and advantage:
 
 - ``treepo``: ``tree.mode=tree``, ``algo.advantage=treepo`` (segment trees, subgroup advantages);
 - ``grpo``: ``tree.mode=flat``, ``algo.advantage=grpo`` (``w`` independent samples of up to Lmax
-  tokens each, ``(R - mean) / std`` per prompt).
+  tokens each, ``(R - mean) / std`` per prompt);
+- ``treepo-prob`` (with ``--arms``): ``treepo`` with ``tree.allocation=prob_low``, the
+  probability-driven child allocation (``tree.prob_*`` set the score and temperature).
 
 Each seed sets ``seed``, ``tree.seed`` and ``data.shuffle_seed`` (both arms of a seed see the same
 prompt order). Both arms start from one config (``--config PRESET`` and ``key=value``, validated
@@ -42,7 +44,10 @@ from common.metrics import read_metrics
 ARMS: dict[str, list[str]] = {
     "treepo": ["tree.mode=tree", "algo.advantage=treepo"],
     "grpo": ["tree.mode=flat", "algo.advantage=grpo"],
+    # the probability-driven allocation: more children for the paths the policy found least likely
+    "treepo-prob": ["tree.mode=tree", "algo.advantage=treepo", "tree.allocation=prob_low"],
 }
+DEFAULT_ARMS = "treepo,grpo"
 AXES = {"step": "step", "tokens": "decoded tokens", "wall": "training wall seconds"}
 
 
@@ -53,6 +58,11 @@ DEFAULTS = ["learner.total_steps=20", "eval.every_steps=5", "eval.max_problems=6
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="Seeds per arm (0..N-1).")
+    p.add_argument(
+        "--arms",
+        default=DEFAULT_ARMS,
+        help=f"Comma-separated arms among {', '.join(ARMS)} (default {DEFAULT_ARMS}); ratios are against grpo.",
+    )
     p.add_argument("--out-dir", default="runs/recipe", help="Run directories, recipe.json and the plots.")
     add_bench_arguments(
         p,
@@ -85,7 +95,15 @@ def _check(args: argparse.Namespace) -> TrainConfig:
     cfg = load_args_config(args, DEFAULTS)
     if args.seeds < 1 or cfg.eval.every_steps < 1:
         raise SystemExit("treepo bench recipe: --seeds and eval.every_steps must be >= 1")
+    unknown = [a for a in arms(args) if a not in ARMS]
+    if unknown or not arms(args):
+        raise SystemExit(f"treepo bench recipe: --arms {args.arms!r}: choose among {', '.join(ARMS)}")
     return cfg
+
+
+def arms(args: argparse.Namespace) -> list[str]:
+    """The arms of ``--arms``, in its order."""
+    return [a.strip() for a in getattr(args, "arms", DEFAULT_ARMS).split(",") if a.strip()]
 
 
 def curve(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -117,9 +135,10 @@ def summarize(curves: dict[str, dict[int, dict[str, list[float]]]]) -> dict[str,
             "decoded_tokens_mean": _mean([c["tokens"][-1] for c in by_seed.values() if c["tokens"]]),
             "wall_s_mean": _mean([c["wall"][-1] for c in by_seed.values() if c["wall"]]),
         }
-    if "treepo" in out and "grpo" in out:
-        t, g = out["treepo"], out["grpo"]
-        out["treepo_over_grpo"] = {
+    g = out.get("grpo")
+    for arm in [a for a in out if a != "grpo"] if g else []:
+        t = out[arm]
+        out[f"{arm}_over_grpo"] = {
             "decoded_tokens": _ratio(t["decoded_tokens_mean"], g["decoded_tokens_mean"]),
             "wall_s": _ratio(t["wall_s_mean"], g["wall_s_mean"]),
             "final_accuracy_diff": t["final_accuracy_mean"] - g["final_accuracy_mean"],
@@ -182,9 +201,9 @@ def run(args: argparse.Namespace) -> int:
     steps = base.learner.total_steps
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = {(a, s): run_overrides(args, a, s, steps) for a in ARMS for s in range(args.seeds)}
+    runs = {(a, s): run_overrides(args, a, s, steps) for a in arms(args) for s in range(args.seeds)}
     cfgs = {key: load_config(args.config, ov) for key, ov in runs.items()}  # every run checked up front
-    curves: dict[str, dict[int, dict[str, list[float]]]] = {a: {} for a in ARMS}
+    curves: dict[str, dict[int, dict[str, list[float]]]] = {a: {} for a in arms(args)}
     for (arm, seed), overrides in runs.items():
         print(f"[recipe] {arm} seed {seed}: {steps} steps", flush=True)
         _train(args, overrides, out_dir / f"{arm}-seed{seed}.log")
@@ -204,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     (out_dir / "recipe.json").write_text(json.dumps(report, indent=2) + "\n")
     emit_json(report["summary"], args.json)
     cols = [
-        ("arm", 8),
+        ("arm", 12),
         ("acc first", 10),
         ("acc final", 10),
         ("min", 7),
