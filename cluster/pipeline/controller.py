@@ -168,7 +168,7 @@ class Controller:
             self.counts,
             cfg.generators.hang_timeout_s,
             on_rejoin=lambda: self.publisher.rejoin(self.version),
-            restartable=topology.generator_restartable,  # a generator lost with its node comes back later
+            probe=topology.generator_state,  # a generator lost with its node: the run goes on without it
             rejoin_timeout_s=cfg.generators.start_timeout_s,
         )
         self.publisher = WeightPublisher(

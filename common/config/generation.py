@@ -334,7 +334,8 @@ class GeneratorConfig:
         "Seconds the pipeline waits for its actors to start (learner ranks and generator engines: room "
         "on the cluster, model load, compile, CUDA-graph capture). The first start of a large run (e.g. "
         "32 GPUs each fetching the model from the hub) can take longer: raise it, and point model.path "
-        "at a directory on the shared disk.",
+        "at a directory on the shared disk. Also how long a run waits while no generator runs (every one "
+        "lost with its node) for a node with their resources to join, before it stops with an error.",
         at_least=1.0,
     )
     ray_resources: dict[str, float] = doc(
