@@ -19,6 +19,7 @@ from common.rewards.pool import Outcome, VerifierPool, shared_pool
 from common.rewards.verify import overlong_penalty
 
 log = logging.getLogger(__name__)
+_LOGGED_KINDS: set[tuple[str, str]] = set()  # (reward name, failure kind) already logged by this process
 
 
 @dataclass
@@ -154,7 +155,6 @@ class Reward:
         self.overlong_buffer, self.max_response_tokens = int(overlong_buffer), int(max_response_tokens or 0)
         self._pool = pool
         self.stats = RewardStats()
-        self._kinds_logged: set[str] = set()  # failure kinds already logged (each is logged once)
 
     @property
     def pool(self) -> VerifierPool:
@@ -196,9 +196,9 @@ class Reward:
             self.stats.add(timeouts=1)
         else:
             self.stats.add(errors=1, last_error=detail)
-        kind = detail.partition(":")[0]
-        if kind not in self._kinds_logged:
-            self._kinds_logged.add(kind)
+        kind = (self.name, detail.partition(":")[0])
+        if kind not in _LOGGED_KINDS:  # one line per reward and kind in this process (training and eval)
+            _LOGGED_KINDS.add(kind)
             log.warning(
                 "reward %s failed: %s (scored as wrong; later failures of this kind are counted, not logged)",
                 self.name,
