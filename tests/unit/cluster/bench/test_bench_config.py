@@ -142,3 +142,20 @@ def test_learner_recipe_and_pipeline_take_their_keys():
 
     args = _args("pipeline", "learner.total_steps=2")
     assert pipeline.run(args) == 2  # one warm-up step and two measured need 3
+
+
+def test_sampling_rounds_take_the_modes_in_turn_and_keep_the_fastest(monkeypatch):
+    order, walls = [], iter([5.0, 3.0, 2.0, 4.0, 2.5, 2.2])
+
+    def run_mode(backend, tree_cfg, sampling, inputs, eos, prompts):
+        order.append("flat" if tree_cfg.mode == "flat" else sampling.expansion)
+        return {"wall_s": next(walls)}
+
+    monkeypatch.setattr(sampling, "_run_mode", run_mode)
+    cfg = sampling.load_bench_config(_args("sampling"))
+    got = sampling._measure_shape(None, cfg.tree, cfg.sampling, None, [], [], repeats=2)
+    assert order == ["flat", "level", "barrier_free"] * 2
+    assert {m: r["wall_s"] for m, r in got.items()} == {"flat": 4.0, "level": 2.5, "barrier_free": 2.0}
+    assert got["barrier_free"]["wall_s_rounds"] == [2.0, 2.2]
+    with pytest.raises(ConfigError, match="--repeats"):
+        sampling.run(_args("sampling", "--repeats", "0"))
