@@ -101,6 +101,8 @@ def _receiver_main(cmd_q, res_q) -> None:
         elif op == "die_after_connect":  # SIGKILLed once the group is built, before the first update
             recv.connect()
             res_q.put((token, "connected", recv.rank))
+            res_q.close()
+            res_q.join_thread()  # the reply is written before the process dies
             os.kill(os.getpid(), signal.SIGKILL)
         elif op == "idle":  # connect, then take part in no broadcast for a while
             recv.connect()
