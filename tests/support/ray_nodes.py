@@ -242,3 +242,29 @@ def small_pipeline_overrides(run_dir, model_dir, *extra: str) -> list[str]:
         "reward.workers=1",
         *extra,
     ]
+
+
+@contextlib.contextmanager
+def connected(head: RayNode):
+    """This process as a driver of ``head``'s cluster (its token in the environment), disconnected
+    on exit with the environment and Ray's authentication state as they were. Ray reads the token
+    settings once per process, so they are re-read on the way in and out (an in-process Ray started
+    later must not ask for a token)."""
+    import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    saved = {k: os.environ.get(k) for k in (*node_env(), "RAY_ADDRESS")}
+    os.environ.update(node_env())
+    os.environ.pop("RAY_ADDRESS", None)
+    reset_auth_token_state()
+    try:
+        ray.init(address=head.gcs_address, log_to_driver=False)
+        yield ray
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_auth_token_state()
