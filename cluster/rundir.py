@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from common.config import TrainConfig
 from common.errors import ConfigError
-from common.metrics import plot_histogram, plot_series, read_metrics
+from common.metrics import by_step, plot_histogram, plot_series, read_metrics
 from common.models import resolve_model_path
 from common.tree import Tree
 from learner.checkpoint import Checkpoint, require_checkpoint
@@ -122,7 +122,7 @@ def progress_bar(cfg: TrainConfig, initial: int, desc: str) -> tqdm:
 
 def final_plots(run_dir: Path, staleness_hist: dict[int, int]) -> None:
     """The reward-curve and staleness PNGs of a finished run."""
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = by_step(read_metrics(run_dir / "metrics.jsonl"))
     plot_series(
         rows,
         ["rollout/reward", "rollout/accuracy", "rollout/trained_reward", "eval/accuracy"],

@@ -139,6 +139,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def by_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Metric rows with one row per step, in step order: the rows of one step merged (an evaluation
+    that ran beside training is logged as a row of its own when it finishes, at the step it evaluated)."""
+    merged: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        merged.setdefault(int(row.get("step", 0)), {}).update(row)
+    return [merged[k] for k in sorted(merged)]
+
+
 def plot_series(
     rows: list[dict[str, Any]], keys: list[str], out: str | os.PathLike, title: str, ylabel: str = ""
 ) -> Path | None:

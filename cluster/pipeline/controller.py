@@ -43,11 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
 
 from cluster.logs import copy_ray_worker_logs, eval_line, nothing_trained
 from cluster.pipeline import topology
 from cluster.pipeline.consuming import CONSUMER, TreeConsumer, encoded_prompt_ids, run_limits
+from cluster.pipeline.evaluating import Evaluations
 from cluster.pipeline.publishing import WeightPublisher
 from cluster.pipeline.ray_session import connect_ray, shutdown_ray
 from cluster.pipeline.recovery import check_checkpoint, check_queue_state, config_snapshot, reconcile_window
@@ -189,12 +189,13 @@ class Controller:
             counts=self.counts,
             on_idle=self.generators.watch,
         )
+        self.evals = Evaluations(self.generators.reachable)  # held-out evaluation beside training
 
     # ------------------------------------------------------------------ the run
     def run(self) -> int:
         """Set-up (:meth:`_start`), then one step after another until ``learner.total_steps`` or the
         end of the data: ``collect`` (waits for trees, watching the generators) → ``learn`` →
-        ``publish`` → ``checkpoint`` → ``evaluate`` (:meth:`_train_step`) → ``log``; then the last
+        ``publish`` → ``checkpoint`` → ``evaluate`` (started beside training, evaluating.py) → ``log``; then the last
         checkpoint (:meth:`_finish`) and the final plots."""
         cfg = self.cfg
         self._start()
@@ -211,6 +212,7 @@ class Controller:
                 if self._train_step(trees, m, t0):
                     last_ckpt = self.step
                 self.log(m, trees)
+                self.log_evals(self.evals.poll())
                 progress.update(1)
                 progress.set_postfix(**_postfix(m, self.version))
             self._finish(last_ckpt)
@@ -237,7 +239,7 @@ class Controller:
         if self.step or self.version:  # resumed: generators start from the checkpoint's weights
             self.publish()
         if self.step == 0 and self.cfg.eval.every_steps:
-            self.metrics_log.log(0, self.evaluate())
+            self.evals.submit(0)  # beside training, like every evaluation (evaluating.py)
         self.generators.start_loops()
         self.t_start, self.wait_s = time.perf_counter(), 0.0  # idle fractions count from here
 
@@ -261,7 +263,7 @@ class Controller:
         if saved:
             m["timing/checkpoint_s"] = self.checkpoint()
         if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
-            m.update(self.evaluate())
+            self.evals.submit(self.step)
             self.tree_pictures(trees)
         m.update({"timing/generate_s": t_gen, "timing/train_s": t_train})
         m["timing/step_s"] = time.perf_counter() - t0
@@ -303,6 +305,7 @@ class Controller:
         if self.step > last_ckpt:
             self.checkpoint()
         self.consumer.finish()
+        self.log_evals(self.evals.finish(STEP_TIMEOUT_S))
 
     # ------------------------------------------------------------------ learn / publish / checkpoint
     def learn(self, trees: list[Tree]) -> dict[str, float]:
@@ -360,21 +363,11 @@ class Controller:
         self.window_rows = []
         return time.perf_counter() - t0
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out evaluation on the first live generator's engine (its newest weights: the last
-        publish, i.e. the learner's when ``sync.every_steps`` divides ``eval.every_steps``)."""
-        t0 = time.perf_counter()
-        out: dict[str, float] = {}
-        for g, handle in self.generators.reachable():
-            try:  # a generator whose loop finished (data used up) still has its engine
-                out = ray.get(handle.evaluate.remote(self.step), timeout=STEP_TIMEOUT_S)
-                break
-            except RayActorError:
-                print(f"[eval] generator {g} is gone; trying the next one", flush=True)
-        if out:
-            out["timing/eval_s"] = time.perf_counter() - t0
-            print(eval_line(self.step, out), flush=True)
-        return out
+    def log_evals(self, done: list[tuple[int, dict[str, float]]]) -> None:
+        """Evaluations finished beside training: logged at the step they were asked for."""
+        for step, out in done:
+            print(eval_line(step, out), flush=True)
+            self.metrics_log.log(step, out)
 
     # ------------------------------------------------------------------ metrics
     def generator_stats(self) -> dict[str, float]:

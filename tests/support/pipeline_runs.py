@@ -18,8 +18,10 @@ def audit_rows(run_dir: Path) -> list[dict]:
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
-    """``metrics.jsonl``: one row per step."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """``metrics.jsonl``: one row per step (an evaluation's own row merged into its step's)."""
+    from common.metrics import by_step
+
+    return by_step([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
 
 
 def trained_prompts(rows: list[dict]) -> list[str]:
