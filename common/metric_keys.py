@@ -22,7 +22,8 @@ NAMESPACES: dict[str, str] = {
     "pipeline/": "The asynchronous pipeline's cumulative counters (driver=ray).",
     "queue/": "The replay queue in Redis (driver=ray).",
     "reward/": "Reward function calls (local driver: cumulative; failures: this step, both drivers).",
-    "eval/": "Held-out evaluation every eval.every_steps (flat sampling, eval.k answers per problem).",
+    "eval/": "Held-out evaluation every eval.every_steps (flat sampling, eval.k answers per problem); "
+    "driver=ray runs it beside training and logs it as a row of its own at the step it evaluated.",
 }
 
 METRICS: dict[str, str] = {
@@ -104,7 +105,7 @@ METRICS: dict[str, str] = {
     "timing/train_s": "Seconds of the learner's train step.",
     "timing/sync_s": "Seconds of the weight sync to the engines.",
     "timing/checkpoint_s": "Seconds writing the checkpoint (driver=ray; 0 when none was due).",
-    "timing/eval_s": "Seconds of the held-out evaluation (driver=ray).",
+    "timing/eval_s": "Seconds the held-out evaluation took beside training (driver=ray; in no step's time).",
     # generator/
     "generator/pushed": "Trees the generators pushed to the queue so far.",
     "generator/refused": "Finished trees the queue refused (a prompt re-issued elsewhere: no duplicate).",
