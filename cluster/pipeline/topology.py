@@ -122,8 +122,12 @@ class LearnerHost:
             for _ in stream:
                 pass
             return {}
-        spec = self.learner.weights_spec()
-        return self.sender.send(stream, int(self.learner.version), spec=spec).as_metrics()
+        try:
+            spec = self.learner.weights_spec()
+            return self.sender.send(stream, int(self.learner.version), spec=spec).as_metrics()
+        finally:  # a failed sync stops pulling: gather the rest, or the other ranks wait in a gather
+            for _ in stream:
+                pass
 
     def save(self, root: str, extra: dict, step: int, keep_last: int) -> str | None:
         path = self.learner.save(root, extra=extra, step=step, keep_last=keep_last)

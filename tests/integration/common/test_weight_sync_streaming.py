@@ -5,6 +5,7 @@ gathered tensors during a send, and what the FSDP gather moves.
   buckets plus the largest tensor of the iterator's tensors are alive at once (measured with tensors
   whose memory is a numpy array each: a weak reference to the array lives exactly as long as any view
   of its bytes, the sender's included); the receiver gets every byte.
+- A failed send still drives the rest of the iterator (the other ranks' gathers).
 - ``LearnerRank.weights_for_sync`` under FSDP2 (a group of one, gloo) gathers in ``model.dtype``
   (bf16), not the fp32 master's dtype, and ``weights_spec`` lists exactly what it yields; with LoRA the
   spec lists the merged weights.
@@ -22,6 +23,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from common.errors import SyncError
 from common.weight_sync import WeightReceiver, WeightSender
 
 pytestmark = pytest.mark.integration
@@ -102,6 +104,25 @@ def test_rank0_holds_at_most_two_buckets_plus_the_largest_tensor():
     total = sum(t.numel() * t.element_size() for t in learner.sent.values())
     print(f"rank 0 held at most {learner.peak} B of {total} B (bucket {bucket} B, largest {largest} B)")
     assert learner.peak <= 2 * bucket + largest, (learner.peak, bucket, largest)
+
+
+def test_a_failed_send_still_drives_every_gather():
+    """Under FSDP every rank gathers each parameter in turn (rank 0 as it sends): when rank 0's sync
+    fails (here: its receiver never joins), it still gathers the rest, or the other ranks would wait
+    in a gather rank 0 never reaches."""
+    from cluster.pipeline.topology import LearnerHost
+
+    shapes = [(f"layers.{k}.w", (256,), torch.float32) for k in range(6)]
+    learner = TrackedLearner(shapes)
+    host = LearnerHost(None, 0, 1)
+    host.learner = learner
+    host.sender = WeightSender(HOST, 0, world_size=2, backend="gloo", timeout_s=0.5, bucket_mb=BUCKET_MB)
+    try:
+        with pytest.raises(SyncError, match=r"waiting for receiver ranks \[1\]"):
+            host.sync_send()
+    finally:
+        host.sender.close()
+    assert list(learner.sent) == [n for n, _, _ in shapes]
 
 
 def _free_port() -> int:
