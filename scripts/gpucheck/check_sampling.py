@@ -11,7 +11,7 @@ import time
 from gpucheck.base import Context, log, need_cuda, peak_memory_gib, sync
 
 NAME = "sampling"
-BUDGET_S = 50
+BUDGET_S = 40
 NEEDS_MODEL = True
 ABOUT = "tree vs flat sampling with the transformers backend: decoded tokens = analytic count"
 KEYS = (
