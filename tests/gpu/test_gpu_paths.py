@@ -40,7 +40,7 @@ def test_bf16_fsdp2_learner_steps_are_finite_and_move_weights(gpu_checks, sizes,
         assert step["version"] == i + 1 and step["learner/skipped_steps"] == 0.0
         # every watched tensor (embedding, first attention, last MLP, final norm) moved in every step
         assert all(float(v) > 0 for v in step["max_abs_weight_change"].values()), step
-    assert d["weights_for_sync"]["dtypes"] == ["torch.float32"]  # full float32 master weights
+    assert d["weights_for_sync"]["dtypes"] == ["torch.bfloat16"]  # model.dtype: shards cast before the gather
     assert d["tokens_per_s"] > 0 and d["peak_allocated_gib"] > 0
 
 
