@@ -158,7 +158,7 @@ class SecretFile:
         except OSError as e:
             raise QueueError(
                 f"cannot read the queue password file {self.path} ({e.strerror}): run_dir must be on a "
-                "file system every Ray node shares (see README, Running on a GPU cluster)"
+                "file system every Ray node shares (see docs/cluster.md, 'Where the model and the data go')"
             ) from None
         if st.st_mode & 0o077:
             raise QueueError(

@@ -1,4 +1,4 @@
-"""The layout rules (README, "Layout"): the dependency rule, checked on the import statements of every
+"""The layout rules (CONTRIBUTING.md, "Layout"): the dependency rule, checked on the import statements of every
 module, and the rooms' sizes, circles and private names."""
 
 from __future__ import annotations
@@ -131,17 +131,17 @@ def test_the_rule_checker_catches_a_violation(tmp_path):
     assert [t for _l, t in _imports(bad)] == ["os", "learner", "cluster"]
 
 
-def test_the_readme_layout_lists_every_room():
-    """README's Layout section: one line per room, and every package folder is one."""
-    text = (ROOT / "README.md").read_text()
+def test_the_layout_section_lists_every_room():
+    """CONTRIBUTING.md's Layout section: one line per room, and every package folder is one."""
+    text = (ROOT / "CONTRIBUTING.md").read_text()
     block = text.split("## Layout", 1)[1].split("```", 2)[1]
     listed = {line.split()[0].rstrip("/") for line in block.splitlines() if line.strip()}
     rooms = {
         str(p.parent.relative_to(ROOT)) for package in PACKAGES for p in (ROOT / package).rglob("__init__.py")
     }
-    assert rooms <= listed, f"rooms missing from README's Layout: {sorted(rooms - listed)}"
+    assert rooms <= listed, f"rooms missing from CONTRIBUTING.md's Layout: {sorted(rooms - listed)}"
     assert all((ROOT / room).is_dir() for room in listed), (
-        "README's Layout names a folder that does not exist"
+        "CONTRIBUTING.md's Layout names a folder that does not exist"
     )
 
 
