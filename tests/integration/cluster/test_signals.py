@@ -3,7 +3,9 @@
 exit status says so (143, 130; not the SIGABRT, 134, that Ray's C++ failure handler turns a slow
 cleanup into, nor Ray's exit after a minute without the GCS that the group signal stopped), and the
 cleanup is complete: the embedded redis-server, Ray's processes, the actors and their engines are
-gone, and the queue password file handed to the generators is removed from the run directory.
+gone, and the queue password file handed to the generators is removed from the run directory. After
+SIGTERM and after SIGKILL (which cleans up nothing), ``--resume`` trains every prompt of the epoch
+exactly once.
 
 The command runs in a child process with a Ray temp directory of its own (``RAY_TMPDIR``), so every
 process of its Ray is found by that path on its command line, besides the descendants it had when
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from paths import REPO
+from pipeline_runs import audit_rows, trained_prompts
 from ray_nodes import small_pipeline_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -84,10 +87,31 @@ def _wait_gone(pids: dict[int, str], timeout_s: float) -> dict[int, str]:
     return left
 
 
+def _resume_to_the_end(argv: list[str], env: dict, run: Path, tmp_path: Path) -> None:
+    """``--resume`` of the stopped run until the data runs out: every prompt of the epoch trained
+    exactly once (dynamic sampling is off, so none may end untrained), counted from the audit trail;
+    the resumed run stops its embedded Redis (the killed run's, adopted) and removes its password file."""
+    log = tmp_path / "resume.log"
+    with open(log, "wb") as out:
+        rc = subprocess.run(
+            [*argv, "--resume"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=400
+        ).returncode
+    console = log.read_text(errors="replace")
+    assert rc == 0, f"the resume exited {rc}:\n{console[-4000:]}"
+    assert "resumed from step" in console, console[-2000:]
+    prompts = trained_prompts(audit_rows(run))
+    assert len(prompts) == len(set(prompts)) == 12, f"prompts trained: {sorted(prompts)}"
+    assert (
+        not (run / "redis" / "endpoint.json").exists() and not (run / "secrets" / "queue_password").exists()
+    )
+
+
 @pytest.mark.parametrize(
-    "signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+    "signum, status, resume",
+    [(signal.SIGTERM, 143, True), (signal.SIGINT, 130, False), (signal.SIGKILL, -9, True)],
+    ids=["SIGTERM+resume", "SIGINT", "SIGKILL+resume"],
 )
-def test_a_signal_after_the_first_step_ends_cleanly(tmp_path, tiny_model_dir, signum, status):
+def test_a_signal_after_the_first_step_ends_cleanly(tmp_path, tiny_model_dir, signum, status, resume):
     pytest.importorskip("vllm")
     run = tmp_path / "run"
     ray_tmp = tempfile.mkdtemp(prefix="rsig", dir="/tmp")  # short: Ray's unix sockets live below it
@@ -98,8 +122,13 @@ def test_a_signal_after_the_first_step_ends_cleanly(tmp_path, tiny_model_dir, si
         "-m",
         "cluster",
         "train",
+        # 12 prompts, 2 a step, a checkpoint every step: a resume trains the rest to the end of the data
         *small_pipeline_overrides(
-            run, tiny_model_dir, "learner.total_steps=100", "checkpoint.every_steps=100"
+            run,
+            tiny_model_dir,
+            "learner.total_steps=100",
+            "checkpoint.every_steps=1",
+            "data.synthetic_train_size=12",
         ),
     ]
     log = tmp_path / "console.log"
@@ -131,6 +160,9 @@ def test_a_signal_after_the_first_step_ends_cleanly(tmp_path, tiny_model_dir, si
         took = time.monotonic() - t0
         console = log.read_text(errors="replace")
         assert rc == status, f"exit status {rc} after {signum.name}:\n{console[-4000:]}"
+        if signum == signal.SIGKILL:  # nothing cleans up; nothing may be lost either
+            _resume_to_the_end(argv, env, run, tmp_path)
+            return
         assert "SIGTERM received" not in console and "Traceback" not in console, console[-4000:]
         # well inside the minute after which Ray's core worker ends a driver that lost its GCS
         assert took < 40, f"{took:.0f} s to stop:\n{console[-4000:]}"
@@ -139,6 +171,8 @@ def test_a_signal_after_the_first_step_ends_cleanly(tmp_path, tiny_model_dir, si
         assert not (run / "secrets" / "queue_password").exists(), "the queue password file was left behind"
         assert not (run / "redis" / "endpoint.json").exists(), "the embedded Redis was not stopped cleanly"
         print(f"[timing] {signum.name}: exit {rc} in {took:.1f} s")
+        if resume:
+            _resume_to_the_end(argv, env, run, tmp_path)
     finally:
         if proc.poll() is None:
             proc.kill()
