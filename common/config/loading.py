@@ -134,13 +134,25 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]}") from None
 
 
+MAPPINGS = ("generators", "learner")  # the sections whose ray_resources is a free-form mapping
+
+
 def _schema() -> DictConfig:
     """The defaults as a struct-mode config (unknown keys fail) with free-form mappings left open."""
     base = OmegaConf.structured(TrainConfig)
     OmegaConf.set_struct(base, True)
-    for section in ("generators", "learner"):  # ray_resources: the keys are the user's resource names
+    for section in MAPPINGS:  # ray_resources: the keys are the user's resource names
         OmegaConf.set_struct(base[section].ray_resources, False)
     return base
+
+
+def _clear_given_mappings(base: DictConfig, given: DictConfig) -> None:
+    """A free-form mapping given on the command line replaces the preset's instead of merging into it:
+    ``generators.ray_resources={}`` clears a preset's ``{generator_node: 1}``."""
+    for section in MAPPINGS:
+        if OmegaConf.select(given, f"{section}.ray_resources") is not None:
+            base[section].ray_resources = {}
+            OmegaConf.set_struct(base[section].ray_resources, False)
 
 
 def load_config(
@@ -158,7 +170,9 @@ def load_config(
             raise ConfigError(f"{path} must hold a mapping of sections (model:, tree:, ...), not a list")
         base = _merge(base, loaded, str(path))
     if overrides:
-        base = _merge(base, parse_overrides(list(overrides)), "command-line overrides")
+        given = parse_overrides(list(overrides))
+        _clear_given_mappings(base, given)
+        base = _merge(base, given, "command-line overrides")
     try:
         cfg: TrainConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
     except OmegaConfBaseException as e:

@@ -231,3 +231,14 @@ def test_validate_checks_a_config_built_in_code():
     cfg.reward.overlong_buffer = 200
     with pytest.raises(ConfigError, match="reward.overlong_buffer=200 > tree.max_response_tokens=128"):
         C.check_across_sections(cfg)
+
+
+def test_a_mapping_on_the_command_line_replaces_the_presets():
+    """``generators.ray_resources={}`` clears the 7B preset's pinning (merging kept generator_node);
+    a mapping with keys replaces it; an override of another key leaves it as the preset set it."""
+    preset = "configs/qwen2.5-7b-treepo.yaml"
+    assert load_config(preset, ["generators.ray_resources={}"]).generators.ray_resources == {}
+    cfg = load_config(preset, ["learner.ray_resources={gpu_a100: 1}"])
+    assert cfg.learner.ray_resources == {"gpu_a100": 1}
+    assert cfg.generators.ray_resources == {"generator_node": 1}
+    assert load_config(preset, ["tree.w=16"]).learner.ray_resources == {"learner_node": 1}
