@@ -29,6 +29,23 @@ def trained_prompts(rows: list[dict]) -> list[str]:
     return [t.split("@")[0] for r in rows for t in r["trees"]]
 
 
+def assert_queue_drained(run_dir: Path, server: Any, n_prompts: int) -> None:
+    """The end of an epoch as Redis holds it: every prompt handed out, none waiting for re-issue or in
+    flight, no tree left untrained (pending or undelivered) in the queue."""
+    from common.keys import RunKeys, run_name_for
+    from common.replay import ReplayQueue
+
+    keys = RunKeys(run_name_for(run_dir))
+    q = ReplayQueue(server.url, keys.run, password=server.password)
+    try:
+        assert int(q.redis.get(keys.prompts_cursor)) == n_prompts
+        assert q.redis.llen(keys.prompts_retry) == 0
+        assert not [k for k in q.redis.scan_iter(match=keys.prompts_inflight("*")) if q.redis.hlen(k)]
+        assert q.pending() == [] and q.undelivered() == 0
+    finally:
+        q.close()
+
+
 def run_in_thread(run_pipeline: Callable[[Any], int], cfg: Any) -> tuple[threading.Thread, dict]:
     """Start ``run_pipeline(cfg)`` in a daemon thread; ``result`` gets ``rc`` or the ``error`` the
     test re-raises (:func:`finish`)."""

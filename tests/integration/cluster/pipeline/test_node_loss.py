@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from pipeline_runs import audit_rows, trained_prompts
+from pipeline_runs import assert_queue_drained, audit_rows, trained_prompts
 from ray_nodes import RayNode, connected, small_pipeline_overrides
 
 from common.config import load_config
@@ -55,8 +55,6 @@ def test_a_lost_generator_node_and_its_return_lose_no_prompt(
     tmp_path, tiny_model_dir, two_nodes, redis_server, monkeypatch, capsys
 ):
     from cluster.pipeline.controller import Controller, run_pipeline
-    from common.keys import RunKeys, run_name_for
-    from common.replay import ReplayQueue
 
     monkeypatch.setenv(PW_ENV, redis_server.password)
     run = tmp_path / "run"
@@ -131,15 +129,7 @@ def test_a_lost_generator_node_and_its_return_lose_no_prompt(
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     assert sorted(prompts) == sorted(set(prompts)), "a prompt was trained twice"
     assert len(set(prompts)) == N_PROMPTS, "a prompt was lost"
-    keys = RunKeys(run_name_for(run))
-    q = ReplayQueue(redis_server.url, keys.run, password=redis_server.password)
-    try:  # every prompt handed out, none waiting or in flight, no tree left untrained in the queue
-        assert int(q.redis.get(keys.prompts_cursor)) == N_PROMPTS
-        assert q.redis.llen(keys.prompts_retry) == 0
-        assert not [k for k in q.redis.scan_iter(match=keys.prompts_inflight("*")) if q.redis.hlen(k)]
-        assert q.pending() == [] and q.undelivered() == 0
-    finally:
-        q.close()
+    assert_queue_drained(run, redis_server, N_PROMPTS)
     print(
         f"[node loss] {N_PROMPTS} prompts, 0 lost, 0 trained twice; generator {lost} back at step "
         f"{back_step}; {time.time() - t0:.1f} s"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from pipeline_runs import audit_rows, metrics_rows, trained_prompts
+from pipeline_runs import assert_queue_drained, audit_rows, metrics_rows, trained_prompts
 from ray_nodes import in_process_ray, small_pipeline_overrides
 
 from common.config import load_config
@@ -38,8 +38,6 @@ def test_a_resume_reissues_the_prompts_of_trees_sampled_by_lost_weights(
 ):
     from cluster.pipeline.consuming import encoded_prompt_ids
     from cluster.pipeline.controller import Controller, run_pipeline
-    from common.keys import RunKeys, run_name_for
-    from common.replay import ReplayQueue
 
     monkeypatch.setenv(PW_ENV, redis_server.password)
     run = tmp_path / "run"
@@ -89,12 +87,4 @@ def test_a_resume_reissues_the_prompts_of_trees_sampled_by_lost_weights(
     assert set(prompts) == set(encoded_prompt_ids(cfg())), "a prompt was lost"
     assert len(prompts) == N_PROMPTS
     assert metrics_rows(run)[-1]["pipeline/reissued_stale"] >= reissued
-    keys = RunKeys(run_name_for(run))
-    q = ReplayQueue(redis_server.url, keys.run, password=redis_server.password)
-    try:  # every prompt handed out, none waiting or in flight, no tree left untrained in the queue
-        assert int(q.redis.get(keys.prompts_cursor)) == N_PROMPTS
-        assert q.redis.llen(keys.prompts_retry) == 0
-        assert not [k for k in q.redis.scan_iter(match=keys.prompts_inflight("*")) if q.redis.hlen(k)]
-        assert q.pending() == [] and q.undelivered() == 0
-    finally:
-        q.close()
+    assert_queue_drained(run, redis_server, N_PROMPTS)
