@@ -9,6 +9,7 @@ import json
 import os
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,26 @@ def _two_rank_tensors(sz, device: str):
     return named
 
 
-def _sender_main(info_path: str, out_path: str, sz, backend: str, device: str, timeout_s: float) -> None:
+def _process(out_path: str, device: str, body: Callable[[], dict[str, Any]]) -> None:
+    """One side of the pair in its forked process: quiet NCCL, one thread, the GPU chosen; ``body``'s
+    result (or the error it raised) written to ``out_path`` as JSON."""
     os.environ.setdefault("NCCL_DEBUG", "WARN")
     import torch
 
-    from common.weight_sync import WeightSender
-
     torch.set_num_threads(1)
-    result: dict[str, Any] = {}
     try:
         if device == "cuda":
             torch.cuda.set_device(0)
+        result = body()
+    except Exception as e:
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+    Path(out_path).write_text(json.dumps(result))
+
+
+def _sender_main(info_path: str, out_path: str, sz, backend: str, device: str, timeout_s: float) -> None:
+    def body() -> dict[str, Any]:
+        from common.weight_sync import WeightSender
+
         named = _two_rank_tensors(sz, device)
         sender = WeightSender(HOST, 0, 2, backend=backend, timeout_s=timeout_s, bucket_mb=sz.bucket_mb)
         Path(info_path + ".tmp").write_text(json.dumps(sender.info.to_dict()))
@@ -62,22 +72,15 @@ def _sender_main(info_path: str, out_path: str, sz, backend: str, device: str, t
             "seconds": stats.seconds,
         }
         sender.close()
-    except Exception as e:
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
-    Path(out_path).write_text(json.dumps(result))
+        return result
+
+    _process(out_path, device, body)
 
 
 def _receiver_main(info_path: str, out_path: str, sender_out: str, device: str, timeout_s: float) -> None:
-    os.environ.setdefault("NCCL_DEBUG", "WARN")
-    import torch
+    def body() -> dict[str, Any]:
+        from common.weight_sync import WeightReceiver
 
-    from common.weight_sync import WeightReceiver
-
-    torch.set_num_threads(1)
-    result: dict[str, Any] = {}
-    try:
-        if device == "cuda":
-            torch.cuda.set_device(0)
         deadline = time.monotonic() + timeout_s
         while not os.path.exists(info_path):
             if os.path.exists(sender_out):
@@ -98,9 +101,9 @@ def _receiver_main(info_path: str, out_path: str, sender_out: str, device: str, 
             "gbps": st.gbps if st else None,
         }
         receiver.close()
-    except Exception as e:
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
-    Path(out_path).write_text(json.dumps(result))
+        return result
+
+    _process(out_path, device, body)
 
 
 def _two_rank_run(sz, backend: str, device: str, workdir: Path, timeout_s: float) -> dict:
