@@ -13,6 +13,16 @@ number, operations per problem) is one the default tiny model learns in a few mi
 warm-start (``common.tiny``: its build notes give the measured spread); 1-2 digit operands were
 out of its reach. ``arith2`` (1-2 digit operands) is the harder variant for larger models.
 
+``long`` is the long-reasoning variant, where decoding dominates a step's cost: 7-9 operations,
+and a scratchpad that rewrites the remaining chain after every operation, so each line is computed
+from the line above it (a local step a tiny model learns) and a solution is ~150-210 tokens::
+
+    prompt:   "Compute 8+7-3+9.\n"
+    solution: "8+7=15, 15-3+9\n15-3=12, 12+9\n12+9=21\nThe answer is \boxed{21}"
+
+A wrong line carries its error to every later line, so the trees of a long scratchpad have
+something to choose between at several depths.
+
 Splits are decided by a hash of the problem text, not by the seed: a problem is held out ("eval") for
 every seed or for none, so no seed can leak a held-out problem into "train".
 
@@ -54,6 +64,11 @@ class ArithTask:
     max_digits: int = 1
     min_ops: int = 2
     max_ops: int = 3
+    # "steps": one line per operation ("12+9=21"); "rewrite": each line also rewrites the rest of the
+    # chain ("12+9=21, 21+4+2"), which makes solutions long and every step local.
+    scratchpad: str = "steps"
+    # Tokens a response may need (one per character in the tiny tokenizer), with room to spare.
+    max_new_tokens: int = 128
 
     def problem(self, rng: random.Random) -> tuple[str, str, str]:
         """Draw one problem: (prompt, answer, solution)."""
@@ -61,18 +76,29 @@ class ArithTask:
         numbers = [self._number(rng) for _ in range(n_ops + 1)]
         acc = numbers[0]
         expr = str(acc)
-        lines = []
+        steps = []
         for x in numbers[1:]:
             op = rng.choice("+-")
             if op == "-" and x > acc:
                 op = "+"
             new = acc + x if op == "+" else acc - x
-            lines.append(f"{acc}{op}{x}={new}\n")
+            steps.append((f"{acc}{op}{x}={new}", f"{op}{x}"))
             expr += f"{op}{x}"
             acc = new
         prompt = f"Compute {expr}.\n"
-        solution = "".join(lines) + self.answer_line(str(acc))
+        solution = "".join(self._lines(steps)) + self.answer_line(str(acc))
         return prompt, str(acc), solution
+
+    def _lines(self, steps: list[tuple[str, str]]) -> list[str]:
+        """The scratchpad: one line per (operation, "op operand") step."""
+        if self.scratchpad == "steps":
+            return [f"{op}\n" for op, _ in steps]
+        lines = []
+        for i, (op, _) in enumerate(steps):
+            rest = "".join(tail for _, tail in steps[i + 1 :])
+            result = op.split("=")[1]
+            lines.append(f"{op}, {result}{rest}\n" if rest else f"{op}\n")
+        return lines
 
     @staticmethod
     def answer_line(answer: str, boxed: bool = True) -> str:
@@ -86,6 +112,8 @@ class ArithTask:
 
     def vocabulary(self) -> str:
         text = "0123456789+-=.\n " + "Compute" + ANSWER_PREFIX + "\\boxed{}"
+        if self.scratchpad == "rewrite":
+            text += ","  # only here: the alphabet of the other tasks (and so their models) stays as it was
         return "".join(sorted(set(text)))
 
 
@@ -93,6 +121,8 @@ TASKS: dict[str, ArithTask] = {
     "arith": ArithTask(),
     # Harder variant (1-2 digit operands) for larger models; same alphabet and answer check.
     "arith2": ArithTask(name="arith2", max_digits=2),
+    # Long reasoning (~150-210 tokens per solution): decoding dominates a step's cost.
+    "long": ArithTask(name="long", min_ops=7, max_ops=9, scratchpad="rewrite", max_new_tokens=256),
 }
 
 
@@ -194,7 +224,8 @@ def synthetic_path(task: str, split: str, n: int, seed: int, cache_dir: str | Pa
 
 def _task_key(t: ArithTask) -> str:
     # Parameters in the file name, so a change of difficulty never reuses an old cache file.
-    return f"d{t.min_digits}-{t.max_digits}o{t.min_ops}-{t.max_ops}"
+    key = f"d{t.min_digits}-{t.max_digits}o{t.min_ops}-{t.max_ops}"
+    return key if t.scratchpad == "steps" else f"{key}-{t.scratchpad}"
 
 
 def task_vocabulary(task: str) -> str:

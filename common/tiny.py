@@ -317,14 +317,22 @@ def _train_step(model, opt, batch: list[tuple[list[int], int]], tokenizer) -> fl
 def _probe_solved(model, tokenizer, task: str, rows: list[dict]) -> float:
     """Greedy share of ``rows`` solved (boxed or bare); the model is left in training mode."""
     rng_state = torch.get_rng_state()
-    solved = answer_report(task, rows, sample_responses(model, tokenizer, rows, 0.0))["solved"]
+    texts = sample_responses(model, tokenizer, rows, 0.0, max_new_tokens=tasks.get_task(task).max_new_tokens)
+    solved = answer_report(task, rows, texts)["solved"]
     torch.set_rng_state(rng_state)
     model.train()
     return solved
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, rows: list[dict], temperature: float, seed: int = 0) -> list[str]:
+def sample_responses(
+    model,
+    tokenizer,
+    rows: list[dict],
+    temperature: float,
+    seed: int = 0,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> list[str]:
     """One response per row by sampling (temperature > 0) or greedy decoding (0)."""
     model.eval()
     torch.manual_seed(seed)
@@ -341,7 +349,7 @@ def sample_responses(model, tokenizer, rows: list[dict], temperature: float, see
         )
         out = model.generate(
             **enc,
-            max_new_tokens=MAX_NEW_TOKENS,
+            max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             **kwargs,
@@ -391,7 +399,11 @@ def _warm_start_and_measure(
     info["eval_problems"] = len(held_out)
     for key, temperature in (("greedy", 0.0), ("t1", 1.0)):
         report = answer_report(
-            task, held_out, sample_responses(model, tokenizer, held_out, temperature, seed)
+            task,
+            held_out,
+            sample_responses(
+                model, tokenizer, held_out, temperature, seed, tasks.get_task(task).max_new_tokens
+            ),
         )
         info[f"pass_rate_{key}"] = report.pop("accuracy")
         info.update({f"{k}_{key}": v for k, v in report.items()})

@@ -1,6 +1,7 @@
 """``treepo bench recipe``: TreePO against GRPO at equal compute budget per step, over seeds.
 
-Both arms train with the synchronous driver (``driver=local``) on the same task, model, prompts per
+Both arms train with the synchronous driver (``driver=local``; ``driver=ray`` on the command line
+runs them on the asynchronous pipeline instead) on the same task, model, prompts per
 step (``learner.prompts_per_step``), leaves per prompt (``tree.w``), steps and loss; they differ only
 in sampling and advantage:
 
@@ -33,6 +34,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +79,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_overrides(args: argparse.Namespace, arm: str, seed: int, steps: int) -> list[str]:
     """The ``key=value`` list of one run of ``steps`` steps (the user's overrides first; the arm and
     seed win)."""
+    requested = requested_overrides(args, DEFAULTS)
+    driver = [] if any(o.startswith("driver=") for o in args.overrides) else ["driver=local"]
     return [
-        *requested_overrides(args, DEFAULTS),
+        *requested,
         *ARMS[arm],
         f"run_dir={Path(args.out_dir) / f'{arm}-seed{seed}'}",
-        "driver=local",
+        *driver,
         f"seed={seed}",
         f"tree.seed={seed}",
         f"data.shuffle_seed={seed}",
@@ -134,6 +138,9 @@ def summarize(curves: dict[str, dict[int, dict[str, list[float]]]]) -> dict[str,
             "final_accuracy_max": max(finals, default=math.nan),
             "decoded_tokens_mean": _mean([c["tokens"][-1] for c in by_seed.values() if c["tokens"]]),
             "wall_s_mean": _mean([c["wall"][-1] for c in by_seed.values() if c["wall"]]),
+            "command_wall_s_mean": _mean(
+                [c["command_wall_s"] for c in by_seed.values() if "command_wall_s" in c]
+            ),
         }
     g = out.get("grpo")
     for arm in [a for a in out if a != "grpo"] if g else []:
@@ -141,6 +148,7 @@ def summarize(curves: dict[str, dict[int, dict[str, list[float]]]]) -> dict[str,
         out[f"{arm}_over_grpo"] = {
             "decoded_tokens": _ratio(t["decoded_tokens_mean"], g["decoded_tokens_mean"]),
             "wall_s": _ratio(t["wall_s_mean"], g["wall_s_mean"]),
+            "command_wall_s": _ratio(t["command_wall_s_mean"], g["command_wall_s_mean"]),
             "final_accuracy_diff": t["final_accuracy_mean"] - g["final_accuracy_mean"],
         }
     return out
@@ -187,13 +195,16 @@ def plot(curves: dict[str, dict[int, dict[str, list[float]]]], out_dir: Path) ->
     return paths
 
 
-def _train(args: argparse.Namespace, overrides: list[str], log_path: Path) -> None:
-    """One ``treepo train`` process; a failure stops the benchmark naming the run's log."""
+def _train(args: argparse.Namespace, overrides: list[str], log_path: Path) -> float:
+    """One ``treepo train`` process, its wall seconds returned; a failure stops the benchmark naming
+    the run's log."""
     cmd = [sys.executable, "-m", "cluster", "train", *(["--config", args.config] if args.config else [])]
+    start = time.perf_counter()
     with open(log_path, "w") as log:
         rc = subprocess.run([*cmd, *overrides], stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise SystemExit(f"treepo bench recipe: a training run failed (exit {rc}): see {log_path}")
+    return time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> int:
@@ -206,8 +217,9 @@ def run(args: argparse.Namespace) -> int:
     curves: dict[str, dict[int, dict[str, list[float]]]] = {a: {} for a in arms(args)}
     for (arm, seed), overrides in runs.items():
         print(f"[recipe] {arm} seed {seed}: {steps} steps", flush=True)
-        _train(args, overrides, out_dir / f"{arm}-seed{seed}.log")
+        command_wall = _train(args, overrides, out_dir / f"{arm}-seed{seed}.log")
         curves[arm][seed] = curve(read_metrics(Path(cfgs[arm, seed].run_dir) / "metrics.jsonl"))
+        curves[arm][seed]["command_wall_s"] = command_wall
     report = {
         "steps": steps,
         "seeds": args.seeds,
@@ -215,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
         "eval_problems": base.eval.max_problems,
         "eval_k": base.eval.k,
         "preset": args.config,
+        "driver": base.driver if any(o.startswith("driver=") for o in args.overrides) else "local",
         "overrides": requested_overrides(args, DEFAULTS),
         "summary": summarize(curves),
         "curves": {a: {str(s): c for s, c in by.items()} for a, by in curves.items()},
@@ -230,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         ("max", 7),
         ("tokens", 12),
         ("wall s", 9),
+        ("command s", 10),
     ]
     rows = [
         [
@@ -240,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
             f"{s['final_accuracy_max']:.3f}",
             f"{s['decoded_tokens_mean']:.0f}",
             f"{s['wall_s_mean']:.1f}",
+            f"{s['command_wall_s_mean']:.1f}",
         ]
         for arm, s in report["summary"].items()
         if arm in ARMS

@@ -126,3 +126,43 @@ def test_write_jsonl(tmp_path):
     rows = generate("arith", 3, seed=0, split="train")
     path = write_jsonl(rows, tmp_path / "sub" / "x.jsonl")
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+
+
+def test_long_task_rewrites_the_rest_of_the_chain_on_every_line():
+    rows = generate("long", 300, seed=2, split="train")
+    lengths = []
+    for r in rows:
+        expr = re.fullmatch(r"Compute ([0-9+\-]+)\.\n", r["prompt"]).group(1)
+        remaining = expr
+        lines = r["solution"].split("\n")
+        assert lines[-1] == "The answer is \\boxed{" + r["answer"] + "}"
+        assert 7 <= len(lines) - 1 <= 9
+        for line in lines[:-1]:
+            # "a op b=c, c<rest>": the operation on the chain's first two numbers, then the chain
+            # rewritten with its result first; the last line is the last operation alone
+            m = re.fullmatch(r"(\d+)([+-])(\d+)=(\d+)(?:, (\d+)([0-9+\-]*))?", line)
+            assert m, line
+            a, op, b, c, again, rest = m.groups()
+            assert remaining == f"{a}{op}{b}{rest or ''}"
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
+            assert again in (None, c)
+            remaining = f"{c}{rest or ''}"
+        assert remaining == r["answer"] == str(eval(expr))  # noqa: S307 - digits and +/- only, checked above
+        lengths.append(len(r["solution"]))
+    # long enough that decoding dominates, short enough for the preset's 256-token responses
+    assert min(lengths) >= 120 and max(lengths) <= 210 < get_task("long").max_new_tokens
+    assert 150 <= sum(lengths) / len(lengths) <= 175
+
+
+def test_the_long_task_keeps_the_other_tasks_alphabets_and_cache_names(tmp_path):
+    # a new character in arith's alphabet would renumber its tokenizer and so every cached demo model
+    assert task_vocabulary("arith") == task_vocabulary("arith2") == "\n +-.0123456789=CT\\abdehimnoprstuwx{}"
+    assert set(task_vocabulary("long")) - set(task_vocabulary("arith")) == {","}
+    assert (
+        synthetic_path("arith", "train", 5, 0, cache_dir=tmp_path).name
+        == "arith-train-n5-seed0-d1-1o2-3.jsonl"
+    )
+    assert (
+        synthetic_path("long", "eval", 5, 0, cache_dir=tmp_path).name
+        == "long-eval-n5-seed0-d1-1o7-9-rewrite.jsonl"
+    )
