@@ -12,7 +12,8 @@ prefix cache as the engine reports them, throughput); ``tree/`` keys describe th
   :data:`RESTARTS_KEY`, written by the sampler) so they survive the replay queue;
 - ``tree/distinct_tokens`` (response tokens stored in the trees: shared prefixes once, what the
   tree decoded) against ``tree/leaf_tokens`` (the flat equivalent: the same leaves sampled
-  independently, every leaf's full response); ``tree/decoded_vs_flat`` is their ratio and
+  independently, every leaf's full response); both count sampled tokens only (a tool's
+  observation tokens are not decoded); ``tree/decoded_vs_flat`` is their ratio and
   ``tree/decoded_per_leaf`` / ``tree/flat_per_leaf`` the per-leaf figures;
 - ``tree/finish/<reason>`` leaves per finish reason.
 
@@ -40,8 +41,8 @@ class TreeTally:
 
     trees: int = 0
     leaves: int = 0
-    leaf_tokens: int = 0  # response tokens over all trajectories (shared prefixes counted per leaf)
-    tree_tokens: int = 0  # distinct response tokens stored in the trees
+    leaf_tokens: int = 0  # sampled response tokens over all trajectories (shared prefixes per leaf)
+    tree_tokens: int = 0  # distinct sampled response tokens stored in the trees
     fallbacks: int = 0
     restarts: int = 0
     finish_reasons: Counter = field(default_factory=Counter)
@@ -61,7 +62,7 @@ class TreeTally:
             self.children[depth[parent]] += n
             self.parents[depth[parent]] += 1
         for leaf in tree.leaves:
-            self.leaf_tokens += leaf.length
+            self.leaf_tokens += tree.sampled_length(leaf)
             self.finish_reasons[leaf.finish_reason] += 1
             self.depth_hist[depth[leaf.node_id]] += 1
 

@@ -11,8 +11,17 @@ which is all the tree advantage needs (see :meth:`Tree.leaf_paths`).
 Serialization is msgpack with raw little-endian array bytes and a schema version. Never pickle:
 the replay queue is an input boundary, so :func:`decode_tree` validates every size, type and id and
 raises :class:`WireError` with the reason. Schema versions: 2 added each leaf's verdict (``correct``);
-a decoder reads its own version only (an entry of another version is rejected with the reason, into
-the dead-letter stream), so producers and consumers of one queue must run the same build.
+3 added observation tokens (``nodes.observed``, written only when some segment has one); a decoder
+reads its own version only (an entry of another version is rejected with the reason, into the
+dead-letter stream), so producers and consumers of one queue must run the same build.
+
+Observation tokens. A segment that ends in a tool call holds the sampled tokens and then the tool's
+result as rendered by the chat template: :attr:`Segment.observed` marks those tokens (True = an
+observation: not sampled, behavior logprob 0.0 as a placeholder, never trained on). They are part of
+the path like any other token -- children branch after them, siblings share them -- but
+:meth:`Tree.num_tokens` counts sampled tokens only and the learner masks them from the loss. Rules
+(:meth:`Tree.validate`): a segment may consist of observation tokens only (a tool result as its own
+segment), but every leaf's path needs at least one sampled token.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import numpy as np
 
 from common.errors import WireError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ROOT_ID = 0
 FINISH_REASONS = ("finished", "eos", "max_tokens", "max_depth", "repetition")
 _META_TYPES = (str, int, float, bool, type(None))
@@ -38,12 +47,56 @@ class Segment:
     parent_id: int
     depth: int
     token_ids: np.ndarray  # int32 [T]
-    logprobs: np.ndarray  # float32 [T], behavior logprob of each sampled token
+    logprobs: np.ndarray  # float32 [T], behavior logprob of each sampled token (0.0 on observations)
     version: int  # policy version the segment was sampled under
+    observed: np.ndarray | None = None  # bool [T]: True = observation token (not sampled); None = none
 
     def __post_init__(self) -> None:
         self.token_ids = np.asarray(self.token_ids, dtype=np.int32)
         self.logprobs = np.asarray(self.logprobs, dtype=np.float32)
+        if self.observed is not None:
+            obs = np.asarray(self.observed)
+            ok = obs.ndim == 1 and (obs.dtype == bool or bool(np.isin(obs, (0, 1)).all()))
+            self.observed = obs.astype(bool) if ok else obs  # else validate() names the problem
+
+    def observed_mask(self) -> np.ndarray:
+        """bool [T]: which tokens are observations (all False when ``observed`` is None)."""
+        return np.zeros(len(self.token_ids), dtype=bool) if self.observed is None else self.observed
+
+    @classmethod
+    def with_observation(
+        cls,
+        node_id: int,
+        parent_id: int,
+        depth: int,
+        token_ids,
+        logprobs,
+        version: int,
+        observation_ids=(),
+    ) -> Segment:
+        """A segment of sampled ``token_ids`` (with their ``logprobs``) followed by the observation
+        tokens ``observation_ids`` (a tool's result as the chat template renders it): logprob 0.0 and
+        ``observed`` True on those; ``observed`` None when there are none."""
+        sampled = np.asarray(token_ids, dtype=np.int32)
+        obs = np.asarray(observation_ids, dtype=np.int32)
+        mask = np.concatenate([np.zeros(len(sampled), dtype=bool), np.ones(len(obs), dtype=bool)])
+        return cls(
+            node_id,
+            parent_id,
+            depth,
+            np.concatenate([sampled, obs]),
+            np.concatenate([np.asarray(logprobs, dtype=np.float32), np.zeros(len(obs), dtype=np.float32)]),
+            version,
+            mask if len(obs) else None,
+        )
+
+    @property
+    def num_observed(self) -> int:
+        return 0 if self.observed is None else int(np.count_nonzero(self.observed))
+
+    @property
+    def num_sampled(self) -> int:
+        return len(self.token_ids) - self.num_observed
 
 
 @dataclass
@@ -95,6 +148,15 @@ class Tree:
     def response_logprobs(self, leaf: Leaf) -> np.ndarray:
         return np.concatenate([s.logprobs for s in self.path(leaf.node_id)]) if leaf.length else _EMPTY_F
 
+    def response_observed(self, leaf: Leaf) -> np.ndarray:
+        """bool [R]: which response tokens of ``leaf`` are observations (never trained on)."""
+        segs = self.path(leaf.node_id)
+        return np.concatenate([s.observed_mask() for s in segs]) if segs else np.zeros(0, dtype=bool)
+
+    def sampled_length(self, leaf: Leaf) -> int:
+        """Sampled response tokens of ``leaf`` (``leaf.length`` less its path's observation tokens)."""
+        return sum(s.num_sampled for s in self.path(leaf.node_id))
+
     def response_versions(self, leaf: Leaf) -> np.ndarray:
         """Policy version of every response token (a path may span weight updates)."""
         segs = self.path(leaf.node_id)
@@ -117,8 +179,13 @@ class Tree:
         return np.array([lf.correct for lf in self.leaves], dtype=bool)
 
     def num_tokens(self) -> int:
-        """Distinct response tokens decoded for this tree (shared prefixes counted once)."""
-        return int(sum(len(s.token_ids) for s in self.segments))
+        """Distinct response tokens decoded for this tree (shared prefixes counted once): sampled
+        tokens only, observation tokens are not decoded (see :meth:`num_observation_tokens`)."""
+        return int(sum(s.num_sampled for s in self.segments))
+
+    def num_observation_tokens(self) -> int:
+        """Distinct observation tokens of this tree (tool results; shared prefixes counted once)."""
+        return int(sum(s.num_observed for s in self.segments))
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -132,22 +199,8 @@ class Tree:
         _check(len(self.leaves) > 0, "a tree needs at least one leaf")
         nodes: dict[int, Segment] = {}
         for s in self.segments:
-            _check(
-                isinstance(s.node_id, int) and s.node_id > ROOT_ID,
-                f"node id {s.node_id!r} must be an int > 0",
-            )
+            _check_segment(s)
             _check(s.node_id not in nodes, f"duplicate node id {s.node_id}")
-            _check(s.token_ids.ndim == 1 and s.logprobs.ndim == 1, f"node {s.node_id}: arrays must be 1-D")
-            _check(
-                len(s.token_ids) == len(s.logprobs),
-                f"node {s.node_id}: {len(s.token_ids)} tokens but {len(s.logprobs)} logprobs",
-            )
-            _check(bool((s.token_ids >= 0).all()), f"node {s.node_id}: negative token id")
-            _check(bool(np.isfinite(s.logprobs).all()), f"node {s.node_id}: non-finite logprob")
-            _check(bool((s.logprobs <= 1e-3).all()), f"node {s.node_id}: logprob > 0")
-            _check(
-                isinstance(s.version, int) and s.version >= 0, f"node {s.node_id}: bad version {s.version!r}"
-            )
             nodes[s.node_id] = s
         for s in self.segments:
             if s.parent_id == ROOT_ID:
@@ -171,6 +224,11 @@ class Tree:
             _check(
                 leaf.length == length, f"leaf {leaf.node_id}: length {leaf.length} != path tokens {length}"
             )
+            _check(
+                length == 0 or self.sampled_length(leaf) > 0,
+                f"leaf {leaf.node_id}: every token of its path is an observation (a trajectory needs at "
+                "least one sampled token)",
+            )
             _check(isinstance(leaf.reward, float), f"leaf {leaf.node_id}: reward must be a float")
             _check(
                 leaf.correct is None or isinstance(leaf.correct, bool),
@@ -188,6 +246,35 @@ class Tree:
                 and math.isfinite(value),
                 f"timing {key!r} must be a finite number, not {value!r}",
             )
+
+
+def _check_segment(s: Segment) -> None:
+    """One segment's own fields: id, 1-D arrays of one length, token ids, logprobs, observations."""
+    _check(isinstance(s.node_id, int) and s.node_id > ROOT_ID, f"node id {s.node_id!r} must be an int > 0")
+    _check(s.token_ids.ndim == 1 and s.logprobs.ndim == 1, f"node {s.node_id}: arrays must be 1-D")
+    _check(
+        len(s.token_ids) == len(s.logprobs),
+        f"node {s.node_id}: {len(s.token_ids)} tokens but {len(s.logprobs)} logprobs",
+    )
+    _check(bool((s.token_ids >= 0).all()), f"node {s.node_id}: negative token id")
+    _check(isinstance(s.version, int) and s.version >= 0, f"node {s.node_id}: bad version {s.version!r}")
+    obs = s.observed
+    if obs is not None:
+        _check(
+            isinstance(obs, np.ndarray) and obs.ndim == 1 and obs.dtype == bool,
+            f"node {s.node_id}: observed must be a 1-D mask of 0/1 (True = observation token)",
+        )
+        _check(
+            len(obs) == len(s.token_ids),
+            f"node {s.node_id}: {len(s.token_ids)} tokens but {len(obs)} observation flags",
+        )
+        _check(
+            not bool(s.logprobs[obs].any()),
+            f"node {s.node_id}: observation tokens must carry logprob 0.0 (a placeholder: they are not sampled)",
+        )
+    sampled = s.logprobs if obs is None else s.logprobs[~obs]
+    _check(bool(np.isfinite(sampled).all()), f"node {s.node_id}: non-finite logprob")
+    _check(bool((sampled <= 1e-3).all()), f"node {s.node_id}: logprob > 0")
 
 
 _EMPTY_I = np.zeros(0, dtype=np.int32)
@@ -297,6 +384,8 @@ def encode_tree(tree: Tree) -> bytes:
             for lf in tree.leaves
         ],
     }
+    if any(s.num_observed for s in seg):  # omitted when there are none: entries stay small
+        payload["nodes"]["observed"] = np.concatenate([s.observed_mask() for s in seg]).astype("u1").tobytes()
     return msgpack.packb(payload, use_bin_type=True)
 
 
@@ -308,6 +397,52 @@ def _array(raw: Any, dtype: str, name: str, count: int | None = None) -> np.ndar
     if count is not None:
         _check(len(arr) == count, f"{name}: {len(arr)} items, expected {count}")
     return arr
+
+
+def _observed(raw: Any, total: int) -> np.ndarray | None:
+    """``nodes.observed`` (absent or empty: no observation token): one 0/1 byte per token."""
+    if raw is None or raw == b"":
+        return None
+    arr = _array(raw, "u1", "nodes.observed", total)
+    _check(bool((arr <= 1).all()), "nodes.observed must hold only 0 and 1 (1 = observation token)")
+    return arr.astype(bool)
+
+
+def _span(observed: np.ndarray | None, start: int, end: int) -> np.ndarray | None:
+    """One segment's observation mask (None when it has no observation token)."""
+    if observed is None or not observed[start:end].any():
+        return None
+    return observed[start:end].copy()
+
+
+def _segments(nodes: Any) -> list[Segment]:
+    """The segments of ``nodes``: per-node arrays plus every node's tokens, logprobs and observation
+    flags concatenated in node order."""
+    _check(isinstance(nodes, dict), "nodes must be a map")
+    ids = _array(nodes.get("id"), "<i4", "nodes.id")
+    n = len(ids)
+    parents = _array(nodes.get("parent"), "<i4", "nodes.parent", n)
+    depths = _array(nodes.get("depth"), "<i4", "nodes.depth", n)
+    versions = _array(nodes.get("version"), "<i8", "nodes.version", n)
+    lens = _array(nodes.get("len"), "<i4", "nodes.len", n)
+    _check(bool((lens >= 0).all()), "nodes.len has negative lengths")
+    total = int(lens.sum())
+    tokens = _array(nodes.get("tokens"), "<i4", "nodes.tokens", total)
+    logprobs = _array(nodes.get("logprobs"), "<f4", "nodes.logprobs", total)
+    observed = _observed(nodes.get("observed"), total)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    return [
+        Segment(
+            node_id=int(ids[i]),
+            parent_id=int(parents[i]),
+            depth=int(depths[i]),
+            token_ids=tokens[offsets[i] : offsets[i + 1]].astype(np.int32),
+            logprobs=logprobs[offsets[i] : offsets[i + 1]].astype(np.float32),
+            version=int(versions[i]),
+            observed=_span(observed, offsets[i], offsets[i + 1]),
+        )
+        for i in range(n)
+    ]
 
 
 def decode_tree(data: bytes, *, max_bytes: int | None = None) -> Tree:
@@ -322,7 +457,8 @@ def decode_tree(data: bytes, *, max_bytes: int | None = None) -> Tree:
     _check(isinstance(obj, dict), "entry is not a map")
     _check(
         obj.get("schema") == SCHEMA_VERSION,
-        f"schema version {obj.get('schema')!r}, expected {SCHEMA_VERSION}",
+        f"schema version {obj.get('schema')!r}, expected {SCHEMA_VERSION} (a build reads its own schema "
+        "only: run the producers and the consumers of a queue from the same build)",
     )
     required = (
         "tree_id",
@@ -336,30 +472,7 @@ def decode_tree(data: bytes, *, max_bytes: int | None = None) -> Tree:
     )
     missing = [k for k in required if k not in obj]
     _check(not missing, f"missing fields {missing}")
-    nodes = obj["nodes"]
-    _check(isinstance(nodes, dict), "nodes must be a map")
-    ids = _array(nodes.get("id"), "<i4", "nodes.id")
-    n = len(ids)
-    parents = _array(nodes.get("parent"), "<i4", "nodes.parent", n)
-    depths = _array(nodes.get("depth"), "<i4", "nodes.depth", n)
-    versions = _array(nodes.get("version"), "<i8", "nodes.version", n)
-    lens = _array(nodes.get("len"), "<i4", "nodes.len", n)
-    _check(bool((lens >= 0).all()), "nodes.len has negative lengths")
-    total = int(lens.sum())
-    tokens = _array(nodes.get("tokens"), "<i4", "nodes.tokens", total)
-    logprobs = _array(nodes.get("logprobs"), "<f4", "nodes.logprobs", total)
-    offsets = np.concatenate([[0], np.cumsum(lens)])
-    segments = [
-        Segment(
-            node_id=int(ids[i]),
-            parent_id=int(parents[i]),
-            depth=int(depths[i]),
-            token_ids=tokens[offsets[i] : offsets[i + 1]].astype(np.int32),
-            logprobs=logprobs[offsets[i] : offsets[i + 1]].astype(np.float32),
-            version=int(versions[i]),
-        )
-        for i in range(n)
-    ]
+    segments = _segments(obj["nodes"])
     leaves_raw = obj["leaves"]
     _check(isinstance(leaves_raw, list), "leaves must be a list")
     leaves = []

@@ -2,7 +2,8 @@
 external resource), so a run directory shows what the sampler grew and what training made of it.
 
 Every segment is a node, drawn as an indented outline (children below their parent, joined by
-lines), with its decoded text and a header: node id, depth, tokens, the leaves below it, their mean
+lines), with its decoded text (observation tokens -- a tool's result, not sampled -- on a shaded
+background, marked ``class="obs"``) and a header: node id, depth, tokens, the leaves below it, their mean
 reward and mean advantage (the advantage its tokens are trained with, averaged over the leaves that
 share it). A leaf adds its finish reason, reward, verdict, advantage and extracted answer. All text is
 HTML-escaped.
@@ -40,12 +41,15 @@ div.leaf{font-size:.8em;margin-top:.2em;padding:.15em .4em;border-radius:3px}
 div.leaf.ok{background:#d9f2d9} div.leaf.bad{background:#f7dada} div.leaf.none{background:#eee}
 span.pos{color:#17692b} span.neg{color:#a11}
 p.legend{font-size:.85em;color:#444}
+span.obs{background:#fff1c2;border-bottom:1px dashed #b8860b}
 """
 
 _LEGEND = (
     "Each box is one segment (decoded once, shared by the leaves below it). Header: node id, depth, "
     "tokens, leaves below, their mean reward R&#772; and mean advantage A&#772;. A leaf's line: finish "
-    "reason, reward R, verdict, advantage A (as trained), extracted answer."
+    "reason, reward R, verdict, advantage A (as trained), extracted answer. "
+    '<span class="obs">Shaded text</span> is a tool\'s observation: read by the model, not sampled, '
+    "not trained on."
 )
 
 
@@ -82,10 +86,23 @@ def _mean(xs: list[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def text_parts(segment: Any, decode: DecodeFn) -> list[tuple[str, bool]]:
+    """A segment's text as (decoded text, is observation) runs, in order (one run without observations)."""
+    ids, obs = segment.token_ids.tolist(), segment.observed_mask().tolist()
+    parts: list[tuple[str, bool]] = []
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or obs[i] != obs[start]:
+            parts.append((decode(ids[start:i]), bool(obs[start])))
+            start = i
+    return parts or [(decode([]), False)]
+
+
 def segment_nodes(tree: Any, advantages_L: Sequence[float] | None, decode: DecodeFn) -> dict[str, Any]:
     """The tree as nested nodes for drawing: ``{"leaves": [leaf record], "children": {parent: [node]}}``,
-    each node ``{"id", "depth", "text", "tokens", "leaves": [leaf record], "below": [leaf index],
-    "mean_reward", "mean_advantage"}`` (:func:`leaf_records`)."""
+    each node ``{"id", "depth", "text", "parts", "tokens", "observed", "leaves": [leaf record],
+    "below": [leaf index], "mean_reward", "mean_advantage"}`` (:func:`leaf_records`; ``parts``:
+    :func:`text_parts`, ``observed``: its observation tokens)."""
     leaf_recs = leaf_records(tree, advantages_L)
     below: dict[int, list[int]] = {s.node_id: [] for s in tree.segments}
     for i, path in enumerate(tree.leaf_paths()):
@@ -99,7 +116,9 @@ def segment_nodes(tree: Any, advantages_L: Sequence[float] | None, decode: Decod
                 "id": s.node_id,
                 "depth": s.depth,
                 "text": decode(s.token_ids.tolist()),
+                "parts": text_parts(s, decode),
                 "tokens": len(s.token_ids),
+                "observed": s.num_observed,
                 "leaves": [leaf_recs[i] for i, lf in enumerate(tree.leaves) if lf.node_id == s.node_id],
                 "below": idx,
                 "mean_reward": _mean([leaf_recs[i]["reward"] for i in idx]),
@@ -120,16 +139,21 @@ def _leaf_html(rec: dict, index: int) -> str:
 
 
 def _node_html(node: dict, children: dict[int, list[dict]], leaf_index: dict[int, int]) -> str:
+    obs = f" ({node['observed']} observed)" if node["observed"] else ""
     meta = (
-        f"#{node['id']} · depth {node['depth']} · {node['tokens']} tok · {len(node['below'])} leaves below"
-        f" · R&#772; {_fmt(node['mean_reward'])} · A&#772; {_fmt(node['mean_advantage'])}"
+        f"#{node['id']} · depth {node['depth']} · {node['tokens']} tok{obs} · {len(node['below'])} leaves"
+        f" below · R&#772; {_fmt(node['mean_reward'])} · A&#772; {_fmt(node['mean_advantage'])}"
+    )
+    text = "".join(
+        f'<span class="obs">{html.escape(t)}</span>' if observed else html.escape(t)
+        for t, observed in node["parts"]
     )
     leaves = "".join(_leaf_html(rec, leaf_index[id(rec)]) for rec in node["leaves"])
     kids = children.get(node["id"], [])
     sub = "<ul>" + "".join(_node_html(k, children, leaf_index) for k in kids) + "</ul>" if kids else ""
     return (
         f'<li><div class="seg" data-node="{node["id"]}" data-depth="{node["depth"]}">'
-        f'<div class="meta">{meta}</div><pre>{html.escape(node["text"])}</pre>{leaves}</div>{sub}</li>'
+        f'<div class="meta">{meta}</div><pre>{text}</pre>{leaves}</div>{sub}</li>'
     )
 
 
@@ -138,14 +162,16 @@ def render_tree(tree: Any, advantages_L: Sequence[float] | None, decode: DecodeF
     view = segment_nodes(tree, advantages_L, decode)
     leaf_recs, children = view["leaves"], view["children"]
     leaf_index = {id(r): i for i, r in enumerate(leaf_recs)}
-    flat = sum(lf.length for lf in tree.leaves)
+    flat = sum(tree.sampled_length(lf) for lf in tree.leaves)  # decoded tokens: observations are not
     ratio = f"{tree.num_tokens() / flat:.2f}" if flat else "n/a"
+    tools = tree.num_observation_tokens()
     depth = {s.node_id: s.depth for s in tree.segments}
     depths = [depth[lf.node_id] for lf in tree.leaves]
     head = (
         f"{html.escape(tree.tree_id)} · gold <code>{html.escape(str(tree.metadata.get('answer')))}</code> · "
         f"{len(tree.leaves)} leaves · {len(tree.segments)} segments · mean leaf depth "
         f"{sum(depths) / max(len(depths), 1):.2f} · decoded/flat tokens {ratio}"
+        + (f" · {tools} observation tokens" if tools else "")
     )
     roots = "".join(_node_html(n, children, leaf_index) for n in children.get(ROOT_ID, []))
     return (

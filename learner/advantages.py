@@ -137,7 +137,7 @@ def batch_advantages(
 ) -> list[np.ndarray]:
     """Per-leaf advantages for a batch of prompts (the same value on every response token of a leaf).
 
-    ``lengths_P_L`` are response token counts (the whitening weights). Filtering (dynamic sampling,
+    ``lengths_P_L`` are trained (sampled) response token counts (the whitening weights). Filtering (dynamic sampling,
     staleness) happens before: every prompt passed here is trained on.
     """
     if estimator not in ESTIMATORS:
@@ -158,7 +158,7 @@ def tree_advantages(trees: Sequence, algo) -> list[np.ndarray]:
     return batch_advantages(
         [t.rewards_L for t in trees],
         [t.leaf_paths() for t in trees],
-        [np.array([lf.length for lf in t.leaves]) for t in trees],
+        [np.array([t.sampled_length(lf) for lf in t.leaves]) for t in trees],  # trained tokens only
         estimator=algo.advantage,
         aggregation=algo.aggregation,
         subgroup_std_filter=algo.subgroup_std_filter,

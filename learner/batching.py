@@ -1,8 +1,11 @@
 """Trees → leaf sequences.
 
 Each leaf of a tree becomes one training sequence: prompt ids + the response ids along its path.
-The loss is on response tokens only; each response token carries its behavior logprob (from the
-sampler), the policy version its segment was sampled under, and the leaf's advantage.
+The loss is on sampled response tokens only; each response token carries its behavior logprob (from
+the sampler), the policy version its segment was sampled under, the leaf's advantage and its loss
+mask (``loss_mask_R``: 0 on observation tokens, a tool's result that was not sampled, 1 elsewhere).
+A masked token is still part of the sequence -- the model reads it, later tokens attend to it --
+but it adds nothing to the loss, to its normaliser or to any per-token metric.
 
 How sequences become micro-batches and model inputs is ``learner.packing`` (:mod:`learner.packing`).
 """
@@ -26,21 +29,37 @@ class LeafSequence:
     advantage: float  # the leaf's (whitened) advantage, the same on all its response tokens
     prox_logprobs_R: np.ndarray | None = None  # filled by the learner before the update
     ref_logprobs_R: np.ndarray | None = None
+    loss_mask_R: np.ndarray | None = None  # float32 [R]: 0 on observation tokens; None: all ones
+
+    def __post_init__(self) -> None:
+        R = self.response_len
+        mask = np.ones(R, dtype=np.float32) if self.loss_mask_R is None else self.loss_mask_R
+        self.loss_mask_R = np.asarray(mask, dtype=np.float32)
+        if self.loss_mask_R.shape != (R,):
+            raise ValueError(
+                f"loss_mask_R has shape {self.loss_mask_R.shape}, expected ({R},): one per response token"
+            )
 
     @property
     def response_len(self) -> int:
         return len(self.token_ids) - self.prompt_len
 
+    @property
+    def loss_tokens(self) -> int:
+        """Response tokens the loss is taken over (observation tokens excluded)."""
+        return int(np.count_nonzero(self.loss_mask_R))
+
 
 def leaf_sequences(trees: Sequence[Tree], advantages_P_L: Sequence[np.ndarray]) -> list[LeafSequence]:
-    """One sequence per leaf with a non-empty response, in tree then leaf order."""
+    """One sequence per leaf with a sampled response token, in tree then leaf order."""
     out: list[LeafSequence] = []
     for tree, adv_L in zip(trees, advantages_P_L, strict=True):
         if len(adv_L) != len(tree.leaves):
             raise ValueError(f"tree {tree.tree_id}: {len(tree.leaves)} leaves but {len(adv_L)} advantages")
         prompt = tree.prompt_ids.astype(np.int64)
         for leaf, adv in zip(tree.leaves, adv_L):
-            if leaf.length == 0:
+            observed = tree.response_observed(leaf)
+            if leaf.length == 0 or observed.all():
                 continue  # nothing to train on
             resp = tree.response_ids(leaf).astype(np.int64)
             out.append(
@@ -50,6 +69,7 @@ def leaf_sequences(trees: Sequence[Tree], advantages_P_L: Sequence[np.ndarray]) 
                     behavior_logprobs_R=tree.response_logprobs(leaf).astype(np.float32),
                     versions_R=tree.response_versions(leaf),
                     advantage=float(adv),
+                    loss_mask_R=(~observed).astype(np.float32),
                 )
             )
     return out

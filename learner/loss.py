@@ -19,6 +19,12 @@ Per response token ``t`` with advantage ``A``, learner logprob ``logp`` (with gr
   With ``beh == prox`` (on-policy) every variant gives ``w = 1``: the loss is plain PPO-clip.
 - optional k3 KL to a frozen reference: ``+ beta (exp(ref - logp) - (ref - logp) - 1)``.
 
+Valid tokens are those with ``mask > 0``: sampled response tokens. Padding and observation tokens (a
+tool's result: not sampled, its behavior logprob a 0.0 placeholder) are inert: their logprob,
+behavior, reference and advantage values are replaced before any arithmetic, so they add nothing --
+not even a NaN -- to the loss, its gradient, the importance weights (also the per-sequence ones)
+or any metric, whatever values they hold.
+
 The loss is ``sum over valid tokens / total_tokens``, where ``total_tokens`` is the number of valid
 tokens of the WHOLE mini-batch across micro-batches and ranks: accumulating micro-batches (and
 averaging across data-parallel ranks, after multiplying by the world size) then gives exactly the
@@ -105,8 +111,14 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, Metric]]:
     """Loss contribution of one micro-batch (sum over its valid tokens / ``total_tokens``) and metrics."""
     mask = mask_B_T.to(logprobs_B_T.dtype)
-    prox = prox_logprobs_B_T.detach()
-    adv = advantages_B_T.detach()
+    valid = mask > 0
+    prox = torch.where(valid, prox_logprobs_B_T.detach(), 0.0)
+    # masked tokens: logp = prox = behavior = reference, advantage 0 -> ratio 1, w 1, kl 0, no gradient
+    logprobs_B_T = torch.where(valid, logprobs_B_T, prox)
+    behavior_logprobs_B_T = torch.where(valid, behavior_logprobs_B_T, prox)
+    if ref_logprobs_B_T is not None:
+        ref_logprobs_B_T = torch.where(valid, ref_logprobs_B_T, prox)
+    adv = torch.where(valid, advantages_B_T.detach(), 0.0)
     ratio = torch.exp(logprobs_B_T - prox)
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * ratio.clamp(1.0 - params.clip_low, 1.0 + params.clip_high)
@@ -130,10 +142,9 @@ def policy_loss(
         metrics: dict[str, Metric] = {"learner/tokens": Metric.sum(n)}
         if n == 0:
             return loss, metrics
-        valid = mask.bool()
 
         def mean(x: torch.Tensor) -> Metric:  # token-weighted, so micro-batches combine exactly
-            return Metric.mean(float((x.float() * mask).sum()) / n, weight=n)
+            return Metric.mean(float((torch.where(valid, x.float(), 0.0) * mask).sum()) / n, weight=n)
 
         metrics["learner/pg_loss"] = mean(pg)
         metrics["learner/clip_frac_low"] = mean(neg & (ratio < 1.0 - params.clip_low))

@@ -21,7 +21,9 @@ that predicts leaf ``b``'s response token ``t`` and ``tgt[b, t]`` that token's i
 reference logprobs, advantages, staleness) are laid out ``[leaves, longest response]`` like the
 padded path's, so :func:`learner.loss.policy_loss` runs unchanged: PPO clip, dual clip, every
 importance-weight variant (also the per-sequence ones), the token-mean normaliser and every metric
-are exact. Backpropagating through the gather sums, for a shared token, the gradients of all leaves
+are exact. ``mask`` is each pair's loss weight: 0 on padding and on observation tokens (every leaf
+through a shared observation token masks its own pair), and only rows that predict a trained
+target keep their logits. Backpropagating through the gather sums, for a shared token, the gradients of all leaves
 through it -- for PPO clipping this equals taking the clipped term per distinct token with the leaves
 split by the sign of their advantage (the ratio is shared), without writing that case out. The
 scalar work is per pair (cheap); the model's work is per distinct token.
@@ -134,7 +136,7 @@ def _pair_fields(seqs, paths, current_version: int) -> dict[str, torch.Tensor]:
         r = n - p
         src[b, :r] = torch.from_numpy(path[p - 1 : n - 1])
         tgt[b, :r] = torch.from_numpy(s.token_ids[p:])
-        zeros["mask"][b, :r] = 1.0
+        zeros["mask"][b, :r] = torch.from_numpy(s.loss_mask_R)
         zeros["behavior_logprobs"][b, :r] = torch.from_numpy(s.behavior_logprobs_R)
         zeros["advantages"][b, :r] = s.advantage
         zeros["staleness"][b, :r] = torch.from_numpy(current_version - s.versions_R).float()
@@ -157,8 +159,8 @@ def pack(seqs: Sequence[LeafSequence], share: bool, current_version: int = 0) ->
     rows whose logits the loss needs), ``src`` (indices into ``keep``), ``tgt`` and the per-pair
     fields of :func:`learner.padded.collate` laid out [leaves, longest response].
     """
-    if any(s.prompt_len < 1 or s.response_len < 1 for s in seqs):
-        raise ValueError("every packed sequence needs a prompt token and a response token")
+    if any(s.prompt_len < 1 or s.loss_tokens < 1 for s in seqs):
+        raise ValueError("every packed sequence needs a prompt token and a trained (sampled) response token")
     lcp, parent = prefix_links(seqs, share=share)
     paths: list[np.ndarray] = []
     ids, pos, starts, ends, ancestors = [], [], [], [], []
@@ -175,7 +177,7 @@ def pack(seqs: Sequence[LeafSequence], share: bool, current_version: int = 0) ->
             ancestors.append(anc)
             T += L - k
     out = _pair_fields(seqs, paths, current_version)
-    valid = out["mask"].bool()
+    valid = out["mask"].bool()  # trained targets: observation tokens need no logits
     keep = torch.unique(out["src"][valid])  # sorted; the rows whose logits are needed
     out["src"] = torch.searchsorted(keep, out["src"]).clamp(max=len(keep) - 1)
     out["keep"] = keep
@@ -226,7 +228,8 @@ class _PackedRows:
         return logp, ent
 
     def response_logprobs(self, logp: torch.Tensor, row: int, seq: LeafSequence) -> np.ndarray:
-        return logp[row, : seq.response_len].numpy().astype(np.float32)
+        lp = logp[row, : seq.response_len].numpy().astype(np.float32)
+        return np.where(seq.loss_mask_R > 0, lp, np.float32(0.0))  # observations: no logits kept
 
     def computed_tokens(self, seqs: Sequence[LeafSequence]) -> int:
         lcp, _ = prefix_links(seqs, share=self.share)

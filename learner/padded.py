@@ -38,7 +38,8 @@ def pack_micro_batches(lengths: Sequence[int], micro_batch_tokens: int) -> list[
 def collate(seqs: Sequence[LeafSequence], pad_id: int, current_version: int = 0) -> dict[str, torch.Tensor]:
     """Right-padded tensors; per-token fields are aligned with the targets ``input_ids[:, 1:]``.
 
-    ``mask`` marks response targets. Fields whose values are missing (prox/ref) are omitted.
+    ``mask`` is the loss weight of each target: the response targets' ``loss_mask_R`` (0 on observation
+    tokens), 0 on prompt and padding targets. Fields whose values are missing (prox/ref) are omitted.
     """
     B = len(seqs)
     T = max(len(s.token_ids) for s in seqs)
@@ -56,7 +57,7 @@ def collate(seqs: Sequence[LeafSequence], pad_id: int, current_version: int = 0)
         attention[b, :n] = 1
         # target index t predicts token t+1: response tokens p..n-1 are targets p-1..n-2
         sl = slice(p - 1, n - 1)
-        mask[b, sl] = 1.0
+        mask[b, sl] = torch.from_numpy(s.loss_mask_R)
         behavior[b, sl] = torch.from_numpy(s.behavior_logprobs_R)
         adv[b, sl] = s.advantage
         staleness[b, sl] = torch.from_numpy(current_version - s.versions_R).float()
@@ -112,7 +113,8 @@ class PaddedPacker:
         return logp, ent
 
     def response_logprobs(self, logp: torch.Tensor, row: int, seq: LeafSequence) -> np.ndarray:
-        return logp[row, seq.prompt_len - 1 : len(seq.token_ids) - 1].numpy().astype(np.float32)
+        lp = logp[row, seq.prompt_len - 1 : len(seq.token_ids) - 1].numpy().astype(np.float32)
+        return np.where(seq.loss_mask_R > 0, lp, np.float32(0.0))  # as packed rows: 0.0 on observations
 
     def computed_tokens(self, seqs: Sequence[LeafSequence]) -> int:
         return len(seqs) * max((len(s.token_ids) for s in seqs), default=0)

@@ -306,7 +306,7 @@ class LearnerRank:
     ) -> dict[str, float]:
         """Accumulate gradients of this rank's share of a mini-batch; call once per mini-batch.
 
-        ``global_tokens``: valid response tokens of the whole mini-batch over all ranks (None: counted
+        ``global_tokens``: trained response tokens of the whole mini-batch over all ranks (None: counted
         here with an all-reduce, see :meth:`global_token_count`). Sequences need ``prox_logprobs_R``
         (see :meth:`prepare`). Gradients are synchronised across ranks at the end of the call.
         Returns the micro-batches' metrics combined; ``parts`` also receives them as typed metrics.
@@ -360,7 +360,9 @@ class LearnerRank:
         return reduce_metrics(mine)
 
     def global_token_count(self, seqs: Sequence[LeafSequence]) -> int:
-        return int(self._all_reduce([float(sum(s.response_len for s in seqs))])[0])
+        """Trained response tokens of ``seqs`` over all ranks (observation tokens excluded): the
+        token-mean normaliser of :func:`learner.loss.policy_loss`."""
+        return int(self._all_reduce([float(sum(s.loss_tokens for s in seqs))])[0])
 
     def optim_step(self) -> int:
         """Clip and apply the accumulated gradients; returns the policy version (unchanged if refused)."""

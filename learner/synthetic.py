@@ -6,6 +6,8 @@ import numpy as np
 
 from common.tree import Leaf, Segment, Tree
 
+_EMPTY = np.zeros(0, dtype=np.int32)
+
 
 def synthetic_trees(
     num_prompts: int,
@@ -18,6 +20,8 @@ def synthetic_trees(
     version: int = 0,
     flat: bool = False,
     stop_prob: float = 0.0,
+    tool_prob: float = 0.0,
+    tool_len: int = 3,
 ) -> list[Tree]:
     """Deterministic random binary-ish trees with random tokens and ±1 rewards (tests, benchmarks).
 
@@ -26,6 +30,9 @@ def synthetic_trees(
     ``flat``: ``w`` independent paths from the prompt (no shared segment: GRPO-style sampling).
     ``stop_prob``: after every level but the last a path ends there with this probability, and a
     path's last segment is cut short (an EOS inside it) with this probability, so lengths vary.
+    ``tool_prob``: a segment ends in a tool call with this probability: ``tool_len`` observation
+    tokens (:attr:`common.tree.Segment.observed`, logprob 0.0) follow its sampled tokens, shared by
+    the paths below it.
     Behavior logprobs are random negatives, so the data is off-policy on purpose.
     """
     rng = np.random.default_rng(seed)
@@ -49,7 +56,10 @@ def synthetic_trees(
                         n = int(rng.integers(1, seg_len + 1))
                     toks = rng.integers(4, vocab_size, n).astype(np.int32)
                     lps = -rng.uniform(0.05, 3.0, n).astype(np.float32)
-                    segments.append(Segment(next_id, parent, d, toks, lps, version))
+                    obs = _EMPTY
+                    if tool_prob and rng.random() < tool_prob:
+                        obs = rng.integers(4, vocab_size, tool_len).astype(np.int32)
+                    segments.append(Segment.with_observation(next_id, parent, d, toks, lps, version, obs))
                     (ended if last and d < depth else new_live).append(next_id)
                     next_id += 1
             live = new_live
