@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 import pytest
 from trees import deep_tree, wire_tree
 
+from common.tree import Leaf, Segment, Tree
 from common.tree_render import pick_trees, render_page, segment_nodes, write_tree_page
 
 EVIL = '<script>alert("x")</script> & \\boxed{7}'
@@ -94,3 +95,49 @@ def test_the_most_branched_trees_are_picked_and_written(tmp_path):
     assert pick_trees(trees, 1) == [1] and pick_trees(trees, 2) == [0, 1] and pick_trees(trees, 0) == []
     out = write_tree_page(tmp_path / "trees" / "step-2.html", trees, None, decode, "step 2", n=1)
     assert parse(out.read_text()).trees == ["t-deep"]
+
+
+class Spans(HTMLParser):
+    """Text inside <span class="obs"> (observation runs) and the rest of each <pre>."""
+
+    def __init__(self):
+        super().__init__()
+        self.obs, self.plain, self._depth, self._pre = [], [], 0, False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "pre":
+            self._pre = True
+        if tag == "span" and ("class", "obs") in attrs and self._pre:
+            self._depth += 1
+
+    def handle_endtag(self, tag):
+        if tag == "pre":
+            self._pre = False
+        if tag == "span" and self._depth:
+            self._depth -= 1
+
+    def handle_data(self, data):
+        if self._pre:
+            (self.obs if self._depth else self.plain).append(data)
+
+
+def test_observation_tokens_are_drawn_apart():
+    """A tool's observation tokens are shaded spans of their own; sampled text around them is not;
+    headers count them, and the decoded/flat ratio counts sampled tokens only."""
+    segs = [
+        Segment.with_observation(1, 0, 1, [10, 11], [-0.5, -0.5], 0, [12, 20]),
+        Segment(2, 1, 2, [21], [-1.0], 0),
+        Segment(3, 1, 2, [22], [-1.0], 0),
+    ]
+    leaves = [Leaf(2, "eos", 5, 1.0, None, True), Leaf(3, "eos", 5, -1.0, None, False)]
+    tree = Tree("t-tool", "p", [1], segs, leaves)
+    page = render_page([tree], None, decode, "tools")
+    p = Spans()
+    p.feed(page)
+    assert p.obs == ["t12 t20"]  # the observation run, on its own
+    assert "t10 t11" in p.plain and "t21" in p.plain and "t22" in p.plain
+    assert "2 observed" in page and "2 observation tokens" in page
+    assert "decoded/flat tokens 0.67" in page  # (2 + 1 + 1) / (3 + 3)
+    assert "<script>" not in page
+    node = segment_nodes(tree, None, decode)["children"][0][0]
+    assert node["parts"] == [("t10 t11", False), (decode([12, 20]), True)] and node["observed"] == 2

@@ -10,7 +10,8 @@ import pytest
 from trees import wire_tree
 
 from common.errors import WireError
-from common.tree import SCHEMA_VERSION, Tree, decode_tree, encode_tree
+from common.sampling_metrics import tree_metrics
+from common.tree import SCHEMA_VERSION, Leaf, Segment, Tree, decode_tree, encode_tree
 
 
 def test_paths_and_responses():
@@ -109,3 +110,111 @@ def test_encode_refuses_an_invalid_tree():
 
 def test_schema_version_is_written():
     assert _payload(wire_tree())["schema"] == SCHEMA_VERSION
+
+
+# ------------------------------------------------------------------ observation tokens (tool results)
+def tool_tree() -> Tree:
+    """root -> 1 (2 sampled + 3 observed, shared by leaves 2 and 3) -> {2 (sampled), 3 (1 sampled + 2
+    observed: a tool turn in one leaf only)}; root -> 4 (sampled) -> 5 (an observation-only segment)."""
+    segs = [
+        Segment.with_observation(1, 0, 1, [10, 11], [-0.5, -0.25], 0, [30, 31, 32]),
+        Segment(2, 1, 2, [12], [-1.0], 1),
+        Segment(3, 1, 2, [13, 33, 34], [-0.1, 0.0, 0.0], 1, np.array([0, 1, 1], dtype=np.uint8)),
+        Segment(4, 0, 1, [16], [-2.0], 0),
+        Segment(5, 4, 2, [35, 36], [0.0, 0.0], 0, [True, True]),
+    ]
+    leaves = [
+        Leaf(2, "eos", 6, 1.0, "7", True),
+        Leaf(3, "max_depth", 8, -1.0, None, False),
+        Leaf(5, "max_tokens", 3, 0.0, None, False),
+    ]
+    return Tree("t-1", "p-1", [1, 2, 3], segs, leaves, metadata={"answer": "7", "epoch": 0})
+
+
+def test_observation_tokens_in_paths_and_counts():
+    t = tool_tree()
+    t.validate()
+    assert t.segments[0].observed.tolist() == [False, False, True, True, True]
+    assert t.segments[0].logprobs.tolist() == [-0.5, -0.25, 0.0, 0.0, 0.0]
+    assert t.segments[1].observed is None and t.segments[2].observed.dtype == bool
+    assert t.response_ids(t.leaves[1]).tolist() == [10, 11, 30, 31, 32, 13, 33, 34]
+    assert t.response_observed(t.leaves[1]).tolist() == [0, 0, 1, 1, 1, 0, 1, 1]
+    assert t.response_observed(t.leaves[0]).tolist() == [0, 0, 1, 1, 1, 0]
+    assert [t.sampled_length(lf) for lf in t.leaves] == [3, 3, 1]
+    assert [lf.length for lf in t.leaves] == [6, 8, 3]  # positions: observation tokens included
+    assert t.num_tokens() == 2 + 1 + 1 + 1  # sampled (decoded) tokens only, shared ones once
+    assert t.num_observation_tokens() == 3 + 2 + 2
+    assert (
+        wire_tree().num_observation_tokens() == 0
+        and wire_tree().response_observed(wire_tree().leaves[0]).tolist() == [False] * 3
+    )
+
+
+def test_observation_masks_round_trip_and_are_omitted_when_absent():
+    t = tool_tree()
+    p = _payload(t)
+    assert p["schema"] == 3 and p["nodes"]["observed"] == bytes([0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 1, 1])
+    back = decode_tree(encode_tree(t))
+    for a, b in zip(back.segments, t.segments):
+        assert a.token_ids.tolist() == b.token_ids.tolist() and a.logprobs.tobytes() == b.logprobs.tobytes()
+        assert (a.observed is None) == (b.observed is None)
+        assert a.observed_mask().tolist() == b.observed_mask().tolist()
+    assert back.num_tokens() == t.num_tokens() and back.num_observation_tokens() == 7
+    assert "observed" not in _payload(wire_tree())["nodes"]  # no observation: entries stay as small
+    plain = _payload(wire_tree())
+    plain["nodes"]["observed"] = b""  # empty reads as none
+    assert all(s.observed is None for s in decode_tree(_pack(plain)).segments)
+
+
+def _set_observed(p: dict, values) -> None:
+    p["nodes"]["observed"] = bytes(values)
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda p: _set_observed(p, [0] * 11), "nodes.observed: 11 items, expected 12"),
+        (lambda p: _set_observed(p, [0, 0, 2, 1, 1, 0, 0, 1, 1, 0, 1, 1]), "only 0 and 1"),
+        (lambda p: p["nodes"].update(observed=[0, 1]), "nodes.observed must be bytes"),
+        (  # an observation token with a logprob: it was not sampled
+            lambda p: p["nodes"].update(logprobs=np.full(12, -0.5, "<f4").tobytes()),
+            "observation tokens must carry logprob 0.0",
+        ),
+        (  # leaf 5's path made of observations only (node 4 too)
+            lambda p: (
+                _set_observed(p, [0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1]),
+                p["nodes"].update(logprobs=p["nodes"]["logprobs"][:36] + bytes(12)),
+            ),
+            "leaf 5: every token of its path is an observation",
+        ),
+        (lambda p: p.update(schema=2), "schema version 2, expected 3"),
+    ],
+)
+def test_malformed_observation_masks_are_rejected_with_a_reason(mutate, reason):
+    p = _payload(tool_tree())
+    mutate(p)
+    with pytest.raises(WireError, match=reason):
+        decode_tree(_pack(p))
+
+
+def test_observation_flags_are_checked_in_memory():
+    t = tool_tree()
+    t.segments[1].observed = np.array([True, False])
+    with pytest.raises(WireError, match="node 2: 1 tokens but 2 observation flags"):
+        encode_tree(t)
+    t = tool_tree()
+    t.segments[1] = Segment(2, 1, 2, [12], [-1.0], 1, [2])
+    with pytest.raises(WireError, match="node 2: observed must be a 1-D mask of 0/1"):
+        t.validate()
+    t = tool_tree()
+    t.segments[0].logprobs[1] = np.nan  # sampled tokens keep their checks
+    with pytest.raises(WireError, match="non-finite"):
+        t.validate()
+
+
+def test_decode_metrics_count_sampled_tokens_only():
+    """``tree/distinct_tokens`` and ``tree/leaf_tokens`` are what was decoded: observation tokens are
+    prefilled from the tool's result, never decoded, so neither counts them."""
+    m = tree_metrics([tool_tree()])
+    assert m["tree/distinct_tokens"] == 5 and m["tree/leaf_tokens"] == 3 + 3 + 1
+    assert m["tree/decoded_vs_flat"] == pytest.approx(5 / 7)

@@ -175,3 +175,33 @@ def test_entropy_and_staleness_metrics():
     )
     assert m["learner/entropy"].value == pytest.approx(math.log(4))
     assert m["staleness/token_mean"].value == 1.0 and m["staleness/token_max"].value == 2.0
+
+
+@pytest.mark.parametrize("variant", ["token", "sequence", "sequence_product", "mask", "none"])
+def test_masked_tokens_are_inert_whatever_they_hold(variant):
+    """Masked targets (padding, a tool's observation tokens: behavior logprob a 0.0 placeholder) add
+    nothing to the loss, its gradient or any metric, even when their per-token values are garbage
+    (huge, positive, NaN, inf): the result is bit-identical to the same batch with sane values."""
+    logp, prox, beh, adv, mask, ref = make_batch(seed=6)
+    mask[1, 2:4] = 0  # an observation span in the middle of a row
+    p = LossParams(0.2, 0.28, 3.0, variant, 1.5, 0.05)
+    ent, stale = torch.rand(logp.shape, dtype=D), torch.ones(logp.shape, dtype=D)
+
+    def run(logp_in, prox_in, beh_in, adv_in, ref_in, ent_in, stale_in):
+        x = logp_in.detach().clone().requires_grad_(True)
+        loss, m = policy_loss(x, prox_in, beh_in, adv_in, mask, 11.0, p, ref_in, ent_in, stale_in)
+        (g,) = torch.autograd.grad(loss, x)
+        return loss.detach(), g, {k: v.value for k, v in m.items()}
+
+    want = run(logp, prox, beh, adv, ref, ent, stale)
+    off = mask == 0
+    garbage = [x.detach().clone() for x in (logp, prox, beh, adv, ref, ent, stale)]
+    for i, x in enumerate(garbage):
+        x[off] = torch.tensor([80.0, -1e4, math.nan, math.inf, 3.0, -math.inf, 7.0], dtype=D)[i]
+    got = run(*garbage)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[2] == want[2]
+    assert float(got[1][off].abs().sum()) == 0.0 and math.isfinite(float(got[0]))
+    # ... and the loss is the formula over the unmasked tokens only
+    expected = reference_loss(logp, prox, beh, adv, mask, 11.0, p, ref)
+    assert float(want[0]) == pytest.approx(float(expected.detach()), rel=1e-10, abs=1e-12)

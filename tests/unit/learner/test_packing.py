@@ -1,12 +1,14 @@
 """Tree-packed and padding-free micro-batches equal the per-leaf padded path: logprobs, loss, every
 metric and every parameter gradient, in float32 on CPU, over random trees (shapes, early-ending and
-EOS-shortened leaves, leaves at internal nodes, siblings that start alike, repeated prompts)."""
+EOS-shortened leaves, leaves at internal nodes, siblings that start alike, repeated prompts); and with
+tool turns, every packing masks observation tokens exactly as a written-out padded reference does."""
 
 from __future__ import annotations
 
 import copy
 import math
 import typing
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,12 +16,13 @@ import torch
 
 from common.config import AlgoConfig, LearnerConfig, ModelConfig, PackingMode
 from common.errors import ConfigError
-from common.tree import Leaf, Segment, Tree
-from learner.batching import leaf_sequences
+from common.tree import Leaf, Segment, Tree, decode_tree, encode_tree
+from learner.batching import LeafSequence, leaf_sequences
 from learner.loss import LossParams
 from learner.packed import prefix_links
 from learner.packing import PACKERS, computed_tokens, make_packer
 from learner.rank import LearnerRank
+from learner.synthetic import synthetic_trees
 
 VOCAB = 40
 
@@ -199,3 +202,157 @@ def test_every_allowed_packing_has_one_packer():
     assert set(PACKERS) == set(typing.get_args(PackingMode))
     for mode in PACKERS:
         assert make_packer(mode).mode == mode
+
+
+# ---------------------------------------------------------------------------------- observation tokens
+def observed_tree(rng, tid: str, prompt=None) -> Tree:
+    """:func:`random_tree` with tool turns: a segment's tail marked as observation tokens (logprob 0.0)
+    or a whole non-root segment made of them (a tool result as its own segment)."""
+    tree = random_tree(rng, tid, prompt)
+    depth_one = {s.node_id for s in tree.segments if s.parent_id == 0}
+    for s in tree.segments:
+        n, obs = len(s.token_ids), np.zeros(len(s.token_ids), dtype=bool)
+        if s.parent_id not in depth_one and s.parent_id != 0 and rng.random() < 0.15:
+            obs[:] = True  # its parent has a sampled token (parents are not made whole observations)
+        elif n >= 2 and rng.random() < 0.5:
+            obs[n - int(rng.integers(1, n)) :] = True
+        if obs.any():
+            s.observed, s.logprobs = obs, np.where(obs, 0.0, s.logprobs).astype(np.float32)
+            depth_one.add(s.node_id)  # children of a whole-observation segment keep their samples
+    tree.validate()
+    return tree
+
+
+def _observation_batches(seed: int):
+    rng = np.random.default_rng(seed)
+    out = []
+    for b in range(3):
+        trees = [observed_tree(rng, f"o{b}-{i}") for i in range(4)]
+        trees.append(observed_tree(rng, f"o{b}-dup", prompt=trees[0].prompt_ids))
+        out.append((trees, [rng.normal(size=len(t.leaves)) for t in trees]))
+    return out
+
+
+def _observed_R(tree: Tree, leaf: Leaf) -> np.ndarray:
+    """Which response tokens of ``leaf`` are observations, read straight off its path's segments."""
+    return np.concatenate(
+        [
+            np.zeros(len(s.token_ids), bool) if s.observed is None else s.observed
+            for s in tree.path(leaf.node_id)
+        ]
+    )
+
+
+def _reference(module, trees, seqs, params: LossParams, temperature: float):
+    """The loss and gradients written out: one padded row per leaf through a copy of the model, the
+    PPO-clip / dual-clip / token-IS / k3-KL formula per token, each observation token's loss weight
+    explicitly 0 and the normaliser the count of the others."""
+    module.zero_grad(set_to_none=True)
+    weights = [1.0 - _observed_R(t, lf) for t in trees for lf in t.leaves if lf.length]
+    total = float(sum(w.sum() for w in weights))
+    loss = torch.zeros((), dtype=torch.float32)
+    logps = []
+    for s, w in zip(seqs, weights, strict=True):
+        ids = torch.from_numpy(s.token_ids).unsqueeze(0)
+        logits = module(input_ids=ids, use_cache=False).logits[0, :-1].float() / temperature
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[s.prompt_len - 1 :, 0]
+        logps.append(logp.detach().numpy())
+        prox, beh, ref = (
+            torch.from_numpy(x) for x in (s.prox_logprobs_R, s.behavior_logprobs_R, s.ref_logprobs_R)
+        )
+        a, r = s.advantage, torch.exp(logp - prox)
+        term = torch.maximum(-a * r, -a * r.clamp(1 - params.clip_low, 1 + params.clip_high))
+        if a < 0:
+            term = torch.minimum(term, torch.full_like(term, -a * params.dual_clip))
+        term = term * torch.exp(prox - beh).clamp(max=params.is_cap)
+        d = ref - logp
+        term = term + params.kl_coef * (torch.exp(d) - d - 1)
+        on = torch.from_numpy(w > 0)
+        loss = loss + (torch.from_numpy(w)[on].float() * term[on]).sum()
+    loss = loss / total
+    loss.backward()
+    return float(loss.detach()), _grads_of(module), logps, total
+
+
+def _grads_of(module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _step(rank, seqs):
+    metrics = rank.forward_backward(seqs)
+    out = (rank._loss_sum, metrics, _grads(rank))
+    rank.optimizer.zero_grad(set_to_none=True)
+    rank._reset_accumulators()
+    return out
+
+
+@pytest.mark.parametrize("name", ["none", "tree", "tree-mask", "flat"])
+def test_observation_tokens_are_masked_in_every_packing(ranks, name):
+    """Trees with tool turns (observation spans in shared prefixes, in single leaves, whole observation
+    segments): the packing's loss and gradients equal the written-out padded reference in which those
+    tokens weigh 0; and garbage at observation tokens (behavior, π_prox, reference logprobs) changes
+    neither the loss nor any gradient by a single bit."""
+    rank = ranks[name]
+    params = LossParams(clip_low=0.2, clip_high=0.28, dual_clip=3.0, is_correction="token", kl_coef=0.05)
+    rank.loss_params = params
+    reference = copy.deepcopy(ranks["none"].module)
+    rng = np.random.default_rng(11)
+    shared = single = 0
+    for trees, adv in _observation_batches(seed=5):
+        for t in trees:
+            below = {s.node_id: sum(s.node_id in p for p in t.leaf_paths()) for s in t.segments}
+            shared += sum(s.num_observed for s in t.segments if below[s.node_id] > 1)
+            single += sum(s.num_observed for s in t.segments if below[s.node_id] == 1)
+        seqs = leaf_sequences(trees, adv)
+        rank.prepare(seqs)
+        for s in seqs:  # off-policy: ratios away from 1, so the clip branches are hit
+            s.prox_logprobs_R = s.prox_logprobs_R + rng.normal(scale=0.4, size=s.response_len).astype(
+                np.float32
+            )
+        loss, metrics, grads = _step(rank, seqs)
+        want, want_grads, logps, total = _reference(reference, trees, seqs, params, rank.temperature)
+        assert metrics["learner/tokens"] == total == rank.global_token_count(seqs)
+        assert total < sum(s.response_len for s in seqs)
+        assert math.isclose(loss, want, rel_tol=1e-5, abs_tol=1e-6), (loss, want)
+        assert set(grads) == set(want_grads)
+        for key, g0 in want_grads.items():
+            scale = float(g0.abs().max()) + 1e-8
+            assert float((grads[key] - g0).abs().max()) <= 1e-4 * scale + 1e-7, key
+        fresh = rank.compute_logprobs(seqs)  # the packing's logprobs: the model's, 0.0 on observations
+        for s, lp, got in zip(seqs, logps, fresh):
+            on = s.loss_mask_R > 0
+            np.testing.assert_allclose(got[on], lp[on], rtol=0, atol=2e-5)
+            assert not got[~on].any()
+        garbled = copy.deepcopy(seqs)
+        for s in garbled:
+            off = s.loss_mask_R == 0
+            s.behavior_logprobs_R[off] = 5.0
+            s.prox_logprobs_R[off] = rng.choice([-100.0, 50.0, 3.0], size=int(off.sum()))  # exp overflows
+            s.ref_logprobs_R[off] = -80.0
+        g_loss, g_metrics, g_grads = _step(rank, garbled)
+        assert g_loss == loss and g_metrics == metrics
+        assert all(torch.equal(g_grads[k], grads[k]) for k in grads)
+    assert shared > 0 and single > 0
+
+
+def test_synthetic_trees_with_tool_turns_reach_the_loss_masks():
+    """``synthetic_trees(tool_prob=...)``: observation spans in shared segments and in single leaves,
+    valid on the wire; each leaf sequence's loss mask is 0 exactly on its path's observation tokens."""
+    trees = synthetic_trees(6, w=4, depth=3, seg_len=4, tool_prob=0.4, tool_len=3, seed=2)
+    assert synthetic_trees(2, seed=2)[0].num_observation_tokens() == 0  # off by default
+    seqs = leaf_sequences(trees, [np.ones(len(t.leaves)) for t in trees])
+    kinds = set()
+    for t in trees:
+        assert decode_tree(encode_tree(t)).num_observation_tokens() == t.num_observation_tokens()
+        below = Counter(n for p in t.leaf_paths() for n in p)
+        kinds |= {below[s.node_id] > 1 for s in t.segments if s.num_observed}
+        assert t.num_tokens() == sum(len(s.token_ids) for s in t.segments) - t.num_observation_tokens()
+    assert kinds == {True, False}
+    masks = [1.0 - _observed_R(t, lf) for t in trees for lf in t.leaves]
+    assert len(masks) == len(seqs)
+    for s, m in zip(seqs, masks):
+        np.testing.assert_array_equal(s.loss_mask_R, m)
+        assert s.loss_tokens == int(m.sum()) and not s.behavior_logprobs_R[m == 0].any()
+    with pytest.raises(ValueError, match="loss_mask_R has shape"):
+        LeafSequence(np.arange(5), 2, np.zeros(3), np.zeros(3, np.int64), 0.0, loss_mask_R=np.ones(2))
+    assert LeafSequence(np.arange(5), 2, np.zeros(3), np.zeros(3, np.int64), 0.0).loss_tokens == 3
