@@ -11,9 +11,9 @@ bytecode written) in a fresh temporary directory, its working directory, removed
 - no network, no new processes and no writes outside its directory: an audit hook installed before
   the code runs refuses them (:mod:`common.tools.sandbox_child` lists what it refuses and its limits).
 
-The result is the program's standard output (its last newline dropped). Every failure is the text ``error: <reason>`` (a time
-out, the memory limit, a refused operation, an exception, a non-zero exit), never an exception in the
-caller, and the next call runs as usual.
+The result is the program's standard output (its last newline dropped). Every failure is the text
+``error: <reason>`` (a time out, the memory limit, a refused operation, an exception, a non-zero exit),
+never an exception in the caller, and the next call runs as usual.
 """
 
 from __future__ import annotations

@@ -20,9 +20,13 @@ The hook looks up nothing at call time that the code could replace: the function
 are bound when it is made (closure cells), and it resolves paths with its own ``realpath`` over the C
 functions of ``posix``, so patching ``os.path`` or ``builtins`` changes nothing.
 
-Limits of the guard: reading files is allowed; a path object whose ``__fspath__`` answers differently
-on each call, or a symbolic link swapped by a second thread between the check and the open, can slip
-past the path check. For code written to attack the host, run the generators in a container.
+``os.mkfifo`` and ``os.mknod`` raise no audit event: they are removed from ``os`` and ``posix``.
+
+Limits of the guard: reading files is allowed; a fresh copy of ``posix`` made through ``_imp`` still
+has ``mkfifo`` and ``mknod`` (they make empty special files, nothing more); a path object whose
+``__fspath__`` answers differently on each call, or a symbolic link swapped by a second thread between
+the check and the open, can slip past the path check. For code written to attack the host, run the
+generators in a container.
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ PATH_EVENTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+# Functions that create files but raise no audit event: removed from os and posix.
+UNAUDITED = ("mkfifo", "mknod")
 
 
 def make_realpath(lstat=posix.lstat, readlink=posix.readlink, getcwd=posix.getcwd, error=OSError):
@@ -234,6 +240,9 @@ def main(argv: list[str]) -> None:
     module.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = module
     sys.argv = ["<python>"]
+    for name in UNAUDITED:
+        os.__dict__.pop(name, None)
+        posix.__dict__.pop(name, None)
     sys.addaudithook(make_hook(root))
     exec(code, module.__dict__)
 

@@ -102,6 +102,16 @@ def test_write_outside_its_directory_is_refused(runner, tmp_path):
     still_serving(runner)
 
 
+def test_files_made_without_an_audit_event_are_not_reachable(runner, tmp_path):
+    for code in (
+        f"import os\nos.mkfifo({str(tmp_path / 'f')!r})",
+        f"import posix\nposix.mknod({str(tmp_path / 'n')!r})",
+    ):
+        result = run_code(runner, code)
+        assert not result.ok and "has no attribute" in result.text, result.text
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_removing_or_renaming_outside_is_refused(runner, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("mine")
@@ -142,6 +152,11 @@ def test_huge_output_is_capped_quickly(runner):
     assert elapsed < 3, elapsed
     assert len(result.text) < 17 * 1024
     assert result.text.startswith("x" * 1000) and result.text.endswith("the program was stopped]")
+    # stopped at the cap, not drained: a program that never stops printing returns as soon
+    start = time.monotonic()
+    result = run_code(runner, 'while True:\n    print("y" * 1000)')
+    assert result.text.startswith("y" * 1000) and result.text.endswith("the program was stopped]")
+    assert time.monotonic() - start < 0.9  # well before the 1 s time-out
     still_serving(runner)
 
 
