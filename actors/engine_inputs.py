@@ -17,6 +17,9 @@ Rules kept here and nowhere else:
   included) and the reward scores the text before it (:class:`common.stops.StopRule`).
 - Every text is decoded without special tokens.
 - The engine has room for the longest prompt it will see (:func:`actors.backends.backend_for_run`).
+- With ``tools``, a segment also ends at a tool call (the format's closing string is one of the
+  engine's stop strings) and every sampler of the process shares one tool runner
+  (:class:`actors.tool_turns.ToolTurns`).
 
 Rewards hold verifier subprocess pipes: build them in the process that scores (the generator actor).
 """
@@ -86,6 +89,7 @@ class EngineInputs:
     tokenizer: Any
     stop_ids: list[int]
     stop_strings: list[str] = field(default_factory=list)
+    _tools: Any = field(default=None, repr=False)
 
     @classmethod
     def load(cls, cfg: TrainConfig, model_path: str | None = None) -> EngineInputs:
@@ -169,8 +173,18 @@ class EngineInputs:
         return backend_for_run(self.cfg, self.model_path, self.stop_ids, longest, seed=seed)
 
     def sampler(self, backend: Any, **kw: Any) -> Any:
-        """A :class:`actors.sampler.TreeSampler` on ``backend`` with the config's tree and sampling."""
+        """A :class:`actors.sampler.TreeSampler` on ``backend`` with the config's tree, sampling and tools."""
         from actors.sampler import TreeSampler
 
         kw.setdefault("stop_strings", self.stop_strings)
+        kw.setdefault("tools", self.tool_turns)
         return TreeSampler(backend, self.cfg.tree, self.cfg.sampling, self.stop_ids, self.decode, **kw)
+
+    @property
+    def tool_turns(self) -> Any:
+        """The config's tools (:class:`actors.tool_turns.ToolTurns`, built once), or None without."""
+        if self._tools is None and self.cfg is not None and self.cfg.tools:
+            from actors.tool_turns import ToolTurns
+
+            self._tools = ToolTurns.from_config(self.cfg, self.tokenizer, self.decode)
+        return self._tools

@@ -94,7 +94,7 @@ def run_eval(
         backend, prompts, reward, tree_cfg=tree_cfg or cfg.tree, sampling_cfg=cfg.sampling,
         eos_ids=inputs.stop_ids, stop_strings=inputs.stop_strings, decode=inputs.decode,
         k=k or cfg.eval.k, sampling=sampling,
-        max_in_flight=cfg.generators.trees_in_flight, **kw,
+        max_in_flight=cfg.generators.trees_in_flight, tools=inputs.tool_turns, **kw,
     )  # fmt: skip
 
 
@@ -127,9 +127,11 @@ def evaluate(
     keep_texts: bool = False,
     progress: Callable[[int], None] | None = None,
     stop_strings: Sequence[str] = (),
+    tools: Any = None,
 ) -> EvalResult:
     """Sample and score k answers for each ``EncodedPrompt`` (``.row`` with id/answer, ``.prompt_ids``).
-    A response ends at its first stop token (``eos_ids``) or stop string (``stop_strings``)."""
+    A response ends at its first stop token (``eos_ids``) or stop string (``stop_strings``); with
+    ``tools`` (:class:`actors.tool_turns.ToolTurns`) its tool calls run as in training."""
     stats = SamplingStats()
     sampler = TreeSampler(
         backend,
@@ -140,6 +142,7 @@ def evaluate(
         stats=stats,
         generator_id=-1,
         stop_strings=stop_strings,
+        tools=tools,
     )
     eos = StopRule.of(eos_ids, stop_strings)
     items = [(p.row.id, p.prompt_ids, prompt_metadata(p.row)) for p in prompts]

@@ -21,6 +21,12 @@ from its own seed, whatever else shares the engine's batch. (Without per-request
 one random stream is consumed in a different order, so the trees differ between the two, as they do
 between two batch compositions of one expansion.)
 
+Tools: a wave whose segments end in tool calls completes in two halves
+(:meth:`actors.sampler.TreeSampler.begin_wave`, then ``finish_wave`` once the calls are done). The
+level expansion starts every tree's calls before waiting for any; the barrier-free one parks the tree
+while its calls run and keeps stepping the engine for the others, so a slow tool stalls only its
+own tree.
+
 Weights: a request records the policy version it was submitted under; the version must not change
 while it is in the engine (``TreeSampler.drain`` first, as the generator does before an update).
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,13 +76,12 @@ class LevelExpansion:
         if len(results) != len(requests):
             raise RuntimeError(f"backend returned {len(results)} results for {len(requests)} requests")
         s.stats.record_step(results, wall)
-        finished, i = [], 0
-        for tree_id, reqs in waves:
-            tree = s.complete_wave(tree_id, reqs, results[i : i + len(reqs)], version)
+        i = 0
+        for tree_id, reqs in waves:  # every tree's tool calls start before any is waited for
+            s.begin_wave(tree_id, reqs, results[i : i + len(reqs)], version)
             i += len(reqs)
-            if tree is not None:
-                finished.append(tree)
-        return finished
+        finished = [s.finish_wave(tree_id) for tree_id, _ in waves]
+        return [tree for tree in finished if tree is not None]
 
     def drain(self) -> list[Any]:
         return []
@@ -98,6 +104,7 @@ class BarrierFreeExpansion:
         self.stream = request_stream(sampler.backend)
         self._waves: dict[str, _Wave] = {}  # tree id -> its wave in the engine
         self._owner: dict[str, tuple[str, int]] = {}  # request id -> (tree id, index in the wave)
+        self._parked: dict[str, list[Future]] = {}  # tree id -> its wave's tool calls, running
 
     @property
     def in_engine(self) -> int:
@@ -110,20 +117,23 @@ class BarrierFreeExpansion:
         s = self.sampler
         if submit:
             for tree_id in s.tree_ids():
-                if tree_id not in self._waves:
+                if tree_id not in self._waves and tree_id not in self._parked:
                     self._submit(tree_id)
         finished: list[Any] = []
         results: list[GenResult] = []
         t0 = time.perf_counter()
-        while self._owner:
-            done = self._engine_step(results)
-            for wave in done:
-                tree = self._complete(wave)
+        while self._owner or self._parked:
+            done = self._engine_step(results) if self._owner else []
+            ready = [t for t in (self._complete(wave) for wave in done) if t is not None]  # else parked
+            # wait for a tool only when nothing else can move
+            ready += self._parked_done(block=not self._owner and not ready)
+            for tree_id in ready:
+                tree = s.finish_wave(tree_id)
                 if tree is not None:
                     finished.append(tree)
                 elif submit:
-                    self._submit(wave.tree_id)
-            if done:
+                    self._submit(tree_id)
+            if ready:
                 break
         if results:
             s.stats.record_step(results, time.perf_counter() - t0)
@@ -131,11 +141,21 @@ class BarrierFreeExpansion:
 
     def drain(self) -> list[Any]:
         """Engine steps until nothing of this sampler is in the engine; no new wave starts (the trees
-        that branched meanwhile submit theirs at the next :meth:`step`)."""
+        that branched meanwhile submit theirs at the next :meth:`step`). A tree whose tool calls run
+        stays parked: it has nothing in the engine."""
         finished: list[Any] = []
         while self._owner:
             finished += self.step(submit=False)
         return finished
+
+    def _parked_done(self, block: bool) -> list[str]:
+        """The parked trees whose tool calls are all done; ``block``: wait until one is."""
+        if block and self._parked:
+            wait([f for fs in self._parked.values() for f in fs], return_when=FIRST_COMPLETED)
+        ready = [tree_id for tree_id, fs in self._parked.items() if all(f.done() for f in fs)]
+        for tree_id in ready:
+            del self._parked[tree_id]
+        return ready
 
     def _submit(self, tree_id: str) -> None:
         s = self.sampler
@@ -166,7 +186,9 @@ class BarrierFreeExpansion:
                 done.append(wave)
         return done
 
-    def _complete(self, wave: _Wave) -> Any:
+    def _complete(self, wave: _Wave) -> str | None:
+        """Add a finished wave's segments; its tree id when it can branch now, None when it is parked
+        on its tool calls."""
         del self._waves[wave.tree_id]
         version = int(self.sampler.backend.policy_version)
         if version != wave.version:
@@ -174,4 +196,8 @@ class BarrierFreeExpansion:
                 f"tree {wave.tree_id}: the policy version changed from {wave.version} to {version} while "
                 "its segments were in the engine: call TreeSampler.drain() before updating the weights"
             )
-        return self.sampler.complete_wave(wave.tree_id, wave.requests, wave.results, wave.version)
+        calls = self.sampler.begin_wave(wave.tree_id, wave.requests, wave.results, wave.version)
+        if calls and not all(f.done() for f in calls):
+            self._parked[wave.tree_id] = calls
+            return None
+        return wave.tree_id

@@ -47,6 +47,10 @@ Deviations from the authors' release (deliberate, see docs/algorithm.md):
   release gives them all to the last path: ``remainder=last``).
 - The restart with no fallback candidate queues ``min(root divergence, w − F)`` root children, like
   a fresh start; fallback cycles through the candidates if ``b`` copies each do not use the budget.
+- Tools (``tools``, :mod:`actors.tool_turns`): a segment also ends right after a complete tool
+  call; the path stays live, the call runs and its result is appended to that segment as
+  observation tokens (never sampled, masked from the loss), and the rules above apply at that
+  boundary as at a length boundary: the children continue after the observation.
 - Flat mode (GRPO) is the degenerate tree: ``w`` root children, no branching, and one segment of
   Lmax tokens per leaf (independent sampling, the honest baseline: no per-segment overhead).
 
@@ -68,6 +72,7 @@ import numpy as np
 
 from actors.backends.base import GenerationBackend, GenRequest, GenResult
 from actors.expansion import make_expansion
+from actors.tool_turns import TOOL_CALLS_KEY, TOOL_ERRORS_KEY
 from common.answers import last_boxed
 from common.config import SamplingConfig, TreeConfig
 from common.errors import ConfigError
@@ -205,7 +210,14 @@ class _Node:
     token_ids: list[int]
     logprobs: list[float]
     version: int
-    resp_len: int  # response tokens up to and including this node
+    resp_len: int  # response tokens up to and including this node (observation tokens included)
+    calls: int = 0  # tool calls on the path up to and including this node
+    call: Any = None  # the tool call (common.tools.ToolCall) this segment ends in, if any
+    observed: int = 0  # observation tokens at the end of token_ids (a tool's result)
+
+    @property
+    def sampled_logprobs(self) -> list[float]:
+        return self.logprobs[: len(self.logprobs) - self.observed]
 
 
 @dataclass
@@ -231,6 +243,10 @@ class _TreeState:
     restarts: int = 0  # fallbacks with no candidate leaf: re-seeded from the root
     steps: int = 0
     t_start: float = 0.0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    waiting: list = field(default_factory=list)  # (node, future) of the depth's tool calls
+    wave: tuple[list[_Node], int] = ([], 0)  # the depth's live nodes and paths finished at it
 
     def new_pending(self, parent_id: int, depth: int) -> None:
         self.pending.append(_Pending(self.next_id, parent_id, depth))
@@ -282,8 +298,10 @@ class TreeSampler:
         require_eos: bool = True,
         stop_strings: Sequence[str] = (),
         expansion: str | None = None,
+        tools: Any = None,
     ) -> None:
         self.backend = backend
+        self.tools = tools  # actors.tool_turns.ToolTurns, or None
         self.cfg = tree_cfg
         self.sampling = sampling_cfg or SamplingConfig()
         self.stop = StopRule.of(eos_ids, stop_strings)
@@ -392,8 +410,16 @@ class TreeSampler:
         self, tree_id: str, requests: Sequence[GenRequest], results: Sequence[GenResult], version: int
     ) -> Tree | None:
         """Add the segments of tree ``tree_id``'s pending depth (``results`` of ``requests``, sampled
-        under policy ``version``), then branch or fall back. Returns the tree once it has its ``w``
-        leaves (it leaves the sampler), else None (its next depth is pending)."""
+        under policy ``version``), wait for their tool calls, then branch or fall back. Returns the
+        tree once it has its ``w`` leaves (it leaves the sampler), else None (its next depth is pending)."""
+        self.begin_wave(tree_id, requests, results, version)
+        return self.finish_wave(tree_id)
+
+    def begin_wave(
+        self, tree_id: str, requests: Sequence[GenRequest], results: Sequence[GenResult], version: int
+    ) -> list[Any]:
+        """The first half of :meth:`complete_wave`: add the depth's segments and start the tool calls
+        they end in; returns those calls' futures (:meth:`finish_wave` once they are done)."""
         st = self._trees[tree_id]
         if len(results) != len(st.pending) or len(requests) != len(st.pending):
             raise RuntimeError(
@@ -405,11 +431,27 @@ class TreeSampler:
             node, reason = self._add_segment(st, p, res, version, req.max_tokens)
             if reason is None:
                 live.append(node)
+                if node.call is not None:
+                    st.waiting.append((node, self.tools.submit(node.call, node.calls - 1)))
             else:
                 st.leaves.append(Leaf(node.node_id, reason, node.resp_len))
                 f += 1
         st.steps += 1
         st.pending = []
+        st.wave = (live, f)
+        return [future for _, future in st.waiting]
+
+    def finish_wave(self, tree_id: str) -> Tree | None:
+        """The second half of :meth:`complete_wave`: append the tool results (waiting for them), then
+        branch or fall back; the tree once it has its ``w`` leaves, else None."""
+        st = self._trees[tree_id]
+        live, f = st.wave
+        for node, future in st.waiting:
+            if not self._observe(st, node, future.result()):
+                live.remove(node)
+                st.leaves.append(Leaf(node.node_id, MAX_TOKENS, node.resp_len))
+                f += 1
+        st.waiting, st.wave = [], ([], 0)
         self._grow(st, live, f)
         if len(st.pending) + len(st.leaves) > self.cfg.w:
             raise RuntimeError(f"tree {tree_id}: a + F = {len(st.pending)} + {len(st.leaves)} > w")
@@ -454,11 +496,34 @@ class TreeSampler:
             ctx = st.response(p.parent_id)[-self.stop.context_tokens :] if parent_len else []
             at = self.stop.string_end(ctx, toks if eos_at is None else toks[:eos_at], self.decode_fn)
             eos_at = at if at is not None else eos_at
-        if eos_at is not None:  # EOS anywhere in the segment (the release misses a first-token EOS)
-            toks, lps = toks[: eos_at + 1], lps[: eos_at + 1]
+        call_at = None
+        if self.tools is not None:  # a tool call completed before the stop ends the segment there
+            call_at = self.tools.call_end(st.response(p.parent_id), toks if eos_at is None else toks[:eos_at])
+            eos_at = None if call_at is not None else eos_at
+        end = call_at if call_at is not None else eos_at
+        if end is not None:  # EOS anywhere in the segment (the release misses a first-token EOS)
+            toks, lps = toks[: end + 1], lps[: end + 1]
         node = _Node(p.node_id, p.parent_id, p.depth, toks, lps, version, parent_len + len(toks))
+        node.calls = st.nodes[p.parent_id].calls if p.parent_id != ROOT_ID else 0
+        if call_at is not None:
+            node.call = self.tools.parse(st.response(p.parent_id) + toks)
+            node.calls += node.call is not None
         st.nodes[node.node_id] = node
         return node, self._classify(st, node, eos_at is not None)
+
+    def _observe(self, st: _TreeState, node: _Node, result: Any) -> bool:
+        """Append a tool's ``result`` to ``node`` as observation tokens; False when it does not fit in
+        Lmax (cut there: the path ends)."""
+        st.tool_calls += 1
+        st.tool_errors += not result.ok
+        ids = self.tools.observation_ids(result)
+        room = self.lmax - node.resp_len
+        ids = ids[:room]
+        node.token_ids = node.token_ids + ids
+        node.logprobs = node.logprobs + [0.0] * len(ids)
+        node.observed = len(ids)
+        node.resp_len += len(ids)
+        return node.resp_len < self.lmax
 
     def _classify(self, st: _TreeState, node: _Node, eos_hit: bool) -> str | None:
         cfg = self.cfg
@@ -522,9 +587,9 @@ class TreeSampler:
         scores = []
         for node in live:
             if cfg.prob_score == "segment":
-                lps = node.logprobs
+                lps = node.sampled_logprobs
             else:
-                lps = [x for nid in st.path_ids(node.node_id) for x in st.nodes[nid].logprobs]
+                lps = [x for nid in st.path_ids(node.node_id) for x in st.nodes[nid].sampled_logprobs]
             scores.append(float(np.mean(lps)) if lps else 0.0)
         tau = cfg.prob_temperature
         if cfg.prob_temperature_end >= 0:
@@ -564,16 +629,18 @@ class TreeSampler:
 
     def _finish(self, st: _TreeState) -> Tree:
         segments = [
-            Segment(
+            Segment.with_observation(
                 n.node_id,
                 n.parent_id,
                 n.depth,
-                np.asarray(n.token_ids, np.int32),
-                np.asarray(n.logprobs, np.float32),
+                n.token_ids[: len(n.token_ids) - n.observed],
+                n.sampled_logprobs,
                 n.version,
+                n.token_ids[len(n.token_ids) - n.observed :],
             )
             for n in sorted(st.nodes.values(), key=lambda n: n.node_id)
         ]
+        tools = {TOOL_CALLS_KEY: st.tool_calls, TOOL_ERRORS_KEY: st.tool_errors} if self.tools else {}
         tree = Tree(
             tree_id=st.tree_id,
             prompt_id=st.prompt_id,
@@ -581,7 +648,7 @@ class TreeSampler:
             segments=segments,
             leaves=st.leaves,
             generator_id=self.generator_id,
-            metadata={**st.metadata, FALLBACKS_KEY: st.fallbacks, RESTARTS_KEY: st.restarts},
+            metadata={**st.metadata, FALLBACKS_KEY: st.fallbacks, RESTARTS_KEY: st.restarts, **tools},
             timings={"sample_s": time.perf_counter() - st.t_start},
         )
         self.stats.record_tree(tree)

@@ -64,6 +64,11 @@ METRICS: dict[str, str] = {
     "tree/decoded_vs_flat": "distinct_tokens / leaf_tokens: the decode cost against flat sampling.",
     "tree/decoded_per_leaf": "Decoded tokens per leaf.",
     "tree/flat_per_leaf": "Response tokens per leaf (what flat sampling decodes).",
+    "tree/tool_calls": "Tool calls run for the trees (with tools).",
+    "tree/tool_errors": "Tool calls answered 'error: ...' (a failing tool, a bad call, the per-response limit).",
+    "tree/tool_calls_per_leaf": "Tool calls on a leaf's path, averaged over leaves.",
+    "tree/observation_tokens": "Tool-result tokens stored in the trees (not decoded; masked from the loss).",
+    "tree/tool_branching": "Mean children of a node that ends in a tool call: the branching at tool boundaries.",
     # learner/
     "learner/loss": "Total loss (policy gradient plus any KL term).",
     "learner/pg_loss": "Policy-gradient (clipped surrogate) loss.",

@@ -15,7 +15,12 @@ prefix cache as the engine reports them, throughput); ``tree/`` keys describe th
   independently, every leaf's full response); both count sampled tokens only (a tool's
   observation tokens are not decoded); ``tree/decoded_vs_flat`` is their ratio and
   ``tree/decoded_per_leaf`` / ``tree/flat_per_leaf`` the per-leaf figures;
-- ``tree/finish/<reason>`` leaves per finish reason.
+- ``tree/finish/<reason>`` leaves per finish reason;
+- with tools (trees carrying :data:`TOOL_CALLS_KEY`): ``tree/tool_calls`` and ``tree/tool_errors``
+  (calls run and those answered ``error: ...``, from the tree's metadata), ``tree/tool_calls_per_leaf``
+  (calls on each leaf's path), ``tree/observation_tokens`` (tool-result tokens stored in the trees)
+  and ``tree/tool_branching`` (mean children of a node that ends in a tool call and has children:
+  the branching at tool boundaries).
 
 :meth:`SamplingStats.metrics` and :meth:`TreeTally.metrics` return ``{key: common.metrics.Metric}``;
 a logger combining several sources reduces each key with its own ``reduce`` (sum, mean or max),
@@ -33,6 +38,8 @@ from common.metrics import Metric, values
 
 FALLBACKS_KEY = "sampler_fallbacks"
 RESTARTS_KEY = "sampler_restarts"
+TOOL_CALLS_KEY = "tool_calls"
+TOOL_ERRORS_KEY = "tool_errors"
 
 
 @dataclass
@@ -49,6 +56,14 @@ class TreeTally:
     depth_hist: Counter = field(default_factory=Counter)  # leaf depth -> leaves
     children: Counter = field(default_factory=Counter)  # parent depth -> children of such parents
     parents: Counter = field(default_factory=Counter)  # depth -> nodes with at least one child
+    tool_trees: int = 0  # trees sampled with tools
+    tool_calls: int = 0
+    tool_errors: int = 0
+    tool_leaf_calls: int = 0  # calls summed over every leaf's path
+    tool_leaves: int = 0
+    observation_tokens: int = 0
+    tool_children: int = 0  # children of nodes that end in a tool call
+    tool_parents: int = 0
 
     def add(self, tree: Any) -> None:
         self.trees += 1
@@ -65,6 +80,21 @@ class TreeTally:
             self.leaf_tokens += tree.sampled_length(leaf)
             self.finish_reasons[leaf.finish_reason] += 1
             self.depth_hist[depth[leaf.node_id]] += 1
+        if TOOL_CALLS_KEY in tree.metadata:
+            self._add_tools(tree, kids)
+
+    def _add_tools(self, tree: Any, kids: Counter) -> None:
+        calling = {s.node_id for s in tree.segments if s.num_observed}
+        self.tool_trees += 1
+        self.tool_calls += int(tree.metadata.get(TOOL_CALLS_KEY, 0))
+        self.tool_errors += int(tree.metadata.get(TOOL_ERRORS_KEY, 0))
+        self.observation_tokens += tree.num_observation_tokens()
+        for leaf in tree.leaves:
+            self.tool_leaves += 1
+            self.tool_leaf_calls += sum(s.node_id in calling for s in tree.path(leaf.node_id))
+        for node_id in calling & set(kids):
+            self.tool_children += kids[node_id]
+            self.tool_parents += 1
 
     def update(self, trees: Iterable[Any]) -> TreeTally:
         for tree in trees:
@@ -98,6 +128,23 @@ class TreeTally:
             out[f"tree/leaf_depth/{depth}"] = Metric.sum(n)
         for depth, n in sorted(self.parents.items()):
             out[f"tree/branching/{depth}"] = Metric.mean(self.children[depth] / n, n)
+        if self.tool_trees:
+            out.update(self._tool_metrics())
+        return out
+
+    def _tool_metrics(self) -> dict[str, Metric]:
+        out = {
+            "tree/tool_calls": Metric.sum(self.tool_calls),
+            "tree/tool_errors": Metric.sum(self.tool_errors),
+            "tree/tool_calls_per_leaf": Metric.mean(
+                self.tool_leaf_calls / max(self.tool_leaves, 1), max(self.tool_leaves, 1)
+            ),
+            "tree/observation_tokens": Metric.sum(self.observation_tokens),
+        }
+        if self.tool_parents:
+            out["tree/tool_branching"] = Metric.mean(
+                self.tool_children / self.tool_parents, self.tool_parents
+            )
         return out
 
 

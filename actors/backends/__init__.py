@@ -64,8 +64,18 @@ def backend_for_run(
         eos_ids=eos_ids,
         seed=cfg.seed if seed is None else seed,
         max_model_len=longest_prompt + cfg.tree.max_response_tokens + cfg.generators.block_size + 8,
-        stop_strings=list(cfg.generators.stop),
+        stop_strings=[*cfg.generators.stop, *tool_stop_strings(cfg)],
     )
+
+
+def tool_stop_strings(cfg: TrainConfig) -> list[str]:
+    """The strings that end a tool call in ``tool_use.format`` (none without ``tools``): the engine
+    stops a segment there, and the sampler cuts at the same place."""
+    if not cfg.tools:
+        return []
+    from common.tools import stop_strings
+
+    return list(stop_strings(cfg.tool_use.format))
 
 
 __all__ = ["BackendCounters", "GenRequest", "GenResult", "GenerationBackend", "make_backend"]

@@ -272,6 +272,33 @@ class SamplingConfig:
             raise ConfigError(f"sampling.top_p={self.top_p} is outside (0, 1]: set it in (0, 1]")
 
 
+ToolFormat = Literal["tiny", "qwen"]  # tool_use.format
+
+
+@dataclass
+class ToolUseConfig:
+    format: str = choice(
+        ToolFormat,
+        "tiny",
+        "How a response calls a tool: 'tiny' ([calc 12*34], answered '=> 408', for the tiny character "
+        "models) | 'qwen' (Qwen2.5's <tool_call>{json}</tool_call>, answered in a tool turn of the chat template).",
+    )
+    max_calls: int = doc(
+        4, "Tool calls per trajectory; a call past it is answered 'error: ...' without running.", at_least=1
+    )
+    timeout_s: float = doc(
+        10.0, "Seconds a user tool may run (the built-ins bound their own time).", at_least=0.001
+    )
+    max_result_chars: int = doc(
+        512,
+        "A tool result longer than this is cut (the cut marked) before it becomes observation tokens.",
+        at_least=32,
+    )
+    workers: int = doc(
+        4, "Tool calls run at once per generator (threads; the python tool is a child process).", at_least=1
+    )
+
+
 GenerationBackend = Literal["vllm", "hf"]  # generators.backend
 
 

@@ -12,6 +12,7 @@ from common.config.generation import (
     ModelConfig,
     RewardConfig,
     SamplingConfig,
+    ToolUseConfig,
     TreeConfig,
 )
 from common.config.run import CheckpointConfig, EvalConfig, LogConfig, QueueConfig, SyncConfig
@@ -44,6 +45,13 @@ class TrainConfig:
     data: DataConfig = nested(DataConfig, "Prompts and templates.")
     tree: TreeConfig = nested(TreeConfig, "Segment-tree sampling.")
     sampling: SamplingConfig = nested(SamplingConfig, "Token sampling.")
+    tools: list = doc(
+        [],
+        "Tools a response may call, ending its segment there (the result follows as observation tokens, "
+        "masked from the loss): built-ins 'calculator' and 'python' (a limited child process), or "
+        "'file.py:fn' / 'module:fn' (fn(**arguments) -> str); 'name=target' renames one, e.g. [calc=calculator].",
+    )
+    tool_use: ToolUseConfig = nested(ToolUseConfig, "How tools are called and bounded (with tools).")
     generators: GeneratorConfig = nested(GeneratorConfig, "Generator actors and their engines.")
     reward: RewardConfig = nested(RewardConfig, "Reward function.")
     algo: AlgoConfig = nested(AlgoConfig, "Advantages, loss and off-policy bounds.")

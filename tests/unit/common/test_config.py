@@ -182,7 +182,7 @@ def test_allowed_values_are_the_literal_declared_with_the_field():
     import typing
 
     declared = dict(_choice_fields())
-    assert len(declared) == 26
+    assert len(declared) == 27
     assert declared["tree.mode"].metadata["choices"] == typing.get_args(C.TreeMode) == ("tree", "flat")
     assert declared["learner.packing"].metadata["choices"] == typing.get_args(C.PackingMode)
     assert declared["sync.receiver"].metadata["choices"] == typing.get_args(C.SyncReceiver)
