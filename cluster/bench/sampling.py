@@ -62,7 +62,10 @@ DEFAULT_SHAPES = "4x64,7x32"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--prompts", type=int, default=8, help="Number of prompts (synthetic arith problems)."
+        "--prompts",
+        type=int,
+        default=8,
+        help="Number of prompts (problems of the config's synthetic task, data.train; arith otherwise).",
     )
     parser.add_argument(
         "--stop-at-eos", action="store_true", help="Honour EOS (default: ignore it, the analytic case)."
@@ -169,7 +172,10 @@ def _measure(
     every shape; returns (per shape {mode: metrics}, the engine's block size, the timed prompts)."""
     inputs = EngineInputs.for_model(model)
     eos = inputs.stop_ids if args.stop_at_eos else []
-    rows = generate("arith", 2 * args.prompts, seed=cfg.seed, split="eval")
+    # the config's synthetic task (a long preset's problems have longer prompts), else arith's
+    spec = cfg.data.train if isinstance(cfg.data.train, str) else ""
+    task = spec.removeprefix("synthetic:") if spec.startswith("synthetic:") else "arith"
+    rows = generate(task, 2 * args.prompts, seed=cfg.seed, split="eval")
     encoded = [(r["id"], inputs.tokenizer.encode(r["prompt"], add_special_tokens=False)) for r in rows]
     # distinct warm-up prompts (no cache reuse) with the same batch-size ladder
     warm, prompts = encoded[: args.prompts], encoded[args.prompts :]
