@@ -23,6 +23,17 @@ from the line above it (a local step a tiny model learns) and a solution is ~150
 A wrong line carries its error to every later line, so the trees of a long scratchpad have
 something to choose between at several depths.
 
+``calc`` is the tool-use task: products of a 2-3 digit and a 2 digit number, beyond what a tiny model
+computes by itself, within reach when it calls the calculator (the ``tiny`` tool-call format)::
+
+    prompt:   "Compute 347*29.\n"
+    solution: "[calc 347*29]=> 10063\nThe answer is \boxed{10063}"
+
+``=> 10063\n`` is the tool's result: observation tokens, not the model's (``observation_spans``
+finds them in a solution; the warm-start puts no loss on them). Part of the warm-start solutions
+answer directly instead (``The answer is \boxed{...}``, a guess for the model), so RL has a choice
+to learn: call the tool.
+
 Splits are decided by a hash of the problem text, not by the seed: a problem is held out ("eval") for
 every seed or for none, so no seed can leak a held-out problem into "train".
 
@@ -110,6 +121,15 @@ class ArithTask:
         low = 0 if digits == 1 else 10 ** (digits - 1)
         return rng.randint(low, 10**digits - 1)
 
+    @staticmethod
+    def observation_spans(solution: str) -> list[tuple[int, int]]:
+        return []  # no tool results
+
+    def key(self) -> str:
+        """The task's parameters, in cache file names (a change of difficulty never reuses a file)."""
+        key = f"d{self.min_digits}-{self.max_digits}o{self.min_ops}-{self.max_ops}"
+        return key if self.scratchpad == "steps" else f"{key}-{self.scratchpad}"
+
     def vocabulary(self) -> str:
         text = "0123456789+-=.\n " + "Compute" + ANSWER_PREFIX + "\\boxed{}"
         if self.scratchpad == "rewrite":
@@ -117,16 +137,68 @@ class ArithTask:
         return "".join(sorted(set(text)))
 
 
-TASKS: dict[str, ArithTask] = {
+@dataclass(frozen=True)
+class CalcTask:
+    """Products of a ``min_digits..max_digits``-digit and a ``factor_digits``-digit number, solved by
+    calling the calculator (``tool_share`` of the warm-start solutions; the others answer directly)."""
+
+    name: str = "calc"
+    min_digits: int = 2
+    max_digits: int = 3
+    factor_digits: int = 2
+    tool: str = "calc"  # the tool's name in a call: configure it as tools=[calc=calculator]
+    tool_share: float = 0.3
+    max_new_tokens: int = 64
+
+    def problem(self, rng: random.Random) -> tuple[str, str, str]:
+        a = rng.randint(10 ** (rng.randint(self.min_digits, self.max_digits) - 1), 10**self.max_digits - 1)
+        b = rng.randint(10 ** (self.factor_digits - 1), 10**self.factor_digits - 1)
+        return f"Compute {a}*{b}.\n", str(a * b), self.tool_solution(f"{a}*{b}", str(a * b))
+
+    def tool_solution(self, expression: str, answer: str) -> str:
+        """The solution that calls the tool (its result follows the call as the tool writes it)."""
+        return f"[{self.tool} {expression}]=> {answer}\n" + ArithTask.answer_line(answer)
+
+    def direct_solution(self, answer: str) -> str:
+        """The solution that answers without the tool."""
+        return ArithTask.answer_line(answer)
+
+    @staticmethod
+    def observation_spans(solution: str) -> list[tuple[int, int]]:
+        """Character spans of the tool results in ``solution`` (``=> ...\n`` after a call)."""
+        spans, at = [], solution.find("]=> ")
+        while at >= 0:
+            end = solution.find("\n", at)
+            spans.append((at + 1, len(solution) if end < 0 else end + 1))
+            at = solution.find("]=> ", at + 1)
+        return spans
+
+    @staticmethod
+    def answer_line(answer: str, boxed: bool = True) -> str:
+        return ArithTask.answer_line(answer, boxed)
+
+    def key(self) -> str:
+        return f"d{self.min_digits}-{self.max_digits}x{self.factor_digits}-{self.tool}"
+
+    def vocabulary(self) -> str:
+        text = "0123456789*.\n " + "Compute" + ANSWER_PREFIX + "\\boxed{}" + f"[{self.tool} ]=> "
+        return "".join(sorted(set(text)))
+
+
+Task = ArithTask | CalcTask
+
+TASKS: dict[str, Task] = {
     "arith": ArithTask(),
     # Harder variant (1-2 digit operands) for larger models; same alphabet and answer check.
     "arith2": ArithTask(name="arith2", max_digits=2),
     # Long reasoning (~150-210 tokens per solution): decoding dominates a step's cost.
     "long": ArithTask(name="long", min_ops=7, max_ops=9, scratchpad="rewrite", max_new_tokens=256),
+    # Tool use: products the tiny model cannot compute, but can hand to the calculator.
+    "calc": CalcTask(),
 }
 
 
-def get_task(name: str) -> ArithTask:
+def get_task(name: str) -> Task:
     """The task registered under ``name``; DataError listing the known names otherwise."""
     try:
         return TASKS[name]
@@ -134,7 +206,7 @@ def get_task(name: str) -> ArithTask:
         raise DataError(f"unknown synthetic task {name!r}: use one of {', '.join(sorted(TASKS))}") from None
 
 
-def _task(task: str | ArithTask) -> ArithTask:
+def _task(task: str | Task) -> Task:
     return get_task(task) if isinstance(task, str) else task
 
 
@@ -142,13 +214,13 @@ def _problem_hash(task_name: str, prompt: str) -> str:
     return hashlib.sha256(f"{task_name}\0{prompt}".encode()).hexdigest()
 
 
-def split_of(task: str | ArithTask, prompt: str) -> str:
+def split_of(task: str | Task, prompt: str) -> str:
     """The split a problem belongs to, from its text alone (independent of any seed)."""
     h = _problem_hash(_task(task).name, prompt)
     return "eval" if int(h[:8], 16) < EVAL_FRACTION * 16**8 else "train"
 
 
-def generate(task: str | ArithTask, n: int, seed: int, split: str) -> list[dict]:
+def generate(task: str | Task, n: int, seed: int, split: str) -> list[dict]:
     """``n`` distinct problems of ``split`` ("train" | "eval"); the same (task, n, seed, split) gives the same rows.
 
     Rows are ``{"id", "prompt", "answer", "solution", "task"}``; ``id`` is derived from the problem
@@ -216,16 +288,10 @@ def synthetic_path(task: str, split: str, n: int, seed: int, cache_dir: str | Pa
     """Path of a JSONL file holding ``generate(task, n, seed, split)``, written once into the cache."""
     t = get_task(task)
     root = treepo_cache_dir(cache_dir)
-    path = root / "data" / f"{t.name}-{split}-n{n}-seed{seed}-{_task_key(t)}.jsonl"
+    path = root / "data" / f"{t.name}-{split}-n{n}-seed{seed}-{t.key()}.jsonl"
     if not path.exists():
         write_jsonl(generate(t, n, seed, split), path)
     return path
-
-
-def _task_key(t: ArithTask) -> str:
-    # Parameters in the file name, so a change of difficulty never reuses an old cache file.
-    key = f"d{t.min_digits}-{t.max_digits}o{t.min_ops}-{t.max_ops}"
-    return key if t.scratchpad == "steps" else f"{key}-{t.scratchpad}"
 
 
 def task_vocabulary(task: str) -> str:

@@ -178,34 +178,53 @@ def build_config(size: str, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
     )
 
 
-def _encode_rows(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
-    """(prompt + solution + EOS ids, prompt length) per row."""
+def _encode_rows(
+    tokenizer, rows: list[dict], task: str | None = None
+) -> list[tuple[list[int], int, list[int]]]:
+    """(prompt + solution + EOS ids, prompt length, positions of tool-result tokens) per row: a
+    tool's result (``task``'s observation spans) is in the input but has no loss, as in RL."""
+    spans_of = tasks.get_task(task).observation_spans if task else (lambda text: [])
     out = []
     for r in rows:
         p = tokenizer.encode(r["prompt"], add_special_tokens=False)
-        s = tokenizer.encode(r["solution"], add_special_tokens=False)
-        out.append((p + s + [tokenizer.eos_token_id], len(p)))
+        ids, observed, at = list(p), [], 0
+        for start, end in [*spans_of(r["solution"]), (len(r["solution"]), len(r["solution"]))]:
+            ids += tokenizer.encode(r["solution"][at:start], add_special_tokens=False)
+            piece = tokenizer.encode(r["solution"][start:end], add_special_tokens=False)
+            observed += range(len(ids), len(ids) + len(piece))
+            ids += piece
+            at = end
+        out.append((ids + [tokenizer.eos_token_id], len(p), observed))
     return out
 
 
 def _collate(
-    batch: list[tuple[list[int], int]], pad_id: int
+    batch: list[tuple[list[int], int, list[int]]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids, _ in batch)
+    width = max(len(ids) for ids, _, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    for i, (ids, plen) in enumerate(batch):
+    for i, (ids, plen, observed) in enumerate(batch):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attn[i, : len(ids)] = 1
         labels[i, plen : len(ids)] = torch.tensor(ids[plen:])  # loss on the response (and EOS) only
+        labels[i, observed] = -100  # never on a tool's result
     return input_ids, attn, labels
 
 
 def warm_start_rows(task: str, n: int, seed: int, unboxed_share: float = 0.0) -> list[dict]:
     """The warm-start data: ``n`` train problems, an ``unboxed_share`` of them (drawn with the seed)
-    ending in the bare answer ("The answer is 21") instead of the boxed one the reward requires."""
+    ending in the bare answer ("The answer is 21") instead of the boxed one the reward requires. A
+    tool task's problems call the tool in ``tool_share`` of them and answer directly in the others."""
     rows = tasks.generate(task, n, seed=seed, split="train")
+    t = tasks.get_task(task)
+    if isinstance(t, tasks.CalcTask):  # the others answer directly (a guess: RL learns to call the tool)
+        pick = random.Random(f"tool:{seed}")
+        rows = [
+            r if pick.random() < t.tool_share else {**r, "solution": t.direct_solution(r["answer"])}
+            for r in rows
+        ]
     if unboxed_share > 0:
         t = tasks.get_task(task)
         pick = random.Random(f"unboxed:{seed}")  # its own stream: unboxed_share=0 keeps the boxed-only data
@@ -248,7 +267,7 @@ def warm_start(
     ``max_steps``, the rate decays linearly to 10 % over :data:`WARMUP_COOLDOWN` steps. Returns the
     final loss, the steps run, the step the target was reached at (None if never) and the probes."""
     rows = warm_start_rows(task, min(WARMUP_TRAIN_ROWS, max_steps * WARMUP_BATCH), seed, unboxed_share)
-    data = _encode_rows(tokenizer, rows)
+    data = _encode_rows(tokenizer, rows, task)
     probe = tasks.generate(task, WARMUP_PROBE_PROBLEMS, seed=PROBE_SEED_OFFSET + seed, split="train")
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=WARMUP_LR, weight_decay=0.0, betas=(0.9, 0.98))
@@ -304,7 +323,7 @@ def _probe_due(step: int) -> bool:
     return step >= WARMUP_PROBE_FROM and step % WARMUP_PROBE_EVERY == 0
 
 
-def _train_step(model, opt, batch: list[tuple[list[int], int]], tokenizer) -> float:
+def _train_step(model, opt, batch: list[tuple[list[int], int, list[int]]], tokenizer) -> float:
     input_ids, attn, labels = _collate(batch, tokenizer.pad_token_id)
     loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
     opt.zero_grad(set_to_none=True)
@@ -317,7 +336,9 @@ def _train_step(model, opt, batch: list[tuple[list[int], int]], tokenizer) -> fl
 def _probe_solved(model, tokenizer, task: str, rows: list[dict]) -> float:
     """Greedy share of ``rows`` solved (boxed or bare); the model is left in training mode."""
     rng_state = torch.get_rng_state()
-    texts = sample_responses(model, tokenizer, rows, 0.0, max_new_tokens=tasks.get_task(task).max_new_tokens)
+    texts = sample_responses(
+        model, tokenizer, rows, 0.0, max_new_tokens=tasks.get_task(task).max_new_tokens, task=task
+    )
     solved = answer_report(task, rows, texts)["solved"]
     torch.set_rng_state(rng_state)
     model.train()
@@ -332,20 +353,46 @@ def sample_responses(
     temperature: float,
     seed: int = 0,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    task: str | None = None,
 ) -> list[str]:
-    """One response per row by sampling (temperature > 0) or greedy decoding (0)."""
+    """One response per row by sampling (temperature > 0) or greedy decoding (0). For a tool task
+    (``task``), a response that ends in a call gets the calculator's result appended, then goes on
+    (once: the task needs one call)."""
     model.eval()
     torch.manual_seed(seed)
+    tool = tasks.get_task(task) if task else None
+    if not isinstance(tool, tasks.CalcTask):
+        return _generate(model, tokenizer, [r["prompt"] for r in rows], temperature, max_new_tokens)
+    from common.tools import calculator, parse_tool_call, render_observation
+
+    texts = _generate(model, tokenizer, [r["prompt"] for r in rows], temperature, max_new_tokens, stop="]")
+    calls = [(i, parse_tool_call(t, "tiny")) for i, t in enumerate(texts)]
+    calls = [(i, c) for i, c in calls if c is not None and c.name == tool.tool and c.error is None]
+    for i, c in calls:
+        texts[i] += render_observation(calculator(next(iter(c.arguments.values()))), "tiny")
+    more = _generate(
+        model, tokenizer, [rows[i]["prompt"] + texts[i] for i, _ in calls], temperature, max_new_tokens // 2
+    )
+    for (i, _), tail in zip(calls, more):
+        texts[i] += tail
+    return texts
+
+
+def _generate(
+    model, tokenizer, prompts: list[str], temperature: float, max_new_tokens: int, stop: str | None = None
+) -> list[str]:
+    """Continuations of ``prompts`` (in chunks of 50), each ending at EOS, ``max_new_tokens`` or ``stop``."""
     texts: list[str] = []
-    for start in range(0, len(rows), 50):
-        chunk = rows[start : start + 50]
+    kwargs = (
+        dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+        if temperature > 0
+        else dict(do_sample=False)
+    )
+    if stop is not None:
+        kwargs.update(stop_strings=[stop], tokenizer=tokenizer)
+    for start in range(0, len(prompts), 50):
         enc = tokenizer(
-            [r["prompt"] for r in chunk], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        kwargs = (
-            dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-            if temperature > 0
-            else dict(do_sample=False)
+            prompts[start : start + 50], return_tensors="pt", padding=True, add_special_tokens=False
         )
         out = model.generate(
             **enc,
@@ -402,7 +449,7 @@ def _warm_start_and_measure(
             task,
             held_out,
             sample_responses(
-                model, tokenizer, held_out, temperature, seed, tasks.get_task(task).max_new_tokens
+                model, tokenizer, held_out, temperature, seed, tasks.get_task(task).max_new_tokens, task
             ),
         )
         info[f"pass_rate_{key}"] = report.pop("accuracy")

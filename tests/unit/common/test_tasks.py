@@ -166,3 +166,22 @@ def test_the_long_task_keeps_the_other_tasks_alphabets_and_cache_names(tmp_path)
         synthetic_path("long", "eval", 5, 0, cache_dir=tmp_path).name
         == "long-eval-n5-seed0-d1-1o7-9-rewrite.jsonl"
     )
+
+
+def test_calc_task_solutions_call_the_calculator_and_mark_its_result():
+    from common.tools import calculator, parse_tool_call
+
+    t = get_task("calc")
+    for r in generate("calc", 200, seed=1, split="train"):
+        a, b = re.fullmatch(r"Compute (\d+)\*(\d+)\.\n", r["prompt"]).groups()
+        assert 10 <= int(a) <= 999 and 10 <= int(b) <= 99 and r["answer"] == str(int(a) * int(b))
+        call_end = r["solution"].index("]") + 1
+        call = parse_tool_call(r["solution"][:call_end], "tiny")
+        assert call.name == "calc" and calculator(call.arguments["_"]) == r["answer"]
+        (span,) = t.observation_spans(r["solution"])
+        assert r["solution"][slice(*span)] == f"=> {r['answer']}\n" and span[0] == call_end
+        assert check_answer("calc", r["solution"], r["answer"])
+    assert (
+        t.observation_spans(t.direct_solution("12")) == [] == get_task("arith").observation_spans("1+2=3\n")
+    )
+    assert set("[calc ]=> *") <= set(task_vocabulary("calc"))

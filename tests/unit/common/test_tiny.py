@@ -280,3 +280,25 @@ def test_unboxed_share_is_checked_and_named_in_the_cache(tmp_path, monkeypatch):
     for bad in (1.0, -0.1, 0.123):
         with pytest.raises(ModelError, match="unboxed_share"):
             resolve_tiny("tiny:arith", size="xs", warmup_steps=3, unboxed_share=bad, cache_dir=tmp_path)
+
+
+def test_tool_task_warm_start_mixes_calls_and_direct_answers_and_puts_no_loss_on_tool_results():
+    from common.tiny import _collate, _encode_rows, build_tokenizer, warm_start_rows
+
+    rows = warm_start_rows("calc", 400, seed=3)
+    calls = [r for r in rows if r["solution"].startswith("[calc ")]
+    assert 0.2 < len(calls) / len(rows) < 0.4  # tool_share 0.3; the others answer directly
+    assert all(r["solution"] == "The answer is \\boxed{" + r["answer"] + "}" for r in rows if r not in calls)
+    tok = build_tokenizer("calc")
+    encoded = _encode_rows(tok, rows[:16], "calc")
+    input_ids, _, labels = _collate(encoded, tok.pad_token_id)
+    for i, (r, (ids, plen, observed)) in enumerate(zip(rows[:16], encoded)):
+        assert tok.decode(ids[plen:-1]) == r["solution"]  # the observation stays in the input
+        result = f"=> {r['answer']}\n" if r in calls else ""
+        assert tok.decode([ids[j] for j in observed]) == result
+        # loss on every response token but the tool's result (and on EOS)
+        expect = [j for j in range(plen, len(ids)) if j not in set(observed)]
+        assert (labels[i] != -100).nonzero().flatten().tolist() == expect
+    # arith rows encode exactly as before: no tool results
+    arith = warm_start_rows("arith", 8, seed=0)
+    assert all(not obs for _, _, obs in _encode_rows(build_tokenizer("arith"), arith, "arith"))
