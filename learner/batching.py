@@ -29,25 +29,27 @@ class LeafSequence:
     advantage: float  # the leaf's (whitened) advantage, the same on all its response tokens
     prox_logprobs_R: np.ndarray | None = None  # filled by the learner before the update
     ref_logprobs_R: np.ndarray | None = None
-    loss_mask_R: np.ndarray | None = None  # float32 [R]: 0 on observation tokens; None: all ones
-
-    def __post_init__(self) -> None:
-        R = self.response_len
-        mask = np.ones(R, dtype=np.float32) if self.loss_mask_R is None else self.loss_mask_R
-        self.loss_mask_R = np.asarray(mask, dtype=np.float32)
-        if self.loss_mask_R.shape != (R,):
-            raise ValueError(
-                f"loss_mask_R has shape {self.loss_mask_R.shape}, expected ({R},): one per response token"
-            )
+    loss_mask_R: np.ndarray | None = None  # float32 [R]: 0 on observation tokens; None: all trained
 
     @property
     def response_len(self) -> int:
         return len(self.token_ids) - self.prompt_len
 
     @property
+    def loss_weights_R(self) -> np.ndarray:
+        """float32 [R]: each response token's loss weight (``loss_mask_R``, or all ones when None)."""
+        R = self.response_len
+        if self.loss_mask_R is None:
+            return np.ones(R, dtype=np.float32)
+        mask = np.asarray(self.loss_mask_R, dtype=np.float32)
+        if mask.shape != (R,):
+            raise ValueError(f"loss_mask_R has shape {mask.shape}, expected ({R},): one per response token")
+        return mask
+
+    @property
     def loss_tokens(self) -> int:
         """Response tokens the loss is taken over (observation tokens excluded)."""
-        return int(np.count_nonzero(self.loss_mask_R))
+        return int(np.count_nonzero(self.loss_weights_R))
 
 
 def leaf_sequences(trees: Sequence[Tree], advantages_P_L: Sequence[np.ndarray]) -> list[LeafSequence]:

@@ -136,7 +136,7 @@ def _pair_fields(seqs, paths, current_version: int) -> dict[str, torch.Tensor]:
         r = n - p
         src[b, :r] = torch.from_numpy(path[p - 1 : n - 1])
         tgt[b, :r] = torch.from_numpy(s.token_ids[p:])
-        zeros["mask"][b, :r] = torch.from_numpy(s.loss_mask_R)
+        zeros["mask"][b, :r] = torch.from_numpy(s.loss_weights_R)
         zeros["behavior_logprobs"][b, :r] = torch.from_numpy(s.behavior_logprobs_R)
         zeros["advantages"][b, :r] = s.advantage
         zeros["staleness"][b, :r] = torch.from_numpy(current_version - s.versions_R).float()
@@ -229,7 +229,7 @@ class _PackedRows:
 
     def response_logprobs(self, logp: torch.Tensor, row: int, seq: LeafSequence) -> np.ndarray:
         lp = logp[row, : seq.response_len].numpy().astype(np.float32)
-        return np.where(seq.loss_mask_R > 0, lp, np.float32(0.0))  # observations: no logits kept
+        return np.where(seq.loss_weights_R > 0, lp, np.float32(0.0))  # observations: no logits kept
 
     def computed_tokens(self, seqs: Sequence[LeafSequence]) -> int:
         lcp, _ = prefix_links(seqs, share=self.share)

@@ -57,7 +57,7 @@ def collate(seqs: Sequence[LeafSequence], pad_id: int, current_version: int = 0)
         attention[b, :n] = 1
         # target index t predicts token t+1: response tokens p..n-1 are targets p-1..n-2
         sl = slice(p - 1, n - 1)
-        mask[b, sl] = torch.from_numpy(s.loss_mask_R)
+        mask[b, sl] = torch.from_numpy(s.loss_weights_R)
         behavior[b, sl] = torch.from_numpy(s.behavior_logprobs_R)
         adv[b, sl] = s.advantage
         staleness[b, sl] = torch.from_numpy(current_version - s.versions_R).float()
@@ -114,7 +114,7 @@ class PaddedPacker:
 
     def response_logprobs(self, logp: torch.Tensor, row: int, seq: LeafSequence) -> np.ndarray:
         lp = logp[row, seq.prompt_len - 1 : len(seq.token_ids) - 1].numpy().astype(np.float32)
-        return np.where(seq.loss_mask_R > 0, lp, np.float32(0.0))  # as packed rows: 0.0 on observations
+        return np.where(seq.loss_weights_R > 0, lp, np.float32(0.0))  # as packed rows: 0.0 on observations
 
     def computed_tokens(self, seqs: Sequence[LeafSequence]) -> int:
         return len(seqs) * max((len(s.token_ids) for s in seqs), default=0)

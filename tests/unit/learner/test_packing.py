@@ -353,6 +353,7 @@ def test_synthetic_trees_with_tool_turns_reach_the_loss_masks():
     for s, m in zip(seqs, masks):
         np.testing.assert_array_equal(s.loss_mask_R, m)
         assert s.loss_tokens == int(m.sum()) and not s.behavior_logprobs_R[m == 0].any()
+    bad = LeafSequence(np.arange(5), 2, np.zeros(3), np.zeros(3, np.int64), 0.0, loss_mask_R=np.ones(2))
     with pytest.raises(ValueError, match="loss_mask_R has shape"):
-        LeafSequence(np.arange(5), 2, np.zeros(3), np.zeros(3, np.int64), 0.0, loss_mask_R=np.ones(2))
+        bad.loss_tokens  # noqa: B018 - the property checks
     assert LeafSequence(np.arange(5), 2, np.zeros(3), np.zeros(3, np.int64), 0.0).loss_tokens == 3
