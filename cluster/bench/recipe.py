@@ -212,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
     steps = base.learner.total_steps
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = {(a, s): run_overrides(args, a, s, steps) for a in arms(args) for s in range(args.seeds)}
+    # the arms of a seed run one after the other, so a machine whose load drifts skews no arm
+    runs = {(a, s): run_overrides(args, a, s, steps) for s in range(args.seeds) for a in arms(args)}
     cfgs = {key: load_config(args.config, ov) for key, ov in runs.items()}  # every run checked up front
     curves: dict[str, dict[int, dict[str, list[float]]]] = {a: {} for a in arms(args)}
     for (arm, seed), overrides in runs.items():

@@ -10,6 +10,7 @@ from typing import Any
 from common.answers import last_boxed
 from common.rewards.base import Job, Reward
 from common.rewards.verify import fast_math, strip_period, verify_boxed
+from common.tasks import TASKS as SYNTHETIC_TASKS
 from common.tasks import check_answer
 
 
@@ -40,7 +41,8 @@ class MathReward(Reward):
 
 
 class ArithReward(Reward):
-    """The synthetic arith task: exact integer match of the last box (``common.tasks.check_answer``)."""
+    """The synthetic tasks (arith, arith2, long, calc): exact integer match of the last box
+    (``common.tasks.check_answer``)."""
 
     name = "arith"
 
@@ -54,7 +56,7 @@ class ArithReward(Reward):
 
 
 class AutoReward(Reward):
-    """Per row: the arith reward when ``metadata["task"] == "arith"``, the math reward otherwise."""
+    """Per row: the arith reward when ``metadata["task"]`` is a synthetic task, the math reward otherwise."""
 
     name = "auto"
 
@@ -65,7 +67,7 @@ class AutoReward(Reward):
         self._kw = kw
 
     def _sub(self, metadata: dict) -> Reward:
-        if metadata.get("task") == "arith":
+        if metadata.get("task") in SYNTHETIC_TASKS:
             if self._arith is None:
                 self._arith = ArithReward(**self._kw)
             return self._arith

@@ -11,6 +11,7 @@ from common.rewards.builtin import ArithReward, AutoReward, MathReward
 from common.rewards.pool import VerifierPool, shared_pool
 from common.rewards.server import HttpReward
 from common.rewards.user import user_reward
+from common.tasks import TASKS as SYNTHETIC_TASKS
 
 
 def resolve_reward(
@@ -44,7 +45,7 @@ def resolve_reward(
         spec = task
     if spec == "math":
         return MathReward(**kw)
-    if spec == "arith":
+    if spec == "arith" or spec in SYNTHETIC_TASKS:  # every synthetic task is scored like arith
         return ArithReward(**kw)
     if ":" in spec:  # package.module:function or file.py:function, in any of the three forms
         return user_reward(spec, **kw)

@@ -360,3 +360,14 @@ def test_rewards_inside_ray_actors():
     finally:
         if started:
             ray.shutdown()
+
+
+def test_every_synthetic_task_has_its_built_in_reward():
+    from common.rewards import resolve_reward
+    from common.tasks import TASKS, generate
+
+    for task in TASKS:
+        reward = resolve_reward("auto", task)
+        row = generate(task, 1, seed=0, split="eval")[0]
+        assert reward(row["solution"], row["answer"], {"task": task}) == 1.0, task
+        assert reward("The answer is \\boxed{-1}", row["answer"], {"task": task}) == -1.0, task  # reward.wrong
