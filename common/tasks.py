@@ -31,8 +31,8 @@ computes by itself, within reach when it calls the calculator (the ``tiny`` tool
 
 ``=> 10063\n`` is the tool's result: observation tokens, not the model's (``observation_spans``
 finds them in a solution; the warm-start puts no loss on them). Part of the warm-start solutions
-answer directly instead (``The answer is \boxed{...}``, a guess for the model), so RL has a choice
-to learn: call the tool.
+answer directly instead (``347*29=10063`` and the answer line: for the model, a guess), so RL has a
+choice to learn: call the tool.
 
 Splits are decided by a hash of the problem text, not by the seed: a problem is held out ("eval") for
 every seed or for none, so no seed can leak a held-out problem into "train".
@@ -159,9 +159,11 @@ class CalcTask:
         """The solution that calls the tool (its result follows the call as the tool writes it)."""
         return f"[{self.tool} {expression}]=> {answer}\n" + ArithTask.answer_line(answer)
 
-    def direct_solution(self, answer: str) -> str:
-        """The solution that answers without the tool."""
-        return ArithTask.answer_line(answer)
+    def direct_solution(self, prompt: str, answer: str) -> str:
+        """The solution that answers without the tool: the product written out, then the answer (the
+        same copy of the expression as the call, so the warm-start teaches the copy from every row)."""
+        expression = prompt.removeprefix("Compute ").rstrip().removesuffix(".")
+        return f"{expression}={answer}\n" + ArithTask.answer_line(answer)
 
     @staticmethod
     def observation_spans(solution: str) -> list[tuple[int, int]]:

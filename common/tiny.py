@@ -222,7 +222,9 @@ def warm_start_rows(task: str, n: int, seed: int, unboxed_share: float = 0.0) ->
     if isinstance(t, tasks.CalcTask):  # the others answer directly (a guess: RL learns to call the tool)
         pick = random.Random(f"tool:{seed}")
         rows = [
-            r if pick.random() < t.tool_share else {**r, "solution": t.direct_solution(r["answer"])}
+            r
+            if pick.random() < t.tool_share
+            else {**r, "solution": t.direct_solution(r["prompt"], r["answer"])}
             for r in rows
         ]
     if unboxed_share > 0:

@@ -182,6 +182,9 @@ def test_calc_task_solutions_call_the_calculator_and_mark_its_result():
         assert r["solution"][slice(*span)] == f"=> {r['answer']}\n" and span[0] == call_end
         assert check_answer("calc", r["solution"], r["answer"])
     assert (
-        t.observation_spans(t.direct_solution("12")) == [] == get_task("arith").observation_spans("1+2=3\n")
+        t.observation_spans(t.direct_solution("Compute 12*3.\n", "36"))
+        == []
+        == get_task("arith").observation_spans("1+2=3\n")
     )
+    assert t.direct_solution("Compute 12*3.\n", "36") == "12*3=36\nThe answer is \\boxed{36}"
     assert set("[calc ]=> *") <= set(task_vocabulary("calc"))
