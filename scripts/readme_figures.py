@@ -13,6 +13,10 @@ Blocks (each names its command in the README):
 - ``recipe``: ``treepo bench recipe --seeds 3 learner.total_steps=12 eval.every_steps=4
   eval.max_problems=64 eval.k=2`` for every model build: per arm, ranges over builds of the means
   over seeds, and the treepo/grpo ratios.
+- ``long``: ``treepo bench recipe --config configs/long.yaml --seeds 3 driver=ray`` on the long
+  preset's model (build 0: its warm-start takes 15-40 minutes once): per arm the held-out accuracy,
+  decoded tokens, training and whole-command wall time with the treepo/grpo ratios, and where a
+  step's time goes (waiting for trees, the learner step, the weight push).
 
 Timing figures need a quiet machine: run nothing else meanwhile. The whole script takes about an hour
 on 2 cores (six demo runs, three recipe runs); ``--only`` and ``--builds`` make it shorter.
@@ -40,6 +44,12 @@ RECIPE_ARGS = [
     "eval.k=2",
 ]
 DEMO_EVAL_K = 4  # the demo's eval.k: its held-out accuracy is eval/mean@4
+LONG_ARGS = ["--config", "configs/long.yaml", "--seeds", "3", "driver=ray"]
+PHASES = {
+    "timing/generate_s": "waiting for trees",
+    "timing/train_s": "learner step",
+    "timing/sync_s": "weight push",
+}
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -208,6 +218,38 @@ def recipe(out: Path, builds: list[int], reuse: bool) -> str:
     return _block("recipe", cmd, lines)
 
 
+def long(out: Path, reuse: bool) -> str:
+    out_dir = out / "long"
+    if not (reuse and (out_dir / "recipe.json").exists()):
+        cmd = [sys.executable, "-m", "cluster", "bench", "recipe", *LONG_ARGS, "--out-dir", str(out_dir)]
+        _run(cmd, out / "long.log", 2)
+    report = json.loads((out_dir / "recipe.json").read_text())
+    lines = [
+        "| arm | held-out accuracy first → final (mean; min–max over seeds) | decoded tokens | training wall s "
+        "| whole command s | decoded / flat tokens | per step: " + " · ".join(PHASES.values()) + " (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ratios = report["summary"]["treepo_over_grpo"]
+    for arm in ("treepo", "grpo"):
+        s = report["summary"][arm]
+        rows = [
+            x
+            for seed in range(report["seeds"])
+            for x in _rows(out_dir / f"{arm}-seed{seed}" / "metrics.jsonl")
+            if "timing/step_s" in x
+        ]
+        phases = " · ".join(f"{_mean([x.get(k, 0.0) for x in rows]):.2f}" for k in PHASES)
+        vs = {k: f" ({ratios[k]:.2f}× GRPO)" if arm == "treepo" else "" for k in ratios}
+        lines.append(
+            f"| {arm} | {s['first_accuracy_mean']:.2f} → {s['final_accuracy_mean']:.2f} "
+            f"({s['final_accuracy_min']:.2f}–{s['final_accuracy_max']:.2f}) "
+            f"| {s['decoded_tokens_mean']:.0f}{vs['decoded_tokens']} | {s['wall_s_mean']:.1f}{vs['wall_s']} "
+            f"| {s['command_wall_s_mean']:.1f}{vs['command_wall_s']} "
+            f"| {_mean([x['tree/decoded_vs_flat'] for x in rows if 'tree/decoded_vs_flat' in x]):.2f} | {phases} |"
+        )
+    return _block("long", f"`treepo bench recipe {' '.join(LONG_ARGS)}`", lines)
+
+
 def _block(name: str, command: str, lines: list[str]) -> str:
     head = f"<!-- figures:{name} · {_commit()} · {_machine()} · {time.strftime('%Y-%m-%d')} -->"
     return "\n".join([head, f"Command: {command}", "", *lines])
@@ -215,7 +257,7 @@ def _block(name: str, command: str, lines: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="demo,recipe", help="Comma-separated blocks: demo, recipe.")
+    p.add_argument("--only", default="demo,recipe", help="Comma-separated blocks: demo, recipe, long.")
     p.add_argument("--builds", default="0,1,2", help="Model builds (model.tiny_seed), comma-separated.")
     p.add_argument(
         "--threads",
@@ -230,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     blocks = [b.strip() for b in args.only.split(",") if b.strip()]
-    unknown = sorted(set(blocks) - {"demo", "recipe"})
+    unknown = sorted(set(blocks) - {"demo", "recipe", "long"})
     if unknown:
-        p.error(f"unknown block(s) {unknown}: choose among demo, recipe")
+        p.error(f"unknown block(s) {unknown}: choose among demo, recipe, long")
     try:
         builds = [int(x) for x in args.builds.split(",")]
         threads = [int(x) for x in args.threads.split(",")]
@@ -243,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     printed = []
     if "recipe" in blocks:
         printed.append(recipe(out, builds, args.reuse))
+    if "long" in blocks:
+        printed.append(long(out, args.reuse))
     if "demo" in blocks:
         printed.append(demo(out, builds, threads, args.reuse))
     print("\n\n".join(printed))
