@@ -71,7 +71,7 @@ def leaf_sequences(trees: Sequence[Tree], advantages_P_L: Sequence[np.ndarray]) 
                     behavior_logprobs_R=tree.response_logprobs(leaf).astype(np.float32),
                     versions_R=tree.response_versions(leaf),
                     advantage=float(adv),
-                    loss_mask_R=(~observed).astype(np.float32),
+                    loss_mask_R=(~observed).astype(np.float32) if observed.any() else None,
                 )
             )
     return out

@@ -320,12 +320,12 @@ def test_observation_tokens_are_masked_in_every_packing(ranks, name):
             assert float((grads[key] - g0).abs().max()) <= 1e-4 * scale + 1e-7, key
         fresh = rank.compute_logprobs(seqs)  # the packing's logprobs: the model's, 0.0 on observations
         for s, lp, got in zip(seqs, logps, fresh):
-            on = s.loss_mask_R > 0
+            on = s.loss_weights_R > 0
             np.testing.assert_allclose(got[on], lp[on], rtol=0, atol=2e-5)
             assert not got[~on].any()
         garbled = copy.deepcopy(seqs)
         for s in garbled:
-            off = s.loss_mask_R == 0
+            off = s.loss_weights_R == 0
             s.behavior_logprobs_R[off] = 5.0
             s.prox_logprobs_R[off] = rng.choice([-100.0, 50.0, 3.0], size=int(off.sum()))  # exp overflows
             s.ref_logprobs_R[off] = -80.0
@@ -351,7 +351,8 @@ def test_synthetic_trees_with_tool_turns_reach_the_loss_masks():
     masks = [1.0 - _observed_R(t, lf) for t in trees for lf in t.leaves]
     assert len(masks) == len(seqs)
     for s, m in zip(seqs, masks):
-        np.testing.assert_array_equal(s.loss_mask_R, m)
+        np.testing.assert_array_equal(s.loss_weights_R, m)
+        assert (s.loss_mask_R is None) == bool(m.all())  # no observation: no mask, as before
         assert s.loss_tokens == int(m.sum()) and not s.behavior_logprobs_R[m == 0].any()
     bad = LeafSequence(np.arange(5), 2, np.zeros(3), np.zeros(3, np.int64), 0.0, loss_mask_R=np.ones(2))
     with pytest.raises(ValueError, match="loss_mask_R has shape"):
