@@ -13,7 +13,10 @@ that cleanup short and leave a ``redis-server`` or Ray's processes running. So:
   then on SIGTERM and SIGINT are recorded, not raised, and a line says the cleanup finishes first;
   SIGKILL still ends the process at once;
 - :func:`release_signals` (when the scope or the command ends): the handlers of before, and the
-  first signal recorded, if any.
+  first signal recorded, if any;
+- :func:`run_child` (a command that runs others, e.g. ``treepo bench recipe``'s training runs): a
+  signal that ends the parent is passed on to the child, which is waited for while it cleans up,
+  instead of ``subprocess.run``'s SIGKILL (which would leave the child's Redis and Ray behind).
 
 Handlers can only be set from the main thread; elsewhere (a command called in-process by a thread)
 these do nothing.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -120,3 +124,22 @@ def release_signals() -> int | None:
     first = _pending[0] if _pending else None
     _pending.clear()
     return first
+
+
+def run_child(cmd: list[str], *, child_cleanup_s: float = 120.0, **popen: Any) -> int:
+    """Run ``cmd`` to its end and return its exit status. If this process is told to stop meanwhile
+    (SystemExit from SIGTERM, KeyboardInterrupt from SIGINT), the child gets the same signal and up to
+    ``child_cleanup_s`` seconds to stop what it started; SIGKILL only after that."""
+    proc = subprocess.Popen(cmd, **popen)
+    try:
+        return proc.wait()
+    except BaseException as e:
+        sig = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=child_cleanup_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise

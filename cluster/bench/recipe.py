@@ -40,6 +40,7 @@ from typing import Any
 
 from cluster.bench.report import add_bench_arguments, emit_json, print_table
 from cluster.config_args import load_args_config, requested_overrides
+from cluster.signals import run_child
 from common.config import TrainConfig, load_config
 from common.metrics import read_metrics
 
@@ -201,7 +202,7 @@ def _train(args: argparse.Namespace, overrides: list[str], log_path: Path) -> fl
     cmd = [sys.executable, "-m", "cluster", "train", *(["--config", args.config] if args.config else [])]
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        rc = subprocess.run([*cmd, *overrides], stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = run_child([*cmd, *overrides], stdout=log, stderr=subprocess.STDOUT)
     if rc != 0:
         raise SystemExit(f"treepo bench recipe: a training run failed (exit {rc}): see {log_path}")
     return time.perf_counter() - start

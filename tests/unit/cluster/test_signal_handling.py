@@ -76,3 +76,40 @@ def test_signals_after_the_first_cannot_change_how_the_command_ends():
     out = subprocess.run([sys.executable, "-c", AFTER], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 143, (out.returncode, out.stderr)
     assert "still here" in out.stdout
+
+
+PARENT = textwrap.dedent(
+    """
+    import sys
+    from cluster.signals import run_child, sigterm_as_exit
+    CHILD = '''
+    import signal, sys, time
+    def stop(signum, frame):
+        time.sleep(0.5)  # a cleanup that takes a while: its Redis, its Ray
+        open(sys.argv[1], "w").write(signal.Signals(signum).name)
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, stop)
+    print("child up", flush=True)
+    time.sleep(60)
+    '''
+    with sigterm_as_exit():
+        run_child([sys.executable, "-c", CHILD, sys.argv[1]])
+    """
+)
+
+
+def test_a_child_run_gets_the_signal_that_stops_its_parent_and_time_to_clean_up(tmp_path):
+    """``treepo bench recipe`` stopped by SIGTERM: its training run is stopped the same way and waited
+    for (subprocess.run would SIGKILL it, leaving its Redis and Ray running)."""
+    import signal
+    import time
+
+    done = tmp_path / "child-cleaned-up"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(done)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout.readline().strip() == "child up"
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 143
+    time.sleep(0.2)
+    assert done.read_text() == "SIGTERM"  # the child's handler ran to its end before the parent exited
