@@ -162,7 +162,7 @@ def test_an_observation_past_the_response_limit_is_cut_and_ends_the_path():
 
 def test_a_slow_tool_stalls_only_its_own_tree_with_barrier_free_expansion():
     def slow(x: str) -> str:
-        time.sleep(1.5)
+        time.sleep(4.0)
         return "done"
 
     def script(prompt: str, so_far: str, n: int) -> str:
@@ -178,7 +178,7 @@ def test_a_slow_tool_stalls_only_its_own_tree_with_barrier_free_expansion():
     while s.in_flight:
         for tree in s.step():
             done[tree.prompt_id] = time.perf_counter() - t0
-    assert done["b"] < 1.0 < done["a"]  # b grew all its depths while a's call ran
+    assert done["b"] < 3.0 and done["a"] >= 4.0  # b grew all its depths while a's call ran
 
 
 def test_tree_metrics_count_tool_calls_errors_and_branching_at_tool_boundaries():

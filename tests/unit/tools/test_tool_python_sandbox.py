@@ -55,8 +55,9 @@ def test_writing_inside_its_directory_works_and_the_directory_is_removed(runner)
 def test_infinite_loop_times_out(runner):
     start = time.monotonic()
     result = run_code(runner, "while True: pass")
-    assert result.text == "error: timed out after 1 s"
-    assert time.monotonic() - start < 3
+    # whichever limit comes first: the wall clock, or on a loaded machine the CPU time (both 1 s)
+    assert result.text in ("error: timed out after 1 s", "error: CPU time limit (1 s) reached")
+    assert time.monotonic() - start < 10
     still_serving(runner)
 
 
