@@ -52,7 +52,8 @@ Deviations from the authors' release (deliberate, see docs/algorithm.md):
   observation tokens (never sampled, masked from the loss), and the rules above apply at that
   boundary as at a length boundary: the children continue after the observation.
 - Flat mode (GRPO) is the degenerate tree: ``w`` root children, no branching, and one segment of
-  Lmax tokens per leaf (independent sampling, the honest baseline: no per-segment overhead).
+  Lmax tokens per leaf (independent sampling, the honest baseline: no per-segment overhead); with
+  tools a path goes on after each call with one more segment (up to ``tool_use.max_calls``).
 
 Determinism: every choice uses the tree's own ``numpy`` Generator seeded from ``tree.seed`` and the
 tree id; optional per-request engine seeds are derived from (seed, tree id, node id).
@@ -311,7 +312,8 @@ class TreeSampler:
         self.stats = stats if stats is not None else SamplingStats()
         self.flat = tree_cfg.mode == "flat"
         self.lmax = tree_cfg.max_response_tokens
-        self.d = 1 if self.flat else tree_cfg.d
+        # flat: one segment of Lmax tokens per path, and one more after each tool call (up to the limit)
+        self.d = (1 + (tools.max_calls if tools is not None else 0)) if self.flat else tree_cfg.d
         self._trees: dict[str, _TreeState] = {}
         self._seen_prompts: Counter[str] = Counter()
         self.expansion = expansion or self.sampling.expansion

@@ -190,3 +190,17 @@ def test_tree_metrics_count_tool_calls_errors_and_branching_at_tool_boundaries()
     assert m["tree/tool_calls_per_leaf"] == pytest.approx(1.0)  # every leaf's path holds one call
     assert m["tree/observation_tokens"] == 2 * len("=> 408\n")
     assert m["tree/tool_branching"] == pytest.approx(2.0)  # children of a node that ends in a call
+
+
+def test_flat_sampling_goes_on_after_a_call_as_independent_paths():
+    """GRPO's flat paths (one Lmax segment each) continue after a tool call with one more segment."""
+    backend = ScriptBackend(calc_then_answer)
+    s = sampler(backend, turns(resolve_tools(["calc=calculator"])), mode="flat", w=3)
+    (tree,) = list(s.run([("p", PROMPT)], 4))
+    assert len(tree.leaves) == 3
+    assert all(len(tree.path(leaf.node_id)) == 2 for leaf in tree.leaves)  # the call's segment, then the rest
+    )
+    for leaf in tree.leaves:
+        assert decode(tree.response_ids(leaf)).startswith("[calc 12*34]=> 408\nThe answer is \\boxed{408}")
+        assert leaf.finish_reason == "finished"
+    assert tree.metadata[TOOL_CALLS_KEY] == 3  # each independent path made its own call
