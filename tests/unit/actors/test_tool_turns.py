@@ -199,7 +199,6 @@ def test_flat_sampling_goes_on_after_a_call_as_independent_paths():
     (tree,) = list(s.run([("p", PROMPT)], 4))
     assert len(tree.leaves) == 3
     assert all(len(tree.path(leaf.node_id)) == 2 for leaf in tree.leaves)  # the call's segment, then the rest
-    )
     for leaf in tree.leaves:
         assert decode(tree.response_ids(leaf)).startswith("[calc 12*34]=> 408\nThe answer is \\boxed{408}")
         assert leaf.finish_reason == "finished"
