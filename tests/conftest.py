@@ -8,6 +8,8 @@ Layout: ``unit/<package>/``, ``integration/<package>/`` (the rooms of the code),
 cached under $TREEPO_CACHE (or ~/.cache/treepo) so only the first session pays the 3-8 minute build.
 ``TREEPO_TEST_TINY_SEED=N`` makes it the build of seed N (``model.tiny_seed``), to check that what the
 tests assert of the demo model holds for other builds too.
+``tool_model_dir``: a short warm-start on the tool task (``tiny:calc``, 300 steps: it calls the
+calculator in about a third of its answers), cached like the demo's (about a minute to build).
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ def warm_model_dir():
     from common.models import resolve_model
 
     return Path(resolve_model(ModelConfig(tiny_seed=int(os.environ.get("TREEPO_TEST_TINY_SEED", "0")))))
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir():
+    """A tiny:calc model that calls the calculator in part of its answers (300 warm-start steps)."""
+    from common.tiny import resolve_tiny
+
+    return resolve_tiny("tiny:calc", "s", TOOL_MODEL_WARMUP_STEPS, seed=0, progress=False, unboxed_share=0.0)
+
+
+TOOL_MODEL_WARMUP_STEPS = 300
 
 
 @pytest.fixture(scope="session")

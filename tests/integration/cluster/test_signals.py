@@ -5,7 +5,8 @@ cleanup into, nor Ray's exit after a minute without the GCS that the group signa
 cleanup is complete: the embedded redis-server, Ray's processes, the actors and their engines are
 gone, and the queue password file handed to the generators is removed from the run directory. After
 SIGTERM and after SIGKILL (which cleans up nothing), ``--resume`` trains every prompt of the epoch
-exactly once.
+exactly once; the SIGKILL case runs with tools (a model that calls the calculator: tool calls end
+segments and their results are observation tokens in the trees that cross the kill).
 
 The command runs in a child process with a Ray temp directory of its own (``RAY_TMPDIR``), so every
 process of its Ray is found by that path on its command line, besides the descendants it had when
@@ -14,6 +15,7 @@ the signal was sent."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -87,7 +89,7 @@ def _wait_gone(pids: dict[int, str], timeout_s: float) -> dict[int, str]:
     return left
 
 
-def _resume_to_the_end(argv: list[str], env: dict, run: Path, tmp_path: Path) -> None:
+def _resume_to_the_end(argv: list[str], env: dict, run: Path, tmp_path: Path, tools: bool = False) -> None:
     """``--resume`` of the stopped run until the data runs out: every prompt of the epoch trained
     exactly once (dynamic sampling is off, so none may end untrained), counted from the audit trail;
     the resumed run stops its embedded Redis (the killed run's, adopted) and removes its password file."""
@@ -104,15 +106,23 @@ def _resume_to_the_end(argv: list[str], env: dict, run: Path, tmp_path: Path) ->
     assert (
         not (run / "redis" / "endpoint.json").exists() and not (run / "secrets" / "queue_password").exists()
     )
+    if tools:  # the trained trees held tool calls and their results
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        calls = sum(r.get("tree/tool_calls", 0) for r in rows)
+        observed = sum(r.get("tree/observation_tokens", 0) for r in rows)
+        assert calls > 0 and observed > 0, f"no tool call in {len(rows)} steps"
 
 
 @pytest.mark.parametrize(
     "signum, status, resume",
     [(signal.SIGTERM, 143, True), (signal.SIGINT, 130, False), (signal.SIGKILL, -9, True)],
-    ids=["SIGTERM+resume", "SIGINT", "SIGKILL+resume"],
+    ids=["SIGTERM+resume", "SIGINT", "SIGKILL+resume+tools"],
 )
-def test_a_signal_after_the_first_step_ends_cleanly(tmp_path, tiny_model_dir, signum, status, resume):
+def test_a_signal_after_the_first_step_ends_cleanly(tmp_path, request, signum, status, resume):
     pytest.importorskip("vllm")
+    tools = signum == signal.SIGKILL
+    model = request.getfixturevalue("tool_model_dir" if tools else "tiny_model_dir")
+    with_tools = ["tools=[calc=calculator]", "data.train=synthetic:calc"] if tools else []
     run = tmp_path / "run"
     ray_tmp = tempfile.mkdtemp(prefix="rsig", dir="/tmp")  # short: Ray's unix sockets live below it
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
@@ -125,10 +135,11 @@ def test_a_signal_after_the_first_step_ends_cleanly(tmp_path, tiny_model_dir, si
         # 12 prompts, 2 a step, a checkpoint every step: a resume trains the rest to the end of the data
         *small_pipeline_overrides(
             run,
-            tiny_model_dir,
+            model,
             "learner.total_steps=100",
             "checkpoint.every_steps=1",
             "data.synthetic_train_size=12",
+            *with_tools,
         ),
     ]
     log = tmp_path / "console.log"
@@ -161,7 +172,7 @@ def test_a_signal_after_the_first_step_ends_cleanly(tmp_path, tiny_model_dir, si
         console = log.read_text(errors="replace")
         assert rc == status, f"exit status {rc} after {signum.name}:\n{console[-4000:]}"
         if signum == signal.SIGKILL:  # nothing cleans up; nothing may be lost either
-            _resume_to_the_end(argv, env, run, tmp_path)
+            _resume_to_the_end(argv, env, run, tmp_path, tools)
             return
         assert "SIGTERM received" not in console and "Traceback" not in console, console[-4000:]
         # well inside the minute after which Ray's core worker ends a driver that lost its GCS
