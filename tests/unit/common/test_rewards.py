@@ -370,4 +370,5 @@ def test_every_synthetic_task_has_its_built_in_reward():
         reward = resolve_reward("auto", task)
         row = generate(task, 1, seed=0, split="eval")[0]
         assert reward(row["solution"], row["answer"], {"task": task}) == 1.0, task
-        assert reward("The answer is \\boxed{-1}", row["answer"], {"task": task}) == -1.0, task  # reward.wrong
+        wrong = reward("The answer is \\boxed{-1}", row["answer"], {"task": task})
+        assert wrong == -1.0, task  # reward.wrong
