@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
                 "learner.lora.rank > 0 needs peft: pip install -e '.[lora]' (or pip install peft), or set "
                 "learner.lora.rank=0"
             )
+    if cfg.tools:  # a tool spec that does not resolve is refused before anything starts
+        from common.tools import resolve_tools
+
+        resolve_tools(list(cfg.tools), timeout_s=cfg.tool_use.timeout_s)
     from cluster.logs import RunLogging
 
     logs = RunLogging(cfg)

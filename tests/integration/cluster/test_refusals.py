@@ -2,8 +2,8 @@
 each refusal is made before anything is written or started, with both drivers. The cases: a run
 directory holding checkpoints without ``--resume``, ``--resume`` where there is no checkpoint (the
 directory absent, or present without one), a ``model.path`` that does not exist, a resume that
-changes a key defining the run's trees (``tree.w``), and with ``driver=ray`` one whose checkpoint
-belongs to another run directory.
+changes a key defining the run's trees (``tree.w``), a tool spec that does not resolve, and with
+``driver=ray`` one whose checkpoint belongs to another run directory.
 
 The command line runs in-process; every file of the run directory is hashed before and after."""
 
@@ -66,6 +66,12 @@ CASES = {
         r"resume changes tree\.w: 4 -> 8",
     ),
     "--resume of a moved run": (("ray",), "moved", ["--resume"], r"belongs to run 'elsewhere-0123abcd'"),
+    "a tool that does not resolve": (
+        ("local", "ray"),
+        "",
+        ["tools=[calc=calculator,missing_tools.py:lookup]"],
+        r"tool 'missing_tools\.py:lookup': file .*missing_tools\.py does not exist",
+    ),
 }
 
 
