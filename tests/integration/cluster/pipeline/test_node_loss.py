@@ -25,7 +25,10 @@ from common.config import load_config
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PW_ENV = "TREEPO_TEST_NODE_LOSS_REDIS_PASSWORD"
-N_PROMPTS = 20  # 10 steps of 2
+# 16 steps of 2. While the run takes the generator back (after step 4) the head's generator samples
+# up to the admission bound ahead ((max_staleness + 1) steps' worth); the prompts left after that are
+# what the returned generator can show it samples again, so there must be some.
+N_PROMPTS = 32
 STOP_AFTER, JOIN_AFTER = 2, 4  # steps
 REJOIN_TIMEOUT_S = 240.0
 
