@@ -73,11 +73,16 @@ import numpy as np
 
 from actors.backends.base import GenerationBackend, GenRequest, GenResult
 from actors.expansion import make_expansion
-from actors.tool_turns import TOOL_CALLS_KEY, TOOL_ERRORS_KEY
 from common.answers import last_boxed
 from common.config import SamplingConfig, TreeConfig
 from common.errors import ConfigError
-from common.sampling_metrics import FALLBACKS_KEY, RESTARTS_KEY, SamplingStats
+from common.sampling_metrics import (
+    FALLBACKS_KEY,
+    RESTARTS_KEY,
+    TOOL_CALLS_KEY,
+    TOOL_ERRORS_KEY,
+    SamplingStats,
+)
 from common.stops import StopRule
 from common.tree import ROOT_ID, Leaf, Segment, Tree
 
@@ -500,7 +505,8 @@ class TreeSampler:
             eos_at = at if at is not None else eos_at
         call_at = None
         if self.tools is not None:  # a tool call completed before the stop ends the segment there
-            call_at = self.tools.call_end(st.response(p.parent_id), toks if eos_at is None else toks[:eos_at])
+            parent = st.response(p.parent_id)
+            call_at = self.tools.call_end(parent, toks if eos_at is None else toks[:eos_at])
             eos_at = None if call_at is not None else eos_at
         end = call_at if call_at is not None else eos_at
         if end is not None:  # EOS anywhere in the segment (the release misses a first-token EOS)
@@ -508,7 +514,7 @@ class TreeSampler:
         node = _Node(p.node_id, p.parent_id, p.depth, toks, lps, version, parent_len + len(toks))
         node.calls = st.nodes[p.parent_id].calls if p.parent_id != ROOT_ID else 0
         if call_at is not None:
-            node.call = self.tools.parse(st.response(p.parent_id) + toks)
+            node.call = self.tools.parse(parent + toks)
             node.calls += node.call is not None
         st.nodes[node.node_id] = node
         return node, self._classify(st, node, eos_at is not None)

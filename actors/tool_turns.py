@@ -22,7 +22,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.sampling_metrics import TOOL_CALLS_KEY, TOOL_ERRORS_KEY
 from common.stops import DecodeFn, StopRule
 from common.tools import (
     ChatObservation,
@@ -35,7 +34,6 @@ from common.tools import (
     stop_strings,
 )
 
-__all__ = ["TOOL_CALLS_KEY", "TOOL_ERRORS_KEY", "ToolTurns"]  # the keys: tree metadata, summed by the metrics
 _CALL_CONTEXT_TOKENS = 256  # tokens of a path's tail decoded to read the call that ends it
 
 
@@ -91,6 +89,3 @@ class ToolTurns:
     def observation_ids(self, result: ToolResult) -> list[int]:
         """The token ids of ``result`` rendered as the format's observation text."""
         return self.encode(render_observation(result.text, self.fmt, self.chat))
-
-    def close_runner(self) -> None:
-        self.runner.close(wait=False)

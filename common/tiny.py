@@ -228,7 +228,6 @@ def warm_start_rows(task: str, n: int, seed: int, unboxed_share: float = 0.0) ->
             for r in rows
         ]
     if unboxed_share > 0:
-        t = tasks.get_task(task)
         pick = random.Random(f"unboxed:{seed}")  # its own stream: unboxed_share=0 keeps the boxed-only data
         out = []
         for r in rows:

@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         "eval_problems": base.eval.max_problems,
         "eval_k": base.eval.k,
         "preset": args.config,
-        "driver": base.driver if any(o.startswith("driver=") for o in args.overrides) else "local",
+        "driver": next(iter(cfgs.values())).driver,
         "overrides": requested_overrides(args, DEFAULTS),
         "summary": summarize(curves),
         "curves": {a: {str(s): c for s, c in by.items()} for a, by in curves.items()},

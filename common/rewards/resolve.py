@@ -45,7 +45,7 @@ def resolve_reward(
         spec = task
     if spec == "math":
         return MathReward(**kw)
-    if spec == "arith" or spec in SYNTHETIC_TASKS:  # every synthetic task is scored like arith
+    if spec in SYNTHETIC_TASKS:  # arith and every other synthetic task: the boxed integer
         return ArithReward(**kw)
     if ":" in spec:  # package.module:function or file.py:function, in any of the three forms
         return user_reward(spec, **kw)

@@ -11,9 +11,9 @@ import pytest
 
 from actors.backends.base import BackendCounters, GenResult
 from actors.sampler import TreeSampler
-from actors.tool_turns import TOOL_CALLS_KEY, TOOL_ERRORS_KEY, ToolTurns
+from actors.tool_turns import ToolTurns
 from common.config import SamplingConfig, TreeConfig
-from common.sampling_metrics import tree_metrics
+from common.sampling_metrics import TOOL_CALLS_KEY, TOOL_ERRORS_KEY, tree_metrics
 from common.tools import Tool, ToolRunner, resolve_tools
 from common.tree import decode_tree, encode_tree
 
